@@ -1,0 +1,1 @@
+"""actors: the Ray actors that wrap the pipeline's stages."""
