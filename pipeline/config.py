@@ -1,0 +1,342 @@
+"""The YAML configuration schema (DESIGN.md "Configuration"), validated at load.
+
+`load_config(path, overrides)` reads a YAML file, applies ``--set dotted.key=value`` overrides
+(values parsed as YAML scalars or flow collections; list items by index, e.g.
+``streams.0.synthetic.seed=3``), validates the result and resolves relative paths (stream
+sources, checkpoints, the output folder) against the config file's folder. Every problem raises
+`pipeline.errors.ConfigError` with a one-line message that names the key and the problem; unknown
+keys are errors, so a typo never silently falls back to a default.
+
+`config_hash(cfg)` is a short stable digest of everything that can change an output row, written
+into the Parquet file metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import ConfigError
+
+# A stream id becomes a hive folder name (`stream_id=<id>`): keep it path-safe, and never
+# starting with "_" or "." (readers skip such names).
+_STREAM_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
+
+
+class _Section(BaseModel):
+    """Base of every section: unknown keys are errors, values are checked on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticConfig(_Section):
+    """A stream from the seeded synthetic sensor rig (`pipeline.sources.synthetic.SyntheticRig`)."""
+
+    seed: int
+    seconds: float = Field(30.0, gt=0)
+    fps: float = Field(25.0, gt=0, description="frames per second the rig renders")
+    scan_rate: float = Field(10.0, gt=0, description="point-cloud scans per second")
+    segment_seconds: float = Field(4.0, gt=0, description="how long one scene (one label) lasts")
+    objects: int = Field(3, ge=1, le=8, description="moving objects per scene")
+
+
+class StreamConfig(_Section):
+    """One sensor rig: file/URL sources, or a synthetic rig."""
+
+    id: str = Field(pattern=_STREAM_ID_PATTERN)
+    video: str | None = None
+    audio: str | None = None  # "same" = the video's audio track
+    points: str | None = None  # a scan file or a folder of scans
+    synthetic: SyntheticConfig | None = None
+
+    @model_validator(mode="after")
+    def _sources_are_consistent(self) -> "StreamConfig":
+        if self.synthetic is not None:
+            given = [k for k in ("video", "audio", "points") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"a synthetic stream takes no {'/'.join(given)} source")
+        elif self.video is None and self.audio is None and self.points is None:
+            raise ValueError("needs at least one of video, audio, points or synthetic")
+        if self.audio == "same" and self.video is None:
+            raise ValueError("audio: same needs a video source")
+        return self
+
+
+class WindowConfig(_Section):
+    """Window length and hop in media seconds."""
+
+    seconds: float = Field(1.0, gt=0)
+    hop: float = Field(0.5, gt=0)
+
+    @model_validator(mode="after")
+    def _hop_fits(self) -> "WindowConfig":
+        if self.seconds < self.hop:
+            raise ValueError(f"seconds ({self.seconds}) must be >= hop ({self.hop})")
+        return self
+
+
+class VideoConfig(_Section):
+    """Decode-time resize ``[H, W]`` (None = native size) and frame-rate decimation (None = all)."""
+
+    size: tuple[int, int] | None = None
+    fps: float | None = Field(None, gt=0)
+
+    @field_validator("size")
+    @classmethod
+    def _positive_size(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and (v[0] < 1 or v[1] < 1):
+            raise ValueError(f"size must be two positive integers [H, W], got {list(v)}")
+        return v
+
+
+class AudioConfig(_Section):
+    """Output sample rate and channel count (PyAV's resampler converts to these)."""
+
+    rate: int = Field(16000, gt=0)
+    channels: int = Field(1, ge=1, le=8)
+
+
+class SourcesConfig(_Section):
+    """Timeouts and reconnect policy for file and live sources."""
+
+    open_timeout_s: float = Field(10.0, gt=0)
+    read_timeout_s: float = Field(5.0, gt=0)
+    reconnect_tries: int = Field(5, ge=0)
+    reconnect_backoff_s: float = Field(1.0, ge=0)
+
+
+class ModelConfig(_Section):
+    """The model the pipeline runs and how the model actor batches."""
+
+    checkpoint: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(8, ge=1)
+    max_wait_ms: float = Field(50.0, ge=0)
+    num_gpus: float | None = Field(None, ge=0)
+    state: bool = True
+    student: str | None = None  # run on a distilled student checkpoint instead
+
+
+class RuntimeConfig(_Section):
+    """Backpressure bounds and pacing."""
+
+    max_in_flight_per_stream: int = Field(4, ge=1)
+    max_in_flight: int = Field(32, ge=1)
+    realtime: bool = False
+
+
+class DistillConfig(_Section):
+    """Online distillation. ``student`` holds overrides of the teacher's model config (fewer
+    latents / layers), checked by the model library when the student is built."""
+
+    enabled: bool = False
+    student: dict[str, Any] = Field(default_factory=dict)
+    every_windows: int = Field(1, ge=1)
+    checkpoint_every: int = Field(200, ge=1)
+    lr: float = Field(1e-3, gt=0)
+
+
+class TrainConfig(_Section):
+    """`run_pipeline.py train`: synthetic seeds, optimisation and the model to build.
+
+    ``model`` is the model library's config (validated there); ``checkpoint`` is where the
+    trained checkpoint is written.
+    """
+
+    seeds: list[int] = Field(default_factory=lambda: list(range(16)))
+    seconds: float = Field(30.0, gt=0)
+    steps: int = Field(2000, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    modality_dropout: float = Field(0.0, ge=0, lt=1)
+    flow_weight: float = Field(1.0, ge=0)
+    label_weight: float = Field(1.0, ge=0)
+    checkpoint_every: int = Field(500, ge=1)
+    eval_every: int = Field(500, ge=1)
+    checkpoint: str | None = None
+    model: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("needs at least one seed")
+        if len(set(v)) != len(v):
+            raise ValueError("seeds must be distinct")
+        return v
+
+
+class OutputConfig(_Section):
+    """Where the Parquet tables go."""
+
+    dir: str = "outputs"
+
+
+class Config(_Section):
+    """The whole configuration (DESIGN.md "Configuration")."""
+
+    streams: list[StreamConfig] = Field(min_length=1)
+    window: WindowConfig = Field(default_factory=WindowConfig)
+    video: VideoConfig = Field(default_factory=VideoConfig)
+    audio: AudioConfig = Field(default_factory=AudioConfig)
+    sources: SourcesConfig = Field(default_factory=SourcesConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @field_validator("streams")
+    @classmethod
+    def _unique_ids(cls, v: list[StreamConfig]) -> list[StreamConfig]:
+        seen: set[str] = set()
+        for s in v:
+            if s.id in seen:
+                raise ValueError(f"stream id {s.id!r} is used twice")
+            seen.add(s.id)
+        return v
+
+    def stream(self, stream_id: str) -> StreamConfig:
+        """The stream with this id (KeyError if none)."""
+        for s in self.streams:
+            if s.id == stream_id:
+                return s
+        raise KeyError(stream_id)
+
+
+def _is_url(value: str) -> bool:
+    return "://" in value
+
+
+def _resolve(value: str | None, base: Path) -> str | None:
+    """A path relative to the config folder made absolute; URLs and "same" pass through."""
+    if value is None or value == "same" or _is_url(value):
+        return value
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "<top level>"
+
+
+def _error_message(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        elif "input" in err and not isinstance(err["input"], (dict, list)):
+            msg = f"{msg} (got {err['input']!r})"
+        parts.append(f"{_format_loc(err['loc'])}: {msg}")
+    return "; ".join(parts)
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one ``dotted.key=value`` override to raw config data in place.
+
+    The value is parsed as YAML (``3`` is an int, ``[64, 64]`` a list, ``null`` None); list items
+    are addressed by index, and index ``len(list)`` appends a new item.
+    """
+    key, sep, raw = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {override!r}: expected dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({_first_line(e)})") from None
+    parts = key.split(".")
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit():
+                raise ConfigError(f"override {key}: {'.'.join(parts[:i]) or key} is a list, index it by number")
+            idx = int(part)
+            if idx > len(node):
+                raise ConfigError(f"override {key}: index {idx} is past the end of a list of {len(node)}")
+            if idx == len(node):
+                node.append(None)
+            if last:
+                node[idx] = value
+            else:
+                if node[idx] is None:
+                    node[idx] = [] if parts[i + 1].isdigit() else {}
+                node = node[idx]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) is None:
+                    node[part] = [] if parts[i + 1].isdigit() else {}
+                node = node[part]
+        else:
+            raise ConfigError(f"override {key}: {where.rsplit('.', 1)[0]} is a value, not a section")
+
+
+def _first_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+def parse_config(data: dict[str, Any], *, base_dir: Path | str = ".", source: str = "<config>") -> Config:
+    """Validate raw config data and resolve its relative paths against ``base_dir``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_error_message(e), source=source) from None
+    base = Path(base_dir).resolve()
+    for s in cfg.streams:
+        s.video = _resolve(s.video, base)
+        s.audio = _resolve(s.audio, base)
+        s.points = _resolve(s.points, base)
+    cfg.model.checkpoint = _resolve(cfg.model.checkpoint, base)
+    cfg.model.student = _resolve(cfg.model.student, base)
+    cfg.train.checkpoint = _resolve(cfg.train.checkpoint, base)
+    cfg.output.dir = _resolve(cfg.output.dir, base) or cfg.output.dir
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read, override, validate and resolve a YAML config file (see the module docstring)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"not valid YAML: {_first_line(e)}", source=str(path)) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"the top level must be a mapping, got {type(data).__name__}", source=str(path))
+    for ov in overrides:
+        apply_override(data, ov)
+    return parse_config(data, base_dir=path.parent, source=str(path))
+
+
+def config_hash(cfg: Config) -> str:
+    """A 16-hex-digit digest of the config, stable across runs and key order.
+
+    The ``output`` and ``runtime`` sections are left out: where outputs go and how fast windows
+    flow do not change any row.
+    """
+    data = cfg.model_dump(mode="json", exclude={"output", "runtime"})
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
