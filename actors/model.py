@@ -1,0 +1,277 @@
+"""ModelActor: batches windows of many streams through one streaming Perceiver IO.
+
+An asyncio actor: each ``infer`` call parks one window and awaits its result, while a batching
+task forms batches of up to ``model.batch_size`` windows, waiting at most ``model.max_wait_ms``
+after the first ready window (less when every open stream is already in the batch), and runs the
+model in a worker thread so windows keep arriving while it computes.
+
+Latent state is carried per stream, so a stream's windows must run in order and one at a time:
+the runner numbers each stream's windows (``seq``) and marks where a chain starts (the stream's
+first window in this run, or the first one resent after this actor was restarted); a window runs
+once its predecessor in the chain has. The state is reset on a chain start, a gap, or always when
+``model.state`` is false, and the result says so (``state_reset``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from actors.metrics import Metrics
+from perceiver_stream.batch import Batch
+from perceiver_stream.outputs import ModelOutput
+from pipeline.config import Config
+from pipeline.window import Window
+
+TOP_K = 5
+
+
+class Predictor(Protocol):
+    """What the actor runs: a streaming model with its class names, on one device."""
+
+    name: str
+    class_names: list[str]
+    device: torch.device
+
+    def __call__(self, batch: Batch, state: torch.Tensor | None) -> ModelOutput: ...
+
+
+BuildPredictor = Callable[[Config, torch.device], Predictor]
+Collate = Callable[[list[Window]], Batch]
+
+
+@dataclass
+class WindowResult:
+    """The model's outputs for one window, as the sink writes them."""
+
+    stream_id: str
+    window_id: int
+    t_start: float
+    t_end: float
+    has_video: bool
+    has_audio: bool
+    has_points: bool
+    state_reset: bool
+    labels: list[tuple[str, float]]  # top-k (name, softmax score), best first
+    embedding: np.ndarray  # D float32
+    model: str
+    flow: np.ndarray | None = None  # H x W x 2 float32, None without two frames
+    flow_t: float | None = None  # time of the later frame
+    latency_s: float = 0.0  # seconds from arrival at the model to the result
+
+
+@dataclass
+class _Item:
+    seq: int
+    window: Window
+    arrived: float
+    future: asyncio.Future = field(repr=False)
+    chain_start: bool = False
+
+
+def _default_build(cfg: Config, device: torch.device) -> Predictor:
+    from actors.predictor import load_predictor
+
+    return load_predictor(cfg, device)
+
+
+def _default_collate() -> Collate:
+    from pipeline.collate import collate
+
+    return collate
+
+
+class ModelActor:
+    """Runs the model over windows from many streams (see the module docstring).
+
+    ``device`` is ``"cuda"`` or ``"cpu"`` (the runner resolves ``model.device: auto``);
+    ``num_cpus`` sets torch's thread count, since Ray starts workers with one OpenMP thread.
+    ``build`` and ``collate`` default to the project's model loader and `pipeline.collate`.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        device: str = "cpu",
+        num_cpus: float = 1,
+        build: BuildPredictor | None = None,
+        collate: Collate | None = None,
+    ) -> None:
+        torch.set_num_threads(max(1, int(num_cpus)))
+        self._cfg = cfg
+        self._device = torch.device(device)
+        self._predictor = (build or _default_build)(cfg, self._device)
+        self._collate = collate or _default_collate()
+        self._autocast = self._device.type == "cuda"
+        self._batch_size = cfg.model.batch_size
+        self._max_wait_s = cfg.model.max_wait_ms / 1000.0
+        self._carry = cfg.model.state
+        self._pending: dict[str, dict[int, _Item]] = {}
+        self._expected: dict[str, int] = {}
+        self._states: dict[str, torch.Tensor] = {}
+        self._open: set[str] = set()
+        self._wake: asyncio.Event | None = None
+        self._batcher: asyncio.Task | None = None
+        # One thread: batches run one after another, on the thread that set torch's thread count.
+        self._executor = ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(max(1, int(num_cpus)),))
+        self._metrics = Metrics()
+        self._windows_done = 0
+
+    # -- control ---------------------------------------------------------------------------
+    def info(self) -> dict:
+        """The model's name, class names, device and windows processed by this incarnation."""
+        return {
+            "model": self._predictor.name,
+            "class_names": list(self._predictor.class_names),
+            "device": str(self._device),
+            "windows": self._windows_done,
+        }
+
+    def set_open_streams(self, stream_ids: list[str]) -> None:
+        """The streams that may still send windows: a batch holding all of them need not wait."""
+        self._open = set(stream_ids)
+        for sid in list(self._states):
+            if sid not in self._open:
+                del self._states[sid]
+
+    def queue_depth(self) -> int:
+        """Windows parked in this actor."""
+        return sum(len(p) for p in self._pending.values())
+
+    # -- data ------------------------------------------------------------------------------
+    async def infer(self, seq: int, chain_start: bool, window: Window) -> WindowResult:
+        """Queue ``window`` (the ``seq``-th of its stream) and return its result once run."""
+        if self._wake is None:
+            self._wake = asyncio.Event()
+            self._batcher = asyncio.get_running_loop().create_task(self._batch_loop())
+        sid = window.stream_id
+        item = _Item(seq, window, time.monotonic(), asyncio.get_running_loop().create_future(), chain_start)
+        self._pending.setdefault(sid, {})[seq] = item
+        if chain_start:
+            self._expected[sid] = seq
+            self._states.pop(sid, None)
+        self._metrics.windows_in.inc(tags={"stage": "model", "stream": sid})
+        self._metrics.queue_depth.set(self.queue_depth(), tags={"stage": "model"})
+        self._wake.set()
+        return await item.future
+
+    def _ready(self) -> list[_Item]:
+        """Each stream's next window in its chain, oldest arrival first."""
+        ready = []
+        for sid, items in self._pending.items():
+            exp = self._expected.get(sid)
+            if exp is not None and exp in items:
+                ready.append(items[exp])
+        ready.sort(key=lambda it: it.arrived)
+        return ready
+
+    def _full(self, ready: list[_Item]) -> bool:
+        if len(ready) >= self._batch_size:
+            return True
+        return bool(self._open) and self._open <= {it.window.stream_id for it in ready}
+
+    async def _batch_loop(self) -> None:
+        assert self._wake is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            ready = self._ready()
+            if not ready:
+                continue
+            deadline = ready[0].arrived + self._max_wait_s
+            while not self._full(ready) and (left := deadline - time.monotonic()) > 0:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), left)
+                except asyncio.TimeoutError:
+                    break
+                self._wake.clear()
+                ready = self._ready()
+            batch = ready[: self._batch_size]
+            for it in batch:
+                del self._pending[it.window.stream_id][it.seq]
+            self._metrics.queue_depth.set(self.queue_depth(), tags={"stage": "model"})
+            try:
+                results = await loop.run_in_executor(self._executor, self._run, batch)
+            except Exception as exc:  # noqa: BLE001 - the callers get the error, the actor goes on
+                for it in batch:
+                    if not it.future.done():
+                        it.future.set_exception(exc)
+            else:
+                for it, res in zip(batch, results):
+                    self._expected[it.window.stream_id] = it.seq + 1
+                    if not it.future.done():
+                        it.future.set_result(res)
+            self._wake.set()  # windows that arrived meanwhile may be ready now
+
+    def _run(self, items: list[_Item]) -> list[WindowResult]:
+        """Collate, run the model with each stream's carried state, and turn outputs into rows."""
+        t0 = time.perf_counter()
+        windows = [it.window for it in items]
+        resets = [it.chain_start or it.window.gap or not self._carry or it.window.stream_id not in self._states for it in items]
+        batch = self._collate(windows)
+        batch.reset = torch.tensor(resets, dtype=torch.bool)
+        state = self._gather_state(windows, resets)
+        batch = batch.to(self._device)
+        with torch.inference_mode(), torch.autocast(self._device.type, dtype=torch.bfloat16, enabled=self._autocast):
+            out = self._predictor(batch, state)
+        if self._carry:
+            for i, w in enumerate(windows):
+                self._states[w.stream_id] = out.state[i].detach()
+        results = self._rows(items, resets, out)
+        elapsed = time.perf_counter() - t0
+        self._windows_done += len(items)
+        self._metrics.batch_size.observe(len(items))
+        self._metrics.latency.observe(elapsed, tags={"stage": "model"})
+        now = time.monotonic()
+        for it, res in zip(items, results):
+            res.latency_s = now - it.arrived
+            self._metrics.windows_out.inc(tags={"stage": "model", "stream": it.window.stream_id})
+        return results
+
+    def _gather_state(self, windows: list[Window], resets: list[bool]) -> torch.Tensor | None:
+        """``B x M x C`` carried latents, zeros where the state is reset (the model ignores them)."""
+        carried = [None if r else self._states[w.stream_id] for w, r in zip(windows, resets)]
+        like = next((s for s in carried if s is not None), None)
+        if like is None:
+            return None
+        return torch.stack([torch.zeros_like(like) if s is None else s for s in carried])
+
+    def _rows(self, items: list[_Item], resets: list[bool], out: ModelOutput) -> list[WindowResult]:
+        names = self._predictor.class_names
+        probs = torch.softmax(out.label_logits.float(), dim=-1).cpu()
+        k = min(TOP_K, probs.shape[-1])
+        top_p, top_i = probs.topk(k, dim=-1)
+        emb = out.embedding.float().cpu().numpy()
+        flow = None if out.flow is None else out.flow.float().cpu().numpy()
+        flow_valid = out.flow_valid.cpu().numpy()
+        rows = []
+        for i, (it, reset) in enumerate(zip(items, resets)):
+            w = it.window
+            has_flow = flow is not None and bool(flow_valid[i])
+            rows.append(
+                WindowResult(
+                    stream_id=w.stream_id,
+                    window_id=w.window_id,
+                    t_start=w.t_start,
+                    t_end=w.t_end,
+                    has_video=w.has_video,
+                    has_audio=w.has_audio,
+                    has_points=w.has_points,
+                    state_reset=reset,
+                    labels=[(names[j], float(p)) for p, j in zip(top_p[i].tolist(), top_i[i].tolist())],
+                    embedding=np.ascontiguousarray(emb[i], dtype=np.float32),
+                    model=self._predictor.name,
+                    flow=np.ascontiguousarray(flow[i], dtype=np.float32) if has_flow else None,
+                    flow_t=float(w.video_t[-1]) if has_flow and w.video_t is not None else None,
+                )
+            )
+        return rows

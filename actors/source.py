@@ -1,0 +1,170 @@
+"""SourceActor: one per stream, decodes the stream into windows one call at a time.
+
+The runner keeps up to ``runtime.max_in_flight_per_stream`` ``next`` calls outstanding; the actor
+runs them in order (one at a time), so it decodes ahead by at most that many windows and never
+queues more. Each call returns two objects: a small `SourceEvent` the runner reads, and the
+`pipeline.Window` itself, which the runner hands to the model actor by reference without
+fetching it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import ray
+
+from actors.metrics import Metrics
+from pipeline.config import Config, StreamConfig
+from pipeline.errors import PipelineError
+from pipeline.window import Window
+
+OpenStream = Callable[..., Iterator[Window]]
+
+
+@dataclass(frozen=True)
+class ErrorRecord:
+    """One ``errors`` row: a problem a stream reported or ended with."""
+
+    stream_id: str
+    window_id: int | None
+    t_wall: datetime
+    kind: str
+    message: str
+
+    @classmethod
+    def from_exception(cls, stream_id: str, exc: BaseException, window_id: int | None = None) -> "ErrorRecord":
+        """The row for ``exc``; ``kind`` is its class name (the `pipeline.errors` class for ours)."""
+        if isinstance(exc, PipelineError) and exc.window_id is not None:
+            window_id = exc.window_id
+        return cls(stream_id, window_id, datetime.now(timezone.utc), type(exc).__name__, str(exc) or repr(exc))
+
+
+@dataclass
+class SourceEvent:
+    """What one ``next`` call produced: a window's identity, or the end of the stream.
+
+    ``errors`` holds problems reported since the previous call (they did not end the stream);
+    ``failure`` is set when the stream ended badly (``done`` is then True too).
+    """
+
+    stream_id: str
+    window_id: int | None = None
+    has_video: bool = False
+    has_audio: bool = False
+    has_points: bool = False
+    done: bool = False
+    failure: ErrorRecord | None = None
+    errors: list[ErrorRecord] = field(default_factory=list)
+    decode_s: float = 0.0
+
+
+def _default_open_stream() -> OpenStream:
+    from pipeline.read import open_stream
+
+    return open_stream
+
+
+class SourceActor:
+    """Reads one stream from ``start_window`` on (see the module docstring).
+
+    ``max_windows`` caps the windows delivered in this run; ``realtime`` paces delivery at media
+    speed, as a live feed would arrive. ``open_stream`` is `pipeline.read.open_stream` unless a
+    test passes another callable with its signature.
+    """
+
+    def __init__(
+        self,
+        stream: StreamConfig,
+        cfg: Config,
+        *,
+        start_window: int = 0,
+        max_windows: int | None = None,
+        realtime: bool = False,
+        open_stream: OpenStream | None = None,
+    ) -> None:
+        self._stream = stream
+        self._cfg = cfg
+        self._start_window = start_window
+        self._max_windows = max_windows
+        self._realtime = realtime
+        self._open_stream = open_stream or _default_open_stream()
+        self._it: Iterator[Window] | None = None
+        self._reported: list[ErrorRecord] = []
+        self._delivered = 0
+        self._done = False
+        self._last_window_id: int | None = None
+        self._pace_origin: tuple[float, float] | None = None  # (media t_end, monotonic) of the first window
+        self._metrics = Metrics()
+        # Modalities this stream should deliver: a window without one of them counts as missing it.
+        self._expected = (
+            {"video", "audio", "points"}
+            if stream.synthetic is not None
+            else {m for m in ("video", "audio", "points") if getattr(stream, m) is not None}
+        )
+
+    def _on_error(self, exc: PipelineError) -> None:
+        self._reported.append(ErrorRecord.from_exception(self._stream.id, exc))
+        self._metrics.errors.inc(tags={"stream": self._stream.id, "kind": type(exc).__name__})
+
+    def _pace(self, window: Window) -> None:
+        now = time.monotonic()
+        if self._pace_origin is None:
+            self._pace_origin = (window.t_end, now)
+            return
+        media0, wall0 = self._pace_origin
+        delay = wall0 + (window.t_end - media0) - now
+        if delay > 0:
+            time.sleep(delay)
+
+    def _end(self, failure: ErrorRecord | None = None) -> SourceEvent:
+        self._done = True
+        self._it = None
+        errors, self._reported = self._reported, []
+        if failure is not None:
+            self._metrics.errors.inc(tags={"stream": self._stream.id, "kind": failure.kind})
+        return SourceEvent(self._stream.id, done=True, failure=failure, errors=errors)
+
+    @ray.method(num_returns=2)
+    def next(self) -> tuple[SourceEvent, Window | None]:
+        """The stream's next window and its event, or ``(done event, None)`` at the end."""
+        if self._done:
+            return self._end(), None
+        if self._max_windows is not None and self._delivered >= self._max_windows:
+            return self._end(), None
+        t0 = time.perf_counter()
+        try:
+            if self._it is None:
+                self._it = iter(
+                    self._open_stream(self._stream, self._cfg, on_error=self._on_error, start_window=self._start_window)
+                )
+            window = next(self._it)
+        except StopIteration:
+            return self._end(), None
+        except Exception as exc:  # noqa: BLE001 - any failure ends this stream only, as an errors row
+            after = None if self._last_window_id is None else self._last_window_id + 1
+            return self._end(ErrorRecord.from_exception(self._stream.id, exc, after)), None
+        decode_s = time.perf_counter() - t0
+        if self._realtime:
+            self._pace(window)
+        self._delivered += 1
+        self._last_window_id = window.window_id
+        sid = self._stream.id
+        self._metrics.windows_out.inc(tags={"stage": "source", "stream": sid})
+        self._metrics.latency.observe(decode_s, tags={"stage": "source"})
+        for modality, present in (("video", window.has_video), ("audio", window.has_audio), ("points", window.has_points)):
+            if modality in self._expected and not present:
+                self._metrics.missing_modality.inc(tags={"stream": sid, "modality": modality})
+        errors, self._reported = self._reported, []
+        event = SourceEvent(
+            sid,
+            window_id=window.window_id,
+            has_video=window.has_video,
+            has_audio=window.has_audio,
+            has_points=window.has_points,
+            errors=errors,
+            decode_s=decode_s,
+        )
+        return event, window
