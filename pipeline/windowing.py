@@ -1,0 +1,272 @@
+"""Cutting one stream's modalities into media-time windows (DESIGN: "The unit of data").
+
+``t0`` is the earliest first-sample time across the modalities; the stream ends at its last
+sample's time plus that sample's duration. Window ``k`` covers ``[t0 + k*hop, t0 + k*hop + seconds)``
+and has ``window_id = k``; only complete windows (ending at or before the stream's end) are
+emitted. A window with no sample of any modality gives no `Window`, and the next one has
+``gap=True``; so does the first window after a source's `SourceBreak` (a reconnect) and, when
+resuming with ``start_window=N``, the first window emitted.
+
+A sample belongs to a window when its time ``t`` satisfies ``start - EPS <= t < end - EPS``
+(``EPS`` = 1 µs absorbs float rounding of ``t0 + k*hop``, far below any sample period). An audio
+chunk contributes the samples whose own times (``chunk.t + i/rate``) fall in the window, laid
+on one sample grid from the first of them (a hole between chunks is silence, so sample ``j``
+is always at ``audio_t0 + j/rate``).
+
+Streaming: sources are pulled lazily, the one that is furthest behind first, and window ``k`` is
+emitted as soon as every unfinished source has produced a sample at or after its end, so memory
+holds about one window of samples. When a source raises, the windows that its samples completed
+are still emitted, then the error is re-raised.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import DecodeError, PipelineError
+from pipeline.sources.base import AudioChunk, PointScan, VideoFrame
+from pipeline.sources.live import SourceBreak
+from pipeline.window import Truth, Window
+
+EPS = 1e-6
+_TYPES = {"video": VideoFrame, "audio": AudioChunk, "points": PointScan}
+
+
+class _Track:
+    """One modality's source: its pending samples and how far it has got."""
+
+    def __init__(self, modality: str, iterator: Iterator[Any]) -> None:
+        self.modality = modality
+        self.iterator = iterator
+        self.buf: deque = deque()
+        self.last_t = -math.inf  # time of the latest sample pulled (sources are non-decreasing)
+        self.end = -math.inf  # latest sample end (t + duration)
+        self.done = False
+        self.first_t: float | None = None
+
+
+def windows(
+    stream_id: str,
+    sources: dict[str, Iterator[Any]],
+    *,
+    seconds: float,
+    hop: float,
+    truth: Callable[[float, float, np.ndarray | None], Truth] | None = None,
+    start_window: int = 0,
+    on_error: Callable[[PipelineError], None] | None = None,
+) -> Iterator[Window]:
+    """Windows of one stream from per-modality sources.
+
+    sources: ``{"video": ..., "audio": ..., "points": ...}`` (any subset), iterators of
+        `VideoFrame` / `AudioChunk` / `PointScan` in non-decreasing time, optionally with
+        `SourceBreak` markers.
+    truth: ``truth(t_start, t_end, video_t) -> Truth`` for each emitted window (synthetic rig).
+    start_window: resume: windows with ids below it are skipped, the first emitted has gap=True.
+    on_error: receives a `DecodeError` when samples arrive after their window was emitted
+        (timestamps that go backwards); they are dropped from that window.
+    """
+    if not seconds > 0 or not hop > 0:
+        raise ValueError(f"window seconds and hop must be positive, got {seconds!r}, {hop!r}")
+    if start_window < 0:
+        raise ValueError(f"start_window must be >= 0, got {start_window!r}")
+    unknown = set(sources) - set(_TYPES)
+    if unknown:
+        raise ValueError(f"unknown modalities {sorted(unknown)}; expected some of {sorted(_TYPES)}")
+    return _Windower(stream_id, sources, seconds, hop, truth, start_window, on_error).run()
+
+
+class _Windower:
+    def __init__(self, stream_id, sources, seconds, hop, truth, start_window, on_error) -> None:
+        self.stream_id = stream_id
+        self.tracks = [_Track(m, iter(it)) for m, it in sources.items() if it is not None]
+        self.seconds = float(seconds)
+        self.hop = float(hop)
+        self.truth = truth
+        self.start_window = start_window
+        self.on_error = on_error
+        self.error: BaseException | None = None
+        self.horizon = math.inf  # after a source failed: the end of what it delivered
+        self.break_t = math.inf  # earliest unconsumed SourceBreak
+        self.emitted_end = -math.inf  # end of the last emitted window
+        self.late: dict[str, int] = {}
+
+    # -- pulling ------------------------------------------------------------------------------
+
+    def _pull(self, tr: _Track) -> None:
+        """Take one item from a track's source (sample, break marker, end or failure)."""
+        try:
+            item = next(tr.iterator)
+        except StopIteration:
+            tr.done = True
+            return
+        except Exception as e:  # noqa: BLE001 - any failure ends the stream after a flush
+            tr.done = True
+            if self.error is None:
+                self.error = e
+                self.horizon = tr.end if tr.end > -math.inf else -math.inf
+            return
+        if isinstance(item, SourceBreak):
+            self.break_t = min(self.break_t, item.t)
+            return
+        if not isinstance(item, _TYPES[tr.modality]):
+            raise TypeError(f"source {tr.modality!r} of stream {self.stream_id!r} yielded {type(item).__name__}")
+        t = float(item.t)
+        if tr.first_t is None:
+            tr.first_t = t
+        if t < self.emitted_end - EPS:
+            self.late[tr.modality] = self.late.get(tr.modality, 0) + 1
+        tr.last_t = max(tr.last_t, t)
+        tr.end = max(tr.end, t + item.duration)
+        tr.buf.append(item)
+
+    def _advance(self, te: float) -> None:
+        """Pull until every unfinished track has reached ``te`` (or failed/ended)."""
+        while True:
+            lagging = [tr for tr in self.tracks if not tr.done and tr.last_t < te - EPS]
+            if not lagging:
+                return
+            self._pull(min(lagging, key=lambda tr: tr.last_t))
+            if self.error is not None and te > self.horizon + EPS:
+                return
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def run(self) -> Iterator[Window]:
+        for tr in self.tracks:
+            while tr.first_t is None and not tr.done:
+                self._pull(tr)
+        starts = [tr.first_t for tr in self.tracks if tr.first_t is not None]
+        if not starts:
+            if self.error is not None:
+                raise self.error
+            return
+        t0 = min(starts)
+        self.break_t = math.inf  # a break before any data is no break
+        k = self.start_window
+        gap = self.start_window > 0
+        while True:
+            ts = t0 + k * self.hop
+            te = ts + self.seconds
+            self._advance(te)
+            stream_end = max(tr.end for tr in self.tracks)
+            if self.error is not None:
+                if te > self.horizon + EPS or all(tr.done for tr in self.tracks) and te > stream_end + EPS:
+                    raise self.error
+            elif all(tr.done for tr in self.tracks) and te > stream_end + EPS:
+                return
+            self._prune(ts)
+            window = self._build(k, ts, te)
+            if window is None:
+                gap = True
+                k = max(k + 1, self._next_with_data(t0) - 1)
+                continue
+            if te > self.break_t + EPS:
+                gap = True
+                self.break_t = math.inf
+            window.gap = gap
+            gap = False
+            self._report_late(k)
+            self.emitted_end = te
+            yield window
+            k += 1
+
+    def _next_with_data(self, t0: float) -> int:
+        """Lowest window id that could hold the earliest buffered sample (a lower bound)."""
+        firsts = [tr.buf[0].t for tr in self.tracks if tr.buf]
+        if not firsts:
+            return 0
+        return math.floor((min(firsts) - t0 - self.seconds + EPS) / self.hop) + 1
+
+    def _prune(self, ts: float) -> None:
+        """Drop samples that end before ``ts``: no window from here on can hold them."""
+        for tr in self.tracks:
+            buf = tr.buf
+            if tr.modality == "audio":
+                while buf and buf[0].t + len(buf[0].samples) / buf[0].rate <= ts - EPS:
+                    buf.popleft()
+            else:
+                while buf and buf[0].t < ts - EPS:
+                    buf.popleft()
+
+    def _report_late(self, k: int) -> None:
+        if not self.late or self.on_error is None:
+            self.late.clear()
+            return
+        for modality, n in sorted(self.late.items()):
+            self.on_error(
+                DecodeError(
+                    f"{n} {modality} sample(s) arrived after their window was emitted (timestamps went "
+                    "backwards); dropped from that window",
+                    stream_id=self.stream_id,
+                    source=modality,
+                    window_id=k,
+                )
+            )
+        self.late.clear()
+
+    # -- building a window --------------------------------------------------------------------
+
+    def _build(self, k: int, ts: float, te: float) -> Window | None:
+        lo, hi = ts - EPS, te - EPS
+        w = Window(stream_id=self.stream_id, window_id=k, t_start=ts, t_end=te)
+        for tr in self.tracks:
+            if tr.modality == "audio":
+                _audio_into(w, tr.buf, lo, hi)
+                continue
+            items = []
+            for item in tr.buf:
+                if item.t >= hi:
+                    break
+                if item.t >= lo:
+                    items.append(item)
+            if not items:
+                continue
+            times = np.array([it.t for it in items], np.float64)
+            if tr.modality == "video":
+                w.video = np.stack([it.image for it in items])
+                w.video_t = times
+            else:
+                w.points = [it.points for it in items]
+                w.points_t = times
+        if w.video is None and w.audio is None and w.points is None:
+            return None
+        if self.truth is not None:
+            w.truth = self.truth(ts, te, w.video_t)
+        return w
+
+
+def _audio_into(w: Window, chunks: deque, lo: float, hi: float) -> None:
+    """Put the samples of ``chunks`` with times in ``[lo, hi)`` on one grid in ``w``."""
+    pieces = []  # (time of first sample taken, samples)
+    for c in chunks:
+        if c.t >= hi:
+            break
+        n, rate = len(c.samples), c.rate
+        i0 = min(n, max(0, math.ceil((lo - c.t) * rate)))
+        i1 = min(n, max(0, math.ceil((hi - c.t) * rate)))
+        if i1 > i0:
+            pieces.append((c.t + i0 / rate, c.samples[i0:i1], rate))
+    if not pieces:
+        return
+    t_first = min(p[0] for p in pieces)
+    rate = pieces[0][2]
+    offsets = [round((t - t_first) * rate) for t, _, _ in pieces]
+    contiguous = all(offsets[i] == offsets[i - 1] + len(pieces[i - 1][1]) for i in range(1, len(pieces)))
+    if contiguous:
+        audio = np.concatenate([p[1] for p in pieces]) if len(pieces) > 1 else pieces[0][1].copy()
+    else:
+        length = max(o + len(p[1]) for o, p in zip(offsets, pieces))
+        audio = np.zeros((length, pieces[0][1].shape[1]), np.float32)
+        for o, (_, samples, _) in zip(offsets, pieces):
+            audio[o : o + len(samples)] = samples
+    w.audio = audio
+    w.audio_rate = rate
+    w.audio_t0 = t_first
+
+
+__all__ = ["EPS", "windows"]
