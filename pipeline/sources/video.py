@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import av
 
@@ -55,7 +56,7 @@ class VideoDecoder:
         self.offset = 0.0  # added to every time; set by the reader after a reconnect
         self.stream: av.video.stream.VideoStream | None = None
         self._default_duration = 0.04
-        self._last_slot: int | None = None
+        self._decimator = _Decimator(fps) if fps is not None else None
         self._last_t: float | None = None
 
     def open(self, container: av.container.InputContainer) -> av.stream.Stream:
@@ -92,12 +93,10 @@ class VideoDecoder:
             t = self.offset
         self._last_t = t
         duration = float(frame.duration * frame.time_base) if frame.duration else self._default_duration
-        if self.fps is not None:
-            slot = math.floor(t * self.fps + _SLOT_EPS)
-            if self._last_slot is not None and slot <= self._last_slot:
+        if self._decimator is not None:
+            duration = self._decimator.keep(t, duration)
+            if duration is None:
                 return None
-            self._last_slot = slot
-            duration = max(duration, (slot + 1) / self.fps - t)
         if self.size is None:
             self.size = (frame.height, frame.width)
         height, width = self.size
@@ -106,6 +105,37 @@ class VideoDecoder:
         else:
             image = frame.to_ndarray(format="rgb24", width=width, height=height)
         return VideoFrame(t=t, duration=duration, image=image)
+
+
+class _Decimator:
+    """Keeps the first frame of each ``1/fps`` slot of media time (slots counted from t = 0)."""
+
+    def __init__(self, fps: float) -> None:
+        self.fps = fps
+        self._last_slot: int | None = None
+
+    def keep(self, t: float, duration: float) -> float | None:
+        """The kept frame's duration (at least to the end of its slot), or None to drop it."""
+        slot = math.floor(t * self.fps + _SLOT_EPS)
+        if self._last_slot is not None and slot <= self._last_slot:
+            return None
+        self._last_slot = slot
+        return max(duration, (slot + 1) / self.fps - t)
+
+
+def decimate(frames: Iterator[Any], fps: float) -> Iterator[Any]:
+    """Frames of an already-decoded source (the synthetic rig) thinned like ``video.fps`` does.
+
+    Items that are not `VideoFrame`s (e.g. `SourceBreak` markers) pass through.
+    """
+    decimator = _Decimator(fps)
+    for frame in frames:
+        if isinstance(frame, VideoFrame):
+            duration = decimator.keep(frame.t, frame.duration)
+            if duration is None:
+                continue
+            frame = VideoFrame(t=frame.t, duration=duration, image=frame.image)
+        yield frame
 
 
 def video_frames(
@@ -127,4 +157,4 @@ def video_frames(
     return reader.tracks()["video"]
 
 
-__all__ = ["VideoDecoder", "video_frames"]
+__all__ = ["VideoDecoder", "decimate", "video_frames"]
