@@ -3,3 +3,8 @@
 from perceiver_stream.batch import Batch, ModalityBatch, Targets
 
 __all__ = ["Batch", "ModalityBatch", "Targets"]
+
+from perceiver_stream.multimodal import MultimodalPreprocessor, drop_modalities
+from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO, StreamStates
+
+__all__ += ["MultimodalPreprocessor", "StreamStates", "StreamingConfig", "StreamingPerceiverIO", "drop_modalities"]

@@ -1,0 +1,127 @@
+"""Video adapters: space-to-depth patch tokens for the encoder, 3x3 two-frame patches for flow."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from perceiver_stream.adapters.base import Adapter, gather_last, time_channels, time_features
+from perceiver_stream.batch import ModalityBatch
+from perceiver_stream.fourier import fourier_channels, grid_fourier_features
+
+
+def normalise_frames(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 ``... x H x W x 3`` -> float32 in [-1, 1] (any float input is taken as 0..255 too)."""
+    return frames.float() * (2.0 / 255.0) - 1.0
+
+
+def space_to_depth(frames: torch.Tensor, patch: int) -> torch.Tensor:
+    """``B x T x H x W x C`` -> ``B x T x (H/p * W/p) x (p*p*C)``, patches in row-major order.
+
+    Channels of a patch are ordered ``(dy, dx, c)``, as DeepMind's ``space_to_depth``.
+    """
+    b, t, h, w, c = frames.shape
+    if h % patch or w % patch:
+        raise ValueError(f"frame size {h}x{w} is not divisible by the patch size {patch}")
+    x = frames.reshape(b, t, h // patch, patch, w // patch, patch, c)
+    x = x.permute(0, 1, 2, 4, 3, 5, 6)
+    return x.reshape(b, t, (h // patch) * (w // patch), patch * patch * c)
+
+
+@dataclass(frozen=True)
+class VideoAdapterConfig:
+    """Space-to-depth video tokens.
+
+    patch:       side of the square patches (frames must be divisible by it).
+    frames:      use only each window's last ``frames`` frames (None = all of them).
+    pos_bands:   Fourier bands of the (y, x) patch position (DeepMind form, max resolution = grid).
+    time_*:      the media-time code (see ``fourier.time_fourier_features``).
+    """
+
+    kind: str = "video"
+    patch: int = 4
+    frames: int | None = 2
+    pos_bands: int = 8
+    time_bands: int = 8
+    time_period: float = 2.0**17
+    time_max_freq: float = 16.0
+
+    def __post_init__(self) -> None:
+        if self.patch < 1 or self.pos_bands < 1 or self.time_bands < 1:
+            raise ValueError("video adapter: patch, pos_bands and time_bands must be at least 1")
+        if self.frames is not None and self.frames < 1:
+            raise ValueError("video adapter: frames must be at least 1 (or null for all frames)")
+
+
+class VideoAdapter(Adapter):
+    """Video ``B x T x H x W x 3`` uint8 -> one token per patch of each used frame.
+
+    Token channels: ``[pixels (p*p*3), Fourier(y, x), time code of the frame]``.
+    """
+
+    def __init__(self, config: VideoAdapterConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.out_channels = (
+            config.patch * config.patch * 3 + fourier_channels(2, config.pos_bands) + time_channels(config.time_bands)
+        )
+
+    def forward(self, m: ModalityBatch, t_ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens ``B x (T' * patches) x out_channels`` and their mask."""
+        cfg = self.config
+        values, times, mask = m.values, m.times, m.mask
+        if cfg.frames is not None:
+            values, fmask = gather_last(values, mask, cfg.frames)
+            times, _ = gather_last(times, mask, cfg.frames)
+            mask = fmask
+        b, t, h, w, _ = values.shape
+        pix = space_to_depth(normalise_frames(values), cfg.patch)  # B x T x P x C
+        n = pix.shape[2]
+        pos = grid_fourier_features((h // cfg.patch, w // cfg.patch), cfg.pos_bands, device=pix.device)
+        tcode = time_features(
+            times, t_ref, bands=cfg.time_bands, period=cfg.time_period, max_freq=cfg.time_max_freq
+        )  # B x T x Ct
+        tokens = torch.cat(
+            [pix, pos.expand(b, t, n, pos.shape[-1]), tcode[:, :, None, :].expand(b, t, n, tcode.shape[-1])], dim=-1
+        )
+        return tokens.reshape(b, t * n, -1), mask[:, :, None].expand(b, t, n).reshape(b, t * n)
+
+
+def flow_patches(frame1: torch.Tensor, frame2: torch.Tensor) -> torch.Tensor:
+    """3x3 neighbourhoods of two frames: ``B x H x W x 3`` each -> ``B x H x W x 54`` float32.
+
+    Each pixel gets its 3x3 neighbourhood (zero-padded at the border) in both normalised frames,
+    channels ordered ``(frame, c, dy, dx)``: the input-derived queries of the flow decoder.
+    """
+    x = torch.stack([normalise_frames(frame1), normalise_frames(frame2)], dim=1)  # B x 2 x H x W x 3
+    b, _, h, w, c = x.shape
+    x = x.permute(0, 1, 4, 2, 3).reshape(b, 2 * c, h, w)
+    patches = F.unfold(x, kernel_size=3, padding=1)  # B x (2*3*9) x HW
+    return patches.transpose(1, 2).reshape(b, h, w, 2 * c * 9)
+
+
+class FlowInputAdapter(Adapter):
+    """The optical-flow input: 3x3 patches of each window's last two frames on the flow grid.
+
+    ``forward`` returns ``(B x H x W x 54 patches, B bool valid)``; ``valid`` is False where the
+    window has fewer than two frames (or no video). Frames of another size are resized (bilinear,
+    antialiased) to ``size`` first, so flow is in pixels of the ``size`` grid.
+    """
+
+    out_channels = 54
+
+    def __init__(self, size: tuple[int, int]) -> None:
+        super().__init__()
+        self.size = (int(size[0]), int(size[1]))
+
+    def forward(self, m: ModalityBatch, t_ref: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patches of the last two frames of each row and whether the row has two frames."""
+        frames, fmask = gather_last(m.values, m.mask, 2)  # B x 2 x H x W x 3
+        valid = fmask.all(dim=1) & m.present
+        if tuple(frames.shape[2:4]) != self.size:
+            x = frames.flatten(0, 1).permute(0, 3, 1, 2).float()
+            x = F.interpolate(x, size=self.size, mode="bilinear", antialias=True, align_corners=False)
+            frames = x.permute(0, 2, 3, 1).reshape(frames.shape[0], 2, *self.size, 3)
+        return flow_patches(frames[:, 0], frames[:, 1]), valid

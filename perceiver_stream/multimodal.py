@@ -1,0 +1,120 @@
+"""The multimodal preprocessor: every modality's tokens padded to one width and concatenated.
+
+Perceiver IO's multimodal trick: each modality's tokens are padded to a common width with a
+learned per-modality vector (which also tells the encoder which modality a token comes from),
+then all tokens are concatenated with a key mask. Nothing here knows modality names: the
+adapters come in a dict keyed by name, and a batch's modalities are looked up in it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from perceiver_stream.adapters.base import Adapter
+from perceiver_stream.batch import Batch
+
+
+@dataclass
+class Tokens:
+    """The concatenated input array.
+
+    tokens:   ``B x N x D`` float, zero wherever ``mask`` is False.
+    mask:     ``B x N`` bool, True where the token is real (its modality present in that row).
+    modality: ``N`` int64, index into ``MultimodalPreprocessor.names`` of each token's modality.
+    """
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    modality: torch.Tensor
+
+
+class MultimodalPreprocessor(nn.Module):
+    """Adapters keyed by modality name -> one padded, masked token array.
+
+    ``width`` is the widest adapter's channels plus ``min_padding``. A modality missing from the
+    batch, or absent (``present`` False) in every row, contributes no tokens at all; in rows where it
+    is absent its tokens are masked out and zeroed, so whatever its values hold (even NaN) changes
+    nothing. ``mask_probs`` (per modality) replaces tokens by a learned mask token with that
+    probability, in training mode only. Batch modalities without an adapter are ignored.
+    """
+
+    def __init__(
+        self, adapters: dict[str, Adapter], *, min_padding: int = 4, mask_probs: dict[str, float] | None = None
+    ) -> None:
+        super().__init__()
+        if not adapters:
+            raise ValueError("the multimodal preprocessor needs at least one adapter")
+        mask_probs = dict(mask_probs or {})
+        unknown = sorted(set(mask_probs) - set(adapters))
+        if unknown:
+            raise ValueError(f"mask_probs names modalities without an adapter: {unknown}")
+        self.names: list[str] = list(adapters)
+        self.adapters = nn.ModuleDict(adapters)
+        self.width = max(a.out_channels for a in adapters.values()) + min_padding
+        self.padding = nn.ParameterDict(
+            {k: nn.Parameter(0.02 * torch.randn(self.width - a.out_channels)) for k, a in adapters.items()}
+        )
+        self.mask_probs = {k: float(p) for k, p in mask_probs.items() if p > 0}
+        self.mask_tokens = nn.ParameterDict(
+            {k: nn.Parameter(0.02 * torch.randn(self.width)) for k in self.mask_probs}
+        )
+
+    def forward(self, batch: Batch) -> Tokens:
+        """Tokens of every modality of ``batch`` that has an adapter and is present somewhere."""
+        t_ref = batch.t_end
+        parts, masks, kinds = [], [], []
+        device = None
+        for i, name in enumerate(self.names):
+            m = batch.modalities.get(name)
+            if m is None or not bool(m.present.any()):
+                continue
+            x, mask = self.adapters[name](m, t_ref)
+            b, n, _ = x.shape
+            x = torch.cat([x, self.padding[name].to(x.dtype).expand(b, n, -1)], dim=-1)
+            if self.training and name in self.mask_probs:
+                hit = torch.rand(b, n, device=x.device) < self.mask_probs[name]
+                x = torch.where(hit[..., None], self.mask_tokens[name].to(x.dtype), x)
+            mask = mask & m.present[:, None]
+            # where(), not multiplication: garbage (inf, NaN) in absent rows must not survive.
+            parts.append(torch.where(mask[..., None], x, 0.0))
+            masks.append(mask)
+            kinds.append(torch.full((n,), i, dtype=torch.long, device=x.device))
+            device = x.device
+        if not parts:
+            b = len(batch)
+            dev = device or next(self.parameters()).device
+            return Tokens(
+                torch.zeros(b, 0, self.width, device=dev),
+                torch.zeros(b, 0, dtype=torch.bool, device=dev),
+                torch.zeros(0, dtype=torch.long, device=dev),
+            )
+        return Tokens(torch.cat(parts, dim=1), torch.cat(masks, dim=1), torch.cat(kinds))
+
+
+def drop_modalities(batch: Batch, p: float, generator: torch.Generator | None = None) -> Batch:
+    """Modality dropout: mark each present modality of each row absent with probability ``p``.
+
+    A row never loses all its modalities: if every present one is drawn, one of them (chosen at
+    random) is kept. Values are untouched (the model ignores absent rows); returns a new Batch.
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"modality dropout probability must be in [0, 1), got {p}")
+    names = list(batch.modalities)
+    if p == 0.0 or len(names) < 2:
+        return batch
+    present = torch.stack([batch.modalities[k].present.cpu() for k in names], dim=1)  # B x K
+    drop = (torch.rand(present.shape, generator=generator) < p) & present
+    kept = present & ~drop
+    lost_all = present.any(dim=1) & ~kept.any(dim=1)
+    if bool(lost_all.any()):
+        # Pick one of the row's present modalities uniformly (random scores, absent ones excluded).
+        scores = torch.rand(present.shape, generator=generator).masked_fill(~present, -1.0)
+        choice = torch.zeros_like(present).scatter_(1, scores.argmax(dim=1, keepdim=True), True)
+        kept = torch.where(lost_all[:, None], choice, kept)
+    modalities = {
+        k: replace(m, present=kept[:, i].to(m.present.device)) for i, (k, m) in enumerate(batch.modalities.items())
+    }
+    return replace(batch, modalities=modalities)

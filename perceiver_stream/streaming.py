@@ -1,0 +1,384 @@
+"""The streaming Perceiver IO: many modalities in, flow / labels / embedding out, latents carried.
+
+    batch --(multimodal preprocessor)--> tokens  B x N x D
+          --(gated cross-attention from M latents)--> B x M x C
+          --(latent self-attention tower, weights shared across blocks)--> z
+          --> flow:      one query per pixel of the flow grid (3x3 patches of the last two frames +
+                         Fourier position), cross-attends to z, in chunks -> B x H x W x 2 px
+          --> labels:    one learned query -> num_classes logits
+          --> embedding: mean over latents of LayerNorm(z)  (not L2-normalised; compare with cosine)
+
+Streaming state: the latents ``z`` that end window t seed window t+1 of the same stream,
+``latents0 = learned + sigmoid(state_gate) * Linear(LayerNorm(z_prev))``, except where
+``batch.reset`` is True or no state is given. With ``config.state = False`` the state is ignored
+and every window is processed on its own.
+
+Modality gating: each modality has a learned gate per encoder head, added to the encoder's
+attention logits as ``logsigmoid(gate)`` (it scales that modality's share of attention). A modality
+absent from a row is masked out of the keys, so it leaves no trace; ``drop_modalities`` (in
+``perceiver_stream.multimodal``) trains the model to cope with any non-empty subset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from perceiver_stream.adapters import FlowInputAdapter, adapter_spec, build_adapter
+from perceiver_stream.attention import MLP, CrossAttention, MultiHeadAttention, SelfAttention
+from perceiver_stream.batch import Batch
+from perceiver_stream.fourier import fourier_channels, grid_fourier_features
+from perceiver_stream.multimodal import MultimodalPreprocessor
+from perceiver_stream.outputs import ModelOutput
+
+
+def _default_modalities() -> dict[str, dict[str, Any]]:
+    return {"video": {"kind": "video"}, "audio": {"kind": "audio_mel"}, "points": {"kind": "points"}}
+
+
+@dataclass
+class StreamingConfig:
+    """Everything that determines a ``StreamingPerceiverIO``'s architecture (saved in checkpoints).
+
+    modalities:      modality name -> adapter spec ``{"kind": ..., **options}`` (see
+                     ``perceiver_stream.adapters.ADAPTERS``); completed with defaults on creation.
+    min_padding:     learned padding channels every modality gets at least (the modality's identity).
+    mask_probs:      per-modality probability of replacing a token by a learned mask token (training only).
+    num_latents, latent_channels: the latent array ``M x C``.
+    cross_heads, cross_widening: encoder cross-attention heads and MLP widening.
+    self_heads, self_widening, self_attends_per_block, num_blocks: the latent tower; its
+                     ``self_attends_per_block`` layers are applied ``num_blocks`` times (shared weights).
+    state:           carry latents between windows of a stream (False = every window on its own).
+    state_gate_init: initial value of the per-channel state gate (before the sigmoid).
+    flow_modality:   the modality whose last two frames give flow (None = no flow decoder).
+    flow_size:       the flow grid ``(H, W)``; frames of another size are resized to it.
+    flow_pos_bands, flow_channels, flow_chunk, flow_scale: pixel-position Fourier bands, query width,
+                     queries per chunk (None = all at once), multiplier from decoder output to pixels.
+    class_names:     the label decoder's classes, in index order (empty = no label decoder).
+    """
+
+    modalities: dict[str, dict[str, Any]] = field(default_factory=_default_modalities)
+    min_padding: int = 4
+    mask_probs: dict[str, float] = field(default_factory=dict)
+    num_latents: int = 64
+    latent_channels: int = 128
+    cross_heads: int = 1
+    cross_widening: int = 1
+    self_heads: int = 4
+    self_widening: int = 2
+    self_attends_per_block: int = 2
+    num_blocks: int = 2
+    state: bool = True
+    state_gate_init: float = -1.0
+    flow_modality: str | None = "video"
+    flow_size: tuple[int, int] = (64, 64)
+    flow_pos_bands: int = 16
+    flow_channels: int = 64
+    flow_chunk: int | None = 8192
+    flow_scale: float = 1.0
+    class_names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.modalities:
+            raise ValueError("model config: needs at least one modality")
+        self.modalities = {str(k): adapter_spec(dict(v)) for k, v in self.modalities.items()}
+        self.flow_size = tuple(int(x) for x in self.flow_size)  # type: ignore[assignment]
+        self.class_names = tuple(str(c) for c in self.class_names)
+        self.mask_probs = {str(k): float(v) for k, v in self.mask_probs.items()}
+        positive = ("num_latents", "latent_channels", "cross_heads", "cross_widening", "self_heads",
+                    "self_widening", "self_attends_per_block", "num_blocks", "flow_pos_bands", "flow_channels")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"model config: {name} must be at least 1, got {getattr(self, name)}")
+        if self.min_padding < 0:
+            raise ValueError("model config: min_padding must be >= 0")
+        for name, heads in (("cross_heads", self.cross_heads), ("self_heads", self.self_heads)):
+            if self.latent_channels % heads:
+                raise ValueError(f"model config: latent_channels ({self.latent_channels}) not divisible by {name}")
+        if len(self.flow_size) != 2 or min(self.flow_size) < 1:
+            raise ValueError(f"model config: flow_size must be [H, W] positive, got {list(self.flow_size)}")
+        if self.flow_chunk is not None and self.flow_chunk < 1:
+            raise ValueError("model config: flow_chunk must be positive or null")
+        if self.flow_modality is not None:
+            spec = self.modalities.get(self.flow_modality)
+            if spec is None or spec["kind"] != "video":
+                raise ValueError(f"model config: flow_modality {self.flow_modality!r} is not a video modality "
+                                 f"of modalities {sorted(self.modalities)}")
+        for k, p in self.mask_probs.items():
+            if k not in self.modalities or not 0.0 <= p < 1.0:
+                raise ValueError(f"model config: mask_probs[{k!r}] must name a modality and lie in [0, 1)")
+        if len(set(self.class_names)) != len(self.class_names):
+            raise ValueError("model config: class_names must be distinct")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StreamingConfig:
+        """Build from a (JSON / YAML) dict; unknown keys raise ValueError naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"model config has no option(s) {unknown}; options: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict (tuples as lists) that ``from_dict`` turns back into an equal config."""
+        d = asdict(self)
+        d["flow_size"] = list(self.flow_size)
+        d["class_names"] = list(self.class_names)
+        return d
+
+    def replace(self, **overrides: Any) -> StreamingConfig:
+        """A validated copy with ``overrides`` (e.g. a student's fewer latents / layers)."""
+        return StreamingConfig.from_dict({**self.to_dict(), **overrides})
+
+    @property
+    def num_classes(self) -> int:
+        """Number of label classes (0 = no label decoder)."""
+        return len(self.class_names)
+
+
+class GatedCrossAttention(nn.Module):
+    """Perceiver IO encoder cross-attention whose keys carry a learned per-source logit gate.
+
+    Same layer as ``attention.CrossAttention`` (pre-LN on queries and keys, query residual, MLP),
+    plus ``gate``: ``num_sources x num_heads``; a key from source ``s`` gets ``logsigmoid(gate[s, h])``
+    added to its logit in head ``h``. Masked keys get no weight; a row without keys gets zeros from
+    the attention (then the output projection's bias, as in ``attention.masked_attention``).
+    """
+
+    def __init__(self, q_dim: int, kv_dim: int, num_sources: int, *, num_heads: int, widening_factor: int) -> None:
+        super().__init__()
+        self.q_norm = nn.LayerNorm(q_dim)
+        self.kv_norm = nn.LayerNorm(kv_dim)
+        self.attn = MultiHeadAttention(
+            q_dim, kv_dim, qk_channels=q_dim, v_channels=q_dim, num_heads=num_heads, out_dim=q_dim
+        )
+        self.mlp_norm = nn.LayerNorm(q_dim)
+        self.mlp = MLP(q_dim, widening_factor)
+        self.gate = nn.Parameter(torch.zeros(num_sources, num_heads))
+
+    def query_heads(self, queries: torch.Tensor) -> torch.Tensor:
+        """Projected queries ``B x H x M x d`` (input-independent for learned latents: cacheable)."""
+        q = self.attn.q(self.q_norm(queries))
+        b, m, c = q.shape
+        h = self.attn.num_heads
+        return q.view(b, m, h, c // h).transpose(1, 2)
+
+    def forward(
+        self,
+        queries: torch.Tensor,
+        tokens: torch.Tensor,
+        mask: torch.Tensor,
+        source: torch.Tensor,
+        q_heads: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``queries`` ``B|1 x M x C``, ``tokens`` ``B x N x D``, ``mask`` ``B x N``, ``source`` ``N``."""
+        b = tokens.shape[0]
+        q = self.query_heads(queries) if q_heads is None else q_heads
+        q = q.expand(b, -1, -1, -1)
+        h, m, d = q.shape[1:]
+        if tokens.shape[1] == 0:
+            o = q.new_zeros(b, h, m, d)
+        else:
+            k, v = self.attn.project_kv(self.kv_norm(tokens))
+            empty = ~mask.any(dim=1)
+            attend = mask | empty[:, None]
+            bias = F.logsigmoid(self.gate)[source].transpose(0, 1).to(q.dtype)  # H x N
+            logits_bias = torch.where(attend[:, None, None, :], bias[None, :, None, :], float("-inf"))
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=logits_bias)
+            o = torch.where(empty[:, None, None, None], 0.0, o)
+        x = self.attn.out(o.transpose(1, 2).reshape(b, m, h * d)) + queries
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class _Cache:
+    """Results of input-independent projections, reused while their parameters are unchanged.
+
+    Used only when autograd is off (inference): the key holds each parameter's storage and version
+    counter, so an optimiser step, ``load_state_dict`` or ``.to()`` invalidates it.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[tuple, torch.Tensor]] = {}
+
+    def get(self, name: str, params: Sequence[torch.Tensor], device: torch.device,
+            compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return compute()
+        key = (device.type, torch.is_autocast_enabled(device.type), *((p.data_ptr(), p._version) for p in params))
+        hit = self._entries.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        value = compute()
+        self._entries[name] = (key, value)
+        return value
+
+
+class StreamingPerceiverIO(nn.Module):
+    """The fused multimodal streaming model (see the module docstring); built from a ``StreamingConfig``."""
+
+    def __init__(self, config: StreamingConfig) -> None:
+        super().__init__()
+        self.config = config
+        c, m = config.latent_channels, config.num_latents
+        self.preprocess = MultimodalPreprocessor(
+            {k: build_adapter(spec) for k, spec in config.modalities.items()},
+            min_padding=config.min_padding,
+            mask_probs=config.mask_probs,
+        )
+        self.latents = nn.Parameter(0.02 * torch.randn(m, c))
+        self.encoder = GatedCrossAttention(
+            c, self.preprocess.width, len(self.preprocess.names),
+            num_heads=config.cross_heads, widening_factor=config.cross_widening,
+        )
+        self.tower = nn.ModuleList(
+            SelfAttention(c, num_heads=config.self_heads, widening_factor=config.self_widening)
+            for _ in range(config.self_attends_per_block)
+        )
+        self.state_norm = nn.LayerNorm(c)
+        self.state_proj = nn.Linear(c, c)
+        self.state_gate = nn.Parameter(torch.full((c,), float(config.state_gate_init)))
+        self.final_norm = nn.LayerNorm(c)
+        if config.num_classes:
+            self.label_query = nn.Parameter(0.02 * torch.randn(1, 1, c))
+            self.label_decoder = CrossAttention(c, c, num_heads=1, widening_factor=1)
+            self.label_head = nn.Linear(c, config.num_classes)
+        if config.flow_modality is not None:
+            fc = config.flow_channels
+            self.flow_input = FlowInputAdapter(config.flow_size)
+            # Linear(concat(patch, pos)) split in two so the position half is computed once.
+            self.flow_patch_proj = nn.Linear(self.flow_input.out_channels, fc)
+            self.flow_pos_proj = nn.Linear(fourier_channels(2, config.flow_pos_bands), fc, bias=False)
+            self.flow_decoder = CrossAttention(fc, c, qk_channels=fc, v_channels=fc, num_heads=1, widening_factor=1)
+            self.flow_head = nn.Linear(fc, 2)
+        self._cache = _Cache()
+
+    # -- pieces -------------------------------------------------------------------------------
+
+    def initial_latents(self, state: torch.Tensor | None, reset: torch.Tensor) -> torch.Tensor | None:
+        """Seed latents ``B x M x C`` from the previous window's state, or None for the learned ones.
+
+        Rows with ``reset`` True start from the learned latents alone.
+        """
+        if state is None or not self.config.state or bool(reset.all()):
+            return None
+        carry = (~reset).to(state.device)[:, None, None]
+        seed = torch.sigmoid(self.state_gate) * self.state_proj(self.state_norm(state))
+        return self.latents[None] + torch.where(carry, seed, 0.0)
+
+    def encode(self, batch: Batch, state: torch.Tensor | None = None) -> torch.Tensor:
+        """The latents ``z`` (``B x M x C``) that end each window."""
+        tok = self.preprocess(batch)
+        latents = self.initial_latents(state, batch.reset)
+        if latents is None:
+            q = self._cache.get(
+                "latent_q", [self.latents, *self.encoder.q_norm.parameters(), *self.encoder.attn.q.parameters()],
+                self.latents.device, lambda: self.encoder.query_heads(self.latents[None]),
+            )
+            z = self.encoder(self.latents[None], tok.tokens, tok.mask, tok.modality, q_heads=q)
+        else:
+            z = self.encoder(latents, tok.tokens, tok.mask, tok.modality)
+        for _ in range(self.config.num_blocks):
+            for layer in self.tower:
+                z = layer(z)
+        return z
+
+    def _flow_pos(self, device: torch.device) -> torch.Tensor:
+        cfg = self.config
+        return self._cache.get(
+            "flow_pos", [self.flow_pos_proj.weight], device,
+            lambda: self.flow_pos_proj(grid_fourier_features(cfg.flow_size, cfg.flow_pos_bands, device=device)),
+        )
+
+    def decode_flow(self, batch: Batch, z: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Flow ``B x H x W x 2`` (px, dx right, dy down; zeros where invalid) and ``B`` validity."""
+        b = z.shape[0]
+        cfg = self.config
+        m = None if cfg.flow_modality is None else batch.modalities.get(cfg.flow_modality)
+        if m is None or not bool(m.present.any()):
+            return None, torch.zeros(b, dtype=torch.bool, device=z.device)
+        patches, valid = self.flow_input(m)
+        valid = valid.to(z.device)
+        rows = valid.nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return None, valid
+        h, w = cfg.flow_size
+        queries = self.flow_patch_proj(patches.to(z.device)[rows].reshape(len(rows), h * w, -1))
+        queries = queries + self._flow_pos(z.device)
+        out = self.flow_head(self.flow_decoder(queries, z[rows], query_chunk=cfg.flow_chunk)) * cfg.flow_scale
+        flow = out.new_zeros(b, h, w, 2).index_copy(0, rows, out.reshape(len(rows), h, w, 2))
+        return flow, valid
+
+    def decode_labels(self, z: torch.Tensor) -> torch.Tensor:
+        """Class logits ``B x num_classes`` (``B x 0`` without a label decoder)."""
+        if not self.config.num_classes:
+            return z.new_zeros(z.shape[0], 0)
+        return self.label_head(self.label_decoder(self.label_query, z)[:, 0])
+
+    def embed(self, z: torch.Tensor) -> torch.Tensor:
+        """The window embedding ``B x C``: mean over latents of ``LayerNorm(z)`` (not L2-normalised)."""
+        return self.final_norm(z).mean(dim=1)
+
+    # -- the model ----------------------------------------------------------------------------
+
+    def forward(self, batch: Batch, state: torch.Tensor | None = None) -> ModelOutput:
+        """Outputs for ``batch``; ``state`` (``B x M x C``, from the previous window of each row's
+        stream, e.g. ``StreamStates.gather``) seeds the latents where ``batch.reset`` is False."""
+        z = self.encode(batch, state)
+        flow, flow_valid = self.decode_flow(batch, z)
+        return ModelOutput(
+            embedding=self.embed(z).float(),
+            label_logits=self.decode_labels(z).float(),
+            flow=None if flow is None else flow.float(),
+            flow_valid=flow_valid,
+            state=z,
+        )
+
+    def modality_gates(self) -> dict[str, torch.Tensor]:
+        """Each modality's encoder gate, ``sigmoid(gate)`` per head (1 = full share of attention)."""
+        g = torch.sigmoid(self.encoder.gate.detach())
+        return {name: g[i] for i, name in enumerate(self.preprocess.names)}
+
+
+class StreamStates:
+    """The latent state of each stream between windows (for the model actor and training).
+
+    ``gather(batch)`` returns the batch with ``reset`` also set where no state for the previous
+    window id of that stream is held, and the ``B x M x C`` state to pass to the model (None when
+    every row resets); ``update(batch, output.state)`` stores each row's new state (detached).
+    A batch may hold at most one window per stream (the next one needs this one's state).
+    """
+
+    def __init__(self) -> None:
+        self._states: dict[str, tuple[int, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def gather(self, batch: Batch) -> tuple[Batch, torch.Tensor | None]:
+        """``(batch with reset where no usable state, state or None)``."""
+        if len(set(batch.stream_ids)) != len(batch.stream_ids):
+            raise ValueError("a batch must hold at most one window per stream to carry latent state")
+        found = []
+        for sid, wid, reset in zip(batch.stream_ids, batch.window_ids.tolist(), batch.reset.tolist()):
+            held = self._states.get(sid)
+            found.append(held[1] if held is not None and held[0] == wid - 1 and not reset else None)
+        reset = torch.tensor([s is None for s in found], dtype=torch.bool, device=batch.reset.device)
+        batch = replace(batch, reset=reset)
+        if all(s is None for s in found):
+            return batch, None
+        like = next(s for s in found if s is not None)
+        return batch, torch.stack([like.new_zeros(like.shape) if s is None else s for s in found])
+
+    def update(self, batch: Batch, state: torch.Tensor) -> None:
+        """Remember ``state[i]`` as the state after window ``batch.window_ids[i]`` of its stream."""
+        for i, (sid, wid) in enumerate(zip(batch.stream_ids, batch.window_ids.tolist())):
+            self._states[sid] = (wid, state[i].detach())
+
+    def forget(self, stream_id: str) -> None:
+        """Drop a finished stream's state."""
+        self._states.pop(stream_id, None)
