@@ -8,3 +8,6 @@ from pipeline.read import open_stream, read_windows  # noqa: E402
 from pipeline.windowing import windows  # noqa: E402
 
 __all__ += ["open_stream", "read_windows", "windows"]
+from pipeline.collate import collate  # noqa: E402
+
+__all__ += ["collate"]
