@@ -350,7 +350,8 @@ class StreamStates:
     ``gather(batch)`` returns the batch with ``reset`` also set where no state for the previous
     window id of that stream is held, and the ``B x M x C`` state to pass to the model (None when
     every row resets); ``update(batch, output.state)`` stores each row's new state (detached).
-    A batch may hold at most one window per stream (the next one needs this one's state).
+    A window can only use the state of the window before it, so a stream that appears twice in a
+    batch raises ValueError, or with ``strict=False`` all its windows there start afresh.
     """
 
     def __init__(self) -> None:
@@ -359,14 +360,17 @@ class StreamStates:
     def __len__(self) -> int:
         return len(self._states)
 
-    def gather(self, batch: Batch) -> tuple[Batch, torch.Tensor | None]:
+    def gather(self, batch: Batch, *, strict: bool = True) -> tuple[Batch, torch.Tensor | None]:
         """``(batch with reset where no usable state, state or None)``."""
-        if len(set(batch.stream_ids)) != len(batch.stream_ids):
-            raise ValueError("a batch must hold at most one window per stream to carry latent state")
+        repeated = {sid for sid in batch.stream_ids if batch.stream_ids.count(sid) > 1}
+        if repeated and strict:
+            raise ValueError(f"streams {sorted(repeated)} appear more than once in the batch; "
+                             "a window needs the state its predecessor leaves, so batch one window per stream")
         found = []
         for sid, wid, reset in zip(batch.stream_ids, batch.window_ids.tolist(), batch.reset.tolist()):
             held = self._states.get(sid)
-            found.append(held[1] if held is not None and held[0] == wid - 1 and not reset else None)
+            usable = held is not None and held[0] == wid - 1 and not reset and sid not in repeated
+            found.append(held[1] if usable else None)
         reset = torch.tensor([s is None for s in found], dtype=torch.bool, device=batch.reset.device)
         batch = replace(batch, reset=reset)
         if all(s is None for s in found):

@@ -1,0 +1,95 @@
+"""Checkpoints of a ``StreamingPerceiverIO``: a folder with ``model.safetensors`` + ``config.json``.
+
+``config.json`` holds ``{"format", "model": StreamingConfig.to_dict(), "metadata": {...}}``; the
+metadata is free-form JSON (training seeds, steps, losses...). The class names live in the model
+config itself. Loading rebuilds the model from the config and refuses weights that do not fit it,
+with a ValueError naming every missing, unexpected or mis-shaped tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO
+
+FORMAT = "perceiver-stream/streaming-v1"
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path: str | os.PathLike, model: StreamingPerceiverIO, metadata: dict[str, Any] | None = None) -> Path:
+    """Write ``model``'s weights and config (plus JSON-serialisable ``metadata``) to folder ``path``.
+
+    Each file is written under a temporary name and renamed, so a reader never sees half a file.
+    """
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    doc = {"format": FORMAT, "model": model.config.to_dict(), "metadata": dict(metadata or {})}
+    text = json.dumps(doc, indent=2, sort_keys=False)  # fails early on non-JSON metadata
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(folder / WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": FORMAT}))
+    _atomic_write(folder / CONFIG, lambda p: p.write_text(text))
+    return folder
+
+
+def read_config(path: str | os.PathLike) -> tuple[StreamingConfig, dict[str, Any]]:
+    """The model config and metadata stored in checkpoint folder ``path``."""
+    file = Path(path) / CONFIG
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} is not a perceiver-stream checkpoint: no {CONFIG}")
+    doc = json.loads(file.read_text())
+    if doc.get("format") != FORMAT:
+        raise ValueError(f"{file}: format {doc.get('format')!r} is not {FORMAT!r}")
+    try:
+        config = StreamingConfig.from_dict(doc["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{file}: invalid model config: {e}") from e
+    return config, doc.get("metadata", {})
+
+
+def load_checkpoint(
+    path: str | os.PathLike, *, device: torch.device | str = "cpu"
+) -> tuple[StreamingPerceiverIO, dict[str, Any]]:
+    """The model saved in folder ``path`` (in eval mode, on ``device``) and its metadata.
+
+    Raises ValueError when the weights do not match the config (names every difference).
+    """
+    config, metadata = read_config(path)
+    model = StreamingPerceiverIO(config)
+    expected = model.state_dict()
+    file = Path(path) / WEIGHTS
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: no {WEIGHTS}")
+    with safe_open(str(file), framework="pt") as f:
+        saved = {k: f.get_tensor(k) for k in f.keys()}
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    shapes = [
+        f"{k}: saved {tuple(saved[k].shape)}, config needs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in saved and saved[k].shape != v.shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing weights {missing}")
+        if unexpected:
+            parts.append(f"unexpected weights {unexpected}")
+        if shapes:
+            parts.append("shape mismatches: " + "; ".join(shapes))
+        raise ValueError(f"checkpoint {path}: weights do not match its config.json: " + ", ".join(parts))
+    model.load_state_dict(saved)
+    return model.to(device).eval(), metadata

@@ -1,0 +1,330 @@
+"""StreamingPerceiverIO: shapes, streaming state, modality gating, chunking, checkpoints, training."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from perceiver_stream.batch import Batch, ModalityBatch, Targets
+from perceiver_stream.checkpoint import load_checkpoint, read_config, save_checkpoint
+from perceiver_stream.multimodal import drop_modalities
+from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO, StreamStates
+from perceiver_stream.train import losses, train
+
+RATE = 4000
+HW = 16
+
+
+def small_config(**overrides) -> StreamingConfig:
+    """A tiny model over video, audio and points (fast on one CPU thread)."""
+    base = dict(
+        modalities={
+            "video": {"kind": "video", "patch": 4, "frames": 2, "pos_bands": 4, "time_bands": 4},
+            "audio": {"kind": "audio_mel", "sample_rate": RATE, "n_fft": 128, "hop_length": 64, "n_mels": 16,
+                      "time_bands": 4},
+            "points": {"kind": "points", "pos_bands": 4, "max_points": 48, "time_bands": 4},
+        },
+        num_latents=8,
+        latent_channels=32,
+        self_heads=2,
+        flow_size=(HW, HW),
+        flow_pos_bands=4,
+        flow_channels=16,
+        class_names=("a", "b", "c"),
+    )
+    base.update(overrides)
+    return StreamingConfig(**base)
+
+
+def make_batch(b: int = 3, seed: int = 0, frames: list[int] | None = None, points: list[int] | None = None,
+               targets: bool = True) -> Batch:
+    """Random windows of 1 s with per-row frame / point counts (padding at the end of each row)."""
+    g = torch.Generator().manual_seed(seed)
+    frames = frames or [4] * b
+    points = points or [40] * b
+    t0 = 1000.0 + torch.arange(b, dtype=torch.float64) * 0.5
+    tmax, pmax, s = max(frames), max(points), RATE
+    fmask = torch.arange(tmax)[None] < torch.tensor(frames)[:, None]
+    pmask = torch.arange(pmax)[None] < torch.tensor(points)[:, None]
+    video = ModalityBatch(
+        torch.randint(0, 256, (b, tmax, HW, HW, 3), dtype=torch.uint8, generator=g),
+        t0[:, None] + torch.arange(tmax, dtype=torch.float64) * 0.25,
+        fmask,
+        torch.tensor(frames) > 0,
+    )
+    audio = ModalityBatch(
+        0.3 * torch.randn(b, s, 1, generator=g),
+        t0[:, None] + torch.arange(s, dtype=torch.float64) / RATE,
+        torch.ones(b, s, dtype=torch.bool),
+        torch.ones(b, dtype=torch.bool),
+        rate=float(RATE),
+    )
+    pts = ModalityBatch(
+        3 * torch.randn(b, pmax, 4, generator=g),
+        t0[:, None] + 0.5 + torch.zeros(b, pmax, dtype=torch.float64),
+        pmask,
+        torch.tensor(points) > 0,
+    )
+    tg = None
+    if targets:
+        tg = Targets(torch.randn(b, HW, HW, 2, generator=g), torch.ones(b, dtype=torch.bool),
+                     torch.randint(0, 3, (b,), generator=g))
+    return Batch([f"s{i}" for i in range(b)], torch.arange(b), t0, t0 + 1.0, torch.ones(b, dtype=torch.bool),
+                 {"video": video, "audio": audio, "points": pts}, tg)
+
+
+def row(batch: Batch, i: int) -> Batch:
+    """Window ``i`` of ``batch`` alone, trimmed to its own length (no foreign padding)."""
+    mods = {}
+    for k, m in batch.modalities.items():
+        n = int(m.mask[i].sum()) or 1
+        mods[k] = ModalityBatch(m.values[i:i + 1, :n], m.times[i:i + 1, :n], m.mask[i:i + 1, :n],
+                                m.present[i:i + 1], m.rate)
+    return Batch([batch.stream_ids[i]], batch.window_ids[i:i + 1], batch.t_start[i:i + 1], batch.t_end[i:i + 1],
+                 batch.reset[i:i + 1], mods)
+
+
+def assert_outputs_close(a, b, atol=1e-5) -> None:
+    torch.testing.assert_close(a.embedding, b.embedding, atol=atol, rtol=1e-4)
+    torch.testing.assert_close(a.label_logits, b.label_logits, atol=atol, rtol=1e-4)
+    torch.testing.assert_close(a.flow, b.flow, atol=atol, rtol=1e-4)
+    torch.testing.assert_close(a.state, b.state, atol=atol, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def model() -> StreamingPerceiverIO:
+    torch.manual_seed(0)
+    return StreamingPerceiverIO(small_config()).eval()
+
+
+@torch.no_grad()
+def test_shapes_and_flow_validity(model):
+    batch = make_batch(b=3, frames=[4, 1, 2])
+    out = model(batch)
+    assert out.embedding.shape == (3, 32)
+    assert out.label_logits.shape == (3, 3)
+    assert out.flow.shape == (3, HW, HW, 2)
+    assert out.state.shape == (3, 8, 32)
+    assert out.flow_valid.tolist() == [True, False, True]
+    assert torch.all(out.flow[1] == 0)
+    assert torch.isfinite(out.flow).all() and torch.isfinite(out.embedding).all()
+
+
+@torch.no_grad()
+def test_no_flow_without_two_frames(model):
+    out = model(make_batch(b=2, frames=[1, 1]))
+    assert out.flow is None and not out.flow_valid.any()
+
+
+def test_default_config_is_small():
+    m = StreamingPerceiverIO(StreamingConfig(class_names=tuple("abcdefgh")))
+    assert sum(p.numel() for p in m.parameters()) < 1_000_000
+
+
+@torch.no_grad()
+def test_batched_equals_per_window(model):
+    batch = make_batch(b=3, frames=[4, 2, 3], points=[40, 12, 25])
+    out = model(batch)
+    for i in range(3):
+        alone = model(row(batch, i))
+        torch.testing.assert_close(out.embedding[i:i + 1], alone.embedding, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(out.flow[i:i + 1], alone.flow, atol=1e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_state_off_equals_offline():
+    torch.manual_seed(1)
+    m = StreamingPerceiverIO(small_config(state=False)).eval()
+    batch = replace(make_batch(b=3), reset=torch.zeros(3, dtype=torch.bool))
+    state = torch.randn(3, 8, 32)
+    assert_outputs_close(m(batch, state), m(batch))
+
+
+@torch.no_grad()
+def test_state_carried_changes_output_and_reset_ignores_it(model):
+    batch = make_batch(b=3)
+    fresh = model(batch)
+    carried = replace(batch, reset=torch.tensor([False, True, False]))
+    out = model(carried, fresh.state)
+    assert not torch.allclose(out.embedding[0], fresh.embedding[0], atol=1e-4)
+    assert not torch.allclose(out.flow[2], fresh.flow[2], atol=1e-5)
+    torch.testing.assert_close(out.embedding[1], fresh.embedding[1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.flow[1], fresh.flow[1], atol=1e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_stream_states_reset_on_gap_and_restart(model):
+    states = StreamStates()
+    b1 = replace(make_batch(b=2), stream_ids=["x", "y"], window_ids=torch.tensor([4, 9]))
+    b1, s = states.gather(b1)
+    assert s is None and b1.reset.all()
+    states.update(b1, model(b1, s).state)
+    # x continues (window 5), y skips a window (gap): only x carries state.
+    b2 = replace(make_batch(b=2, seed=1), stream_ids=["x", "y"], window_ids=torch.tensor([5, 11]),
+                 reset=torch.zeros(2, dtype=torch.bool))
+    b2g, s2 = states.gather(b2)
+    assert b2g.reset.tolist() == [False, True]
+    assert s2 is not None and s2.shape == (2, 8, 32)
+    # An explicit reset (gap flag) wins over a held state.
+    b3 = replace(b2, reset=torch.tensor([True, False]))
+    assert states.gather(b3)[0].reset.tolist() == [True, True]
+    with pytest.raises(ValueError, match="more than once"):
+        states.gather(replace(b2, stream_ids=["x", "x"]))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("modality", ["audio", "points", "video"])
+def test_absent_modality_leaves_no_trace(model, modality):
+    batch = make_batch(b=3, frames=[4, 3, 2])
+    m = batch.modalities[modality]
+    absent = replace(batch, modalities={**batch.modalities, modality: replace(m, present=torch.tensor([True, False, True]))})
+    garbage_values = m.values.clone()
+    if garbage_values.dtype == torch.uint8:
+        garbage_values[1] = 255 - garbage_values[1]
+    else:
+        garbage_values[1] = float("nan")
+    garbage_times = m.times.clone()
+    garbage_times[1] = 1e12
+    garbage = replace(absent, modalities={**absent.modalities, modality: replace(
+        absent.modalities[modality], values=garbage_values, times=garbage_times)})
+    a, g = model(absent), model(garbage)
+    assert_outputs_close(a, g, atol=0)
+    # Absent in row 1 = the modality missing from that window altogether.
+    without = {k: v for k, v in batch.modalities.items() if k != modality}
+    alone = model(replace(row(batch, 1), modalities={k: v for k, v in row(batch, 1).modalities.items() if k != modality}))
+    torch.testing.assert_close(a.embedding[1:2], alone.embedding, atol=1e-5, rtol=1e-4)
+    # A modality absent everywhere contributes no tokens at all.
+    nowhere = replace(batch, modalities={**batch.modalities, modality: replace(m, present=torch.zeros(3, dtype=torch.bool))})
+    torch.testing.assert_close(model(nowhere).embedding, model(replace(batch, modalities=without)).embedding)
+
+
+@torch.no_grad()
+def test_modality_gates():
+    torch.manual_seed(2)
+    m = StreamingPerceiverIO(small_config()).eval()
+    gates = m.modality_gates()
+    assert list(gates) == ["video", "audio", "points"]
+    assert all(torch.allclose(g, torch.tensor(0.5)) for g in gates.values())
+    batch = make_batch(b=2)
+    before = m(batch).embedding
+    m.encoder.gate.data[2] = -8.0  # points nearly shut out
+    shut = m(batch).embedding
+    assert not torch.allclose(before, shut, atol=1e-4)
+    assert m.modality_gates()["points"].max() < 1e-3
+    # Shutting a modality's gate approaches dropping it.
+    no_points = replace(batch, modalities={k: v for k, v in batch.modalities.items() if k != "points"})
+    dropped = m(no_points).embedding
+    assert (shut - dropped).abs().max() < (before - dropped).abs().max()
+
+
+def test_drop_modalities_never_drops_everything():
+    batch = make_batch(b=64, targets=False)
+    g = torch.Generator().manual_seed(0)
+    out = drop_modalities(batch, 0.9, g)
+    present = torch.stack([m.present for m in out.modalities.values()], dim=1)
+    assert present.any(dim=1).all()
+    assert (present.sum(dim=1) < 3).float().mean() > 0.5
+    assert drop_modalities(batch, 0.0) is batch
+    # Rows that had only one modality keep it.
+    only_audio = replace(batch, modalities={k: replace(m, present=torch.full((64,), k == "audio"))
+                                            for k, m in batch.modalities.items()})
+    kept = drop_modalities(only_audio, 0.9, g)
+    assert kept.modalities["audio"].present.all()
+    with pytest.raises(ValueError):
+        drop_modalities(batch, 1.0)
+
+
+@torch.no_grad()
+def test_chunked_flow_equals_unchunked(model):
+    batch = make_batch(b=2)
+    chunked = StreamingPerceiverIO(replace(model.config, flow_chunk=37)).eval()
+    chunked.load_state_dict(model.state_dict())
+    whole = StreamingPerceiverIO(replace(model.config, flow_chunk=None)).eval()
+    whole.load_state_dict(model.state_dict())
+    torch.testing.assert_close(chunked(batch).flow, whole(batch).flow, atol=1e-6, rtol=1e-5)
+
+
+def test_cache_follows_weight_updates(model):
+    m = StreamingPerceiverIO(model.config).eval()
+    m.load_state_dict(model.state_dict())
+    batch = make_batch(b=1)
+    with torch.no_grad():
+        first = m(batch).flow
+        m.flow_pos_proj.weight.add_(0.5)
+        m.latents.add_(0.5)
+        second = m(batch)
+    fresh = StreamingPerceiverIO(model.config).eval()
+    fresh.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        assert_outputs_close(second, fresh(batch))
+    assert not torch.allclose(first, second.flow)
+
+
+def test_config_validation_and_round_trip():
+    cfg = small_config()
+    again = StreamingConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
+    assert again.modalities["video"]["time_period"] == 2.0**17  # defaults filled in
+    with pytest.raises(ValueError, match="no option"):
+        StreamingConfig.from_dict({**cfg.to_dict(), "latnets": 3})
+    with pytest.raises(ValueError, match="unknown adapter kind"):
+        small_config(modalities={"video": {"kind": "camera"}})
+    with pytest.raises(ValueError, match="flow_modality"):
+        small_config(flow_modality="audio")
+    with pytest.raises(ValueError, match="divisible"):
+        small_config(latent_channels=30, self_heads=4)
+    student = cfg.replace(num_latents=4, num_blocks=1)
+    assert student.num_latents == 4 and student.class_names == cfg.class_names
+
+
+@torch.no_grad()
+def test_checkpoint_round_trip_and_mismatch(model, tmp_path):
+    save_checkpoint(tmp_path / "ck", model, {"seeds": [1, 2, 3]})
+    loaded, meta = load_checkpoint(tmp_path / "ck")
+    assert meta == {"seeds": [1, 2, 3]}
+    assert loaded.config.class_names == ("a", "b", "c")
+    batch = make_batch(b=2)
+    assert_outputs_close(loaded(batch), model(batch), atol=0)
+    doc = json.loads((tmp_path / "ck" / "config.json").read_text())
+    doc["model"]["num_latents"] = 9
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(doc))
+    assert read_config(tmp_path / "ck")[0].num_latents == 9
+    with pytest.raises(ValueError, match=r"latents: saved \(8, 32\), config needs \(9, 32\)"):
+        load_checkpoint(tmp_path / "ck")
+    doc["model"]["num_latents"] = 8
+    doc["model"]["class_names"] = []
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="unexpected weights.*label_head"):
+        load_checkpoint(tmp_path / "ck")
+
+
+def test_training_reduces_loss():
+    torch.manual_seed(3)
+    m = StreamingPerceiverIO(small_config())
+    batch = make_batch(b=4, seed=5)
+    with torch.no_grad():
+        m.eval()
+        before = losses(m(batch), batch.targets)
+    seen = []
+    history = train(m, [batch], steps=40, lr=3e-3, modality_dropout=0.0,
+                    callback=lambda step, metrics: seen.append((step, metrics)))
+    assert len(history) == 40 and [s for s, _ in seen] == list(range(1, 41))
+    assert {"loss", "lr", "flow_epe", "label_ce"} <= set(seen[0][1])
+    with torch.no_grad():
+        after = losses(m(batch), batch.targets)
+    assert after["label_ce"] < 0.5 * before["label_ce"]
+    assert after["flow_epe"] < before["flow_epe"]
+    assert not m.training
+
+
+def test_training_with_dropout_and_state_runs():
+    torch.manual_seed(4)
+    m = StreamingPerceiverIO(small_config())
+    b1 = make_batch(b=2, seed=1)
+    b2 = replace(make_batch(b=2, seed=2), window_ids=torch.tensor([1, 2]), reset=torch.zeros(2, dtype=torch.bool))
+    history = train(m, iter([b1, b2, b1]), steps=10, lr=1e-3, modality_dropout=0.5)
+    assert len(history) == 3  # a one-shot iterator ends training early
+    assert all(torch.isfinite(torch.tensor(history)))
