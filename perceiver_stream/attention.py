@@ -115,7 +115,14 @@ class CrossAttention(nn.Module):
         self.mlp = MLP(q_dim, widening_factor)
         self.use_query_residual = use_query_residual
 
-    def _layer(self, queries: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None):
+    def project_inputs(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised, projected keys and values of ``inputs``, split into heads (computed once per input)."""
+        return self.attn.project_kv(self.kv_norm(inputs))
+
+    def attend(
+        self, queries: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The layer for ``queries`` given keys/values from :meth:`project_inputs`."""
         x = self.attn.attend(self.q_norm(queries), k, v, key_mask)
         if self.use_query_residual:
             x = x + queries
@@ -130,12 +137,10 @@ class CrossAttention(nn.Module):
         query_chunk: int | None = None,
     ) -> torch.Tensor:
         """``queries``: ``B x Nq x q_dim`` (or ``1 x Nq x q_dim``); ``inputs``: ``B x Nk x kv_dim``."""
-        k, v = self.attn.project_kv(self.kv_norm(inputs))
+        k, v = self.project_inputs(inputs)
         if query_chunk is None or queries.shape[1] <= query_chunk:
-            return self._layer(queries, k, v, key_mask)
-        return torch.cat(
-            [self._layer(q, k, v, key_mask) for q in queries.split(query_chunk, dim=1)], dim=1
-        )
+            return self.attend(queries, k, v, key_mask)
+        return torch.cat([self.attend(q, k, v, key_mask) for q in queries.split(query_chunk, dim=1)], dim=1)
 
 
 class SelfAttention(nn.Module):
