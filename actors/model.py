@@ -27,6 +27,7 @@ import torch
 from actors.metrics import Metrics
 from perceiver_stream.batch import Batch
 from perceiver_stream.outputs import ModelOutput
+from perceiver_stream.streaming import StreamStates
 from pipeline.config import Config
 from pipeline.window import Window
 
@@ -39,12 +40,13 @@ class Predictor(Protocol):
     name: str
     class_names: list[str]
     device: torch.device
+    video_frames: int | None  # trailing frames per window the model reads (None = all)
 
     def __call__(self, batch: Batch, state: torch.Tensor | None) -> ModelOutput: ...
 
 
 BuildPredictor = Callable[[Config, torch.device], Predictor]
-Collate = Callable[[list[Window]], Batch]
+Collate = Callable[..., Batch]  # pipeline.collate's signature
 
 
 @dataclass
@@ -116,7 +118,7 @@ class ModelActor:
         self._carry = cfg.model.state
         self._pending: dict[str, dict[int, _Item]] = {}
         self._expected: dict[str, int] = {}
-        self._states: dict[str, torch.Tensor] = {}
+        self._states = StreamStates()
         self._open: set[str] = set()
         self._wake: asyncio.Event | None = None
         self._batcher: asyncio.Task | None = None
@@ -137,10 +139,10 @@ class ModelActor:
 
     def set_open_streams(self, stream_ids: list[str]) -> None:
         """The streams that may still send windows: a batch holding all of them need not wait."""
+        closed = self._open - set(stream_ids)
         self._open = set(stream_ids)
-        for sid in list(self._states):
-            if sid not in self._open:
-                del self._states[sid]
+        for sid in closed:
+            self._states.forget(sid)
 
     def queue_depth(self) -> int:
         """Windows parked in this actor."""
@@ -157,7 +159,7 @@ class ModelActor:
         self._pending.setdefault(sid, {})[seq] = item
         if chain_start:
             self._expected[sid] = seq
-            self._states.pop(sid, None)
+            self._states.forget(sid)
         self._metrics.windows_in.inc(tags={"stage": "model", "stream": sid})
         self._metrics.queue_depth.set(self.queue_depth(), tags={"stage": "model"})
         self._wake.set()
@@ -202,6 +204,13 @@ class ModelActor:
             try:
                 results = await loop.run_in_executor(self._executor, self._run, batch)
             except Exception as exc:  # noqa: BLE001 - the callers get the error, the actor goes on
+                # A stream whose window failed cannot continue its state chain: fail its queued
+                # windows too, so none waits for a predecessor that will never run.
+                failed = {it.window.stream_id for it in batch}
+                for sid in failed:
+                    batch.extend(self._pending.pop(sid, {}).values())
+                    self._expected.pop(sid, None)
+                    self._states.forget(sid)
                 for it in batch:
                     if not it.future.done():
                         it.future.set_exception(exc)
@@ -216,16 +225,17 @@ class ModelActor:
         """Collate, run the model with each stream's carried state, and turn outputs into rows."""
         t0 = time.perf_counter()
         windows = [it.window for it in items]
-        resets = [it.chain_start or it.window.gap or not self._carry or it.window.stream_id not in self._states for it in items]
-        batch = self._collate(windows)
-        batch.reset = torch.tensor(resets, dtype=torch.bool)
-        state = self._gather_state(windows, resets)
-        batch = batch.to(self._device)
+        batch = self._collate(windows, video_frames=self._predictor.video_frames)
+        batch.reset = torch.tensor(
+            [it.chain_start or it.window.gap or not self._carry for it in items], dtype=torch.bool
+        )
+        # Also resets where the state held is not that of the window just before (a gap in ids).
+        batch, state = self._states.gather(batch)
+        resets = batch.reset.tolist()
         with torch.inference_mode(), torch.autocast(self._device.type, dtype=torch.bfloat16, enabled=self._autocast):
-            out = self._predictor(batch, state)
+            out = self._predictor(batch.to(self._device), state)
         if self._carry:
-            for i, w in enumerate(windows):
-                self._states[w.stream_id] = out.state[i].detach()
+            self._states.update(batch, out.state)
         results = self._rows(items, resets, out)
         elapsed = time.perf_counter() - t0
         self._windows_done += len(items)
@@ -236,14 +246,6 @@ class ModelActor:
             res.latency_s = now - it.arrived
             self._metrics.windows_out.inc(tags={"stage": "model", "stream": it.window.stream_id})
         return results
-
-    def _gather_state(self, windows: list[Window], resets: list[bool]) -> torch.Tensor | None:
-        """``B x M x C`` carried latents, zeros where the state is reset (the model ignores them)."""
-        carried = [None if r else self._states[w.stream_id] for w, r in zip(windows, resets)]
-        like = next((s for s in carried if s is not None), None)
-        if like is None:
-            return None
-        return torch.stack([torch.zeros_like(like) if s is None else s for s in carried])
 
     def _rows(self, items: list[_Item], resets: list[bool], out: ModelOutput) -> list[WindowResult]:
         names = self._predictor.class_names

@@ -1,0 +1,120 @@
+"""``run_pipeline.py bench``: the whole pipeline's throughput against the model alone.
+
+``model_windows_per_s`` feeds the same ModelActor (same resources, batch size and in-flight
+bounds) with windows decoded beforehand and put in the object store; ``pipeline_windows_per_s``
+runs the pipeline (distillation off) on the same streams into a scratch folder. Both rates are
+steady state: windows completed between 10 % and 90 % of the total, over the time between, so
+actor start-up, model loading and the last partial batches do not count. ``ratio`` is pipeline
+over model.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from actors.model import ModelActor
+from actors.runner import RunningPipeline, plan_actors, run
+from pipeline.config import Config
+from pipeline.read import open_stream
+
+STEADY = (0.1, 0.9)
+
+
+def steady_rate(times: list[float]) -> float:
+    """Windows per second between the completions at 10 % and 90 % of ``times`` (sorted)."""
+    n = len(times)
+    if n < 2:
+        return float("nan")
+    lo, hi = int(STEADY[0] * (n - 1)), int(STEADY[1] * (n - 1))
+    if hi <= lo:
+        lo, hi = 0, n - 1
+    span = times[hi] - times[lo]
+    return (hi - lo) / span if span > 0 else float("inf")
+
+
+def model_only(cfg: Config, max_windows: int | None) -> tuple[float, int]:
+    """Steady-state windows/s of a ModelActor fed pre-built windows, and how many it ran."""
+    streams: dict[str, list[ray.ObjectRef]] = {}
+    for s in cfg.streams:
+        refs = []
+        for w in open_stream(s, cfg):
+            refs.append(ray.put(w))
+            if max_windows is not None and len(refs) >= max_windows:
+                break
+        streams[s.id] = refs
+    opts = plan_actors(cfg, ray.available_resources())
+    model = (
+        ray.remote(ModelActor)
+        .options(
+            num_cpus=opts.model_cpus,
+            num_gpus=opts.model_gpus,
+            max_concurrency=cfg.runtime.max_in_flight + 16,
+        )
+        .remote(cfg, device=opts.device, num_cpus=opts.model_cpus)
+    )
+    try:
+        ray.get(model.info.remote())
+        ray.get(model.set_open_streams.remote(list(streams)))
+        # Warm-up: one window per stream (first-call costs: allocations, cached projections).
+        ray.get([model.infer.remote(0, True, refs[0]) for refs in streams.values() if refs])
+        next_seq = {sid: 1 for sid in streams}
+        outstanding: dict[ray.ObjectRef, str] = {}
+        per_stream = {sid: 0 for sid in streams}
+        done: list[float] = []
+        total = sum(max(len(r) - 1, 0) for r in streams.values())
+        while len(done) < total:
+            for sid, refs in streams.items():
+                while (
+                    next_seq[sid] < len(refs)
+                    and per_stream[sid] < cfg.runtime.max_in_flight_per_stream
+                    and len(outstanding) < cfg.runtime.max_in_flight
+                ):
+                    outstanding[model.infer.remote(next_seq[sid], False, refs[next_seq[sid]])] = sid
+                    next_seq[sid] += 1
+                    per_stream[sid] += 1
+            ready, _ = ray.wait(list(outstanding), num_returns=1)
+            ready, _ = ray.wait(list(outstanding), num_returns=len(outstanding), timeout=0)
+            now = time.monotonic()
+            for ref in ready:
+                ray.get(ref)
+                per_stream[outstanding.pop(ref)] -= 1
+                done.append(now)
+        return steady_rate(done), len(done)
+    finally:
+        ray.kill(model)
+
+
+def pipeline_rate(cfg: Config, max_windows: int | None, output: Path) -> tuple[float, int]:
+    """Steady-state windows/s of the whole pipeline, and how many windows it wrote."""
+    done: list[float] = []
+
+    def record(p: RunningPipeline) -> None:
+        now = time.monotonic()
+        done.extend([now] * (p.windows - len(done)))
+
+    summary = run(cfg, output, max_windows=max_windows, on_progress=record)
+    return steady_rate(done), summary.windows
+
+
+def bench(cfg: Config, *, max_windows: int | None = None, output: Path | None = None) -> dict[str, Any]:
+    """The bench JSON (see the module docstring) for ``cfg``, with distillation and pacing off."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.distill.enabled = False
+    cfg.runtime.realtime = False
+    model_rate, model_n = model_only(cfg, max_windows)
+    with tempfile.TemporaryDirectory(prefix="pstream-bench-") as tmp:
+        pipe_rate, pipe_n = pipeline_rate(cfg, max_windows, output or Path(tmp))
+    return {
+        "model_windows_per_s": round(model_rate, 2),
+        "pipeline_windows_per_s": round(pipe_rate, 2),
+        "ratio": round(pipe_rate / model_rate, 3),
+        "windows": {"model": model_n, "pipeline": pipe_n},
+        "streams": len(cfg.streams),
+        "batch_size": cfg.model.batch_size,
+        "device": plan_actors(cfg, ray.available_resources()).device,
+    }

@@ -1,0 +1,64 @@
+"""The model the ModelActor runs: a `StreamingPerceiverIO` loaded from the config's checkpoint."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from perceiver_stream.batch import Batch
+from perceiver_stream.outputs import ModelOutput
+from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO
+from pipeline.config import Config
+from pipeline.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+
+class TorchPredictor:
+    """A streaming model in eval mode on one device, with the name written to the outputs."""
+
+    def __init__(self, model: StreamingPerceiverIO, name: str, device: torch.device) -> None:
+        self.model = model.to(device).eval()
+        self.name = name
+        self.device = device
+        self.class_names = list(model.config.class_names)
+        self.video_frames = _frames_needed(model.config)
+
+    def __call__(self, batch: Batch, state: torch.Tensor | None) -> ModelOutput:
+        return self.model(batch, state)
+
+
+def _frames_needed(config: StreamingConfig) -> int | None:
+    """How many trailing frames of a window the model reads (None = all): collate keeps only those."""
+    spec = config.modalities.get("video")
+    if spec is None:
+        return 2 if config.flow_modality is not None else None
+    frames = spec.get("frames")
+    if frames is None:
+        return None
+    return max(int(frames), 2 if config.flow_modality is not None else 1)
+
+
+def load_predictor(cfg: Config, device: torch.device) -> TorchPredictor:
+    """The student checkpoint if ``model.student`` is set, else ``model.checkpoint``.
+
+    Without either, an untrained model with the synthetic rig's classes runs (for wiring checks;
+    its outputs mean nothing) and a warning says so.
+    """
+    path = cfg.model.student or cfg.model.checkpoint
+    if path is None:
+        from pipeline.sources.synthetic import CLASSES
+
+        log.warning("model.checkpoint is not set: running an untrained model, its outputs mean nothing")
+        torch.manual_seed(0)
+        model = StreamingPerceiverIO(StreamingConfig(class_names=CLASSES, state=cfg.model.state))
+        return TorchPredictor(model, "untrained", device)
+    from perceiver_stream.checkpoint import load_checkpoint
+
+    try:
+        model, _ = load_checkpoint(path, device=device)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(str(exc), source=path) from None
+    return TorchPredictor(model, Path(path).name, device)

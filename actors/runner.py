@@ -1,0 +1,485 @@
+"""Wiring: sources -> model -> sink with bounded in-flight windows, restarts and a clean drain.
+
+The driver loop owns the flow of windows. A window is *in flight* from the ``next`` call that
+asks its source for it until the sink has taken its rows; the loop asks a source for another
+window only while that stream has fewer than ``runtime.max_in_flight_per_stream`` in flight and
+the run fewer than ``runtime.max_in_flight``, so no queue anywhere grows without bound. Window
+payloads travel source -> model by object reference; the driver reads only small events and
+results.
+
+Restarts: the model actor is created with ``max_restarts`` and no automatic task retries. When
+it dies the driver waits for the new incarnation and resends every window whose result it has
+not received, in order, each stream's first one starting a new state chain (``state_reset``);
+results it did receive are kept, so no window is missing or repeated. A source that fails ends
+its own stream only (one ``errors`` row); other streams go on.
+
+Stopping: `RunningPipeline.stop` (the CLI calls it on SIGINT / SIGTERM) stops asking sources for
+windows, lets every window in flight reach the sink, and commits.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from actors.metrics import Metrics
+from actors.model import BuildPredictor, Collate, ModelActor, WindowResult
+from actors.sink import SinkActor
+from actors.source import ErrorRecord, OpenStream, SourceActor, SourceEvent
+from pipeline.config import Config, config_hash
+from pipeline.errors import ConfigError
+
+MODEL_MAX_RESTARTS = 3
+MODEL_RESTART_TIMEOUT_S = 120.0
+SINK_TICK_S = 1.0
+
+
+class RunFailed(RuntimeError):
+    """The run could not go on (the model or the sink is gone for good)."""
+
+
+@dataclass
+class StreamStatus:
+    """Progress of one stream in this run."""
+
+    stream_id: str
+    start_window: int = 0
+    windows: int = 0  # windows whose rows the sink has taken
+    in_flight: int = 0
+    state: str = "running"  # running | done | failed | stopped
+    error: str | None = None
+
+
+@dataclass
+class RunSummary:
+    """What a run did; ``exit_code`` follows the CLI's convention (0, 1 or 3)."""
+
+    streams: dict[str, StreamStatus]
+    wall_s: float
+    restarts: int = 0
+    stopped: bool = False
+    fatal: str | None = None
+    committed: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def windows(self) -> int:
+        """Windows written by this run, all streams."""
+        return sum(s.windows for s in self.streams.values())
+
+    @property
+    def failed(self) -> list[str]:
+        """Streams that ended with an error."""
+        return [s.stream_id for s in self.streams.values() if s.state == "failed"]
+
+    @property
+    def exit_code(self) -> int:
+        """0: every stream ended normally (or drained on a signal); 1: all failed or the run could
+        not go on; 3: some streams failed while others finished."""
+        if self.fatal is not None or len(self.failed) == len(self.streams):
+            return 1
+        return 3 if self.failed else 0
+
+
+@dataclass
+class ActorOptions:
+    """Ray resources for the actors, derived from the cluster and the config."""
+
+    device: str
+    model_cpus: float
+    model_gpus: float
+    source_cpus: float
+    sink_cpus: float
+
+
+def plan_actors(cfg: Config, resources: dict[str, float]) -> ActorOptions:
+    """Resolve ``model.device`` / ``model.num_gpus`` against the cluster and split its CPUs.
+
+    On a CPU-only cluster the model gets half the CPUs (at least one) for torch threads and the
+    sources and sink share the rest; with a GPU the model needs one CPU to feed it.
+    """
+    cpus = float(resources.get("CPU", 1.0))
+    gpus = float(resources.get("GPU", 0.0))
+    device = cfg.model.device
+    if device == "auto":
+        device = "cuda" if gpus > 0 and cfg.model.num_gpus != 0 else "cpu"
+    if device == "cuda" and gpus <= 0:
+        raise ConfigError("model.device is cuda but the Ray cluster has no GPU")
+    model_gpus = (cfg.model.num_gpus or 1.0) if device == "cuda" else 0.0
+    model_cpus = 1.0 if device == "cuda" else max(1.0, float(int(cpus // 2)))
+    rest = max(cpus - model_cpus, 0.0)
+    n = len(cfg.streams)
+    source_cpus = max(0.01, min(1.0, round(rest * 0.8 / n, 3)))
+    sink_cpus = max(0.01, min(1.0, round(rest * 0.2, 3)))
+    return ActorOptions(device, model_cpus, model_gpus, source_cpus, sink_cpus)
+
+
+@dataclass
+class _Call:
+    """One window on its way through the model."""
+
+    stream_id: str
+    seq: int
+    window: ray.ObjectRef
+
+
+@dataclass
+class _Stream:
+    status: StreamStatus
+    actor: Any
+    calls: deque = field(default_factory=deque)  # (event ref, window ref) in call order
+    exhausted: bool = False
+    next_seq: int = 0
+    chain_start: bool = True
+
+
+class RunningPipeline:
+    """The live run, handed to ``on_start`` / ``on_progress`` callbacks.
+
+    ``model``, ``sink`` and ``sources`` (by stream id) are the actor handles, e.g. for a test to
+    ``ray.kill(pipeline.model, no_restart=False)``; `stop` asks for a drain.
+    """
+
+    def __init__(self, model: Any, sink: Any, sources: dict[str, Any], streams: dict[str, StreamStatus]) -> None:
+        self.model = model
+        self.sink = sink
+        self.sources = sources
+        self.streams = streams
+        self.started = time.monotonic()
+        self.restarts = 0
+        self.model_queue = 0
+        self.in_flight = 0
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        """Stop asking sources for windows; what is in flight still reaches the sink."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        """Whether `stop` was called."""
+        return self._stop.is_set()
+
+    @property
+    def windows(self) -> int:
+        """Windows the sink has taken so far in this run."""
+        return sum(s.windows for s in self.streams.values())
+
+    @property
+    def windows_per_s(self) -> float:
+        """Mean rate since the start of the run."""
+        return self.windows / max(time.monotonic() - self.started, 1e-9)
+
+
+ProgressCallback = Callable[[RunningPipeline], None]
+
+
+def run(
+    config: Config,
+    output: str | Path | None = None,
+    *,
+    max_windows: int | None = None,
+    realtime: bool | None = None,
+    on_start: ProgressCallback | None = None,
+    on_progress: ProgressCallback | None = None,
+    build: BuildPredictor | None = None,
+    collate: Collate | None = None,
+    open_stream: OpenStream | None = None,
+) -> RunSummary:
+    """Run the pipeline on the already initialised Ray until every stream ends or `stop` drains it.
+
+    ``output`` defaults to ``config.output.dir``; ``max_windows`` caps windows per stream;
+    ``realtime`` defaults to ``config.runtime.realtime``. ``on_start`` gets the `RunningPipeline`
+    once the actors exist, ``on_progress`` after every step of the loop (a few times a second at
+    least). ``build``, ``collate`` and ``open_stream`` replace the model loader,
+    `pipeline.collate` and `pipeline.read.open_stream` (for tests).
+    """
+    if not ray.is_initialized():
+        raise RuntimeError("actors.run needs an initialised Ray (call ray.init first)")
+    started = time.monotonic()
+    out_dir = Path(output if output is not None else config.output.dir)
+    opts = plan_actors(config, ray.available_resources())
+    sink = (
+        ray.remote(SinkActor)
+        .options(num_cpus=opts.sink_cpus, max_restarts=0)
+        .remote(str(out_dir), config, config_hash=config_hash(config))
+    )
+    model = (
+        ray.remote(ModelActor)
+        .options(
+            num_cpus=opts.model_cpus,
+            num_gpus=opts.model_gpus,
+            max_restarts=MODEL_MAX_RESTARTS,
+            max_task_retries=0,
+            max_concurrency=config.runtime.max_in_flight + 16,
+        )
+        .remote(config, device=opts.device, num_cpus=opts.model_cpus, build=build, collate=collate)
+    )
+    actors: list[Any] = [sink, model]
+    try:
+        info = ray.get(model.info.remote())
+        ray.get(sink.set_model.remote(info["model"]))
+        ids = [s.id for s in config.streams]
+        resume = ray.get(sink.resume_points.remote(ids))
+        pace = config.runtime.realtime if realtime is None else realtime
+        streams: dict[str, _Stream] = {}
+        for s in config.streams:
+            actor = (
+                ray.remote(SourceActor)
+                .options(num_cpus=opts.source_cpus, max_restarts=0)
+                .remote(
+                    s,
+                    config,
+                    start_window=resume.get(s.id, 0),
+                    max_windows=max_windows,
+                    realtime=pace,
+                    open_stream=open_stream,
+                )
+            )
+            actors.append(actor)
+            streams[s.id] = _Stream(StreamStatus(s.id, start_window=resume.get(s.id, 0)), actor)
+        loop = _Loop(config, model, sink, streams)
+        if on_start is not None:
+            on_start(loop.pipeline)
+        loop.run(on_progress)
+        committed = ray.get(sink.close.remote())
+        return RunSummary(
+            {sid: st.status for sid, st in streams.items()},
+            time.monotonic() - started,
+            restarts=loop.pipeline.restarts,
+            stopped=loop.pipeline.stopping,
+            fatal=loop.fatal,
+            committed=committed,
+        )
+    finally:
+        for a in actors:
+            ray.kill(a)
+
+
+class _Loop:
+    """The driver loop of one run (see the module docstring)."""
+
+    def __init__(self, cfg: Config, model: Any, sink: Any, streams: dict[str, _Stream]) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.sink = sink
+        self.streams = streams
+        self.model_calls: dict[ray.ObjectRef, _Call] = {}
+        self.sink_calls: dict[ray.ObjectRef, list[tuple[str, int]]] = {}
+        self.in_flight = 0
+        self.fatal: str | None = None
+        self.metrics = Metrics()
+        self.pipeline = RunningPipeline(
+            model, sink, {sid: st.actor for sid, st in streams.items()}, {sid: st.status for sid, st in streams.items()}
+        )
+        self._last_tick = time.monotonic()
+        self._open_sent: list[str] | None = None
+
+    # -- main loop -------------------------------------------------------------------------
+    def run(self, on_progress: ProgressCallback | None) -> None:
+        try:
+            while True:
+                self._update_open_streams()
+                if not self.pipeline.stopping:
+                    self._request_windows()
+                if self.in_flight == 0 and (self.pipeline.stopping or all(st.exhausted for st in self.streams.values())):
+                    break
+                self._step()
+                self._publish()
+                if on_progress is not None:
+                    on_progress(self.pipeline)
+        except RunFailed as exc:
+            self.fatal = str(exc)
+            for st in self.streams.values():
+                if st.status.state == "running":
+                    st.status.state = "stopped"
+        for st in self.streams.values():
+            if st.status.state == "running":
+                st.status.state = "done" if st.exhausted else "stopped"
+
+    def _update_open_streams(self) -> None:
+        open_ids = sorted(sid for sid, st in self.streams.items() if not (st.exhausted and st.status.in_flight == 0))
+        if open_ids != self._open_sent:
+            self.model.set_open_streams.remote(open_ids)
+            self._open_sent = open_ids
+            for sid, st in self.streams.items():
+                if st.exhausted and st.status.in_flight == 0 and st.status.state == "running":
+                    st.status.state = "done"
+
+    def _request_windows(self) -> None:
+        """Top up each stream's ``next`` calls, round robin, within both in-flight bounds."""
+        per_stream = self.cfg.runtime.max_in_flight_per_stream
+        total = self.cfg.runtime.max_in_flight
+        progress = True
+        while progress and self.in_flight < total:
+            progress = False
+            for st in self.streams.values():
+                if st.exhausted or st.status.state == "failed" or st.status.in_flight >= per_stream:
+                    continue
+                if self.in_flight >= total:
+                    break
+                ev, win = st.actor.next.remote()
+                st.calls.append((ev, win))
+                st.status.in_flight += 1
+                self.in_flight += 1
+                progress = True
+
+    def _step(self) -> None:
+        heads = [st.calls[0][0] for st in self.streams.values() if st.calls]
+        waiting = heads + list(self.model_calls) + list(self.sink_calls)
+        if not waiting:
+            return
+        ray.wait(waiting, num_returns=1, timeout=0.25)
+        ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=0)
+        ready_set = set(ready)
+        self._on_sources(ready_set)
+        self._on_model(ready_set)
+        self._on_sink(ready_set)
+        now = time.monotonic()
+        if now - self._last_tick >= SINK_TICK_S:
+            self._last_tick = now
+            self.sink.tick.remote()
+
+    # -- sources ---------------------------------------------------------------------------
+    def _on_sources(self, ready: set) -> None:
+        errors: list[ErrorRecord] = []
+        for st in self.streams.values():
+            # Events are read in call order, so a stream's windows reach the model in order.
+            while st.calls and (st.calls[0][0] in ready or _is_ready(st.calls[0][0])):
+                ev_ref, win_ref = st.calls.popleft()
+                try:
+                    ev: SourceEvent = ray.get(ev_ref)
+                except RayActorError as exc:
+                    ev = SourceEvent(st.status.stream_id, done=True, failure=ErrorRecord.from_exception(st.status.stream_id, exc))
+                errors.extend(ev.errors)
+                if ev.window_id is None:
+                    self._release(st, 1)
+                    st.exhausted = True
+                    if ev.failure is not None and st.status.state != "failed":
+                        errors.append(ev.failure)
+                        self._fail(st, f"{ev.failure.kind}: {ev.failure.message}")
+                    continue
+                if st.status.state == "failed":
+                    self._release(st, 1)
+                    continue
+                self._send_to_model(st, win_ref)
+        if errors:
+            self.sink.write_errors.remote(errors)
+
+    def _send_to_model(self, st: _Stream, win_ref: ray.ObjectRef) -> None:
+        seq, st.next_seq = st.next_seq, st.next_seq + 1
+        chain, st.chain_start = st.chain_start, False
+        ref = self.model.infer.remote(seq, chain, win_ref)
+        self.model_calls[ref] = _Call(st.status.stream_id, seq, win_ref)
+
+    # -- model -----------------------------------------------------------------------------
+    def _on_model(self, ready: set) -> None:
+        done = [r for r in self.model_calls if r in ready]
+        results: list[WindowResult] = []
+        lost = False
+        errors: list[ErrorRecord] = []
+        for ref in done:
+            call = self.model_calls[ref]
+            st = self.streams[call.stream_id]
+            try:
+                results.append(ray.get(ref))
+            except RayActorError:
+                lost = True
+                continue
+            except RayTaskError as exc:
+                cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+                del self.model_calls[ref]
+                self._release(st, 1)
+                if st.status.state != "failed":
+                    errors.append(ErrorRecord.from_exception(call.stream_id, cause))
+                    self._fail(st, f"{type(cause).__name__}: {cause}")
+                continue
+            del self.model_calls[ref]
+        if errors:
+            self.sink.write_errors.remote(errors)
+        results = [r for r in results if self.streams[r.stream_id].status.state != "failed"]
+        if results:
+            ref = self.sink.write.remote(results)
+            self.sink_calls[ref] = [(r.stream_id, r.window_id) for r in results]
+        if lost:
+            self._recover_model()
+
+    def _recover_model(self) -> None:
+        """Wait for the restarted model actor, then resend every window it did not return."""
+        self.pipeline.restarts += 1
+        self.metrics.restarts.inc(tags={"actor": "model"})
+        try:
+            ray.get(self.model.info.remote(), timeout=MODEL_RESTART_TIMEOUT_S)
+        except RayActorError as exc:
+            raise RunFailed(f"the model actor died and could not be restarted: {exc}") from None
+        except ray.exceptions.GetTimeoutError:
+            raise RunFailed(f"the model actor did not come back within {MODEL_RESTART_TIMEOUT_S:.0f} s") from None
+        # Calls to the dead incarnation have all resolved by now; keep the results it delivered.
+        pending = list(self.model_calls)
+        ray.wait(pending, num_returns=len(pending), timeout=MODEL_RESTART_TIMEOUT_S)
+        resend: list[_Call] = []
+        results: list[WindowResult] = []
+        for ref in pending:
+            call = self.model_calls.pop(ref)
+            try:
+                results.append(ray.get(ref, timeout=0))
+            except (RayActorError, ray.exceptions.GetTimeoutError):
+                resend.append(call)
+        if results:
+            ref = self.sink.write.remote(results)
+            self.sink_calls[ref] = [(r.stream_id, r.window_id) for r in results]
+        self._open_sent = None  # the new incarnation has not been told which streams are open
+        self._update_open_streams()
+        resend.sort(key=lambda c: (c.stream_id, c.seq))
+        first: set[str] = set()
+        for call in resend:
+            chain = call.stream_id not in first
+            first.add(call.stream_id)
+            ref = self.model.infer.remote(call.seq, chain, call.window)
+            self.model_calls[ref] = call
+        # Windows not yet sent for these streams continue the new chains.
+        for sid, st in self.streams.items():
+            if sid not in first:
+                st.chain_start = True
+
+    # -- sink ------------------------------------------------------------------------------
+    def _on_sink(self, ready: set) -> None:
+        for ref in [r for r in self.sink_calls if r in ready]:
+            written = self.sink_calls.pop(ref)
+            try:
+                ray.get(ref)
+            except (RayActorError, RayTaskError) as exc:
+                raise RunFailed(f"the sink failed, rows not committed are redone on resume: {exc}") from None
+            for sid, _ in written:
+                st = self.streams[sid]
+                st.status.windows += 1
+                self._release(st, 1)
+
+    # -- bookkeeping -----------------------------------------------------------------------
+    def _release(self, st: _Stream, n: int) -> None:
+        st.status.in_flight -= n
+        self.in_flight -= n
+
+    def _fail(self, st: _Stream, message: str) -> None:
+        st.status.state = "failed"
+        st.status.error = message
+        st.exhausted = True
+
+    def _publish(self) -> None:
+        self.pipeline.in_flight = self.in_flight
+        self.pipeline.model_queue = len(self.model_calls)
+        self.metrics.queue_depth.set(self.in_flight, tags={"stage": "in_flight"})
+        self.metrics.streams_active.set(sum(1 for st in self.streams.values() if st.status.state == "running"))
+
+
+def _is_ready(ref: ray.ObjectRef) -> bool:
+    ready, _ = ray.wait([ref], timeout=0)
+    return bool(ready)
+

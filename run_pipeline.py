@@ -1,0 +1,263 @@
+"""perceiver-stream's command line: ``python run_pipeline.py [run|bench] [options]``.
+
+``run`` (the default) runs the pipeline over the config's streams on a local Ray (or the cluster
+at ``--address``) and writes Parquet under the output folder. ``bench`` measures the model alone
+and the whole pipeline on the same config and prints JSON.
+
+Exit codes: 0 every stream ended normally, or a clean drain after SIGINT / SIGTERM; 1 every
+stream failed or the run could not go on; 2 bad config or arguments; 3 some streams failed while
+the others finished.
+
+Each subcommand is one entry in ``SUBCOMMANDS``: a function that adds its arguments to its parser
+and a function that runs it and returns the exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
+
+from pipeline.errors import ConfigError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
+
+
+class UsageError(Exception):
+    """Bad arguments: reported as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors as one line (no usage block) through `UsageError`."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"expected a port number in 1..65535, got {text!r}")
+    return value
+
+
+# -- shared options ------------------------------------------------------------------------------
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """``--config`` and repeatable ``--set``."""
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML config (default: configs/default.yaml)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value by dotted key, e.g. --set model.batch_size=4 (repeatable)",
+    )
+
+
+def add_ray_arguments(p: argparse.ArgumentParser) -> None:
+    """Where Ray runs and what it exposes."""
+    p.add_argument("--address", help="join this Ray cluster (e.g. ray://host:10001 or auto); default: start a local Ray")
+    p.add_argument(
+        "--dashboard-host", default="127.0.0.1", help="interface the Ray dashboard binds to (default 127.0.0.1)"
+    )
+    p.add_argument("--no-dashboard", action="store_true", help="do not start the Ray dashboard")
+    p.add_argument("--metrics-port", type=_port, help="serve Prometheus metrics on this port (ray_pstream_* series)")
+
+
+def load(args: argparse.Namespace):
+    """The validated config named by ``--config`` / ``--set`` (raises `ConfigError`)."""
+    from pipeline.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def start_ray(args: argparse.Namespace, num_cpus: int | None = None) -> None:
+    """Join ``--address`` or start a local Ray with the dashboard and metrics options."""
+    import os
+
+    import ray
+
+    if args.address:
+        ignored = [
+            name
+            for name, given in (
+                ("--metrics-port", args.metrics_port is not None),
+                ("--dashboard-host", args.dashboard_host != "127.0.0.1"),
+                ("--no-dashboard", args.no_dashboard),
+            )
+            if given
+        ]
+        if ignored:
+            logging.warning("%s belong to the cluster at %s and are ignored", ", ".join(ignored), args.address)
+        ray.init(address=args.address, log_to_driver=False)
+        return
+    kwargs = {}
+    if args.metrics_port is not None:
+        kwargs["_metrics_export_port"] = args.metrics_port
+    ray.init(
+        num_cpus=num_cpus or os.cpu_count(),
+        include_dashboard=not args.no_dashboard,
+        dashboard_host=args.dashboard_host,
+        log_to_driver=False,
+        **kwargs,
+    )
+
+
+# -- run -----------------------------------------------------------------------------------------
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``run``."""
+    add_config_arguments(p)
+    p.add_argument("--output", type=Path, help="output folder (default: the config's output.dir)")
+    p.add_argument("--max-windows", type=_positive_int, metavar="N", help="at most N windows per stream in this run")
+    p.add_argument("--realtime", action="store_true", help="pace file and synthetic sources at media speed")
+    p.add_argument("--no-progress", action="store_true", help="no live progress display (the summary still prints)")
+    add_ray_arguments(p)
+
+
+class _SignalDrain:
+    """SIGINT / SIGTERM: the first asks the run to drain and commit, a second aborts."""
+
+    def __init__(self) -> None:
+        self.pipeline = None
+        self.requested = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"{signal.Signals(signum).name}: draining windows in flight, then committing", file=sys.stderr)
+        if self.pipeline is not None:
+            self.pipeline.stop()
+
+    def attach(self, pipeline) -> None:
+        """Called with the running pipeline; stops it at once if a signal came first."""
+        self.pipeline = pipeline
+        if self.requested:
+            pipeline.stop()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the pipeline; returns the exit code."""
+    import ray
+
+    from actors import run
+    from actors.display import ProgressDisplay, print_summary
+
+    cfg = load(args)
+    output = str(args.output.resolve()) if args.output else cfg.output.dir
+    drain = _SignalDrain()
+    start_ray(args)
+    drain.install()
+    try:
+        if args.no_progress:
+            summary = run(
+                cfg, output, max_windows=args.max_windows, realtime=args.realtime or None, on_start=drain.attach
+            )
+        else:
+            with ProgressDisplay() as display:
+                summary = run(
+                    cfg,
+                    output,
+                    max_windows=args.max_windows,
+                    realtime=args.realtime or None,
+                    on_start=drain.attach,
+                    on_progress=display.update,
+                )
+    except KeyboardInterrupt:
+        print("interrupted again: stopped without draining; uncommitted windows are redone on resume", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        ray.shutdown()
+    print_summary(summary, output)
+    return summary.exit_code
+
+
+# -- bench ---------------------------------------------------------------------------------------
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``bench``."""
+    add_config_arguments(p)
+    p.add_argument("--max-windows", type=_positive_int, metavar="N", help="windows per stream to time (default: all)")
+    p.add_argument("--output", type=Path, help="scratch output folder (default: a temporary folder)")
+    add_ray_arguments(p)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Print the bench JSON; returns the exit code."""
+    import ray
+
+    from actors.bench import bench
+
+    cfg = load(args)
+    start_ray(args)
+    try:
+        result = bench(cfg, max_windows=args.max_windows, output=args.output)
+    finally:
+        ray.shutdown()
+    print(json.dumps(result, indent=2))
+    return EXIT_OK
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """One subcommand: its help line, how it adds arguments, and what runs it."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    main: Callable[[argparse.Namespace], int]
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "run": Subcommand("run the pipeline (the default)", add_run_arguments, cmd_run),
+    "bench": Subcommand("model-only vs whole-pipeline throughput, as JSON", add_bench_arguments, cmd_bench),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser with one sub-parser per entry of ``SUBCOMMANDS``."""
+    parser = _Parser(prog="run_pipeline.py", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
+    for name, sc in SUBCOMMANDS.items():
+        sc.add_arguments(sub.add_parser(name, help=sc.help, description=sc.help))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default: ``sys.argv[1:]``), run the subcommand, return its exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
+        argv.insert(0, "run")
+    try:
+        args = build_parser().parse_args(argv)
+        return SUBCOMMANDS[args.command].main(args)
+    except (UsageError, ConfigError) as exc:
+        print(f"run_pipeline.py: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

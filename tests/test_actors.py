@@ -1,0 +1,244 @@
+"""Actors without the whole pipeline: the model actor's batching and state chains, the source
+actor's events, resource planning. Most run the actor classes in-process (asyncio); one runs the
+model actor on Ray with a fake model."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from actors.model import ModelActor
+from actors.runner import plan_actors
+from actors.source import SourceActor
+from perceiver_stream.outputs import ModelOutput
+from pipeline.config import parse_config
+from pipeline.errors import ConfigError, DecodeError, SourceReconnected
+from pipeline.window import Window
+
+
+def make_cfg(n_streams: int = 2, **model):
+    return parse_config(
+        {
+            "streams": [{"id": f"s{i}", "synthetic": {"seed": i, "seconds": 3}} for i in range(n_streams)],
+            "model": model,
+        }
+    )
+
+
+def window(sid: str, wid: int, *, gap: bool = False, frames: int = 2) -> Window:
+    t0 = 0.5 * wid
+    video = np.full((frames, 8, 8, 3), wid % 256, np.uint8) if frames else None
+    return Window(
+        sid, wid, t0, t0 + 1.0, gap=gap, video=video, video_t=t0 + np.arange(frames) * 0.1 if frames else None
+    )
+
+
+class FakePredictor:
+    """State = windows since the last reset (B x 1 x 1); embedding = (window id, that count)."""
+
+    name = "fake"
+    class_names = ["a", "b", "c"]
+    device = torch.device("cpu")
+    video_frames = 2
+
+    def __init__(self, fail_on: int | None = None) -> None:
+        self.batches: list[list[tuple[str, int]]] = []
+        self.fail_on = fail_on
+
+    def __call__(self, batch, state):
+        self.batches.append(list(zip(batch.stream_ids, batch.window_ids.tolist())))
+        if self.fail_on is not None and self.fail_on in batch.window_ids.tolist():
+            raise RuntimeError(f"boom on window {self.fail_on}")
+        b = len(batch)
+        prev = torch.zeros(b, 1, 1) if state is None else state.float()
+        count = torch.where(batch.reset[:, None, None], torch.zeros_like(prev), prev) + 1
+        video = batch.modalities.get("video")
+        valid = torch.zeros(b, dtype=torch.bool) if video is None else video.mask.sum(1) >= 2
+        return ModelOutput(
+            embedding=torch.stack([batch.window_ids.float(), count[:, 0, 0]], dim=1),
+            label_logits=torch.tensor([[0.0, 2.0, 1.0]]).repeat(b, 1),
+            flow=torch.ones(b, 8, 8, 2) if video is not None else None,
+            flow_valid=valid,
+            state=count,
+        )
+
+
+def make_actor(cfg, predictor=None):
+    predictor = predictor or FakePredictor()
+    actor = ModelActor(cfg, build=lambda c, d: predictor)
+    return actor, predictor
+
+
+def gather(actor, calls):
+    async def go():
+        return await asyncio.gather(*(actor.infer(seq, chain, w) for seq, chain, w in calls), return_exceptions=True)
+
+    return asyncio.run(go())
+
+
+def test_windows_of_a_stream_run_in_chain_order_with_state_carried():
+    actor, pred = make_actor(make_cfg(1, max_wait_ms=1))
+    actor.set_open_streams(["s0"])
+    # Arrive out of order: seq 2, 1, then the chain start.
+    res = gather(actor, [(2, False, window("s0", 7)), (1, False, window("s0", 6)), (0, True, window("s0", 5))])
+    assert [b for b in pred.batches] == [[("s0", 5)], [("s0", 6)], [("s0", 7)]]
+    assert [r.window_id for r in res] == [7, 6, 5]
+    assert [r.embedding[1] for r in sorted(res, key=lambda r: r.window_id)] == [1.0, 2.0, 3.0]
+    assert [r.state_reset for r in sorted(res, key=lambda r: r.window_id)] == [True, False, False]
+
+
+def test_gap_and_state_off_reset_the_state():
+    actor, _ = make_actor(make_cfg(1, max_wait_ms=1))
+    actor.set_open_streams(["s0"])
+    res = gather(actor, [(0, True, window("s0", 0)), (1, False, window("s0", 1)), (2, False, window("s0", 3, gap=True))])
+    assert [(r.state_reset, r.embedding[1]) for r in res] == [(True, 1.0), (False, 2.0), (True, 1.0)]
+    actor, _ = make_actor(make_cfg(1, max_wait_ms=1, state=False))
+    actor.set_open_streams(["s0"])
+    res = gather(actor, [(0, True, window("s0", 0)), (1, False, window("s0", 1))])
+    assert [(r.state_reset, r.embedding[1]) for r in res] == [(True, 1.0), (True, 1.0)]
+
+
+def test_batch_holds_one_window_per_stream_and_fires_when_every_open_stream_is_in():
+    # max_wait is long: the batch must fire because all three open streams are in it, not by time.
+    actor, pred = make_actor(make_cfg(3, batch_size=8, max_wait_ms=20_000))
+    actor.set_open_streams(["s0", "s1", "s2"])
+    calls = [(k, k == 0, window(f"s{i}", k)) for k in range(2) for i in range(3)]
+    t0 = time.monotonic()
+    res = gather(actor, calls)
+    assert time.monotonic() - t0 < 5
+    assert len(res) == 6
+    assert [sorted(b) for b in pred.batches] == [
+        [("s0", 0), ("s1", 0), ("s2", 0)],
+        [("s0", 1), ("s1", 1), ("s2", 1)],
+    ]
+
+
+def test_batch_size_bounds_a_batch_and_max_wait_fires_a_partial_one():
+    actor, pred = make_actor(make_cfg(5, batch_size=2, max_wait_ms=1))
+    actor.set_open_streams([f"s{i}" for i in range(5)])
+    gather(actor, [(0, True, window(f"s{i}", 0)) for i in range(5)])
+    assert max(len(b) for b in pred.batches) == 2
+    assert sorted(x for b in pred.batches for x in b) == [(f"s{i}", 0) for i in range(5)]
+    # One stream of two open: a lone window waits max_wait, then runs alone.
+    actor, pred = make_actor(make_cfg(2, batch_size=8, max_wait_ms=200))
+    actor.set_open_streams(["s0", "s1"])
+    t0 = time.monotonic()
+    gather(actor, [(0, True, window("s0", 0))])
+    assert time.monotonic() - t0 >= 0.15
+    assert pred.batches == [[("s0", 0)]]
+
+
+def test_results_carry_top_labels_flow_and_modalities():
+    actor, _ = make_actor(make_cfg(1, max_wait_ms=1))
+    actor.set_open_streams(["s0"])
+    two, one = gather(actor, [(0, True, window("s0", 0)), (1, False, window("s0", 1, frames=1))])
+    assert [name for name, _ in two.labels] == ["b", "c", "a"]
+    scores = [s for _, s in two.labels]
+    assert scores == sorted(scores, reverse=True) and abs(sum(scores) - 1) < 1e-6
+    assert two.flow is not None and two.flow.shape == (8, 8, 2) and two.flow.dtype == np.float32
+    assert two.flow_t == pytest.approx(0.1)
+    assert one.flow is None and one.flow_t is None
+    assert (two.has_video, two.has_audio, two.has_points) == (True, False, False)
+    assert two.model == "fake" and two.embedding.dtype == np.float32
+
+
+def test_a_failing_window_fails_its_stream_queue_but_not_other_streams():
+    actor, _ = make_actor(make_cfg(2, max_wait_ms=1), FakePredictor(fail_on=1))
+    actor.set_open_streams(["s0", "s1"])
+    res = gather(
+        actor,
+        [(0, True, window("s0", 0)), (1, False, window("s0", 1)), (2, False, window("s0", 2)), (0, True, window("s1", 5))],
+    )
+    assert not isinstance(res[0], Exception)
+    assert isinstance(res[1], RuntimeError) and isinstance(res[2], RuntimeError)
+    assert not isinstance(res[3], Exception) and res[3].window_id == 5
+
+
+def test_model_actor_on_ray_with_a_fake_model(ray_session):
+    import ray
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    cfg = make_cfg(2, batch_size=4, max_wait_ms=5)
+    actor = ray.remote(ModelActor).options(num_cpus=0, max_concurrency=16).remote(cfg, build=_fake_build)
+    try:
+        assert ray.get(actor.info.remote())["class_names"] == ["a", "b", "c"]
+        ray.get(actor.set_open_streams.remote(["s0", "s1"]))
+        refs = [actor.infer.remote(k, k == 0, ray.put(window(sid, k))) for k in range(4) for sid in ("s0", "s1")]
+        res = ray.get(refs)
+        assert sorted((r.stream_id, r.window_id) for r in res) == [(s, k) for s in ("s0", "s1") for k in range(4)]
+        assert all(r.embedding[1] == r.window_id + 1 for r in res)  # state carried through all four
+    finally:
+        ray.kill(actor)
+
+
+def _fake_build(cfg, device):
+    return FakePredictor()
+
+
+# -- source actor --------------------------------------------------------------------------------
+def fake_open(n: int, fail: bool = False):
+    def open_stream(stream_cfg, cfg, *, on_error=None, start_window=0):
+        for k in range(start_window, start_window + n):
+            if k == start_window + 1 and on_error is not None:
+                on_error(SourceReconnected("link dropped", stream_id=stream_cfg.id, source="rtsp://x"))
+            yield window(stream_cfg.id, k, gap=k == start_window and start_window > 0)
+        if fail:
+            raise DecodeError("truncated packet", stream_id=stream_cfg.id, source="clip.mp4")
+
+    return open_stream
+
+
+def test_source_events_windows_errors_and_failure():
+    cfg = make_cfg(1)
+    src = SourceActor(cfg.streams[0], cfg, start_window=3, open_stream=fake_open(3, fail=True))
+    events = [src.next() for _ in range(5)]
+    assert [e.window_id for e, _ in events[:3]] == [3, 4, 5]
+    assert [w.window_id for _, w in events[:3]] == [3, 4, 5]
+    assert [len(e.errors) for e, _ in events[:3]] == [0, 1, 0]
+    assert events[1][0].errors[0].kind == "SourceReconnected"
+    end, win = events[3]
+    assert end.done and win is None and end.failure is not None
+    assert end.failure.kind == "DecodeError" and "truncated packet" in end.failure.message
+    assert end.failure.window_id == 6
+    assert events[4][0].done and events[4][0].failure is None  # the failure is reported once
+
+
+def test_source_max_windows_and_realtime_pacing():
+    cfg = make_cfg(1)
+    src = SourceActor(cfg.streams[0], cfg, max_windows=2, open_stream=fake_open(10))
+    assert [src.next()[0].window_id for _ in range(3)] == [0, 1, None]
+    src = SourceActor(cfg.streams[0], cfg, realtime=True, open_stream=fake_open(3))
+    t0 = time.monotonic()
+    ids = [src.next()[0].window_id for _ in range(3)]
+    assert ids == [0, 1, 2]
+    assert time.monotonic() - t0 >= 0.9  # window ends are 0.5 s apart in media time
+
+
+def test_source_open_failure_is_an_event_not_an_exception():
+    cfg = make_cfg(1)
+
+    def broken(stream_cfg, cfg, **kw):
+        raise DecodeError("not media", stream_id=stream_cfg.id, source="x.mp4")
+
+    ev, win = SourceActor(cfg.streams[0], cfg, open_stream=broken).next()
+    assert ev.done and win is None and ev.failure.kind == "DecodeError" and ev.failure.window_id is None
+
+
+# -- resources -----------------------------------------------------------------------------------
+def test_plan_actors_splits_cpus_and_resolves_the_device():
+    cfg = make_cfg(4)
+    cpu = plan_actors(cfg, {"CPU": 2.0})
+    assert cpu.device == "cpu" and cpu.model_cpus == 1 and cpu.model_gpus == 0
+    assert cpu.model_cpus + 4 * cpu.source_cpus + cpu.sink_cpus <= 2.0 + 1e-9
+    assert plan_actors(cfg, {"CPU": 16.0}).model_cpus == 8
+    gpu = plan_actors(cfg, {"CPU": 8.0, "GPU": 1.0})
+    assert gpu.device == "cuda" and gpu.model_gpus == 1 and gpu.model_cpus == 1
+    assert plan_actors(make_cfg(4, device="cpu"), {"CPU": 8.0, "GPU": 1.0}).device == "cpu"
+    with pytest.raises(ConfigError, match="no GPU"):
+        plan_actors(make_cfg(4, device="cuda"), {"CPU": 8.0})
