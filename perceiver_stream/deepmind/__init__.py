@@ -1,0 +1,12 @@
+"""DeepMind's published Perceiver IO models: their input/output processors and configurations.
+
+Modality-specific code lives here, outside the core model (``perceiver_stream.perceiver``).
+"""
+
+from perceiver_stream.deepmind.models import (
+    ImageClassifierFourierConfig,
+    MultimodalAutoencoderConfig,
+    OpticalFlowConfig,
+)
+
+__all__ = ["ImageClassifierFourierConfig", "MultimodalAutoencoderConfig", "OpticalFlowConfig"]
