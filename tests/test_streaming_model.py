@@ -328,3 +328,15 @@ def test_training_with_dropout_and_state_runs():
     history = train(m, iter([b1, b2, b1]), steps=10, lr=1e-3, modality_dropout=0.5)
     assert len(history) == 3  # a one-shot iterator ends training early
     assert all(torch.isfinite(torch.tensor(history)))
+
+
+@torch.no_grad()
+def test_window_without_any_modality(model):
+    batch = make_batch(b=2)
+    none_present = replace(batch, modalities={k: replace(m, present=torch.tensor([True, False]))
+                                              for k, m in batch.modalities.items()})
+    out = model(none_present)
+    assert torch.isfinite(out.embedding).all() and out.flow_valid.tolist() == [True, False]
+    empty = model(replace(batch, modalities={}))
+    torch.testing.assert_close(empty.embedding[1], out.embedding[1])
+    assert empty.flow is None

@@ -33,14 +33,15 @@ def subsample(values: torch.Tensor, mask: torch.Tensor, limit: int) -> tuple[tor
 class PointsAdapterConfig:
     """Point tokens.
 
-    extent:          metres mapped to 1.0 before the Fourier features (xyz / extent).
+    extent:          coordinate units mapped to 1.0 before the Fourier features (xyz / extent); the
+                     default suits the synthetic rig (image-relative units), use e.g. 50 for metres.
     pos_bands:       Fourier bands per axis; frequencies ``linspace(1, max_resolution/2, pos_bands)``.
     feature_channels: per-point features after x, y, z (intensity, ...) used as they are.
     max_points:      at most this many points per window (evenly strided over the real ones).
     """
 
     kind: str = "points"
-    extent: float = 10.0
+    extent: float = 1.0
     pos_bands: int = 8
     max_resolution: int = 64
     feature_channels: int = 1

@@ -1,0 +1,188 @@
+"""Modality adapters: token contents, masks, time codes, flow patches, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from perceiver_stream.adapters import (
+    FlowInputAdapter,
+    adapter_spec,
+    build_adapter,
+    flow_patches,
+    gather_last,
+    normalise_frames,
+    space_to_depth,
+    subsample,
+    time_channels,
+)
+from perceiver_stream.batch import ModalityBatch
+from perceiver_stream.fourier import fourier_channels, time_fourier_features
+from perceiver_stream.mel import MelSpectrogram
+
+
+def video_batch(frames: list[int], hw: int = 8, t0: float = 50.0, seed: int = 0) -> ModalityBatch:
+    g = torch.Generator().manual_seed(seed)
+    b, t = len(frames), max(frames)
+    return ModalityBatch(
+        torch.randint(0, 256, (b, t, hw, hw, 3), dtype=torch.uint8, generator=g),
+        t0 + torch.arange(t, dtype=torch.float64)[None].repeat(b, 1) * 0.1,
+        torch.arange(t)[None] < torch.tensor(frames)[:, None],
+        torch.tensor(frames) > 0,
+    )
+
+
+def test_space_to_depth_patch_layout():
+    x = torch.arange(2 * 1 * 4 * 6 * 3).reshape(2, 1, 4, 6, 3)
+    p = space_to_depth(x, 2)
+    assert p.shape == (2, 1, 6, 12)
+    # patch (row 1, col 2) = pixels rows 2-3, cols 4-5, channels (dy, dx, c)
+    expect = x[0, 0, 2:4, 4:6, :].reshape(-1)
+    assert torch.equal(p[0, 0, 1 * 3 + 2], expect)
+    with pytest.raises(ValueError, match="divisible"):
+        space_to_depth(x, 4)
+
+
+def test_gather_last_right_aligns():
+    v = torch.arange(12).reshape(2, 6)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    got, valid = gather_last(v, mask, 2)
+    assert got[0].tolist() == [2, 3] and valid[0].tolist() == [True, True]
+    assert got[1, 1].item() == 6 and valid[1].tolist() == [False, True]
+
+
+def test_video_adapter_tokens_use_last_frames():
+    spec = {"kind": "video", "patch": 4, "frames": 2, "pos_bands": 3, "time_bands": 4}
+    a = build_adapter(spec)
+    m = video_batch([5, 1])
+    t_ref = torch.tensor([51.0, 51.0], dtype=torch.float64)
+    tokens, mask = a(m, t_ref)
+    n = 4  # (8/4)^2 patches per frame
+    assert tokens.shape == (2, 2 * n, a.out_channels)
+    assert a.out_channels == 48 + fourier_channels(2, 3) + time_channels(4)
+    assert mask[0].all() and mask[1].tolist() == [False] * n + [True] * n
+    # row 0 uses frames 3 and 4: the first token of the last frame holds frame 4's top-left patch
+    expect = normalise_frames(m.values[0, 4, :4, :4]).reshape(-1)
+    torch.testing.assert_close(tokens[0, n, :48], expect)
+    # its time code is frame 4's absolute code, then its time relative to the window end
+    code = time_fourier_features(m.times[0, 4:5], 4)[0]
+    torch.testing.assert_close(tokens[0, n, -9:-1], code)
+    assert tokens[0, n, -1].item() == pytest.approx(50.4 - 51.0)
+
+
+def test_time_codes_are_absolute():
+    """The same instant gets the same absolute code in two different windows."""
+    a = build_adapter({"kind": "video", "patch": 4, "frames": None, "time_bands": 6})
+    m = video_batch([3])
+    tok1, _ = a(m, torch.tensor([51.0], dtype=torch.float64))
+    tok2, _ = a(m, torch.tensor([51.5], dtype=torch.float64))
+    torch.testing.assert_close(tok1[..., :-1], tok2[..., :-1])
+    assert not torch.allclose(tok1[..., -1], tok2[..., -1])
+
+
+def test_flow_patches_centre_and_border():
+    g = torch.Generator().manual_seed(1)
+    f1 = torch.randint(0, 256, (1, 5, 6, 3), dtype=torch.uint8, generator=g)
+    f2 = torch.randint(0, 256, (1, 5, 6, 3), dtype=torch.uint8, generator=g)
+    p = flow_patches(f1, f2)
+    assert p.shape == (1, 5, 6, 54)
+    p = p.reshape(1, 5, 6, 2, 3, 3, 3)  # frame, c, dy, dx
+    torch.testing.assert_close(p[0, 2, 3, 0, :, 1, 1], normalise_frames(f1[0, 2, 3]))
+    torch.testing.assert_close(p[0, 2, 3, 1, :, 0, 2], normalise_frames(f2[0, 1, 4]))
+    assert torch.all(p[0, 0, 0, :, :, 0, :] == 0)  # zero padding above the top row
+
+
+def test_flow_input_adapter_validity_and_resize():
+    m = video_batch([3, 1, 2], hw=8)
+    m.present[2] = False
+    patches, valid = FlowInputAdapter((8, 8))(m)
+    assert valid.tolist() == [True, False, False]
+    expect = flow_patches(m.values[0:1, 1], m.values[0:1, 2])
+    torch.testing.assert_close(patches[0:1], expect)
+    small, _ = FlowInputAdapter((4, 4))(m)
+    assert small.shape == (3, 4, 4, 54)
+
+
+def audio_batch(n: int, valid: list[int], rate: int = 8000, channels: int = 1, seed: int = 0) -> ModalityBatch:
+    g = torch.Generator().manual_seed(seed)
+    b = len(valid)
+    return ModalityBatch(
+        0.5 * torch.randn(b, n, channels, generator=g),
+        10.0 + torch.arange(n, dtype=torch.float64)[None].repeat(b, 1) / rate,
+        torch.arange(n)[None] < torch.tensor(valid)[:, None],
+        torch.ones(b, dtype=torch.bool),
+        rate=float(rate),
+    )
+
+
+def test_audio_sample_patches():
+    a = build_adapter({"kind": "audio_samples", "sample_rate": 8000, "channels": 2, "patch": 10, "time_bands": 3})
+    m = audio_batch(95, [95, 31], channels=2)
+    tokens, mask = a(m, torch.tensor([11.0, 11.0], dtype=torch.float64))
+    assert tokens.shape == (2, 10, a.out_channels) and a.out_channels == 20 + time_channels(3)
+    torch.testing.assert_close(tokens[0, 3, :20], m.values[0, 30:40].reshape(-1))
+    assert mask[1].tolist() == [True] * 4 + [False] * 6
+    torch.testing.assert_close(tokens[1, 3, :20], torch.cat([m.values[1, 30], torch.zeros(18)]))  # padding zeroed
+    with pytest.raises(ValueError, match="8000 Hz"):
+        build_adapter({"kind": "audio_samples", "sample_rate": 16000, "channels": 2})(m, torch.zeros(2))
+    with pytest.raises(ValueError, match="channel"):
+        build_adapter({"kind": "audio_samples", "sample_rate": 8000, "channels": 1})(m, torch.zeros(2))
+
+
+def test_log_mel_tokens_and_padding():
+    spec = {"kind": "audio_mel", "sample_rate": 8000, "n_fft": 128, "hop_length": 64, "n_mels": 12,
+            "frames_per_token": 2, "time_bands": 3, "log_scale": 1.0}
+    a = build_adapter(spec)
+    m = audio_batch(1000, [1000, 600])
+    t_ref = torch.tensor([11.0, 11.0], dtype=torch.float64)
+    tokens, mask = a(m, t_ref)
+    frames = 1000 // 64 + 1
+    assert tokens.shape == (2, (frames + 1) // 2, a.out_channels)
+    ref = MelSpectrogram(8000, n_fft=128, hop_length=64, n_mels=12, floor=1e-6)(m.values[0:1, :, 0])[0]
+    torch.testing.assert_close(tokens[0, 1, :24], ref[2:4].reshape(-1))
+    # frame i is real when its centre sample i*64 is: row 1 has frames 0..9 -> tokens 0..4
+    assert mask[1].tolist() == [True] * 5 + [False] * (tokens.shape[1] - 5)
+    garbage = m.values.clone()
+    garbage[1, 600:] = 1e6
+    tok_g, _ = a(ModalityBatch(garbage, m.times, m.mask, m.present, m.rate), t_ref)
+    torch.testing.assert_close(tok_g[1], tokens[1])
+
+
+def test_points_adapter_and_subsample():
+    g = torch.Generator().manual_seed(0)
+    values = torch.rand(2, 50, 5, generator=g)
+    mask = torch.arange(50)[None] < torch.tensor([[50], [7]])
+    m = ModalityBatch(values, torch.full((2, 50), 3.0, dtype=torch.float64), mask, torch.ones(2, dtype=torch.bool))
+    a = build_adapter({"kind": "points", "pos_bands": 4, "max_resolution": 16, "feature_channels": 1,
+                       "max_points": 10, "time_bands": 2})
+    tokens, tmask = a(m, torch.tensor([3.5, 3.5], dtype=torch.float64))
+    assert tokens.shape == (2, 10, fourier_channels(3, 4) + 1 + time_channels(2))
+    assert tmask[0].all() and tmask[1].sum() == 7
+    # row 0 keeps every 5th point; x,y,z come first in the Fourier block, intensity after it
+    torch.testing.assert_close(tokens[0, 2, :3], values[0, 10, :3])
+    torch.testing.assert_close(tokens[0, 2, fourier_channels(3, 4)], values[0, 10, 3])
+    sub, smask = subsample(values, mask, 10)
+    assert torch.equal(sub[1, :7], values[1, :7]) and smask[1].sum() == 7
+    with pytest.raises(ValueError, match="x, y, z"):
+        build_adapter({"kind": "points", "feature_channels": 3})(m, torch.zeros(2))
+
+
+def test_label_adapter():
+    a = build_adapter({"kind": "labels", "num_classes": 4, "time_bands": 2})
+    m = ModalityBatch(torch.tensor([[1, 3]]), torch.zeros(1, 2, dtype=torch.float64),
+                      torch.ones(1, 2, dtype=torch.bool), torch.ones(1, dtype=torch.bool))
+    tokens, _ = a(m, torch.zeros(1, dtype=torch.float64))
+    assert tokens[0, :, :4].argmax(-1).tolist() == [1, 3] and tokens[0, :, :4].sum().item() == 2
+    with pytest.raises(ValueError, match="class index"):
+        a(ModalityBatch(torch.tensor([[5]]), m.times[:, :1], m.mask[:, :1], m.present), torch.zeros(1))
+
+
+def test_specs_are_validated_and_completed():
+    full = adapter_spec({"kind": "points"})
+    assert full["max_points"] == 1024 and full["kind"] == "points"
+    with pytest.raises(ValueError, match="no option"):
+        build_adapter({"kind": "video", "patches": 3})
+    with pytest.raises(ValueError, match="unknown adapter kind"):
+        build_adapter({"kind": "radar"})
+    with pytest.raises(ValueError, match="at least 1"):
+        build_adapter({"kind": "video", "frames": 0})

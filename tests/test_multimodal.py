@@ -1,0 +1,87 @@
+"""The multimodal preprocessor: common width, learned padding, masks, absent modalities, mask tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from perceiver_stream.adapters import build_adapter
+from perceiver_stream.batch import Batch, ModalityBatch
+from perceiver_stream.multimodal import MultimodalPreprocessor
+
+
+def labels_mb(b: int, n: int, present: list[bool]) -> ModalityBatch:
+    return ModalityBatch(torch.randint(0, 3, (b, n)), torch.zeros(b, n, dtype=torch.float64),
+                         torch.ones(b, n, dtype=torch.bool), torch.tensor(present))
+
+
+def points_mb(b: int, n: int, present: list[bool]) -> ModalityBatch:
+    return ModalityBatch(torch.rand(b, n, 4), torch.zeros(b, n, dtype=torch.float64),
+                         torch.ones(b, n, dtype=torch.bool), torch.tensor(present))
+
+
+def batch(mods: dict[str, ModalityBatch], b: int = 2) -> Batch:
+    z = torch.zeros(b, dtype=torch.float64)
+    return Batch([f"s{i}" for i in range(b)], torch.arange(b), z, z + 1, torch.ones(b, dtype=torch.bool), mods)
+
+
+@pytest.fixture
+def pre() -> MultimodalPreprocessor:
+    torch.manual_seed(0)
+    adapters = {
+        "tags": build_adapter({"kind": "labels", "num_classes": 3, "time_bands": 2}),
+        "lidar": build_adapter({"kind": "points", "pos_bands": 2, "time_bands": 2}),
+    }
+    return MultimodalPreprocessor(adapters, min_padding=3)
+
+
+def test_common_width_and_learned_padding(pre):
+    widths = {k: a.out_channels for k, a in pre.adapters.items()}
+    assert pre.width == max(widths.values()) + 3
+    out = pre(batch({"tags": labels_mb(2, 4, [True, True]), "lidar": points_mb(2, 5, [True, True])}))
+    assert out.tokens.shape == (2, 9, pre.width)
+    assert out.modality.tolist() == [0] * 4 + [1] * 5
+    # each modality's tokens end with its own learned padding vector
+    torch.testing.assert_close(out.tokens[0, 0, widths["tags"]:], pre.padding["tags"])
+    torch.testing.assert_close(out.tokens[1, 6, widths["lidar"]:], pre.padding["lidar"])
+    assert out.mask.all()
+    # gradients reach the padding vectors (they are learned)
+    out.tokens.sum().backward()
+    assert pre.padding["tags"].grad is not None and pre.padding["tags"].grad.abs().sum() > 0
+
+
+def test_absent_rows_are_masked_and_zeroed(pre):
+    lidar = points_mb(2, 5, [True, False])
+    lidar.values[1] = float("nan")
+    out = pre(batch({"tags": labels_mb(2, 4, [True, True]), "lidar": lidar}))
+    assert out.mask[1, 4:].sum() == 0 and out.mask[0].all()
+    assert torch.all(out.tokens[1, 4:] == 0) and torch.isfinite(out.tokens).all()
+
+
+def test_missing_or_nowhere_present_modality_adds_no_tokens(pre):
+    only_tags = pre(batch({"tags": labels_mb(2, 4, [True, True])}))
+    nowhere = pre(batch({"tags": labels_mb(2, 4, [True, True]), "lidar": points_mb(2, 5, [False, False])}))
+    assert only_tags.tokens.shape[1] == nowhere.tokens.shape[1] == 4
+    # a modality without an adapter is ignored
+    extra = pre(batch({"tags": labels_mb(2, 4, [True, True]), "radar": points_mb(2, 3, [True, True])}))
+    assert extra.tokens.shape[1] == 4
+    empty = pre(batch({}))
+    assert empty.tokens.shape == (2, 0, pre.width) and empty.mask.shape == (2, 0)
+
+
+def test_mask_tokens_only_in_training():
+    torch.manual_seed(1)
+    adapters = {"lidar": build_adapter({"kind": "points", "pos_bands": 2, "time_bands": 2})}
+    pre = MultimodalPreprocessor(adapters, mask_probs={"lidar": 0.5})
+    b = batch({"lidar": points_mb(2, 400, [True, True])})
+    pre.eval()
+    clean = pre(b).tokens
+    pre.train()
+    masked = pre(b).tokens
+    hit = (masked == pre.mask_tokens["lidar"]).all(dim=-1)
+    assert 0.35 < hit.float().mean() < 0.65
+    torch.testing.assert_close(masked[~hit], clean[~hit])
+    pre.eval()
+    torch.testing.assert_close(pre(b).tokens, clean)
+    with pytest.raises(ValueError, match="without an adapter"):
+        MultimodalPreprocessor(adapters, mask_probs={"video": 0.1})
