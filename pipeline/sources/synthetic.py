@@ -233,6 +233,26 @@ class SyntheticRig:
 
     # ---- rendering ---------------------------------------------------------------------------
 
+    def _inside(self, seg: _Segment, j: int, ux: np.ndarray, uy: np.ndarray) -> np.ndarray:
+        """Whether object ``j`` covers the points at offsets ``ux, uy`` from its centre."""
+        r = seg.radius[j]
+        if class_attributes(seg.label)[1] == "disc":
+            return ux * ux + uy * uy <= r * r
+        c, s = np.cos(seg.angle[j]), np.sin(seg.angle[j])
+        half = r * math.sqrt(math.pi) / 2
+        return (np.abs(c * ux + s * uy) <= half) & (np.abs(-s * ux + c * uy) <= half)
+
+    def _surface(self, seg: _Segment, t: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Visible surface (``F x N``: -1 background, else object index) at times ``t`` and points ``x, y``."""
+        t = np.atleast_1d(np.asarray(t, dtype=np.float64))
+        x = np.asarray(x, dtype=np.float64)[None, :]
+        y = np.asarray(y, dtype=np.float64)[None, :]
+        pos = self._positions(seg, t)
+        surface = np.full((len(t), x.shape[1]), -1, dtype=np.int64)
+        for j in range(seg.n):  # far to near: nearer objects overwrite
+            surface[self._inside(seg, j, x - pos[:, j, :1], y - pos[:, j, 1:])] = j
+        return surface
+
     def _render(self, seg: _Segment, t: np.ndarray, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Colour (``F x N x 3`` float in [0, 1]) and visible surface (``F x N``: -1 background,
         else object index) of segment ``seg`` at times ``t`` (F) and image points ``x, y`` (N)."""
@@ -244,19 +264,9 @@ class SyntheticRig:
         a = 2 * np.pi * (x.T * bg["freq"][:, 0] + y.T * bg["freq"][:, 1]) + bg["phase"]  # N x k
         b = 2 * np.pi * (self._pan(seg, t) @ bg["freq"].T)  # F x k
         rgb = bg["mean"] + np.sin(a) @ (np.cos(b)[:, :, None] * bg["amp"]) + np.cos(a) @ (np.sin(b)[:, :, None] * bg["amp"])
-        surface = np.full(rgb.shape[:2], -1, dtype=np.int64)
+        surface = self._surface(seg, t, x[0], y[0])
         pos = self._positions(seg, t)
-        shape = class_attributes(seg.label)[1]
-        for j in range(seg.n):  # far to near: nearer objects overwrite
-            ux = x - pos[:, j, :1]
-            uy = y - pos[:, j, 1:]
-            r = seg.radius[j]
-            if shape == "disc":
-                inside = ux * ux + uy * uy <= r * r
-            else:
-                c, s = np.cos(seg.angle[j]), np.sin(seg.angle[j])
-                half = r * math.sqrt(math.pi) / 2
-                inside = (np.abs(c * ux + s * uy) <= half) & (np.abs(-s * ux + c * uy) <= half)
+        for j in range(seg.n):
             tex = 1.0
             for m in range(2):
                 f = seg.tex_freq[j, m]
@@ -264,9 +274,8 @@ class SyntheticRig:
                 pa = 2 * np.pi * (f[0] * x + f[1] * y) + seg.tex_phase[j, m]  # 1 x N
                 pb = 2 * np.pi * (pos[:, j] @ f)[:, None]  # F x 1
                 tex = tex + seg.tex_amp[j, m] * (np.sin(pa) * np.cos(pb) - np.cos(pa) * np.sin(pb))
-            obj = seg.rgb[j] * tex[..., None]
-            rgb = np.where(inside[..., None], obj, rgb)
-            surface = np.where(inside, j, surface)
+            on = surface == j
+            rgb[on] = seg.rgb[j] * tex[on][:, None]
         return np.clip(rgb, 0.0, 1.0), surface
 
     def _grid(self) -> tuple[np.ndarray, np.ndarray]:
@@ -401,7 +410,7 @@ class SyntheticRig:
             return None
         seg = self.segments[k]
         xs, ys = self._grid()
-        _, surface = self._render(seg, np.array([t1]), xs, ys)
+        surface = self._surface(seg, np.array([t1]), xs, ys)
         pos = self._positions(seg, np.array([t1, t2]))
         moves = np.concatenate([pos[1] - pos[0], -(self._pan(seg, np.array([t2])) - self._pan(seg, np.array([t1])))])
         # surface -1 (background) picks the last row: the background moves against the pan
