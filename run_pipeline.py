@@ -92,12 +92,18 @@ def load(args: argparse.Namespace):
     return load_config(args.config, args.overrides)
 
 
-def start_ray(args: argparse.Namespace, num_cpus: int | None = None) -> None:
-    """Join ``--address`` or start a local Ray with the dashboard and metrics options."""
+def start_ray(args: argparse.Namespace, num_cpus: int | None = None) -> bool:
+    """Join ``--address`` or start a local Ray with the dashboard and metrics options.
+
+    Returns False, starting nothing, when this process has already joined a Ray (a notebook, a
+    test): the run uses it and leaves it running.
+    """
     import os
 
     import ray
 
+    if ray.is_initialized():
+        return False
     if args.address:
         ignored = [
             name
@@ -111,7 +117,7 @@ def start_ray(args: argparse.Namespace, num_cpus: int | None = None) -> None:
         if ignored:
             logging.warning("%s belong to the cluster at %s and are ignored", ", ".join(ignored), args.address)
         ray.init(address=args.address, log_to_driver=False)
-        return
+        return True
     kwargs = {}
     if args.metrics_port is not None:
         kwargs["_metrics_export_port"] = args.metrics_port
@@ -122,6 +128,7 @@ def start_ray(args: argparse.Namespace, num_cpus: int | None = None) -> None:
         log_to_driver=False,
         **kwargs,
     )
+    return True
 
 
 # -- run -----------------------------------------------------------------------------------------
@@ -165,13 +172,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Run the pipeline; returns the exit code."""
     import ray
 
-    from actors import run
+    from actors import RunFailed, run
     from actors.display import ProgressDisplay, print_summary
 
     cfg = load(args)
     output = str(args.output.resolve()) if args.output else cfg.output.dir
     drain = _SignalDrain()
-    start_ray(args)
+    started = start_ray(args)
     drain.install()
     try:
         if args.no_progress:
@@ -191,8 +198,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("interrupted again: stopped without draining; uncommitted windows are redone on resume", file=sys.stderr)
         return EXIT_FAILED
+    except RunFailed as exc:
+        print(f"run_pipeline.py: run failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()
     print_summary(summary, output)
     return summary.exit_code
 
@@ -213,11 +224,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from actors.bench import bench
 
     cfg = load(args)
-    start_ray(args)
+    started = start_ray(args)
     try:
         result = bench(cfg, max_windows=args.max_windows, output=args.output)
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()
     print(json.dumps(result, indent=2))
     return EXIT_OK
 

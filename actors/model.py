@@ -66,6 +66,7 @@ class WindowResult:
     model: str
     flow: np.ndarray | None = None  # H x W x 2 float32, None without two frames
     flow_t: float | None = None  # time of the later frame
+    frame: np.ndarray | None = None  # the earlier of the two flow frames, H x W x 3 uint8
     latency_s: float = 0.0  # seconds from arrival at the model to the result
 
 
@@ -274,6 +275,7 @@ class ModelActor:
                     model=self._predictor.name,
                     flow=np.ascontiguousarray(flow[i], dtype=np.float32) if has_flow else None,
                     flow_t=float(w.video_t[-1]) if has_flow and w.video_t is not None else None,
+                    frame=np.ascontiguousarray(w.video[-2]) if has_flow and w.video is not None else None,
                 )
             )
         return rows

@@ -209,7 +209,7 @@ def run(
     sink = (
         ray.remote(SinkActor)
         .options(num_cpus=opts.sink_cpus, max_restarts=0)
-        .remote(str(out_dir), config, config_hash=config_hash(config))
+        .remote(str(out_dir), config_hash=config_hash(config))
     )
     model = (
         ray.remote(ModelActor)
@@ -224,10 +224,10 @@ def run(
     )
     actors: list[Any] = [sink, model]
     try:
-        info = ray.get(model.info.remote())
-        ray.get(sink.set_model.remote(info["model"]))
+        info = _started(model.info.remote(), "the model actor")
         ids = [s.id for s in config.streams]
-        resume = ray.get(sink.resume_points.remote(ids))
+        resume = _started(sink.resume_points.remote(ids), "the sink")
+        ray.get(sink.set_model.remote(info["model"]))
         pace = config.runtime.realtime if realtime is None else realtime
         streams: dict[str, _Stream] = {}
         for s in config.streams:
@@ -477,6 +477,16 @@ class _Loop:
         self.pipeline.model_queue = len(self.model_calls)
         self.metrics.queue_depth.set(self.in_flight, tags={"stage": "in_flight"})
         self.metrics.streams_active.set(sum(1 for st in self.streams.values() if st.status.state == "running"))
+
+
+def _started(ref: ray.ObjectRef, what: str) -> Any:
+    """The result of an actor's first call; `RunFailed` naming the cause if the actor could not start."""
+    try:
+        return ray.get(ref)
+    except RayActorError as exc:
+        cause = getattr(exc, "cause", None) or exc
+        lines = [ln for ln in str(cause).splitlines() if ln.strip()]
+        raise RunFailed(f"{what} could not start: {lines[-1] if lines else type(cause).__name__}") from None
 
 
 def _is_ready(ref: ray.ObjectRef) -> bool:

@@ -9,28 +9,28 @@ in-flight bounds (a window counts as in flight until `write` returns).
 
 from __future__ import annotations
 
+import io
 import time
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 from actors.metrics import Metrics
 from actors.model import WindowResult
 from actors.source import ErrorRecord
-from pipeline.config import Config
+from pipeline.parquet import ErrorRow, FlowRow, OutputWriter, WindowRow
 
 FLUSH_WINDOWS = 256
 FLUSH_S = 2.0
 
 
 class SinkActor:
-    """Writes ``windows``, ``flow`` and ``errors`` rows under ``output`` (see the module docstring)."""
+    """Writes ``windows``, ``flow`` (with the earlier frame as PNG) and ``errors`` rows under ``output``
+    (see the module docstring)."""
 
-    def __init__(self, output: str, cfg: Config, *, config_hash: str, model: str = "") -> None:
-        from pipeline.parquet import OutputWriter
-
-        self._output = Path(output)
-        self._cfg = cfg
-        self._config_hash = config_hash
-        self._writer = OutputWriter(self._output, model=model, config_hash=config_hash)
+    def __init__(self, output: str, *, config_hash: str, model: str = "") -> None:
+        self._writer = OutputWriter(Path(output), model_name=model, config_hash=config_hash)
         self._buffer: list[WindowResult] = []
         self._errors: list[ErrorRecord] = []
         self._oldest: float | None = None
@@ -40,7 +40,7 @@ class SinkActor:
 
     def set_model(self, model: str) -> None:
         """The model name written to rows and file metadata (known once the model actor loaded)."""
-        self._writer.model = model
+        self._writer.model_name = model
 
     def resume_points(self, stream_ids: list[str]) -> dict[str, int]:
         """Per stream, the window id to start from: after the last committed window (0 if none)."""
@@ -83,15 +83,53 @@ class SinkActor:
         t0 = time.perf_counter()
         rows, self._buffer = self._buffer, []
         errors, self._errors = self._errors, []
-        self._writer.write(rows, errors)
+        by_stream: dict[str, tuple[list[WindowResult], list[ErrorRecord]]] = {}
         for r in rows:
-            self._committed[r.stream_id].add(r.window_id)
-            self._written[r.stream_id] = self._written.get(r.stream_id, 0) + 1
-            self._metrics.windows_out.inc(tags={"stage": "sink", "stream": r.stream_id})
+            by_stream.setdefault(r.stream_id, ([], []))[0].append(r)
+        for e in errors:
+            by_stream.setdefault(e.stream_id, ([], []))[1].append(e)
+        for sid, (results, errs) in by_stream.items():
+            ids = self._writer.write(
+                sid,
+                windows=[_window_row(r) for r in results],
+                flow=[_flow_row(r) for r in results if r.flow is not None],
+                errors=[ErrorRow(kind=e.kind, message=e.message, window_id=e.window_id, t_wall=e.t_wall) for e in errs],
+            )
+            self._committed.setdefault(sid, set()).update(ids)
+            self._written[sid] = self._written.get(sid, 0) + len(ids)
+            self._metrics.windows_out.inc(len(ids), tags={"stage": "sink", "stream": sid})
         self._metrics.latency.observe(time.perf_counter() - t0, tags={"stage": "sink"})
         self._oldest = None
 
     def close(self) -> dict[str, int]:
         """Commit what is left; windows committed by this actor, per stream."""
         self.flush()
+        self._writer.close()
         return dict(self._written)
+
+
+def _window_row(r: WindowResult) -> WindowRow:
+    return WindowRow(
+        window_id=r.window_id,
+        t_start=r.t_start,
+        t_end=r.t_end,
+        has_video=r.has_video,
+        has_audio=r.has_audio,
+        has_points=r.has_points,
+        state_reset=r.state_reset,
+        labels=r.labels,
+        embedding=r.embedding,
+        model=r.model,
+    )
+
+
+def _flow_row(r: WindowResult) -> FlowRow:
+    assert r.flow is not None and r.flow_t is not None
+    return FlowRow(window_id=r.window_id, t=r.flow_t, flow=r.flow, frame=None if r.frame is None else _png(r.frame))
+
+
+def _png(image: np.ndarray) -> bytes:
+    """PNG bytes of an ``H x W x 3`` uint8 frame (for `pipeline.inspect`'s pictures)."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
