@@ -118,14 +118,18 @@ def _read_sidecar(path: Path, *, stream_id: str) -> list[tuple[str, float]]:
             if not row or not "".join(row).strip():
                 continue
             if len(row) != 2:
-                raise PointCloudError(f"line {n}: expected 'file,t', got {row!r}", stream_id=stream_id, source=str(path))
+                raise PointCloudError(
+                    f"line {n}: expected 'file,t', got {row!r}", stream_id=stream_id, source=str(path)
+                )
             name, t = row[0].strip(), row[1].strip()
             try:
                 value = float(t)
             except ValueError:
                 if n == 1:  # a header row
                     continue
-                raise PointCloudError(f"line {n}: time {t!r} is not a number", stream_id=stream_id, source=str(path)) from None
+                raise PointCloudError(
+                    f"line {n}: time {t!r} is not a number", stream_id=stream_id, source=str(path)
+                ) from None
             if not math.isfinite(value):
                 raise PointCloudError(f"line {n}: time {t!r} is not finite", stream_id=stream_id, source=str(path))
             rows.append((Path(name).name, value))

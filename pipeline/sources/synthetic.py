@@ -229,7 +229,8 @@ class SyntheticRig:
 
     def _pan(self, seg: _Segment, t: np.ndarray) -> np.ndarray:
         """Camera offset (``len(t) x 2``, px): pixel (x, y) shows background point (x, y) + offset."""
-        return seg.pan0[None] + seg.pan_vel[None] * ((np.asarray(t, dtype=np.float64) - seg.t_start) * self.fps)[:, None]
+        frames = (np.asarray(t, dtype=np.float64) - seg.t_start) * self.fps
+        return seg.pan0[None] + seg.pan_vel[None] * frames[:, None]
 
     # ---- rendering ---------------------------------------------------------------------------
 
@@ -263,7 +264,8 @@ class SyntheticRig:
         # sin(a + b) = sin a cos b + cos a sin b: the per-pixel part once, the per-frame pan part per frame
         a = 2 * np.pi * (x.T * bg["freq"][:, 0] + y.T * bg["freq"][:, 1]) + bg["phase"]  # N x k
         b = 2 * np.pi * (self._pan(seg, t) @ bg["freq"].T)  # F x k
-        rgb = bg["mean"] + np.sin(a) @ (np.cos(b)[:, :, None] * bg["amp"]) + np.cos(a) @ (np.sin(b)[:, :, None] * bg["amp"])
+        amp = bg["amp"]
+        rgb = bg["mean"] + np.sin(a) @ (np.cos(b)[:, :, None] * amp) + np.cos(a) @ (np.sin(b)[:, :, None] * amp)
         surface = self._surface(seg, t, x[0], y[0])
         pos = self._positions(seg, t)
         for j in range(seg.n):
@@ -374,7 +376,8 @@ class SyntheticRig:
                 cube[np.arange(4 * m), axis] = np.sign(d[np.arange(4 * m), axis])
                 half = seg.radius[j] * math.sqrt(math.pi) / 2 / unit
                 c, s = np.cos(seg.angle[j]), np.sin(seg.angle[j])
-                local = np.stack([c * cube[:, 0] - s * cube[:, 1], s * cube[:, 0] + c * cube[:, 1], cube[:, 2]], 1) * half
+                turned = [c * cube[:, 0] - s * cube[:, 1], s * cube[:, 0] + c * cube[:, 1], cube[:, 2]]
+                local = np.stack(turned, axis=1) * half
             local = local[local[:, 2] <= 0][:m]  # the camera-facing half (z towards the sensor is negative)
             xyz = local + np.array([pos[j, 0], pos[j, 1], seg.depth[j]])
             xyz += rng.normal(0, 0.002, size=xyz.shape)
