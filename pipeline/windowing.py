@@ -22,6 +22,7 @@ are still emitted, then the error is re-raised.
 from __future__ import annotations
 
 import math
+import sys
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -35,6 +36,64 @@ from pipeline.window import Truth, Window
 
 EPS = 1e-6
 _TYPES = {"video": VideoFrame, "audio": AudioChunk, "points": PointScan}
+# Video frames are copied once into a preallocated "slab" so that a window's frames are a view
+# of it, not a fresh stack (overlapping windows would otherwise copy every frame twice). A slab
+# holds about SLAB_BYTES (at least 4x the frames waiting for a window); the frames still waiting
+# when it fills move to the next one. A full slab is recycled once no window view of it is alive:
+# writing into fresh memory costs page faults that take ~10x longer than the copy itself.
+SLAB_BYTES = 32 << 20
+_RETIRED_SLABS = 2
+
+
+class _Frame:
+    """A video frame whose image is row ``index`` of ``slab``."""
+
+    __slots__ = ("t", "duration", "slab", "index")
+
+    def __init__(self, t: float, duration: float, slab: np.ndarray, index: int) -> None:
+        self.t, self.duration, self.slab, self.index = t, duration, slab, index
+
+
+class _Slabs:
+    """Back-to-back frame storage for one video track (see `SLAB_BYTES`)."""
+
+    def __init__(self) -> None:
+        self.slab: np.ndarray | None = None
+        self.used = 0
+        self.retired: list[np.ndarray] = []
+
+    def add(self, frame: VideoFrame, waiting: deque) -> _Frame:
+        image = np.asarray(frame.image)
+        if self.slab is None or self.used == len(self.slab) or self.slab.shape[1:] != image.shape:
+            self._renew(image, waiting)
+        self.slab[self.used] = image
+        self.used += 1
+        return _Frame(float(frame.t), float(frame.duration), self.slab, self.used - 1)
+
+    def _renew(self, image: np.ndarray, waiting: deque) -> None:
+        keep = [f for f in waiting if f.slab.shape[1:] == image.shape]
+        need = 4 * (len(keep) + 1)
+        slab = self._recycled(image, need)
+        if slab is None:
+            capacity = max(need, SLAB_BYTES // max(image.nbytes, 1))
+            slab = np.empty((capacity, *image.shape), image.dtype)
+        for i, f in enumerate(keep):
+            slab[i] = f.slab[f.index]
+            f.slab, f.index = slab, i
+        if self.slab is not None:
+            self.retired = [self.slab, *self.retired][:_RETIRED_SLABS]
+        self.slab, self.used = slab, len(keep)
+
+    def _recycled(self, image: np.ndarray, need: int) -> np.ndarray | None:
+        for i in range(len(self.retired)):
+            slab = self.retired[i]
+            # References: the list, `slab`, getrefcount's argument (no enumerate: its cached
+            # tuple would hold one more). Any more means a window, or a view a consumer cut
+            # from one, still shows these bytes.
+            if slab.shape[1:] == image.shape and len(slab) >= need // 2 and sys.getrefcount(slab) <= 3:
+                del self.retired[i]
+                return slab
+        return None
 
 
 class _Track:
@@ -48,6 +107,7 @@ class _Track:
         self.end = -math.inf  # latest sample end (t + duration)
         self.done = False
         self.first_t: float | None = None
+        self.slabs = _Slabs() if modality == "video" else None
 
 
 def windows(
@@ -122,7 +182,7 @@ class _Windower:
             self.late[tr.modality] = self.late.get(tr.modality, 0) + 1
         tr.last_t = max(tr.last_t, t)
         tr.end = max(tr.end, t + item.duration)
-        tr.buf.append(item)
+        tr.buf.append(tr.slabs.add(item, tr.buf) if tr.slabs is not None else item)
 
     def _advance(self, te: float) -> None:
         """Pull until every unfinished track has reached ``te`` (or failed/ended)."""
@@ -174,6 +234,7 @@ class _Windower:
             self.emitted_end = te
             yield window
             k += 1
+            self._prune(t0 + k * self.hop)
 
     def _next_with_data(self, t0: float) -> int:
         """Lowest window id that could hold the earliest buffered sample (a lower bound)."""
@@ -228,7 +289,7 @@ class _Windower:
                 continue
             times = np.array([it.t for it in items], np.float64)
             if tr.modality == "video":
-                w.video = np.stack([it.image for it in items])
+                w.video = _frames_array(items)
                 w.video_t = times
             else:
                 w.points = [it.points for it in items]
@@ -238,6 +299,20 @@ class _Windower:
         if self.truth is not None:
             w.truth = self.truth(ts, te, w.video_t)
         return w
+
+
+def _frames_array(items: list[_Frame]) -> np.ndarray:
+    """The frames as one read-only array: a view of their slab when they lie back to back.
+
+    Read-only because overlapping windows share these bytes.
+    """
+    first, last = items[0], items[-1]
+    if last.slab is first.slab and last.index - first.index == len(items) - 1:
+        video = first.slab[first.index : last.index + 1]
+    else:
+        video = np.stack([f.slab[f.index] for f in items])
+    video.flags.writeable = False
+    return video
 
 
 def _audio_into(w: Window, chunks: deque, lo: float, hi: float) -> None:
