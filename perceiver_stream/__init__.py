@@ -8,3 +8,10 @@ from perceiver_stream.multimodal import MultimodalPreprocessor, drop_modalities
 from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO, StreamStates
 
 __all__ += ["MultimodalPreprocessor", "StreamStates", "StreamingConfig", "StreamingPerceiverIO", "drop_modalities"]
+
+from perceiver_stream.checkpoint import load_checkpoint, read_config, save_checkpoint
+from perceiver_stream.resampler import PerceiverResampler
+from perceiver_stream.set_transformer import ISAB, MAB, PMA, SAB
+from perceiver_stream.train import train
+
+__all__ += ["ISAB", "MAB", "PMA", "PerceiverResampler", "SAB", "load_checkpoint", "read_config", "save_checkpoint", "train"]
