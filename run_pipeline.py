@@ -148,10 +148,17 @@ class _SignalDrain:
     def __init__(self) -> None:
         self.pipeline = None
         self.requested = False
+        self._previous: dict[int, object] = {}
 
     def install(self) -> None:
-        signal.signal(signal.SIGINT, self._handle)
-        signal.signal(signal.SIGTERM, self._handle)
+        """Take over SIGINT and SIGTERM (Ray's own SIGTERM handler would exit without a drain)."""
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        """Put back the handlers `install` replaced."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum: int, _frame: object) -> None:
         if self.requested:
@@ -202,6 +209,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"run_pipeline.py: run failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
     finally:
+        drain.restore()
         if started:
             ray.shutdown()
     print_summary(summary, output)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from actors.metrics import Metrics
 from actors.model import BuildPredictor, Collate, ModelActor, WindowResult
@@ -415,12 +415,19 @@ class _Loop:
         """Wait for the restarted model actor, then resend every window it did not return."""
         self.pipeline.restarts += 1
         self.metrics.restarts.inc(tags={"actor": "model"})
-        try:
-            ray.get(self.model.info.remote(), timeout=MODEL_RESTART_TIMEOUT_S)
-        except RayActorError as exc:
-            raise RunFailed(f"the model actor died and could not be restarted: {exc}") from None
-        except ray.exceptions.GetTimeoutError:
-            raise RunFailed(f"the model actor did not come back within {MODEL_RESTART_TIMEOUT_S:.0f} s") from None
+        deadline = time.monotonic() + MODEL_RESTART_TIMEOUT_S
+        while True:
+            try:
+                ray.get(self.model.info.remote(), timeout=max(deadline - time.monotonic(), 0.1))
+                break
+            except ActorUnavailableError:  # still restarting
+                if time.monotonic() > deadline:
+                    raise RunFailed(f"the model actor did not come back within {MODEL_RESTART_TIMEOUT_S:.0f} s") from None
+                time.sleep(0.2)
+            except RayActorError as exc:
+                raise RunFailed(f"the model actor died and could not be restarted: {_last_line(exc)}") from None
+            except ray.exceptions.GetTimeoutError:
+                raise RunFailed(f"the model actor did not come back within {MODEL_RESTART_TIMEOUT_S:.0f} s") from None
         # Calls to the dead incarnation have all resolved by now; keep the results it delivered.
         pending = list(self.model_calls)
         ray.wait(pending, num_returns=len(pending), timeout=MODEL_RESTART_TIMEOUT_S)
@@ -484,9 +491,14 @@ def _started(ref: ray.ObjectRef, what: str) -> Any:
     try:
         return ray.get(ref)
     except RayActorError as exc:
-        cause = getattr(exc, "cause", None) or exc
-        lines = [ln for ln in str(cause).splitlines() if ln.strip()]
-        raise RunFailed(f"{what} could not start: {lines[-1] if lines else type(cause).__name__}") from None
+        raise RunFailed(f"{what} could not start: {_last_line(exc)}") from None
+
+
+def _last_line(exc: BaseException) -> str:
+    """The last line of an actor error (the cause, without Ray's traceback)."""
+    cause = getattr(exc, "cause", None) or exc
+    lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(cause).__name__
 
 
 def _is_ready(ref: ray.ObjectRef) -> bool:

@@ -97,7 +97,8 @@ class SinkActor:
             )
             self._committed.setdefault(sid, set()).update(ids)
             self._written[sid] = self._written.get(sid, 0) + len(ids)
-            self._metrics.windows_out.inc(len(ids), tags={"stage": "sink", "stream": sid})
+            if ids:
+                self._metrics.windows_out.inc(len(ids), tags={"stage": "sink", "stream": sid})
         self._metrics.latency.observe(time.perf_counter() - t0, tags={"stage": "sink"})
         self._oldest = None
 

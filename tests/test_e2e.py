@@ -1,0 +1,207 @@
+"""End-to-end runs on Ray (2 CPUs): synthetic and PyAV-clip streams through a tiny model into
+Parquet, a bad stream among good ones, SIGTERM then resume, and a model actor killed mid-run.
+Outputs are read back with pyarrow (hive partitioning), DuckDB and Polars."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import polars as pl
+import pyarrow.dataset as ds
+import pytest
+import yaml
+
+import actors
+import run_pipeline
+from clips import write_clip
+from perceiver_stream.checkpoint import save_checkpoint
+from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO
+from pipeline.config import config_hash, parse_config
+from pipeline.parquet import read_file_metadata
+from pipeline.read import read_windows
+from pipeline.sources.synthetic import CLASSES
+
+REPO = Path(__file__).resolve().parents[1]
+SECONDS = 4.0  # a synthetic stream of 4 s gives 7 windows (1 s, hop 0.5)
+WINDOWS = 7
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    import torch
+
+    torch.manual_seed(0)
+    model = StreamingPerceiverIO(
+        StreamingConfig(
+            num_latents=8,
+            latent_channels=16,
+            self_heads=2,
+            self_attends_per_block=1,
+            num_blocks=1,
+            flow_size=(16, 16),
+            flow_channels=16,
+            flow_pos_bands=4,
+            class_names=CLASSES,
+        )
+    )
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", model)
+
+
+def config_data(checkpoint: Path, streams: list[dict], **runtime) -> dict:
+    return {
+        "streams": streams,
+        "window": {"seconds": 1.0, "hop": 0.5},
+        "video": {"size": [16, 16]},
+        "model": {"checkpoint": str(checkpoint), "device": "cpu", "batch_size": 4, "max_wait_ms": 20},
+        "runtime": {"max_in_flight_per_stream": 3, "max_in_flight": 8, **runtime},
+    }
+
+
+def synthetic(sid: str, seed: int, seconds: float = SECONDS) -> dict:
+    return {"id": sid, "synthetic": {"seed": seed, "seconds": seconds}}
+
+
+def read_table(out: Path, table: str):
+    return ds.dataset(out / table, format="parquet", partitioning="hive").to_table()
+
+
+def ids_by_stream(out: Path, table: str = "windows") -> dict[str, list[int]]:
+    rows = duckdb.sql(
+        f"select stream_id, window_id from read_parquet('{out}/{table}/*/*.parquet', hive_partitioning=true)"
+    ).fetchall()
+    got: dict[str, list[int]] = {}
+    for sid, wid in rows:
+        got.setdefault(sid, []).append(wid)
+    return {sid: sorted(v) for sid, v in got.items()}
+
+
+def test_synthetic_run_writes_every_table_once(ray_session, tiny_checkpoint, tmp_path):
+    cfg = parse_config(config_data(tiny_checkpoint, [synthetic("a", 1), synthetic("b", 2)]))
+    out = tmp_path / "out"
+    summary = actors.run(cfg, out)
+    assert summary.exit_code == 0 and summary.failed == [] and summary.windows == 2 * WINDOWS
+    assert ids_by_stream(out) == {"a": list(range(WINDOWS)), "b": list(range(WINDOWS))}
+    assert ids_by_stream(out, "flow") == {"a": list(range(WINDOWS)), "b": list(range(WINDOWS))}
+
+    windows = read_table(out, "windows")
+    assert windows.schema.field("embedding").type.list_size == 16
+    df = pl.from_arrow(windows).sort(["stream_id", "window_id"])
+    assert df.filter(pl.col("state_reset"))["window_id"].to_list() == [0, 0]  # first window only
+    assert df["has_video"].all() and df["has_audio"].all() and df["has_points"].all()
+    assert (df["t_end"] - df["t_start"]).to_list() == pytest.approx([1.0] * len(df))
+    assert set(df["model"].to_list()) == {"tiny"}
+    labels = df["labels"].to_list()[0]
+    assert len(labels) == 5 and {x["label"] for x in labels} <= set(CLASSES)
+    assert [x["score"] for x in labels] == sorted((x["score"] for x in labels), reverse=True)
+
+    flow = pl.from_arrow(read_table(out, "flow"))
+    assert set(flow["height"].to_list()) == {16} and set(flow["width"].to_list()) == {16}
+    assert all(len(f) == 16 * 16 * 2 and np.isfinite(f).all() for f in flow["flow"].to_list())
+    assert (flow["t"] < 0.5 * flow["window_id"] + 1.0).all()
+
+    part = next((out / "windows" / "stream_id=a").glob("part-*.parquet"))
+    meta = read_file_metadata(part)
+    assert meta["model"] == "tiny" and meta["config_hash"] == config_hash(cfg) and meta["schema_version"]
+
+
+def test_run_over_pyav_clips(ray_session, tiny_checkpoint, tmp_path):
+    streams = []
+    for i, seconds in enumerate((2.0, 3.0)):
+        clip = write_clip(tmp_path / f"clip{i}.mp4", seconds=seconds, size=(32, 32), fps=10)
+        streams.append({"id": f"cam{i}", "video": str(clip), "audio": "same"})
+    cfg = parse_config(config_data(tiny_checkpoint, streams))
+    expected = {
+        s["id"]: [w.window_id for w in read_windows(s, 1.0, 0.5, video={"size": [16, 16]})] for s in streams
+    }
+    assert all(len(v) >= 2 for v in expected.values())
+    out = tmp_path / "out"
+    summary = actors.run(cfg, out)
+    assert summary.exit_code == 0
+    assert ids_by_stream(out) == expected
+    df = pl.from_arrow(read_table(out, "windows"))
+    assert df["has_video"].all() and df["has_audio"].all() and not df["has_points"].any()
+
+
+def test_one_bad_stream_costs_one_error_row_and_exit_3(ray_session, tiny_checkpoint, tmp_path):
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"this is not a video file" * 100)
+    streams = [synthetic("good0", 1), {"id": "bad", "video": str(bad)}, synthetic("good1", 2)]
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(config_data(tiny_checkpoint, streams)))
+    out = tmp_path / "out"
+    code = run_pipeline.main(["--config", str(cfg_file), "--output", str(out), "--no-progress"])
+    assert code == 3
+    assert ids_by_stream(out) == {"good0": list(range(WINDOWS)), "good1": list(range(WINDOWS))}
+    errors = pl.from_arrow(read_table(out, "errors"))
+    assert errors["stream_id"].to_list() == ["bad"]
+    assert errors["kind"][0] in {"SourceOpenError", "DecodeError"} and "bad" in errors["message"][0]
+    assert errors["window_id"][0] is None
+
+    only_bad = tmp_path / "bad.yaml"
+    only_bad.write_text(yaml.safe_dump(config_data(tiny_checkpoint, [{"id": "bad", "video": str(bad)}])))
+    assert run_pipeline.main(["--config", str(only_bad), "--output", str(tmp_path / "o2"), "--no-progress"]) == 1
+
+
+def test_model_actor_killed_mid_run_loses_and_repeats_nothing(ray_session, tiny_checkpoint, tmp_path):
+    import ray
+
+    cfg = parse_config(config_data(tiny_checkpoint, [synthetic("a", 1, 8.0), synthetic("b", 2, 8.0)]))
+    killed = []
+
+    def kill_once(p: actors.RunningPipeline) -> None:
+        if not killed and p.windows >= 4:
+            killed.append(p.windows)
+            ray.kill(p.model, no_restart=False)
+
+    out = tmp_path / "out"
+    summary = actors.run(cfg, out, on_progress=kill_once)
+    assert killed and summary.restarts == 1 and summary.exit_code == 0
+    n = 15  # 8 s at 1 s / 0.5 s
+    assert ids_by_stream(out) == {"a": list(range(n)), "b": list(range(n))}
+    df = pl.from_arrow(read_table(out, "windows")).sort(["stream_id", "window_id"])
+    resets = df.filter(pl.col("state_reset")).group_by("stream_id").agg(pl.col("window_id").min(), pl.len())
+    # Each stream starts a new state chain after the restart: a second reset, with a window
+    # that was in flight then or the next one it sent.
+    assert set(resets["window_id"].to_list()) == {0} and (resets["len"] == 2).all()
+
+
+def test_sigterm_drains_then_resume_completes_without_gaps_or_repeats(ray_session, tiny_checkpoint, tmp_path):
+    import ray
+
+    seconds, n = 30.0, 59
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(config_data(tiny_checkpoint, [synthetic("a", 1, seconds), synthetic("b", 2, seconds)])))
+    out = tmp_path / "out"
+    address = ray.get_runtime_context().gcs_address
+    cmd = [sys.executable, str(REPO / "run_pipeline.py"), "--config", str(cfg_file), "--output", str(out)]
+    cmd += ["--address", address, "--no-progress"]
+    proc = subprocess.Popen(cmd + ["--realtime"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    manifest = out / "_manifest"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and proc.poll() is None:
+        if manifest.exists() and any(p.stat().st_size for p in manifest.glob("stream_id=*.jsonl")):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stdout.read().decode()
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 0, log
+    assert "draining" in log
+    first = ids_by_stream(out)
+    assert first and all(ids == list(range(len(ids))) for ids in first.values())
+    assert all(len(ids) < n for ids in first.values()), "the run ended before the signal"
+
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()
+    assert ids_by_stream(out) == {"a": list(range(n)), "b": list(range(n))}
+    df = pl.from_arrow(read_table(out, "windows"))
+    for sid, ids in first.items():
+        resumed = df.filter((pl.col("stream_id") == sid) & (pl.col("window_id") == len(ids)))
+        assert resumed["state_reset"].to_list() == [True]
