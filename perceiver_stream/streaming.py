@@ -57,8 +57,9 @@ class StreamingConfig:
     state_gate_init: initial value of the per-channel state gate (before the sigmoid).
     flow_modality:   the modality whose last two frames give flow (None = no flow decoder).
     flow_size:       the flow grid ``(H, W)``; frames of another size are resized to it.
-    flow_pos_bands, flow_channels, flow_chunk, flow_scale: pixel-position Fourier bands, query width,
-                     queries per chunk (None = all at once), multiplier from decoder output to pixels.
+    flow_pos_bands, flow_channels, flow_widening, flow_chunk, flow_scale: pixel-position Fourier bands,
+                     query width, the decoder MLP's widening, queries per chunk (None = all at once),
+                     multiplier from decoder output to pixels.
     class_names:     the label decoder's classes, in index order (empty = no label decoder).
     """
 
@@ -79,6 +80,7 @@ class StreamingConfig:
     flow_size: tuple[int, int] = (64, 64)
     flow_pos_bands: int = 16
     flow_channels: int = 64
+    flow_widening: int = 1
     flow_chunk: int | None = 8192
     flow_scale: float = 1.0
     class_names: tuple[str, ...] = ()
@@ -91,7 +93,8 @@ class StreamingConfig:
         self.class_names = tuple(str(c) for c in self.class_names)
         self.mask_probs = {str(k): float(v) for k, v in self.mask_probs.items()}
         positive = ("num_latents", "latent_channels", "cross_heads", "cross_widening", "self_heads",
-                    "self_widening", "self_attends_per_block", "num_blocks", "flow_pos_bands", "flow_channels")
+                    "self_widening", "self_attends_per_block", "num_blocks", "flow_pos_bands", "flow_channels",
+                    "flow_widening")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"model config: {name} must be at least 1, got {getattr(self, name)}")
@@ -253,7 +256,9 @@ class StreamingPerceiverIO(nn.Module):
             # Linear(concat(patch, pos)) split in two so the position half is computed once.
             self.flow_patch_proj = nn.Linear(self.flow_input.out_channels, fc)
             self.flow_pos_proj = nn.Linear(fourier_channels(2, config.flow_pos_bands), fc, bias=False)
-            self.flow_decoder = CrossAttention(fc, c, qk_channels=fc, v_channels=fc, num_heads=1, widening_factor=1)
+            self.flow_decoder = CrossAttention(
+                fc, c, qk_channels=fc, v_channels=fc, num_heads=1, widening_factor=config.flow_widening
+            )
             self.flow_head = nn.Linear(fc, 2)
         self._cache = _Cache()
 

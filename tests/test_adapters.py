@@ -184,5 +184,23 @@ def test_specs_are_validated_and_completed():
         build_adapter({"kind": "video", "patches": 3})
     with pytest.raises(ValueError, match="unknown adapter kind"):
         build_adapter({"kind": "radar"})
-    with pytest.raises(ValueError, match="at least 1"):
+    with pytest.raises(ValueError, match="positive multiple"):
         build_adapter({"kind": "video", "frames": 0})
+    with pytest.raises(ValueError, match="at least 1"):
+        build_adapter({"kind": "video", "patch": 0})
+
+
+def test_video_stack_puts_consecutive_frames_in_one_token():
+    a = build_adapter({"kind": "video", "patch": 4, "frames": 4, "stack": 2, "pos_bands": 2, "time_bands": 2})
+    m = video_batch([3, 5])
+    tokens, mask = a(m, torch.tensor([51.0, 51.0], dtype=torch.float64))
+    n = 4
+    assert tokens.shape == (2, 2 * n, a.out_channels) and a.out_channels == 96 + fourier_channels(2, 2) + 5
+    # row 0 (frames 0..2): groups (missing, 0) masked, (1, 2) real; row 1 (0..4): groups (1, 2), (3, 4)
+    assert mask[0].tolist() == [False] * n + [True] * n and mask[1].all()
+    expect = torch.cat([normalise_frames(m.values[0, 1, :4, :4]).reshape(-1),
+                        normalise_frames(m.values[0, 2, :4, :4]).reshape(-1)])
+    torch.testing.assert_close(tokens[0, n, :96], expect)
+    assert tokens[1, 0, -1].item() == pytest.approx(50.2 - 51.0)  # group time = its last frame's
+    with pytest.raises(ValueError, match="multiple of stack"):
+        build_adapter({"kind": "video", "frames": 3, "stack": 2})

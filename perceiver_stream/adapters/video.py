@@ -36,6 +36,9 @@ class VideoAdapterConfig:
 
     patch:       side of the square patches (frames must be divisible by it).
     frames:      use only each window's last ``frames`` frames (None = all of them).
+    stack:       consecutive frames stacked on the channels of one token (a token then sees the
+                 same place in ``stack`` frames: motion is local to it). Groups are aligned to the
+                 window's last frame; a group with a missing frame is masked out.
     pos_bands:   Fourier bands of the (y, x) patch position (DeepMind form, max resolution = grid).
     time_*:      the media-time code (see ``fourier.time_fourier_features``).
     """
@@ -43,42 +46,54 @@ class VideoAdapterConfig:
     kind: str = "video"
     patch: int = 4
     frames: int | None = 2
+    stack: int = 1
     pos_bands: int = 8
     time_bands: int = 8
     time_period: float = 2.0**17
     time_max_freq: float = 16.0
 
     def __post_init__(self) -> None:
-        if self.patch < 1 or self.pos_bands < 1 or self.time_bands < 1:
-            raise ValueError("video adapter: patch, pos_bands and time_bands must be at least 1")
-        if self.frames is not None and self.frames < 1:
-            raise ValueError("video adapter: frames must be at least 1 (or null for all frames)")
+        if min(self.patch, self.stack, self.pos_bands, self.time_bands) < 1:
+            raise ValueError("video adapter: patch, stack, pos_bands and time_bands must be at least 1")
+        if self.frames is not None and (self.frames < 1 or self.frames % self.stack):
+            raise ValueError("video adapter: frames must be a positive multiple of stack (or null for all frames)")
 
 
 class VideoAdapter(Adapter):
-    """Video ``B x T x H x W x 3`` uint8 -> one token per patch of each used frame.
+    """Video ``B x T x H x W x 3`` uint8 -> one token per patch of each used frame (group).
 
-    Token channels: ``[pixels (p*p*3), Fourier(y, x), time code of the frame]``.
+    Token channels: ``[pixels (stack*p*p*3, oldest frame first), Fourier(y, x), time code of the
+    group's last frame]``.
     """
 
     def __init__(self, config: VideoAdapterConfig) -> None:
         super().__init__()
         self.config = config
         self.out_channels = (
-            config.patch * config.patch * 3 + fourier_channels(2, config.pos_bands) + time_channels(config.time_bands)
+            config.stack * config.patch * config.patch * 3
+            + fourier_channels(2, config.pos_bands)
+            + time_channels(config.time_bands)
         )
 
     def forward(self, m: ModalityBatch, t_ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens ``B x (T' * patches) x out_channels`` and their mask."""
         cfg = self.config
         values, times, mask = m.values, m.times, m.mask
-        if cfg.frames is not None:
-            values, fmask = gather_last(values, mask, cfg.frames)
-            times, _ = gather_last(times, mask, cfg.frames)
-            mask = fmask
+        k = cfg.stack
+        keep = cfg.frames if cfg.frames is not None else (None if k == 1 else -(-values.shape[1] // k) * k)
+        if keep is not None:
+            values, kept = gather_last(values, mask, keep)
+            times, _ = gather_last(times, mask, keep)
+            mask = kept
+        if k > 1:
+            mask = mask.view(mask.shape[0], -1, k).all(dim=2)
+            times = times.view(times.shape[0], -1, k)[:, :, -1]
         b, t, h, w, _ = values.shape
         pix = space_to_depth(normalise_frames(values), cfg.patch)  # B x T x P x C
         n = pix.shape[2]
+        if k > 1:
+            t = t // k
+            pix = pix.view(b, t, k, n, -1).transpose(2, 3).reshape(b, t, n, -1)
         pos = grid_fourier_features((h // cfg.patch, w // cfg.patch), cfg.pos_bands, device=pix.device)
         tcode = time_features(
             times, t_ref, bands=cfg.time_bands, period=cfg.time_period, max_freq=cfg.time_max_freq
