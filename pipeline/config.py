@@ -131,21 +131,36 @@ class RuntimeConfig(_Section):
 
 
 class DistillConfig(_Section):
-    """Online distillation. ``student`` holds overrides of the teacher's model config (fewer
-    latents / layers), checked by the model library when the student is built."""
+    """Online distillation of a smaller student from the running model (`pipeline.distill`).
+
+    ``student`` holds overrides of the teacher's model config (fewer latents / layers; empty =
+    `perceiver_stream.student.student_config`'s defaults), checked by the model library when the
+    student is built. The loss is ``embedding_weight * (1 - cosine)`` on embeddings +
+    ``label_weight * KL`` of label scores at ``temperature`` + ``flow_weight * L1`` to the
+    teacher's flow. A step is taken on every ``every_windows``-th batch; a student checkpoint is
+    written to ``<output>/_checkpoints/`` every ``checkpoint_every`` steps and at the end.
+    """
 
     enabled: bool = False
     student: dict[str, Any] = Field(default_factory=dict)
     every_windows: int = Field(1, ge=1)
     checkpoint_every: int = Field(200, ge=1)
     lr: float = Field(1e-3, gt=0)
+    temperature: float = Field(2.0, gt=0)
+    embedding_weight: float = Field(1.0, ge=0)
+    label_weight: float = Field(1.0, ge=0)
+    flow_weight: float = Field(0.2, ge=0)
 
 
 class TrainConfig(_Section):
     """`run_pipeline.py train`: synthetic seeds, optimisation and the model to build.
 
-    ``model`` is the model library's config (validated there); ``checkpoint`` is where the
-    trained checkpoint is written.
+    ``seeds`` are the synthetic rigs trained on (``seconds`` long each); the config's synthetic
+    ``streams`` are the held-out streams of the final evaluation (they must not share a seed).
+    ``model`` holds overrides of the model library's config (validated there; ``flow_size``
+    defaults to ``video.size``, the class names are the rig's). ``checkpoint`` is where the
+    trained checkpoint is written (default ``<output>/checkpoint``); periodic checkpoints with
+    optimiser state go to ``<output>/_checkpoints/train/`` and a new run resumes from the latest.
     """
 
     seeds: list[int] = Field(default_factory=lambda: list(range(16)))
@@ -155,11 +170,15 @@ class TrainConfig(_Section):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
     modality_dropout: float = Field(0.0, ge=0, lt=1)
     flow_weight: float = Field(1.0, ge=0)
     label_weight: float = Field(1.0, ge=0)
+    carry_state: bool = True
     checkpoint_every: int = Field(500, ge=1)
-    eval_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    eval_windows: int = Field(200, ge=200)
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (None = torch's default)")
     checkpoint: str | None = None
     model: dict[str, Any] = Field(default_factory=dict)
 

@@ -1,0 +1,92 @@
+"""Students: smaller ``StreamingPerceiverIO``s distilled from a teacher, and the distillation loss.
+
+A student is the same architecture with fewer latents, a shallower latent tower and a narrower
+flow decoder. It keeps the teacher's latent width, so its embedding lives in the teacher's
+space and ``cosine(student, teacher)`` is meaningful without a projection; ``init_from_teacher``
+copies every teacher tensor the student can use as is (adapters, encoder, label decoder, the
+first tower layers, an evenly strided subset of the latents), so distillation starts close.
+
+The loss (``distill_losses``) matches the teacher's outputs, never ground truth:
+
+- ``embedding``: ``1 - cosine`` between the window embeddings;
+- ``labels``: ``KL(teacher || student)`` of the label scores softened at ``temperature``,
+  times ``temperature**2`` (Hinton et al.'s scaling keeps gradients comparable across T);
+- ``flow``: mean L1 (px) to the teacher's flow where both have flow.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from perceiver_stream.outputs import ModelOutput
+from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO
+
+
+def student_config(teacher: StreamingConfig, overrides: dict[str, Any] | None = None) -> StreamingConfig:
+    """The student's config: ``teacher`` with ``overrides`` (defaults: a quarter of the latents,
+    one self-attention layer applied once, half the flow channels); the latent width, adapters,
+    flow grid and classes stay the teacher's so outputs are comparable. Raises ValueError on an
+    invalid override or one that changes ``latent_channels`` / ``class_names`` / ``flow_size``."""
+    defaults = {
+        "num_latents": max(8, teacher.num_latents // 4),
+        "self_attends_per_block": 1,
+        "num_blocks": 1,
+        "flow_channels": max(16, teacher.flow_channels // 2),
+        "mask_probs": {},
+    }
+    config = teacher.replace(**{**defaults, **(overrides or {})})
+    changed = [k for k in ("latent_channels", "class_names", "flow_size", "modalities")
+               if getattr(config, k) != getattr(teacher, k)]
+    if changed:
+        raise ValueError(f"student config: {changed} must equal the teacher's (outputs must be comparable)")
+    return config
+
+
+@torch.no_grad()
+def init_from_teacher(student: StreamingPerceiverIO, teacher: StreamingPerceiverIO) -> list[str]:
+    """Copy into ``student`` every teacher tensor of the same name and shape; the latents take an
+    evenly strided subset of the teacher's. Returns the names of the student tensors left as
+    initialised (shapes that differ, e.g. a narrower flow decoder)."""
+    theirs = teacher.state_dict()
+    left = []
+    for name, value in student.state_dict().items():
+        src = theirs.get(name)
+        if name == "latents" and src is not None and src.shape[1] == value.shape[1]:
+            idx = torch.linspace(0, src.shape[0] - 1, value.shape[0]).round().long()
+            value.copy_(src[idx])
+        elif src is not None and src.shape == value.shape:
+            value.copy_(src)
+        else:
+            left.append(name)
+    return left
+
+
+def embedding_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-row cosine similarity of two ``B x D`` embeddings."""
+    return F.cosine_similarity(a.float(), b.float(), dim=-1, eps=1e-8)
+
+
+def distill_losses(
+    student: ModelOutput,
+    teacher: ModelOutput,
+    *,
+    temperature: float = 2.0,
+) -> dict[str, torch.Tensor]:
+    """``embedding``, ``labels`` and (where both have flow) ``flow`` losses of ``student`` against
+    ``teacher`` (teacher tensors are treated as constants)."""
+    if temperature <= 0:
+        raise ValueError(f"distillation temperature must be positive, got {temperature}")
+    out = {"embedding": (1.0 - embedding_cosine(student.embedding, teacher.embedding.detach())).mean()}
+    if student.label_logits.shape[1]:
+        t = temperature
+        target = F.log_softmax(teacher.label_logits.detach().float() / t, dim=-1)
+        pred = F.log_softmax(student.label_logits / t, dim=-1)
+        out["labels"] = F.kl_div(pred, target, log_target=True, reduction="batchmean") * t * t
+    if student.flow is not None and teacher.flow is not None:
+        both = student.flow_valid & teacher.flow_valid.to(student.flow_valid.device)
+        if bool(both.any()):
+            out["flow"] = (student.flow[both] - teacher.flow.detach()[both].to(student.flow.dtype)).abs().mean()
+    return out

@@ -1,0 +1,273 @@
+"""`run_pipeline.py train`: train the fused model on the synthetic rig, with checkpoints and resume.
+
+`train_job(cfg)` renders one synthetic stream per seed of ``cfg.train.seeds`` through the same
+windower as the pipeline (`pipeline.read.open_stream`), keeps each window's last frames, audio,
+points and truth in memory (rendering costs about a second per 30 s stream, far less than
+training on it, so nothing is written to disk), and trains with `perceiver_stream.train.losses`
+(flow EPE + label cross-entropy) under modality dropout.
+
+Batches are *lanes*: each epoch shuffles the streams into groups of ``batch_size`` and walks each
+group window by window, so batch ``t+1`` holds the successors of batch ``t``'s windows and the
+latent state is carried as in the pipeline (one-step truncated backpropagation through time).
+The order is a function of ``(step, train seeds)``, so a resumed run sees the batches the
+interrupted one would have seen.
+
+Checkpoints: every ``checkpoint_every`` steps to ``<output>/_checkpoints/train/step-NNNNNNN/``
+(safetensors + config JSON, plus the optimiser state); a new run of the same config resumes from
+the latest, and refuses one whose model, seeds or data settings differ. At the end the model is
+written to ``train.checkpoint`` with the training seeds, class names and data settings in its
+metadata, then evaluated on the config's (held-out) synthetic streams.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from perceiver_stream.batch import Batch
+from perceiver_stream.checkpoint import load_checkpoint, read_config, save_checkpoint
+from perceiver_stream.multimodal import drop_modalities
+from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO, StreamStates
+from perceiver_stream.train import losses
+from pipeline.collate import collate
+from pipeline.config import Config, StreamConfig, SyntheticConfig
+from pipeline.errors import ConfigError
+from pipeline.read import open_stream
+from pipeline.window import Window
+
+TRAIN_CHECKPOINTS = Path("_checkpoints") / "train"
+OPTIMIZER = "optimizer.pt"
+
+
+# ---- data -------------------------------------------------------------------------------------
+
+
+def data_settings(cfg: Config) -> dict[str, Any]:
+    """What shapes the windows a model sees (stored in checkpoints so evaluation can match it)."""
+    return {
+        "window": cfg.window.model_dump(mode="json"),
+        "video": {"size": list(cfg.video.size or (64, 64)), "fps": cfg.video.fps},
+        "audio": cfg.audio.model_dump(mode="json"),
+    }
+
+
+def settings_config(data: dict[str, Any], streams: list[dict[str, Any]]) -> Config:
+    """A `Config` with ``data``'s window / video / audio settings and ``streams``."""
+    return Config.model_validate({"streams": streams, **data})
+
+
+def video_frames_needed(config: StreamingConfig) -> int | None:
+    """How many trailing frames of a window the model reads (None = all of them)."""
+    spec = config.modalities.get("video")
+    flow = 2 if config.flow_modality is not None else 1
+    if spec is None:
+        return flow if config.flow_modality is not None else None
+    return None if spec.get("frames") is None else max(int(spec["frames"]), flow)
+
+
+def compact(window: Window, video_frames: int | None) -> Window:
+    """``window`` keeping only its last ``video_frames`` frames, copied out of the windower's slabs."""
+    if window.video is None or video_frames is None:
+        return window
+    return replace(window, video=window.video[-video_frames:].copy(), video_t=window.video_t[-video_frames:].copy())
+
+
+def synthetic_stream(
+    cfg: Config, seed: int, seconds: float, *, video_frames: int | None, stream_id: str | None = None
+) -> list[Window]:
+    """Every window of the synthetic rig ``seed`` (``seconds`` long) under ``cfg``'s settings."""
+    spec = StreamConfig(id=stream_id or f"seed{seed}", synthetic=SyntheticConfig(seed=seed, seconds=seconds))
+    return [compact(w, video_frames) for w in open_stream(spec, cfg)]
+
+
+def lane_plan(lengths: list[int], batch_size: int, seed: int) -> Iterator[list[tuple[int, int]]]:
+    """Endless ``[(stream, window index), ...]`` batches: per epoch, streams shuffled into lanes of
+    ``batch_size`` walked window by window (see the module docstring)."""
+    for epoch in range(1 << 62):
+        order = np.random.default_rng([seed, epoch]).permutation(len(lengths))
+        for g in range(0, len(order), batch_size):
+            group = [int(s) for s in order[g : g + batch_size]]
+            for t in range(max(lengths[s] for s in group)):
+                yield [(s, t) for s in group if t < lengths[s]]
+
+
+# ---- checkpoints ------------------------------------------------------------------------------
+
+
+def _latest(folder: Path) -> Path | None:
+    done = sorted(p for p in folder.glob("step-*") if (p / OPTIMIZER).is_file() and (p / "config.json").is_file())
+    return done[-1] if done else None
+
+
+def _check_resumable(path: Path, config: StreamingConfig, meta: dict[str, Any]) -> None:
+    saved, saved_meta = read_config(path)
+    diffs = [k for k, v in config.to_dict().items() if saved.to_dict().get(k) != v]
+    diffs += [k for k in ("train_seeds", "seconds", "data") if saved_meta.get(k) != meta[k]]
+    if diffs:
+        raise ConfigError(
+            f"checkpoint {path} was trained with different {diffs}; train into a new output.dir "
+            "or pass resume=False (--no-resume) to start afresh",
+            source=str(path),
+        )
+
+
+def _save(path: Path, model: StreamingPerceiverIO, opt: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_checkpoint(tmp, model, meta)
+    torch.save(opt.state_dict(), tmp / OPTIMIZER)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+# ---- the job ----------------------------------------------------------------------------------
+
+
+def build_model_config(cfg: Config) -> StreamingConfig:
+    """The model to train: ``train.model`` overrides, flow grid = ``video.size``, the rig's classes."""
+    from pipeline.sources.synthetic import CLASSES
+
+    overrides = dict(cfg.train.model)
+    overrides.setdefault("flow_size", list(cfg.video.size or (64, 64)))
+    overrides["class_names"] = list(CLASSES)
+    try:
+        return StreamingConfig.from_dict(overrides)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"train.model: {e}") from None
+
+
+def _schedule(step: int, steps: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10% (the library loop's schedule, resumable at ``step``)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def eval_seeds(cfg: Config) -> list[int]:
+    """The seeds of the config's synthetic streams (the held-out streams of the final evaluation)."""
+    return [s.synthetic.seed for s in cfg.streams if s.synthetic is not None]
+
+
+def train_job(cfg: Config, *, resume: bool = True, progress: bool = True) -> dict[str, Any]:
+    """Train per ``cfg.train`` (see the module docstring); returns a JSON-ready summary with the
+    final checkpoint path, losses, timings and the final evaluation of each held-out stream."""
+    from tqdm import tqdm
+
+    from pipeline.evaluation import evaluate_model, heldout_windows
+
+    tc = cfg.train
+    overlap = sorted(set(eval_seeds(cfg)) & set(tc.seeds))
+    if overlap:
+        raise ConfigError(f"streams: seeds {overlap} are also train.seeds; evaluation streams must be held out")
+    if tc.threads is not None:
+        torch.set_num_threads(tc.threads)
+    config = build_model_config(cfg)
+    out_dir = Path(cfg.output.dir)
+    ckpt_dir = out_dir / TRAIN_CHECKPOINTS
+    final_path = Path(tc.checkpoint) if tc.checkpoint else out_dir / "checkpoint"
+    meta: dict[str, Any] = {
+        "train_seeds": list(tc.seeds),
+        "seconds": tc.seconds,
+        "data": data_settings(cfg),
+        "class_names": list(config.class_names),
+        "train": tc.model_dump(mode="json", exclude={"checkpoint"}),
+    }
+
+    torch.manual_seed(0)
+    model = StreamingPerceiverIO(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    start = 0
+    latest = _latest(ckpt_dir) if resume else None
+    if latest is not None:
+        _check_resumable(latest, config, meta)
+        model, saved = load_checkpoint(latest)
+        opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        opt.load_state_dict(torch.load(latest / OPTIMIZER, weights_only=True))
+        start = int(saved["step"])
+
+    t0 = time.perf_counter()
+    frames = video_frames_needed(config)
+    seeds = tqdm(tc.seeds, desc="rendering synthetic streams", unit="stream", disable=not progress)
+    streams = [synthetic_stream(cfg, s, tc.seconds, video_frames=frames) for s in seeds]
+    render_s = time.perf_counter() - t0
+    plan = lane_plan([len(s) for s in streams], tc.batch_size, seed=tc.seeds[0])
+    for _ in range(start):
+        next(plan)
+
+    generator = torch.Generator().manual_seed(start)
+    states = StreamStates()
+    carry = tc.carry_state and config.state
+    history: list[dict[str, float]] = []
+    bar = tqdm(total=tc.steps, initial=start, desc="training", unit="step", disable=not progress)
+    t1 = time.perf_counter()
+    model.train()
+    for step in range(start, tc.steps):
+        batch = collate([streams[s][t] for s, t in next(plan)], video_frames=frames)
+        for group in opt.param_groups:
+            group["lr"] = tc.lr * _schedule(step, tc.steps, tc.warmup_steps)
+        batch = drop_modalities(batch, tc.modality_dropout, generator)
+        state = None
+        if carry:
+            batch, state = states.gather(batch, strict=False)
+        output = model(batch, state)
+        parts = losses(output, batch.targets)
+        zero = output.embedding.sum() * 0.0
+        loss = tc.flow_weight * parts.get("flow_epe", zero) + tc.label_weight * parts.get("label_ce", zero)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if tc.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        if carry:
+            states.update(batch, output.state)
+        history.append({"loss": loss.item(), **{k: v.item() for k, v in parts.items()}})
+        bar.update(1)
+        bar.set_postfix({k: f"{np.mean([h.get(k, np.nan) for h in history[-20:]]):.3f}" for k in history[-1]})
+        done = step + 1
+        if done % tc.checkpoint_every == 0 or done == tc.steps:
+            model.eval()
+            _save(ckpt_dir / f"step-{done:07d}", model, opt, {**meta, "step": done, "recent": _recent(history)})
+            for old in sorted(ckpt_dir.glob("step-*"))[: -tc.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+            model.train()
+    bar.close()
+    model.eval()
+    train_s = time.perf_counter() - t1
+
+    results: dict[str, Any] = {}
+    for seed in tqdm(eval_seeds(cfg), desc="evaluating", unit="seed", disable=not progress):
+        windows = heldout_windows(meta["data"], seed, tc.eval_windows, video_frames=frames)
+        results[str(seed)] = {"all": evaluate_model(model, windows)}
+        if seed == eval_seeds(cfg)[0]:
+            for name in config.modalities:
+                results[str(seed)][f"drop_{name}"] = evaluate_model(model, windows, drop=name)
+    summary = {
+        "checkpoint": str(final_path),
+        "steps": tc.steps,
+        "resumed_from": start,
+        "params": sum(p.numel() for p in model.parameters()),
+        "render_s": round(render_s, 1),
+        "train_s": round(train_s, 1),
+        "s_per_step": round(train_s / max(1, tc.steps - start), 4),
+        "first_loss": _recent(history[:20]),
+        "last_loss": _recent(history),
+        "eval": results,
+    }
+    save_checkpoint(final_path, model, {**meta, "step": tc.steps, "eval": results})
+    return summary
+
+
+def _recent(history: list[dict[str, float]], n: int = 20) -> dict[str, float]:
+    """Mean of each loss term over the last ``n`` steps."""
+    tail = history[-n:]
+    keys = sorted({k for h in tail for k in h})
+    return {k: round(float(np.nanmean([h.get(k, np.nan) for h in tail])), 4) for k in keys}
