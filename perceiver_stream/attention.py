@@ -13,6 +13,8 @@ as one pass because every query is independent of the others.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,12 +27,18 @@ def masked_attention(
 
     Batch rows with no valid key return zeros instead of the NaN a fully masked softmax gives.
     """
+    return _masked_sdpa(q, k, v, key_mask, None)
+
+
+def _masked_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, scale: float | None
+) -> torch.Tensor:
     if key_mask is None:
-        return F.scaled_dot_product_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
     empty = ~key_mask.any(dim=-1)  # B
     # Let empty rows attend to everything (finite), then zero them.
     attend = (key_mask | empty[:, None])[:, None, None, :]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, scale=scale)
     if bool(empty.any()):
         out = out.masked_fill(empty[:, None, None, None], 0.0)
     return out
@@ -85,11 +93,45 @@ class MultiHeadAttention(nn.Module):
         return self.out(o.transpose(1, 2).reshape(b, n, h * d))
 
 
+def _pad_to(x: torch.Tensor, multiple: int = 16) -> torch.Tensor:
+    """Zero-pad the last dimension to a multiple of ``multiple`` (SDPA's CPU kernels run much faster)."""
+    extra = -x.shape[-1] % multiple
+    return F.pad(x, (0, extra)) if extra else x
+
+
+@dataclass
+class ProjectedInputs:
+    """Keys and values of one input, prepared once and attended by any number of query chunks.
+
+    ``mode`` says how the layer's projections were arranged (see :class:`CrossAttention`):
+    ``"standard"`` (``k``, ``v`` are ``B x H x N x d`` heads), ``"fold_keys"`` (query and output
+    projections folded into ``k``/``v``), ``"fold_queries"`` (``k`` = ``v`` = the normalised inputs;
+    key/value projections are applied on the query side).
+    """
+
+    mode: str
+    k: torch.Tensor
+    v: torch.Tensor
+
+
 class CrossAttention(nn.Module):
     """Perceiver IO cross-attention layer: queries attend to inputs, then an MLP.
 
     ``qk_channels`` defaults to ``kv_dim`` (DeepMind's ``shape_for_attn='kv'``), ``v_channels`` to
     ``qk_channels``; the output has ``q_dim`` channels.
+
+    With one head, the linear projections can be re-associated with the attention products, which
+    is the same function with fewer FLOPs when one side is much larger than the other:
+
+    * ``fold_keys`` (few keys, many queries, e.g. a per-pixel decoder): scores
+      ``(LN(x) Wq + bq) K^T = [LN(x), 1] [K Wq, K bq]^T`` and ``P V Wo = P (V Wo)``, so the per-query
+      work is two products with the keys and no projections;
+    * ``fold_queries`` (few queries, many keys, e.g. latents reading a large input): scores
+      ``q (LN(x) Wk + bk)^T = (q Wk^T) LN(x)^T + const`` (the constant cancels in the softmax) and
+      ``P (LN(x) Wv + bv) = (P LN(x)) Wv + bv`` (rows of P sum to one), so the inputs are never projected.
+
+    ``fold`` picks the arrangement: ``"auto"`` (the cheapest by a FLOP count), ``"never"``,
+    ``"keys"`` or ``"queries"``. All give the same outputs up to float rounding.
     """
 
     def __init__(
@@ -114,16 +156,64 @@ class CrossAttention(nn.Module):
         self.mlp_norm = nn.LayerNorm(q_dim)
         self.mlp = MLP(q_dim, widening_factor)
         self.use_query_residual = use_query_residual
+        self.fold = "auto"
 
-    def project_inputs(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised, projected keys and values of ``inputs``, split into heads (computed once per input)."""
-        return self.attn.project_kv(self.kv_norm(inputs))
+    def _mode(self, num_keys: int, num_queries: int) -> str:
+        if self.fold != "auto":
+            if self.fold != "never" and self.attn.num_heads != 1:
+                raise ValueError("folded projections need a single attention head")
+            return {"never": "standard", "keys": "fold_keys", "queries": "fold_queries"}[self.fold]
+        if self.attn.num_heads != 1:
+            return "standard"
+        a = self.attn
+        cq, ckv, qk, v, co = a.q.in_features, a.k.in_features, a.q.out_features, a.v.out_features, a.out.out_features
+        n, m = num_keys, num_queries
+        # Multiply-accumulates of each arrangement (per batch element).
+        cost = {
+            "standard": n * ckv * (qk + v) + m * cq * qk + m * n * (qk + v) + m * v * co,
+            "fold_keys": n * (qk * (cq + 1) + v * co) + m * n * (cq + 1 + co),
+            "fold_queries": m * (cq * qk + qk * ckv + ckv * v + v * co) + 2 * m * n * ckv,
+        }
+        return min(cost, key=cost.get)
 
-    def attend(
-        self, queries: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """The layer for ``queries`` given keys/values from :meth:`project_inputs`."""
-        x = self.attn.attend(self.q_norm(queries), k, v, key_mask)
+    def project_inputs(self, inputs: torch.Tensor, num_queries: int | None = None) -> ProjectedInputs:
+        """Prepare ``inputs`` (``B x N x kv_dim``) for attention by ``num_queries`` queries (chunks reuse it)."""
+        mode = self._mode(inputs.shape[1], num_queries or inputs.shape[1])
+        x = self.kv_norm(inputs)
+        if mode == "standard":
+            return ProjectedInputs(mode, *self.attn.project_kv(x))
+        if mode == "fold_queries":
+            x = _pad_to(x)[:, None]
+            return ProjectedInputs(mode, x, x)
+        a = self.attn
+        k, v = a.k(x), a.v(x)
+        k_fold = torch.cat([k @ a.q.weight.to(k.dtype), (k @ a.q.bias.to(k.dtype))[..., None]], dim=-1)
+        v_fold = v @ a.out.weight.to(v.dtype).t()
+        return ProjectedInputs(mode, _pad_to(k_fold)[:, None], _pad_to(v_fold)[:, None])
+
+    def _attention(self, q_in: torch.Tensor, kv: ProjectedInputs, key_mask: torch.Tensor | None) -> torch.Tensor:
+        a = self.attn
+        if kv.mode == "standard":
+            return a.attend(q_in, kv.k, kv.v, key_mask)
+        scale = a.q.out_features**-0.5
+        batch = kv.k.shape[0]
+        if kv.mode == "fold_keys":
+            q = torch.cat([q_in, q_in.new_ones(*q_in.shape[:-1], 1)], dim=-1)
+            q = _pad_to(q)[:, None].expand(batch, -1, -1, -1)
+            o = _masked_sdpa(q, kv.k, kv.v, key_mask, scale)[:, 0, :, : a.out.out_features]
+            return o + a.out.bias.to(o.dtype)
+        q = a.q(q_in) @ a.k.weight.to(q_in.dtype)
+        q = _pad_to(q)[:, None].expand(batch, -1, -1, -1)
+        o = _masked_sdpa(q, kv.k, kv.v, key_mask, scale)[:, 0, :, : a.k.in_features]
+        o = a.v(o)
+        if key_mask is not None:
+            # Queries with no valid key get a zero attention output, as in the standard arrangement.
+            o = o * key_mask.any(dim=-1).to(o.dtype)[:, None, None]
+        return a.out(o)
+
+    def attend(self, queries: torch.Tensor, kv: ProjectedInputs, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer for ``queries`` given inputs prepared by :meth:`project_inputs`."""
+        x = self._attention(self.q_norm(queries), kv, key_mask)
         if self.use_query_residual:
             x = x + queries
         return x + self.mlp(self.mlp_norm(x))
@@ -137,10 +227,10 @@ class CrossAttention(nn.Module):
         query_chunk: int | None = None,
     ) -> torch.Tensor:
         """``queries``: ``B x Nq x q_dim`` (or ``1 x Nq x q_dim``); ``inputs``: ``B x Nk x kv_dim``."""
-        k, v = self.project_inputs(inputs)
+        kv = self.project_inputs(inputs, queries.shape[1])
         if query_chunk is None or queries.shape[1] <= query_chunk:
-            return self.attend(queries, k, v, key_mask)
-        return torch.cat([self.attend(q, k, v, key_mask) for q in queries.split(query_chunk, dim=1)], dim=1)
+            return self.attend(queries, kv, key_mask)
+        return torch.cat([self.attend(q, kv, key_mask) for q in queries.split(query_chunk, dim=1)], dim=1)
 
 
 class SelfAttention(nn.Module):

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from perceiver_stream.attention import CrossAttention
+from perceiver_stream.attention import CrossAttention, ProjectedInputs
 from perceiver_stream.fourier import fourier_channels, fourier_features, grid_fourier_features
 from perceiver_stream.perceiver import Tokens
 
@@ -163,16 +163,16 @@ class CrossAttentionDecoder(nn.Module):
         )
         self.proj = nn.Linear(query_channels, out_channels) if out_channels is not None else None
 
-    def _chunk(self, queries: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        x = self.layer.attend(queries, k, v)
+    def _chunk(self, queries: torch.Tensor, kv: ProjectedInputs) -> torch.Tensor:
+        x = self.layer.attend(queries, kv)
         return self.proj(x) if self.proj is not None else x
 
     def forward(self, queries: torch.Tensor, latents: torch.Tensor, query_chunk: int | None = None) -> torch.Tensor:
         """``queries`` ``B x Nq x Cq`` (or batch 1), ``latents`` ``B x M x D`` -> ``B x Nq x out``."""
-        k, v = self.layer.project_inputs(latents)
+        kv = self.layer.project_inputs(latents, queries.shape[1])
         if query_chunk is None or queries.shape[1] <= query_chunk:
-            return self._chunk(queries, k, v)
-        return torch.cat([self._chunk(q, k, v) for q in queries.split(query_chunk, dim=1)], dim=1)
+            return self._chunk(queries, kv)
+        return torch.cat([self._chunk(q, kv) for q in queries.split(query_chunk, dim=1)], dim=1)
 
 
 class BasicDecoder(nn.Module):

@@ -98,3 +98,31 @@ def test_cuda_bf16_sdpa_matches_fp32():
             low = layer(cross(q, x, mask, query_chunk=32))
     assert not low.isnan().any()
     assert (low.float() - ref).abs().max() <= 5e-2 * ref.abs().max()
+
+
+@pytest.mark.parametrize("fold", ["keys", "queries"])
+def test_folded_projections_equal_the_standard_arrangement(fold):
+    torch.manual_seed(6)
+    layer = CrossAttention(20, 12, qk_channels=16, v_channels=8, num_heads=1, widening_factor=2).eval()
+    q, x = torch.randn(1, 9, 20), torch.randn(3, 14, 12)
+    mask = torch.ones(3, 14, dtype=torch.bool)
+    mask[1, 5:] = False
+    mask[2] = False  # no valid key: zeros from the attention, in every arrangement
+    layer.fold = "never"
+    ref = layer(q, x, mask)
+    layer.fold = fold
+    assert layer.project_inputs(x).mode == f"fold_{fold}"
+    assert torch.allclose(layer(q, x, mask, query_chunk=4), ref, atol=1e-5)
+    assert torch.allclose(layer(q, x), (setattr(layer, "fold", "never"), layer(q, x))[1], atol=1e-5)
+
+
+def test_auto_fold_picks_the_cheaper_arrangement():
+    flow_decoder = CrossAttention(322, 512, num_heads=1)
+    assert flow_decoder.project_inputs(torch.randn(1, 64, 512), num_queries=182528).mode == "fold_keys"
+    encoder = CrossAttention(512, 322, num_heads=1)
+    assert encoder.project_inputs(torch.randn(1, 4096, 322), num_queries=2048).mode == "fold_queries"
+    multi_head = CrossAttention(64, 64, num_heads=4)
+    assert multi_head.project_inputs(torch.randn(1, 10, 64), num_queries=1000).mode == "standard"
+    multi_head.fold = "keys"
+    with pytest.raises(ValueError, match="single attention head"):
+        multi_head.project_inputs(torch.randn(1, 10, 64))
