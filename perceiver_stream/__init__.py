@@ -15,3 +15,9 @@ from perceiver_stream.set_transformer import ISAB, MAB, PMA, SAB
 from perceiver_stream.train import train
 
 __all__ += ["ISAB", "MAB", "PMA", "PerceiverResampler", "SAB", "load_checkpoint", "read_config", "save_checkpoint", "train"]
+
+from perceiver_stream.convert import from_transformers, load_pretrained
+from perceiver_stream.flow import estimate_flow
+from perceiver_stream.perceiver import EncoderConfig, PerceiverEncoder, PerceiverIO, Tokens
+
+__all__ += ["EncoderConfig", "PerceiverEncoder", "PerceiverIO", "Tokens", "estimate_flow", "from_transformers", "load_pretrained"]
