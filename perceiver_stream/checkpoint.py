@@ -30,7 +30,9 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(path: str | os.PathLike, model: StreamingPerceiverIO, metadata: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(
+    path: str | os.PathLike, model: StreamingPerceiverIO, metadata: dict[str, Any] | None = None
+) -> Path:
     """Write ``model``'s weights and config (plus JSON-serialisable ``metadata``) to folder ``path``.
 
     Each file is written under a temporary name and renamed, so a reader never sees half a file.

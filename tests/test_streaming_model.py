@@ -180,7 +180,8 @@ def test_stream_states_reset_on_gap_and_restart(model):
 def test_absent_modality_leaves_no_trace(model, modality):
     batch = make_batch(b=3, frames=[4, 3, 2])
     m = batch.modalities[modality]
-    absent = replace(batch, modalities={**batch.modalities, modality: replace(m, present=torch.tensor([True, False, True]))})
+    absent_m = replace(m, present=torch.tensor([True, False, True]))
+    absent = replace(batch, modalities={**batch.modalities, modality: absent_m})
     garbage_values = m.values.clone()
     if garbage_values.dtype == torch.uint8:
         garbage_values[1] = 255 - garbage_values[1]
@@ -194,10 +195,12 @@ def test_absent_modality_leaves_no_trace(model, modality):
     assert_outputs_close(a, g, atol=0)
     # Absent in row 1 = the modality missing from that window altogether.
     without = {k: v for k, v in batch.modalities.items() if k != modality}
-    alone = model(replace(row(batch, 1), modalities={k: v for k, v in row(batch, 1).modalities.items() if k != modality}))
+    one = row(batch, 1)
+    alone = model(replace(one, modalities={k: v for k, v in one.modalities.items() if k != modality}))
     torch.testing.assert_close(a.embedding[1:2], alone.embedding, atol=1e-5, rtol=1e-4)
     # A modality absent everywhere contributes no tokens at all.
-    nowhere = replace(batch, modalities={**batch.modalities, modality: replace(m, present=torch.zeros(3, dtype=torch.bool))})
+    nowhere_m = replace(m, present=torch.zeros(3, dtype=torch.bool))
+    nowhere = replace(batch, modalities={**batch.modalities, modality: nowhere_m})
     torch.testing.assert_close(model(nowhere).embedding, model(replace(batch, modalities=without)).embedding)
 
 
