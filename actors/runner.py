@@ -19,6 +19,7 @@ windows, lets every window in flight reach the sink, and commits.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -116,8 +117,10 @@ def plan_actors(cfg: Config, resources: dict[str, float]) -> ActorOptions:
     model_cpus = 1.0 if device == "cuda" else max(1.0, float(int(cpus // 2)))
     rest = max(cpus - model_cpus, 0.0)
     n = len(cfg.streams)
-    source_cpus = max(0.01, min(1.0, round(rest * 0.8 / n, 3)))
-    sink_cpus = max(0.01, min(1.0, round(rest * 0.2, 3)))
+    # Rounded down so the shares never add up to more than the cluster has (an actor that does
+    # not fit would wait forever).
+    source_cpus = max(0.001, min(1.0, math.floor(rest * 800 / n) / 1000))
+    sink_cpus = max(0.001, min(1.0, math.floor(rest * 200) / 1000))
     return ActorOptions(device, model_cpus, model_gpus, source_cpus, sink_cpus)
 
 

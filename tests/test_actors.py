@@ -236,6 +236,9 @@ def test_plan_actors_splits_cpus_and_resolves_the_device():
     cpu = plan_actors(cfg, {"CPU": 2.0})
     assert cpu.device == "cpu" and cpu.model_cpus == 1 and cpu.model_gpus == 0
     assert cpu.model_cpus + 4 * cpu.source_cpus + cpu.sink_cpus <= 2.0 + 1e-9
+    for n in (1, 3, 7):
+        p = plan_actors(make_cfg(n), {"CPU": 2.0})
+        assert p.model_cpus + n * p.source_cpus + p.sink_cpus <= 2.0
     assert plan_actors(cfg, {"CPU": 16.0}).model_cpus == 8
     gpu = plan_actors(cfg, {"CPU": 8.0, "GPU": 1.0})
     assert gpu.device == "cuda" and gpu.model_gpus == 1 and gpu.model_cpus == 1
