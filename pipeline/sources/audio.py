@@ -53,6 +53,8 @@ class AudioDecoder:
         assert self.stream is not None and self._resampler is not None, "open() first"
         chunks: list[AudioChunk] = []
         for frame in self.stream.codec_context.decode(packet):
+            if frame.time_base is None:  # frames flushed without a packet carry no time base
+                frame.time_base = self.stream.time_base
             chunks.extend(self._convert(o) for o in self._resampler.resample(frame))
         if packet is None or packet.size == 0:
             chunks.extend(self._convert(o) for o in self._resampler.resample(None))

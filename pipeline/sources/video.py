@@ -74,8 +74,14 @@ class VideoDecoder:
     def decode(self, packet: av.Packet | None) -> list[VideoFrame]:
         """Frames from one packet (None flushes the decoder's delayed frames)."""
         assert self.stream is not None, "open() first"
-        frames = self.stream.codec_context.decode(packet)
-        return [f for f in (self._convert(frame) for frame in frames) if f is not None]
+        out = []
+        for frame in self.stream.codec_context.decode(packet):
+            if frame.time_base is None:  # frames flushed without a packet carry no time base
+                frame.time_base = self.stream.time_base
+            record = self._convert(frame)
+            if record is not None:
+                out.append(record)
+        return out
 
     def flush(self) -> list[VideoFrame]:
         """The frames the (frame-threaded) decoder still holds."""
