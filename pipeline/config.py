@@ -161,6 +161,7 @@ class TrainConfig(_Section):
     defaults to ``video.size``, the class names are the rig's). ``checkpoint`` is where the
     trained checkpoint is written (default ``<output>/checkpoint``); periodic checkpoints with
     optimiser state go to ``<output>/_checkpoints/train/`` and a new run resumes from the latest.
+    ``final_eval`` evaluates the result on the held-out streams (``eval_windows`` windows each).
     """
 
     seeds: list[int] = Field(default_factory=lambda: list(range(16)))
@@ -178,6 +179,7 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(500, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     eval_windows: int = Field(200, ge=200)
+    final_eval: bool = True
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None = torch's default)")
     checkpoint: str | None = None
     model: dict[str, Any] = Field(default_factory=dict)

@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from perceiver_stream.batch import Batch
 from perceiver_stream.checkpoint import load_checkpoint, read_config, save_checkpoint
 from perceiver_stream.multimodal import drop_modalities
 from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO, StreamStates
@@ -208,7 +207,7 @@ def train_job(cfg: Config, *, resume: bool = True, progress: bool = True) -> dic
     carry = tc.carry_state and config.state
     history: list[dict[str, float]] = []
     bar = tqdm(total=tc.steps, initial=start, desc="training", unit="step", disable=not progress)
-    t1 = time.perf_counter()
+    t1, cpu1 = time.perf_counter(), time.process_time()
     model.train()
     for step in range(start, tc.steps):
         batch = collate([streams[s][t] for s, t in next(plan)], video_frames=frames)
@@ -241,10 +240,10 @@ def train_job(cfg: Config, *, resume: bool = True, progress: bool = True) -> dic
             model.train()
     bar.close()
     model.eval()
-    train_s = time.perf_counter() - t1
+    train_s, train_cpu_s = time.perf_counter() - t1, time.process_time() - cpu1
 
     results: dict[str, Any] = {}
-    for seed in tqdm(eval_seeds(cfg), desc="evaluating", unit="seed", disable=not progress):
+    for seed in tqdm(eval_seeds(cfg) if tc.final_eval else [], desc="evaluating", unit="seed", disable=not progress):
         windows = heldout_windows(meta["data"], seed, tc.eval_windows, video_frames=frames)
         results[str(seed)] = {"all": evaluate_model(model, windows)}
         if seed == eval_seeds(cfg)[0]:
@@ -258,6 +257,7 @@ def train_job(cfg: Config, *, resume: bool = True, progress: bool = True) -> dic
         "render_s": round(render_s, 1),
         "train_s": round(train_s, 1),
         "s_per_step": round(train_s / max(1, tc.steps - start), 4),
+        "cpu_s_per_step": round(train_cpu_s / max(1, tc.steps - start), 4),
         "first_loss": _recent(history[:20]),
         "last_loss": _recent(history),
         "eval": results,
