@@ -335,8 +335,8 @@ class _Loop:
                 progress = True
 
     def _step(self) -> None:
-        heads = [st.calls[0][0] for st in self.streams.values() if st.calls]
-        waiting = heads + list(self.model_calls) + list(self.sink_calls)
+        events = [ev for st in self.streams.values() for ev, _ in st.calls]
+        waiting = events + list(self.model_calls) + list(self.sink_calls)
         if not waiting:
             return
         ray.wait(waiting, num_returns=1, timeout=0.25)
@@ -355,7 +355,7 @@ class _Loop:
         errors: list[ErrorRecord] = []
         for st in self.streams.values():
             # Events are read in call order, so a stream's windows reach the model in order.
-            while st.calls and (st.calls[0][0] in ready or _is_ready(st.calls[0][0])):
+            while st.calls and st.calls[0][0] in ready:
                 ev_ref, win_ref = st.calls.popleft()
                 try:
                     ev: SourceEvent = ray.get(ev_ref)
@@ -502,9 +502,3 @@ def _last_line(exc: BaseException) -> str:
     cause = getattr(exc, "cause", None) or exc
     lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
     return lines[-1] if lines else type(cause).__name__
-
-
-def _is_ready(ref: ray.ObjectRef) -> bool:
-    ready, _ = ray.wait([ref], timeout=0)
-    return bool(ready)
-

@@ -245,3 +245,19 @@ def test_plan_actors_splits_cpus_and_resolves_the_device():
     assert plan_actors(make_cfg(4, device="cpu"), {"CPU": 8.0, "GPU": 1.0}).device == "cpu"
     with pytest.raises(ConfigError, match="no GPU"):
         plan_actors(make_cfg(4, device="cuda"), {"CPU": 8.0})
+
+
+@pytest.mark.gpu
+def test_model_actor_runs_a_real_model_on_cuda_under_bf16_autocast():
+    from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO
+    from actors.predictor import TorchPredictor
+
+    model = StreamingPerceiverIO(
+        StreamingConfig(num_latents=8, latent_channels=16, self_heads=2, flow_size=(8, 8), flow_channels=16, class_names=("x", "y"))
+    )
+    cfg = make_cfg(2, max_wait_ms=1, device="cuda")
+    actor = ModelActor(cfg, device="cuda", build=lambda c, d: TorchPredictor(model, "tiny", d))
+    actor.set_open_streams(["s0", "s1"])
+    res = gather(actor, [(k, k == 0, window(f"s{i}", k)) for k in range(2) for i in range(2)])
+    assert all(np.isfinite(r.embedding).all() and r.flow is not None and np.isfinite(r.flow).all() for r in res)
+    assert next(model.parameters()).device.type == "cuda"
