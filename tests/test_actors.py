@@ -248,6 +248,7 @@ def test_plan_actors_splits_cpus_and_resolves_the_device():
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_model_actor_runs_a_real_model_on_cuda_under_bf16_autocast():
     from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO
     from actors.predictor import TorchPredictor
