@@ -79,6 +79,18 @@ class _Item:
     chain_start: bool = False
 
 
+def _signature(w: Window) -> dict[str, tuple]:
+    """What must match for windows to share a batch, per modality present."""
+    sig: dict[str, tuple] = {}
+    if w.has_video:
+        sig["video"] = tuple(w.video.shape[1:])
+    if w.has_audio:
+        sig["audio"] = (w.audio_rate, w.audio.shape[1])
+    if w.has_points:
+        sig["points"] = (w.points[0].shape[1],)
+    return sig
+
+
 def _default_build(cfg: Config, device: torch.device) -> Predictor:
     from actors.predictor import load_predictor
 
@@ -176,6 +188,21 @@ class ModelActor:
         ready.sort(key=lambda it: it.arrived)
         return ready
 
+    def _candidates(self) -> list[_Item]:
+        """The next batch: the oldest ready window and the ready windows that can share its tensors
+        (same frame size, audio layout and point width where both have the modality)."""
+        batch: list[_Item] = []
+        shape: dict[str, tuple] = {}
+        for it in self._ready():
+            sig = _signature(it.window)
+            if any(shape.get(k, v) != v for k, v in sig.items()):
+                continue
+            shape.update(sig)
+            batch.append(it)
+            if len(batch) == self._batch_size:
+                break
+        return batch
+
     def _full(self, ready: list[_Item]) -> bool:
         if len(ready) >= self._batch_size:
             return True
@@ -187,7 +214,7 @@ class ModelActor:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            ready = self._ready()
+            ready = self._candidates()
             if not ready:
                 continue
             deadline = ready[0].arrived + self._max_wait_s
@@ -197,8 +224,8 @@ class ModelActor:
                 except asyncio.TimeoutError:
                     break
                 self._wake.clear()
-                ready = self._ready()
-            batch = ready[: self._batch_size]
+                ready = self._candidates()
+            batch = ready
             for it in batch:
                 del self._pending[it.window.stream_id][it.seq]
             self._metrics.queue_depth.set(self.queue_depth(), tags={"stage": "model"})

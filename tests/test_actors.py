@@ -133,6 +133,16 @@ def test_batch_size_bounds_a_batch_and_max_wait_fires_a_partial_one():
     assert pred.batches == [[("s0", 0)]]
 
 
+def test_windows_that_cannot_share_tensors_run_in_separate_batches():
+    actor, pred = make_actor(make_cfg(3, batch_size=8, max_wait_ms=1))
+    actor.set_open_streams(["s0", "s1", "s2"])
+    small = window("s1", 0)
+    small.video = np.zeros((2, 4, 4, 3), np.uint8)
+    res = gather(actor, [(0, True, window("s0", 0)), (0, True, small), (0, True, window("s2", 0))])
+    assert not any(isinstance(r, Exception) for r in res)
+    assert sorted(sorted(b) for b in pred.batches) == [[("s0", 0), ("s2", 0)], [("s1", 0)]]
+
+
 def test_results_carry_top_labels_flow_and_modalities():
     actor, _ = make_actor(make_cfg(1, max_wait_ms=1))
     actor.set_open_streams(["s0"])
