@@ -133,6 +133,7 @@ class ModelActor:
         self._expected: dict[str, int] = {}
         self._states = StreamStates()
         self._open: set[str] = set()
+        self._broken: set[str] = set()  # streams whose chain a failed batch cut
         self._wake: asyncio.Event | None = None
         self._batcher: asyncio.Task | None = None
         # One thread: batches run one after another, on the thread that set torch's thread count.
@@ -168,6 +169,11 @@ class ModelActor:
             self._wake = asyncio.Event()
             self._batcher = asyncio.get_running_loop().create_task(self._batch_loop())
         sid = window.stream_id
+        if sid in self._broken and not chain_start:
+            raise RuntimeError(
+                f"stream {sid!r}: an earlier window failed in the model, so window {window.window_id} cannot follow it"
+            )
+        self._broken.discard(sid)
         item = _Item(seq, window, time.monotonic(), asyncio.get_running_loop().create_future(), chain_start)
         self._pending.setdefault(sid, {})[seq] = item
         if chain_start:
@@ -235,6 +241,7 @@ class ModelActor:
                 # A stream whose window failed cannot continue its state chain: fail its queued
                 # windows too, so none waits for a predecessor that will never run.
                 failed = {it.window.stream_id for it in batch}
+                self._broken |= failed
                 for sid in failed:
                     batch.extend(self._pending.pop(sid, {}).values())
                     self._expected.pop(sid, None)

@@ -360,7 +360,8 @@ class _Loop:
                 try:
                     ev: SourceEvent = ray.get(ev_ref)
                 except RayActorError as exc:
-                    ev = SourceEvent(st.status.stream_id, done=True, failure=ErrorRecord.from_exception(st.status.stream_id, exc))
+                    failure = ErrorRecord.from_exception(st.status.stream_id, exc)
+                    ev = SourceEvent(st.status.stream_id, done=True, failure=failure)
                 errors.extend(ev.errors)
                 if ev.window_id is None:
                     self._release(st, 1)

@@ -167,6 +167,9 @@ def test_a_failing_window_fails_its_stream_queue_but_not_other_streams():
     assert not isinstance(res[0], Exception)
     assert isinstance(res[1], RuntimeError) and isinstance(res[2], RuntimeError)
     assert not isinstance(res[3], Exception) and res[3].window_id == 5
+    # A window of the broken chain that arrives later fails at once instead of waiting forever.
+    late = gather(actor, [(3, False, window("s0", 3))])
+    assert isinstance(late[0], RuntimeError) and "earlier window failed" in str(late[0])
 
 
 def test_model_actor_on_ray_with_a_fake_model(ray_session):
@@ -264,7 +267,9 @@ def test_model_actor_runs_a_real_model_on_cuda_under_bf16_autocast():
     from actors.predictor import TorchPredictor
 
     model = StreamingPerceiverIO(
-        StreamingConfig(num_latents=8, latent_channels=16, self_heads=2, flow_size=(8, 8), flow_channels=16, class_names=("x", "y"))
+        StreamingConfig(
+            num_latents=8, latent_channels=16, self_heads=2, flow_size=(8, 8), flow_channels=16, class_names=("x", "y")
+        )
     )
     cfg = make_cfg(2, max_wait_ms=1, device="cuda")
     actor = ModelActor(cfg, device="cuda", build=lambda c, d: TorchPredictor(model, "tiny", d))

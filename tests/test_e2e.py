@@ -177,7 +177,8 @@ def test_sigterm_drains_then_resume_completes_without_gaps_or_repeats(ray_sessio
 
     seconds, n = 30.0, 59
     cfg_file = tmp_path / "cfg.yaml"
-    cfg_file.write_text(yaml.safe_dump(config_data(tiny_checkpoint, [synthetic("a", 1, seconds), synthetic("b", 2, seconds)])))
+    streams = [synthetic("a", 1, seconds), synthetic("b", 2, seconds)]
+    cfg_file.write_text(yaml.safe_dump(config_data(tiny_checkpoint, streams)))
     out = tmp_path / "out"
     address = ray.get_runtime_context().gcs_address
     cmd = [sys.executable, str(REPO / "run_pipeline.py"), "--config", str(cfg_file), "--output", str(out)]
