@@ -60,6 +60,8 @@ class StreamingConfig:
     flow_pos_bands, flow_channels, flow_widening, flow_chunk, flow_scale: pixel-position Fourier bands,
                      query width, the decoder MLP's widening, queries per chunk (None = all at once),
                      multiplier from decoder output to pixels.
+    flow_corr_radius: add a local correlation volume of this radius (px) to the flow queries
+                     (0 = 3x3 patches only, as DeepMind's flow model).
     class_names:     the label decoder's classes, in index order (empty = no label decoder).
     """
 
@@ -83,6 +85,7 @@ class StreamingConfig:
     flow_widening: int = 1
     flow_chunk: int | None = 8192
     flow_scale: float = 1.0
+    flow_corr_radius: int = 0
     class_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -105,6 +108,8 @@ class StreamingConfig:
                 raise ValueError(f"model config: latent_channels ({self.latent_channels}) not divisible by {name}")
         if len(self.flow_size) != 2 or min(self.flow_size) < 1:
             raise ValueError(f"model config: flow_size must be [H, W] positive, got {list(self.flow_size)}")
+        if self.flow_corr_radius < 0:
+            raise ValueError("model config: flow_corr_radius must be >= 0")
         if self.flow_chunk is not None and self.flow_chunk < 1:
             raise ValueError("model config: flow_chunk must be positive or null")
         if self.flow_modality is not None:
@@ -252,7 +257,7 @@ class StreamingPerceiverIO(nn.Module):
             self.label_head = nn.Linear(c, config.num_classes)
         if config.flow_modality is not None:
             fc = config.flow_channels
-            self.flow_input = FlowInputAdapter(config.flow_size)
+            self.flow_input = FlowInputAdapter(config.flow_size, config.flow_corr_radius)
             # Linear(concat(patch, pos)) split in two so the position half is computed once.
             self.flow_patch_proj = nn.Linear(self.flow_input.out_channels, fc)
             self.flow_pos_proj = nn.Linear(fourier_channels(2, config.flow_pos_bands), fc, bias=False)

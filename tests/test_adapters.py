@@ -204,3 +204,27 @@ def test_video_stack_puts_consecutive_frames_in_one_token():
     assert tokens[1, 0, -1].item() == pytest.approx(50.2 - 51.0)  # group time = its last frame's
     with pytest.raises(ValueError, match="multiple of stack"):
         build_adapter({"kind": "video", "frames": 3, "stack": 2})
+
+
+def test_local_correlation_peaks_at_the_shift():
+    from perceiver_stream.adapters.video import local_correlation
+
+    g = torch.Generator().manual_seed(0)
+    f1 = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8, generator=g)
+    f2 = torch.roll(f1, shifts=(2, -3), dims=(1, 2))  # content moves 2 down, 3 left
+    corr = local_correlation(f1, f2, 4)
+    assert corr.shape == (2, 32, 32, 81)
+    peak = corr[:, 6:26, 6:26].argmax(-1)
+    assert bool((peak == (2 + 4) * 9 + (-3 + 4)).all())
+
+
+def test_flow_queries_carry_the_correlation_when_asked():
+    from perceiver_stream.adapters.video import FlowInputAdapter
+
+    frames = torch.randint(0, 256, (1, 3, 16, 16, 3), dtype=torch.uint8)
+    m = ModalityBatch(frames, torch.arange(3.0, dtype=torch.float64)[None], torch.ones(1, 3, dtype=torch.bool),
+                      torch.ones(1, dtype=torch.bool))
+    plain, valid = FlowInputAdapter((16, 16))(m)
+    with_corr, _ = FlowInputAdapter((16, 16), corr_radius=2)(m)
+    assert plain.shape[-1] == 54 and with_corr.shape[-1] == 54 + 25 and bool(valid.all())
+    torch.testing.assert_close(with_corr[..., :54], plain)

@@ -117,19 +117,41 @@ def flow_patches(frame1: torch.Tensor, frame2: torch.Tensor) -> torch.Tensor:
     return patches.transpose(1, 2).reshape(b, h, w, 2 * c * 9)
 
 
+def local_correlation(frame1: torch.Tensor, frame2: torch.Tensor, radius: int) -> torch.Tensor:
+    """Local correlation volume of two frames: ``B x H x W x 3`` each -> ``B x H x W x (2r+1)^2``.
+
+    Channel ``(dy + r) * (2r + 1) + (dx + r)`` is the normalised cross-correlation over a 3x3 window
+    of frame 1 at ``p`` and frame 2 at ``p + (dy, dx)`` (zero outside the frame). Motion up to ``r``
+    pixels then shows as a peak in the pixel's own query, which 3x3 patches alone cannot show.
+    """
+    def centred(frame: torch.Tensor) -> torch.Tensor:
+        x = normalise_frames(frame).permute(0, 3, 1, 2)
+        x = x - F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+        return x / (x.pow(2).sum(1, keepdim=True).add(1e-4).sqrt())
+
+    f1, f2 = centred(frame1), F.pad(centred(frame2), (radius,) * 4)
+    h, w = f1.shape[-2:]
+    size = 2 * radius + 1
+    corr = torch.stack(
+        [(f1 * f2[:, :, dy:dy + h, dx:dx + w]).sum(1) for dy in range(size) for dx in range(size)], dim=1
+    )
+    return F.avg_pool2d(corr, 3, stride=1, padding=1).permute(0, 2, 3, 1)
+
+
 class FlowInputAdapter(Adapter):
     """The optical-flow input: 3x3 patches of each window's last two frames on the flow grid.
 
-    ``forward`` returns ``(B x H x W x 54 patches, B bool valid)``; ``valid`` is False where the
-    window has fewer than two frames (or no video). Frames of another size are resized (bilinear,
-    antialiased) to ``size`` first, so flow is in pixels of the ``size`` grid.
+    ``forward`` returns ``(B x H x W x C, B bool valid)``: 54 patch channels, then with
+    ``corr_radius > 0`` the ``(2r+1)^2`` channels of `local_correlation`; ``valid`` is False where
+    the window has fewer than two frames (or no video). Frames of another size are resized
+    (bilinear, antialiased) to ``size`` first, so flow is in pixels of the ``size`` grid.
     """
 
-    out_channels = 54
-
-    def __init__(self, size: tuple[int, int]) -> None:
+    def __init__(self, size: tuple[int, int], corr_radius: int = 0) -> None:
         super().__init__()
         self.size = (int(size[0]), int(size[1]))
+        self.corr_radius = int(corr_radius)
+        self.out_channels = 54 + (2 * self.corr_radius + 1) ** 2 if self.corr_radius else 54
 
     def forward(self, m: ModalityBatch, t_ref: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Patches of the last two frames of each row and whether the row has two frames."""
@@ -139,4 +161,7 @@ class FlowInputAdapter(Adapter):
             x = frames.flatten(0, 1).permute(0, 3, 1, 2).float()
             x = F.interpolate(x, size=self.size, mode="bilinear", antialias=True, align_corners=False)
             frames = x.permute(0, 2, 3, 1).reshape(frames.shape[0], 2, *self.size, 3)
-        return flow_patches(frames[:, 0], frames[:, 1]), valid
+        feats = flow_patches(frames[:, 0], frames[:, 1])
+        if self.corr_radius:
+            feats = torch.cat([feats, local_correlation(frames[:, 0], frames[:, 1], self.corr_radius)], dim=-1)
+        return feats, valid
