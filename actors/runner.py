@@ -252,7 +252,11 @@ def run(
         if on_start is not None:
             on_start(loop.pipeline)
         loop.run(on_progress)
-        committed = ray.get(sink.close.remote())
+        committed: dict[str, int] = {}
+        try:
+            committed = ray.get(sink.close.remote())
+        except (RayActorError, RayTaskError) as exc:
+            loop.fatal = loop.fatal or f"the sink could not commit the last rows: {_last_line(exc)}"
         return RunSummary(
             {sid: st.status for sid, st in streams.items()},
             time.monotonic() - started,
