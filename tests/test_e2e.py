@@ -167,9 +167,10 @@ def test_model_actor_killed_mid_run_loses_and_repeats_nothing(ray_session, tiny_
     assert ids_by_stream(out) == {"a": list(range(n)), "b": list(range(n))}
     df = pl.from_arrow(read_table(out, "windows")).sort(["stream_id", "window_id"])
     resets = df.filter(pl.col("state_reset")).group_by("stream_id").agg(pl.col("window_id").min(), pl.len())
-    # Each stream starts a new state chain after the restart: a second reset, with a window
-    # that was in flight then or the next one it sent.
-    assert set(resets["window_id"].to_list()) == {0} and (resets["len"] == 2).all()
+    # A stream that still had windows to run when the kill landed (ray.kill is asynchronous, so
+    # a stream may have finished just before) starts a new state chain on the new incarnation.
+    assert set(resets["window_id"].to_list()) == {0}
+    assert set(resets["len"].to_list()) <= {1, 2} and 2 in resets["len"].to_list()
 
 
 def test_sigterm_drains_then_resume_completes_without_gaps_or_repeats(ray_session, tiny_checkpoint, tmp_path):
