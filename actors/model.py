@@ -175,7 +175,11 @@ class ModelActor:
             )
         self._broken.discard(sid)
         item = _Item(seq, window, time.monotonic(), asyncio.get_running_loop().create_future(), chain_start)
-        self._pending.setdefault(sid, {})[seq] = item
+        queued = self._pending.setdefault(sid, {})
+        if seq in queued and not queued[seq].future.done():
+            # The runner resent this window after a restart: the new call takes its place.
+            queued[seq].future.set_exception(RuntimeError(f"stream {sid!r} window {window.window_id} was resent"))
+        queued[seq] = item
         if chain_start:
             self._expected[sid] = seq
             self._states.forget(sid)

@@ -40,6 +40,7 @@ from pipeline.errors import ConfigError
 
 MODEL_MAX_RESTARTS = 3
 MODEL_RESTART_TIMEOUT_S = 120.0
+RESEND_SETTLE_S = 5.0
 SINK_TICK_S = 1.0
 
 
@@ -436,9 +437,11 @@ class _Loop:
                 raise RunFailed(f"the model actor died and could not be restarted: {_last_line(exc)}") from None
             except ray.exceptions.GetTimeoutError:
                 raise RunFailed(f"the model actor did not come back within {MODEL_RESTART_TIMEOUT_S:.0f} s") from None
-        # Calls to the dead incarnation have all resolved by now; keep the results it delivered.
+        # Calls to the dead incarnation fail quickly; keep the results it delivered. A call sent
+        # while it restarted may sit in the new one waiting for its chain: it is resent too, and
+        # the resend supersedes it.
         pending = list(self.model_calls)
-        ray.wait(pending, num_returns=len(pending), timeout=MODEL_RESTART_TIMEOUT_S)
+        ray.wait(pending, num_returns=len(pending), timeout=RESEND_SETTLE_S)
         resend: list[_Call] = []
         results: list[WindowResult] = []
         for ref in pending:

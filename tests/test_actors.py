@@ -92,6 +92,21 @@ def test_windows_of_a_stream_run_in_chain_order_with_state_carried():
     assert [r.state_reset for r in sorted(res, key=lambda r: r.window_id)] == [True, False, False]
 
 
+def test_a_resent_window_supersedes_the_one_waiting_for_its_chain():
+    actor, pred = make_actor(make_cfg(1, max_wait_ms=1))
+    actor.set_open_streams(["s0"])
+
+    async def go():
+        stale = asyncio.ensure_future(actor.infer(1, False, window("s0", 1)))  # arrived at a fresh actor
+        await asyncio.sleep(0.05)
+        fresh = await asyncio.gather(actor.infer(0, True, window("s0", 0)), actor.infer(1, False, window("s0", 1)))
+        return await asyncio.gather(stale, return_exceptions=True), fresh
+
+    (stale,), fresh = asyncio.run(go())
+    assert isinstance(stale, RuntimeError) and "resent" in str(stale)
+    assert [r.window_id for r in fresh] == [0, 1] and pred.batches == [[("s0", 0)], [("s0", 1)]]
+
+
 def test_gap_and_state_off_reset_the_state():
     actor, _ = make_actor(make_cfg(1, max_wait_ms=1))
     actor.set_open_streams(["s0"])
