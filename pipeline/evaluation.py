@@ -22,6 +22,8 @@ through the model; it returns the flow EPE against the known motion and against 
 
 from __future__ import annotations
 
+import functools
+import json
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -61,14 +63,21 @@ def _load(path: str | Path, role: str) -> tuple[StreamingPerceiverIO, dict[str, 
 
 
 def heldout_windows(data: dict[str, Any], seed: int, n: int, *, video_frames: int | None) -> list[Window]:
-    """The first ``n`` windows of synthetic rig ``seed`` under the ``data`` settings."""
+    """The first ``n`` windows of synthetic rig ``seed`` under the ``data`` settings (the last few
+    renderings are cached: evaluating several modality drops renders the stream once)."""
+    return list(_rendered(json.dumps(data, sort_keys=True), seed, n, video_frames))
+
+
+@functools.lru_cache(maxsize=2)
+def _rendered(data_json: str, seed: int, n: int, video_frames: int | None) -> tuple[Window, ...]:
     from pipeline.training import settings_config, synthetic_stream
 
+    data = json.loads(data_json)
     win = data["window"]
     seconds = (n - 1) * win["hop"] + win["seconds"] + 0.5 * win["hop"]
     cfg = settings_config(data, [{"id": f"eval{seed}", "synthetic": {"seed": seed, "seconds": seconds}}])
     windows = synthetic_stream(cfg, seed, seconds, video_frames=video_frames, stream_id=f"eval{seed}")
-    return windows[:n]
+    return tuple(windows[:n])
 
 
 def _without(window: Window, drop: str | None) -> Window:

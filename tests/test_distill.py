@@ -1,0 +1,103 @@
+"""Students and online distillation: config, loss, steps towards the teacher, checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from perceiver_stream.checkpoint import load_checkpoint
+from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO
+from perceiver_stream.student import distill_losses, embedding_cosine, init_from_teacher, student_config
+from pipeline.collate import collate
+from pipeline.config import DistillConfig
+from pipeline.distill import Distiller, student_checkpoint_path
+from pipeline.read import read_windows
+from pipeline.sources.synthetic import CLASSES
+
+
+def _teacher() -> StreamingPerceiverIO:
+    torch.manual_seed(1)
+    return StreamingPerceiverIO(StreamingConfig(
+        modalities={"video": {"kind": "video", "patch": 8}, "audio": {"kind": "audio_mel", "n_mels": 16},
+                    "points": {"kind": "points", "max_points": 64}},
+        num_latents=16, latent_channels=32, self_heads=2, self_attends_per_block=2, num_blocks=2,
+        flow_size=(32, 32), flow_channels=32, flow_pos_bands=4, class_names=CLASSES,
+    )).eval()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    windows = list(read_windows({"id": "d", "synthetic": {"seed": 3, "seconds": 4}}, video={"size": [32, 32]}))
+    return collate(windows[:6], video_frames=2)
+
+
+def test_student_config_is_smaller_and_comparable():
+    teacher = _teacher().config
+    s = student_config(teacher)
+    assert s.num_latents < teacher.num_latents and s.self_attends_per_block * s.num_blocks < 4
+    assert s.latent_channels == teacher.latent_channels and s.class_names == teacher.class_names
+    assert student_config(teacher, {"num_latents": 5}).num_latents == 5
+    with pytest.raises(ValueError, match="latent_channels"):
+        student_config(teacher, {"latent_channels": 16})
+    with pytest.raises(ValueError, match="no option"):
+        student_config(teacher, {"latents": 4})
+
+
+def test_init_from_teacher_copies_what_fits(batch):
+    teacher = _teacher()
+    student = StreamingPerceiverIO(student_config(teacher.config))
+    left = init_from_teacher(student, teacher)
+    assert left and all(name.startswith("flow_") for name in left)  # only the narrower flow decoder
+    assert torch.equal(student.encoder.attn.q.weight, teacher.encoder.attn.q.weight)
+    assert torch.equal(student.latents[0], teacher.latents[0]) and torch.equal(student.latents[-1], teacher.latents[-1])
+
+
+def test_distill_losses_vanish_on_the_teachers_own_outputs(batch):
+    teacher = _teacher()
+    with torch.no_grad():
+        out = teacher(batch)
+    losses = distill_losses(out, out, temperature=2.0)
+    assert set(losses) == {"embedding", "labels", "flow"}
+    assert all(float(v) == pytest.approx(0.0, abs=1e-5) for v in losses.values())
+    with pytest.raises(ValueError, match="temperature"):
+        distill_losses(out, out, temperature=0.0)
+
+
+def test_distill_steps_raise_cosine_to_teacher(batch):
+    teacher = _teacher()
+    with torch.no_grad():
+        t_out = teacher(batch)
+    distiller = Distiller(teacher, DistillConfig(lr=3e-3, student={"num_latents": 4}))
+
+    def cosine() -> float:
+        with torch.no_grad():
+            return float(embedding_cosine(distiller.student(batch).embedding, t_out.embedding).mean())
+
+    before = cosine()
+    steps = [distiller.step(batch, t_out) for _ in range(25)]
+    after = cosine()
+    assert after > before
+    assert steps[-1].losses["loss"] < steps[0].losses["loss"]
+    assert steps[0].embedding.shape == t_out.embedding.shape and steps[0].cosine.shape == (len(batch),)
+    assert distiller.steps == 25 and distiller.windows == 25 * len(batch)
+
+
+def test_student_checkpoint_round_trip(batch, tmp_path):
+    teacher = _teacher()
+    with torch.no_grad():
+        t_out = teacher(batch)
+    distiller = Distiller(teacher, DistillConfig(), metadata={"distill_seeds": [3]})
+    distiller.step(batch, t_out)
+    path = distiller.save(student_checkpoint_path(tmp_path))
+    assert path == tmp_path / "_checkpoints" / "student"
+    model, meta = load_checkpoint(path)
+    assert meta["role"] == "student" and meta["steps"] == 1 and meta["distill_seeds"] == [3]
+    assert model.config == distiller.student.config
+    with torch.no_grad():
+        a, b = model(batch), distiller.student(batch)
+    assert torch.allclose(a.embedding, b.embedding) and torch.allclose(a.flow, b.flow)
+    again = Distiller(teacher, DistillConfig())
+    again.resume(path)
+    assert again.steps == 1
+    with torch.no_grad():
+        assert torch.allclose(again.student(batch).label_logits, b.label_logits)

@@ -1,0 +1,90 @@
+"""`pipeline.evaluation.evaluate`: JSON keys and ranges, held-out seeds only, dropped modalities."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from perceiver_stream.checkpoint import save_checkpoint
+from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO
+from pipeline.errors import CheckpointError, ConfigError
+from pipeline.evaluation import MIN_WINDOWS, evaluate
+from pipeline.sources.synthetic import CLASSES
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = {"window": {"seconds": 1.0, "hop": 0.5}, "video": {"size": [32, 32], "fps": None},
+        "audio": {"rate": 16000, "channels": 1}}
+
+
+def _tiny(num_latents: int = 8) -> StreamingPerceiverIO:
+    torch.manual_seed(0)
+    return StreamingPerceiverIO(StreamingConfig(
+        modalities={"video": {"kind": "video", "patch": 8}, "audio": {"kind": "audio_mel", "n_mels": 16},
+                    "points": {"kind": "points", "max_points": 64}},
+        num_latents=num_latents, latent_channels=32, self_heads=2, self_attends_per_block=1, num_blocks=1,
+        flow_size=(32, 32), flow_channels=16, flow_pos_bands=4, class_names=CLASSES,
+    ))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    teacher = save_checkpoint(root / "teacher", _tiny(), {"train_seeds": [0, 1], "data": DATA})
+    student = save_checkpoint(root / "student", _tiny(4), {"distill_seeds": [7], "data": DATA})
+    return teacher, student
+
+
+def test_eval_json_has_every_metric_in_range(checkpoints):
+    teacher, student = checkpoints
+    out = evaluate(teacher, 5, student=student)
+    json.dumps(out)
+    assert out["seed"] == 5 and out["windows"] == MIN_WINDOWS and out["drop"] is None
+    assert 0.0 <= out["label_accuracy"] <= 1.0
+    assert 1 / len(CLASSES) <= out["label_chance"] < 0.5  # the rig balances its classes
+    assert out["flow_epe"] > 0 and out["flow_epe_zero"] > 0
+    assert -1.0 <= out["cosine_to_teacher"] <= 1.0
+    assert set(out["student"]) == {"label_accuracy", "label_chance", "flow_epe", "flow_epe_zero"}
+    assert out["student"]["flow_epe_zero"] == out["flow_epe_zero"]  # same windows, same truth
+
+
+def test_dropping_video_gives_no_flow_and_changes_the_labels_input(checkpoints):
+    teacher, _ = checkpoints
+    out = evaluate(teacher, 5, drop="video")
+    assert out["drop"] == "video" and out["flow_epe"] is None and out["flow_epe_zero"] is None
+    assert 0.0 <= out["label_accuracy"] <= 1.0
+    points = evaluate(teacher, 5, drop="points")
+    assert points["flow_epe"] is not None
+
+
+def test_training_seeds_and_bad_arguments_are_refused(checkpoints, tmp_path):
+    teacher, student = checkpoints
+    with pytest.raises(ConfigError, match="seed 1 was used to train"):
+        evaluate(teacher, 1)
+    with pytest.raises(ConfigError, match="seed 7 was used to train .*distill_seeds"):
+        evaluate(teacher, 7, student=student)
+    with pytest.raises(ConfigError, match="at least 200"):
+        evaluate(teacher, 5, windows=50)
+    with pytest.raises(ConfigError, match="not a modality"):
+        evaluate(teacher, 5, drop="lidar")
+    with pytest.raises(CheckpointError, match="no config.json"):
+        evaluate(tmp_path, 5)
+
+
+@pytest.mark.slow
+def test_shipped_checkpoint_meets_the_targets_on_unseen_seeds():
+    from pipeline.config import load_config
+
+    ckpt = load_config(ROOT / "configs" / "default.yaml").model.checkpoint
+    assert ckpt is not None, "configs/default.yaml must name the shipped checkpoint"
+    for seed in (500, 501):
+        full = evaluate(ckpt, seed)
+        assert full["label_accuracy"] >= 0.90
+        assert full["flow_epe"] <= 0.5 * full["flow_epe_zero"]
+        for drop in ("video", "audio", "points"):
+            out = evaluate(ckpt, seed, drop=drop)
+            assert out["label_accuracy"] >= 0.75, (drop, out)
+            if out["flow_epe"] is not None:
+                assert out["flow_epe"] <= 0.5 * out["flow_epe_zero"]
