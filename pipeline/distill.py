@@ -118,7 +118,7 @@ class Distiller:
         self.steps += 1
         self.windows += len(batch)
         cosine = embedding_cosine(out.embedding.detach(), teacher.embedding.to(device)).cpu()
-        losses = {"loss": float(loss), **{k: float(v) for k, v in parts.items()}}
+        losses = {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
         losses["cosine_to_teacher"] = float(cosine.mean())
         return DistillStep(losses, out.embedding.detach().float().cpu(), cosine)
 
