@@ -38,6 +38,10 @@ _PREFIXES: list[tuple[str, str, str]] = [
     (r"perceiver\.decoder\.padding\.(\w+)$", r"decoder.queries.padding.\1", "plain"),
     (r"perceiver\.input_preprocessor\.conv_after_patches\.", "preprocessor.patch_proj.", "plain"),
     (r"perceiver\.input_preprocessor\.convnet_1x1\.", "preprocessor.conv.", "plain"),
+    (r"perceiver\.input_preprocessor\.convnet\.conv\.", "preprocessor.stem.0.", "plain"),
+    (r"perceiver\.input_preprocessor\.convnet\.batchnorm\.", "preprocessor.stem.1.", "plain"),
+    (r"perceiver\.input_preprocessor\.position_embeddings\.position_embeddings$", "preprocessor.positions", "plain"),
+    (r"perceiver\.input_preprocessor\.positions_projection\.", "preprocessor.pos_proj.", "plain"),
     (r"perceiver\.input_preprocessor\.(padding|mask)\.(\w+)$", r"preprocessor.\1.\2", "plain"),
     (r"perceiver\.output_postprocessor\.modalities\.(\w+)\.classifier\.", r"postprocessor.heads.\1.proj.", "plain"),
 ]
@@ -96,8 +100,8 @@ def _load_into(model: PerceiverIO, state: Mapping[str, torch.Tensor]) -> Perceiv
 def from_transformers(model: nn.Module) -> PerceiverIO:
     """Our module with the weights of a ``transformers`` Perceiver model (same device and dtype).
 
-    Supported: ``PerceiverForOpticalFlow``, ``PerceiverForMultimodalAutoencoding``,
-    ``PerceiverForImageClassificationFourier``.
+    Supported: ``PerceiverForOpticalFlow``, ``PerceiverForMultimodalAutoencoding`` and the three
+    ImageNet classifiers (``PerceiverForImageClassificationFourier``, ``...Learned``, ``...ConvProcessing``).
     """
     arch = type(model).__name__
     if arch not in PRESETS:

@@ -38,7 +38,27 @@ def _multimodal():
     return tr.PerceiverForMultimodalAutoencoding(cfg), inputs, {"points": points}
 
 
-MODELS = {"flow": _flow, "classifier": _classifier, "multimodal": _multimodal}
+def _classifier_learned():
+    cfg = tr.PerceiverConfig(**SMALL, num_cross_attention_heads=1, num_labels=4, image_size=6)
+    return tr.PerceiverForImageClassificationLearned(cfg), torch.randn(2, 3, 6, 6), {}
+
+
+def _classifier_conv():
+    cfg = tr.PerceiverConfig(**SMALL, num_cross_attention_heads=1, num_labels=3)
+    model = tr.PerceiverForImageClassificationConvProcessing(cfg)
+    bn = model.perceiver.input_preprocessor.convnet.batchnorm
+    bn.running_mean.normal_()  # non-trivial batch-norm statistics
+    bn.running_var.uniform_(0.5, 2.0)
+    return model, torch.randn(2, 3, 30, 34), {}
+
+
+MODELS = {
+    "flow": _flow,
+    "classifier": _classifier,
+    "classifier_learned": _classifier_learned,
+    "classifier_conv": _classifier_conv,
+    "multimodal": _multimodal,
+}
 
 
 def _theirs(model, inputs, kw, mask=None):

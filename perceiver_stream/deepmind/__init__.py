@@ -4,9 +4,17 @@ Modality-specific code lives here, outside the core model (``perceiver_stream.pe
 """
 
 from perceiver_stream.deepmind.models import (
+    ImageClassifierConvConfig,
     ImageClassifierFourierConfig,
+    ImageClassifierLearnedConfig,
     MultimodalAutoencoderConfig,
     OpticalFlowConfig,
 )
 
-__all__ = ["ImageClassifierFourierConfig", "MultimodalAutoencoderConfig", "OpticalFlowConfig"]
+__all__ = [
+    "ImageClassifierConvConfig",
+    "ImageClassifierFourierConfig",
+    "ImageClassifierLearnedConfig",
+    "MultimodalAutoencoderConfig",
+    "OpticalFlowConfig",
+]

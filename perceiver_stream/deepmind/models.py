@@ -168,8 +168,11 @@ class ImageClassifierFourierConfig(_PerceiverSettings):
     num_bands: int = 64
     max_resolution: tuple[int, int] = (224, 224)
 
+    def preprocessor(self) -> ImagePreprocessor:
+        return ImagePreprocessor("pixels", spatial_downsample=1, num_bands=self.num_bands, max_resolution=self.max_resolution)
+
     def build(self) -> PerceiverIO:
-        pre = ImagePreprocessor("pixels", spatial_downsample=1, num_bands=self.num_bands, max_resolution=self.max_resolution)
+        pre = self.preprocessor()
         dec = ClassificationDecoder(
             self.num_labels,
             self.d_latents,
@@ -178,6 +181,36 @@ class ImageClassifierFourierConfig(_PerceiverSettings):
             shape_for_attention=self.cross_attention_shape_for_attention,
         )
         return PerceiverIO(self.encoder(pre.num_channels), dec, pre)
+
+
+@dataclass
+class ImageClassifierLearnedConfig(ImageClassifierFourierConfig):
+    """DeepMind's ImageNet Perceiver with a 1x1 convolution and learned positions (``image_size`` square images)."""
+
+    architecture: ClassVar[str] = "PerceiverForImageClassificationLearned"
+    image_size: int = 224
+
+    def preprocessor(self) -> ImagePreprocessor:
+        return ImagePreprocessor(
+            "conv1x1",
+            out_channels=256,
+            spatial_downsample=1,
+            position_encoding="trainable",
+            num_positions=self.image_size**2,
+            pos_channels=256,
+            project_pos_dim=256,
+        )
+
+
+@dataclass
+class ImageClassifierConvConfig(ImageClassifierFourierConfig):
+    """DeepMind's ImageNet Perceiver with a convolutional stem (4x downsampling) and Fourier positions."""
+
+    architecture: ClassVar[str] = "PerceiverForImageClassificationConvProcessing"
+    max_resolution: tuple[int, int] = (56, 56)
+
+    def preprocessor(self) -> ImagePreprocessor:
+        return ImagePreprocessor("conv", spatial_downsample=1, num_bands=self.num_bands, max_resolution=self.max_resolution)
 
 
 @dataclass
@@ -251,5 +284,12 @@ class MultimodalAutoencoderConfig(_PerceiverSettings):
 
 
 PRESETS: dict[str, type[_PerceiverSettings]] = {
-    c.architecture: c for c in (OpticalFlowConfig, ImageClassifierFourierConfig, MultimodalAutoencoderConfig)
+    c.architecture: c
+    for c in (
+        OpticalFlowConfig,
+        ImageClassifierFourierConfig,
+        ImageClassifierLearnedConfig,
+        ImageClassifierConvConfig,
+        MultimodalAutoencoderConfig,
+    )
 }

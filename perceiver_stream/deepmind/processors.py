@@ -48,11 +48,15 @@ def _with_grid_positions(
 
 
 class ImagePreprocessor(nn.Module):
-    """Images (``B x C x H x W``) or videos (``B x T x C x H x W``) to tokens with Fourier positions.
+    """Images (``B x C x H x W``) or videos (``B x T x C x H x W``) to tokens with position codes.
 
     ``prep_type``: ``"pixels"`` (strided pixels), ``"conv1x1"`` (a 1x1 convolution with stride
-    ``spatial_downsample``) or ``"patches"`` (space-to-depth blocks, then optionally a linear layer,
+    ``spatial_downsample``), ``"conv"`` (DeepMind's stem: 7x7 stride-2 convolution, batch norm, ReLU,
+    3x3 stride-2 max pool) or ``"patches"`` (space-to-depth blocks, then optionally a linear layer,
     ``conv_after_patching``, as the flow model does).
+
+    Positions are Fourier codes of the token grid, or (``position_encoding="trainable"``)
+    ``num_positions`` learned vectors of ``pos_channels``, optionally projected to ``project_pos_dim``.
     """
 
     def __init__(
@@ -69,10 +73,31 @@ class ImagePreprocessor(nn.Module):
         max_resolution: Sequence[int] = (224, 224),
         concat_pos: bool = True,
         sine_only: bool = False,
+        position_encoding: str = "fourier",
+        num_positions: int | None = None,
+        pos_channels: int = 256,
+        project_pos_dim: int | None = None,
     ) -> None:
         super().__init__()
-        if prep_type not in ("pixels", "conv1x1", "patches"):
-            raise ValueError(f"prep_type must be 'pixels', 'conv1x1' or 'patches', not {prep_type!r}")
+        if prep_type not in ("pixels", "conv1x1", "conv", "patches"):
+            raise ValueError(f"prep_type must be 'pixels', 'conv1x1', 'conv' or 'patches', not {prep_type!r}")
+        if position_encoding not in ("fourier", "trainable"):
+            raise ValueError(f"position_encoding must be 'fourier' or 'trainable', not {position_encoding!r}")
+        if position_encoding == "trainable" and not num_positions:
+            raise ValueError("trainable positions need num_positions (the number of tokens)")
+        self.position_encoding = position_encoding
+        self.positions = nn.Parameter(torch.randn(num_positions, pos_channels) * 0.02) if position_encoding == "trainable" else None
+        self.pos_proj = nn.Linear(pos_channels, project_pos_dim) if self.positions is not None and project_pos_dim else None
+        self.stem = (
+            nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, kernel_size=7, stride=2, padding=3, bias=False),
+                nn.BatchNorm2d(out_channels),
+                nn.ReLU(),
+                nn.MaxPool2d(kernel_size=3, stride=2),
+            )
+            if prep_type == "conv"
+            else None
+        )
         self.prep_type = prep_type
         self.in_channels = in_channels
         self.spatial_downsample = spatial_downsample
@@ -91,7 +116,7 @@ class ImagePreprocessor(nn.Module):
             if prep_type == "patches" and conv_after_patching
             else None
         )
-        if prep_type == "conv1x1" or self.patch_proj is not None:
+        if prep_type in ("conv1x1", "conv") or self.patch_proj is not None:
             self.feature_channels = out_channels
         elif prep_type == "pixels":
             self.feature_channels = in_channels
@@ -101,8 +126,23 @@ class ImagePreprocessor(nn.Module):
 
     @property
     def num_channels(self) -> int:
-        pos = fourier_channels(len(self.max_resolution), self.num_bands, concat_pos=self.concat_pos, sine_only=self.sine_only)
+        if self.positions is not None:
+            pos = self.pos_proj.out_features if self.pos_proj is not None else self.positions.shape[1]
+        else:
+            pos = fourier_channels(len(self.max_resolution), self.num_bands, concat_pos=self.concat_pos, sine_only=self.sine_only)
         return self.feature_channels + pos
+
+    def _learned_positions(self, x: torch.Tensor) -> Tokens:
+        b, grid, c = x.shape[0], tuple(x.shape[1:-1]), x.shape[-1]
+        flat = x.reshape(b, -1, c)
+        if flat.shape[1] != self.positions.shape[0]:
+            raise ValueError(
+                f"the image gives {flat.shape[1]} tokens but the model has {self.positions.shape[0]} learned positions; "
+                "resize the image to the model's training size"
+            )
+        pos = self.pos_proj(self.positions) if self.pos_proj is not None else self.positions
+        tokens = torch.cat([flat, pos.to(flat.dtype)[None].expand(b, -1, -1)], dim=-1)
+        return Tokens(tokens, grid=grid, without_pos=flat)
 
     def forward(self, x: torch.Tensor) -> Tokens:
         s = self.spatial_downsample
@@ -113,15 +153,17 @@ class ImagePreprocessor(nn.Module):
             if self.patch_proj is not None:
                 x = self.patch_proj(x)
         else:
-            if self.prep_type == "conv1x1":
+            if self.prep_type in ("conv1x1", "conv"):
                 if x.ndim != 4:
-                    raise ValueError("conv1x1 preprocessing takes B x C x H x W images")
-                x = self.conv(x)
+                    raise ValueError(f"{self.prep_type} preprocessing takes B x C x H x W images")
+                x = self.conv(x) if self.conv is not None else self.stem(x)
             elif x.ndim == 4:
                 x = x[:, :, ::s, ::s]
             else:
                 x = x[:, :: self.temporal_downsample, :, ::s, ::s]
             x = x.movedim(-3, -1)  # channels last
+        if self.positions is not None:
+            return self._learned_positions(x)
         return _with_grid_positions(x, self.num_bands, self.max_resolution, self.concat_pos, self.sine_only)
 
 
