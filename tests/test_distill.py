@@ -101,3 +101,29 @@ def test_student_checkpoint_round_trip(batch, tmp_path):
     assert again.steps == 1
     with torch.no_grad():
         assert torch.allclose(again.student(batch).label_logits, b.label_logits)
+
+
+def test_distill_job_reads_streams_in_lockstep_and_saves_the_student(tmp_path):
+    from perceiver_stream.checkpoint import save_checkpoint
+    from pipeline.config import parse_config
+    from pipeline.distill import distill_job
+    from pipeline.errors import ConfigError
+
+    teacher = save_checkpoint(tmp_path / "teacher", _teacher(), {"train_seeds": [0]})
+    data = {
+        "streams": [{"id": "a", "synthetic": {"seed": 11, "seconds": 3}},
+                    {"id": "b", "synthetic": {"seed": 12, "seconds": 4}}],
+        "video": {"size": [32, 32]},
+        "model": {"checkpoint": str(teacher)},
+        "distill": {"enabled": True, "checkpoint_every": 2},
+        "output": {"dir": str(tmp_path / "out")},
+    }
+    summary = distill_job(parse_config(data), progress=False)
+    assert summary["steps"] == 7  # the longer stream's windows; the shorter one ends after 5
+    assert summary["windows"] == 5 + 7
+    assert summary["student_params"] < summary["teacher_params"] and summary["speedup"] > 0
+    _, meta = load_checkpoint(student_checkpoint_path(tmp_path / "out"))
+    assert meta["distill_seeds"] == [11, 12] and meta["train_seeds"] == [0] and meta["steps"] == 7
+    data["streams"][0]["synthetic"]["seed"] = 0
+    with pytest.raises(ConfigError, match=r"seeds \[0\] trained the teacher"):
+        distill_job(parse_config(data), progress=False)
