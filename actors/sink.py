@@ -22,7 +22,7 @@ from actors.source import ErrorRecord
 from pipeline.parquet import ErrorRow, FlowRow, OutputWriter, WindowRow
 
 FLUSH_WINDOWS = 256
-FLUSH_S = 2.0
+FLUSH_S = 5.0
 
 
 class SinkActor:
@@ -132,5 +132,5 @@ def _flow_row(r: WindowResult) -> FlowRow:
 def _png(image: np.ndarray) -> bytes:
     """PNG bytes of an ``H x W x 3`` uint8 frame (for `pipeline.inspect`'s pictures)."""
     buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
+    Image.fromarray(image).save(buf, format="PNG", compress_level=1)  # fast: a preview, not an archive
     return buf.getvalue()
