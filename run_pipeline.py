@@ -27,7 +27,12 @@ from typing import NoReturn
 from pipeline.errors import ConfigError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2  # 3 (some streams failed) comes from RunSummary.exit_code
+EXIT_CODES = """exit codes:
+  0  every stream ended normally, or a clean drain after SIGINT / SIGTERM
+  1  every stream failed, or the run could not go on
+  2  bad config or arguments
+  3  some streams failed while the others finished"""
 
 
 class UsageError(Exception):
@@ -259,10 +264,19 @@ SUBCOMMANDS: dict[str, Subcommand] = {
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser with one sub-parser per entry of ``SUBCOMMANDS``."""
-    parser = _Parser(prog="run_pipeline.py", description=__doc__.split("\n\n")[0])
+    parser = _Parser(
+        prog="run_pipeline.py",
+        description="perceiver-stream: Perceiver IO over live sensor streams on Ray (default subcommand: run).",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
     for name, sc in SUBCOMMANDS.items():
-        sc.add_arguments(sub.add_parser(name, help=sc.help, description=sc.help))
+        sc.add_arguments(
+            sub.add_parser(
+                name, help=sc.help, description=sc.help, epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter
+            )
+        )
     return parser
 
 
