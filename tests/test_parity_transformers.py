@@ -137,3 +137,29 @@ def test_unsupported_inputs_give_actionable_errors(tmp_path):
     torch.save({}, tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match="supported"):
         load_pretrained(tmp_path)
+
+
+def test_checkpoint_that_does_not_fit_is_rejected(tmp_path):
+    torch.manual_seed(2)
+    model, _, _ = _flow()
+    model.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    state = model.state_dict()
+    state.pop("perceiver.embeddings.latents")
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="missing"):
+        load_pretrained(tmp_path)
+
+
+def test_flow_preset_has_the_published_shape():
+    from perceiver_stream.deepmind import OpticalFlowConfig
+
+    ours = OpticalFlowConfig().build()
+    cfg = tr.PerceiverConfig(
+        num_latents=2048, d_latents=512, num_self_attends_per_block=24, num_self_attention_heads=16,
+        num_cross_attention_heads=1, train_size=[368, 496],
+    )
+    theirs = tr.PerceiverForOpticalFlow(cfg)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(ours) == count(theirs)
+    assert 41.0e6 < count(ours) < 41.1e6
