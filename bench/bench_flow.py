@@ -100,7 +100,12 @@ def worker(args: argparse.Namespace) -> None:
             run(x)
         rows = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)[:12]
         result["profile_top"] = [
-            {"op": e.key, "shapes": str(e.input_shapes)[:120], "calls": e.count, "self_s": round(e.self_cpu_time_total / 1e6, 3)}
+            {
+                "op": e.key,
+                "shapes": str(e.input_shapes)[:120],
+                "calls": e.count,
+                "self_s": round(e.self_cpu_time_total / 1e6, 3),
+            }
             for e in rows
         ]
         result["profile_total_s"] = round(sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e6, 3)

@@ -29,7 +29,11 @@ _PREFIXES: list[tuple[str, str, str]] = [
     (r"perceiver\.encoder\.self_attends\.(\d+)\.", r"encoder.self_attends.\1.", "self"),
     (r"perceiver\.decoder\.decoder\.decoding_cross_attention\.", "decoder.attend.layer.", "cross"),
     (r"perceiver\.decoder\.decoder\.final_layer\.", "decoder.attend.proj.", "plain"),
-    (r"perceiver\.decoder\.decoder\.output_position_encodings\.position_embeddings$", "decoder.queries.queries", "plain"),
+    (
+        r"perceiver\.decoder\.decoder\.output_position_encodings\.position_embeddings$",
+        "decoder.queries.queries",
+        "plain",
+    ),
     (
         r"perceiver\.decoder\.modalities\.(\w+)\.decoder\.output_position_encodings\.position_embeddings$",
         r"decoder.queries.providers.\1.queries",

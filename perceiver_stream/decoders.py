@@ -77,13 +77,15 @@ class FourierQueries(nn.Module):
 
     @property
     def num_channels(self) -> int:
-        return fourier_channels(len(self.index_dims), self.num_bands, concat_pos=self.concat_pos, sine_only=self.sine_only)
+        dims = len(self.index_dims)
+        return fourier_channels(dims, self.num_bands, concat_pos=self.concat_pos, sine_only=self.sine_only)
 
     def forward(self, tokens: Tokens | None = None, points: torch.Tensor | None = None) -> torch.Tensor:
         device = tokens.tokens.device if tokens is not None else None
         kw = dict(concat_pos=self.concat_pos, sine_only=self.sine_only)
         if points is None:
-            return grid_fourier_features(self.index_dims, self.num_bands, self.max_resolution, device=device, **kw)[None]
+            grid = grid_fourier_features(self.index_dims, self.num_bands, self.max_resolution, device=device, **kw)
+            return grid[None]
         pos = subsampled_positions(points.to(device), self.index_dims)
         return fourier_features(pos, self.num_bands, self.max_resolution, **kw)[None]
 
@@ -184,7 +186,12 @@ class BasicDecoder(nn.Module):
         self.attend = attend
 
     def forward(
-        self, tokens: Tokens, latents: torch.Tensor, *, points: torch.Tensor | None = None, query_chunk: int | None = None
+        self,
+        tokens: Tokens,
+        latents: torch.Tensor,
+        *,
+        points: torch.Tensor | None = None,
+        query_chunk: int | None = None,
     ) -> torch.Tensor:
         return self.attend(self.queries(tokens, points), latents, query_chunk)
 
@@ -200,7 +207,12 @@ class ClassificationDecoder(BasicDecoder):
         )
 
     def forward(
-        self, tokens: Tokens, latents: torch.Tensor, *, points: torch.Tensor | None = None, query_chunk: int | None = None
+        self,
+        tokens: Tokens,
+        latents: torch.Tensor,
+        *,
+        points: torch.Tensor | None = None,
+        query_chunk: int | None = None,
     ) -> torch.Tensor:
         return super().forward(tokens, latents)[:, 0]
 
@@ -220,11 +232,17 @@ class FlowDecoder(BasicDecoder):
         rescale_factor: float = 100.0,
         **attend_kw,
     ) -> None:
-        super().__init__(InputQueries(), CrossAttentionDecoder(token_channels, latent_channels, out_channels, **attend_kw))
+        attend = CrossAttentionDecoder(token_channels, latent_channels, out_channels, **attend_kw)
+        super().__init__(InputQueries(), attend)
         self.rescale_factor = rescale_factor
 
     def forward(
-        self, tokens: Tokens, latents: torch.Tensor, *, points: torch.Tensor | None = None, query_chunk: int | None = None
+        self,
+        tokens: Tokens,
+        latents: torch.Tensor,
+        *,
+        points: torch.Tensor | None = None,
+        query_chunk: int | None = None,
     ) -> torch.Tensor:
         if points is not None:
             raise ValueError("FlowDecoder decodes every pixel; subsampled points are not supported")

@@ -125,6 +125,7 @@ def estimate_flow(
     flow = total / count * flow_scale
 
     if (sh, sw) != (h, w):
-        flow = F.interpolate(flow.permute(2, 0, 1)[None], size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+        flow = flow.permute(2, 0, 1)[None]
+        flow = F.interpolate(flow, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
         flow = flow[0].permute(1, 2, 0) * torch.tensor([w / sw, h / sh], device=flow.device)
     return flow.cpu()

@@ -74,7 +74,8 @@ class EncoderConfig:
     def __post_init__(self) -> None:
         if self.cross_attention_shape_for_attention not in ("kv", "q"):
             raise ValueError(
-                f"cross_attention_shape_for_attention must be 'kv' or 'q', not {self.cross_attention_shape_for_attention!r}"
+                "cross_attention_shape_for_attention must be 'kv' or 'q', "
+                f"not {self.cross_attention_shape_for_attention!r}"
             )
         for name in ("input_channels", "num_latents", "d_latents", "num_blocks", "num_self_attends_per_block"):
             if getattr(self, name) < 1:

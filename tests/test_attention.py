@@ -30,7 +30,8 @@ def test_masked_attention_matches_softmax_math_on_partial_masks():
 
 def test_fully_masked_rows_give_zeros_not_nan():
     g = torch.Generator().manual_seed(1)
-    q, k, v = torch.randn(2, 1, 3, 4, generator=g), torch.randn(2, 1, 6, 4, generator=g), torch.randn(2, 1, 6, 4, generator=g)
+    q = torch.randn(2, 1, 3, 4, generator=g)
+    k, v = torch.randn(2, 1, 6, 4, generator=g), torch.randn(2, 1, 6, 4, generator=g)
     mask = torch.zeros(2, 6, dtype=torch.bool)
     mask[1, :2] = True
     out = masked_attention(q, k, v, mask)

@@ -57,7 +57,9 @@ def test_normalisation_maps_0_255_to_minus_one_one():
     assert torch.allclose(f.flatten(), torch.tensor([-1.0, 1.0, -0.6]))
 
 
-@pytest.mark.parametrize("size,tile,overlap", [(368, 368, 20), (400, 368, 20), (700, 368, 20), (1080, 496, 20), (47, 20, 5)])
+@pytest.mark.parametrize(
+    "size,tile,overlap", [(368, 368, 20), (400, 368, 20), (700, 368, 20), (1080, 496, 20), (47, 20, 5)]
+)
 def test_tiles_cover_the_frame_with_enough_overlap(size, tile, overlap):
     starts = tile_origins(size, tile, overlap)
     assert starts[0] == 0 and starts[-1] == size - tile
@@ -102,7 +104,12 @@ def test_small_frames_are_resized_up_and_flow_mapped_back_to_their_pixels():
 def test_real_flow_model_runs_on_odd_sized_frames():
     torch.manual_seed(0)
     cfg = OpticalFlowConfig(
-        num_latents=8, d_latents=16, num_self_attends_per_block=1, num_self_attention_heads=2, train_size=(12, 16), num_bands=4
+        num_latents=8,
+        d_latents=16,
+        num_self_attends_per_block=1,
+        num_self_attention_heads=2,
+        train_size=(12, 16),
+        num_bands=4,
     )
     model = cfg.build().eval()
     f1, f2 = _frames(25, 30)

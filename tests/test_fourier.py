@@ -44,7 +44,8 @@ def test_grid_features_bit_equal_to_transformers(dims, bands, res, concat_pos, s
     # transformers drops the batch axis when it does not concatenate the positions.
     theirs = theirs[0] if concat_pos else theirs
     ours = grid_fourier_features(dims, bands, res, concat_pos=concat_pos, sine_only=sine_only)
-    assert ours.shape == (math.prod(dims), fourier_channels(len(dims), bands, concat_pos=concat_pos, sine_only=sine_only))
+    channels = fourier_channels(len(dims), bands, concat_pos=concat_pos, sine_only=sine_only)
+    assert ours.shape == (math.prod(dims), channels)
     assert torch.equal(ours, theirs)
 
 
@@ -83,8 +84,10 @@ def test_time_frequencies_are_distinct_integer_multiples():
 @given(t=st.floats(0, 600, allow_nan=False), n=st.integers(1, 40))
 def test_time_code_is_periodic(t, n):
     period = 2.0**17
-    a = time_fourier_features(torch.tensor([t], dtype=torch.float64), 12, period=period, dtype=torch.float64)
-    b = time_fourier_features(torch.tensor([t + n * period], dtype=torch.float64), 12, period=period, dtype=torch.float64)
+    code = lambda s: time_fourier_features(  # noqa: E731
+        torch.tensor([s], dtype=torch.float64), 12, period=period, dtype=torch.float64
+    )
+    a, b = code(t), code(t + n * period)
     # t + n*P is itself rounded to float64 (n*P ~ 5e6 s leaves ~1e-9 s of resolution).
     assert torch.allclose(a, b, atol=1e-7, rtol=0)
 

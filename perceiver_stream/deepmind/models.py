@@ -169,7 +169,9 @@ class ImageClassifierFourierConfig(_PerceiverSettings):
     max_resolution: tuple[int, int] = (224, 224)
 
     def preprocessor(self) -> ImagePreprocessor:
-        return ImagePreprocessor("pixels", spatial_downsample=1, num_bands=self.num_bands, max_resolution=self.max_resolution)
+        return ImagePreprocessor(
+            "pixels", spatial_downsample=1, num_bands=self.num_bands, max_resolution=self.max_resolution
+        )
 
     def build(self) -> PerceiverIO:
         pre = self.preprocessor()
@@ -210,7 +212,9 @@ class ImageClassifierConvConfig(ImageClassifierFourierConfig):
     max_resolution: tuple[int, int] = (56, 56)
 
     def preprocessor(self) -> ImagePreprocessor:
-        return ImagePreprocessor("conv", spatial_downsample=1, num_bands=self.num_bands, max_resolution=self.max_resolution)
+        return ImagePreprocessor(
+            "conv", spatial_downsample=1, num_bands=self.num_bands, max_resolution=self.max_resolution
+        )
 
 
 @dataclass

@@ -86,8 +86,9 @@ class ImagePreprocessor(nn.Module):
         if position_encoding == "trainable" and not num_positions:
             raise ValueError("trainable positions need num_positions (the number of tokens)")
         self.position_encoding = position_encoding
-        self.positions = nn.Parameter(torch.randn(num_positions, pos_channels) * 0.02) if position_encoding == "trainable" else None
-        self.pos_proj = nn.Linear(pos_channels, project_pos_dim) if self.positions is not None and project_pos_dim else None
+        learned = position_encoding == "trainable"
+        self.positions = nn.Parameter(torch.randn(num_positions, pos_channels) * 0.02) if learned else None
+        self.pos_proj = nn.Linear(pos_channels, project_pos_dim) if learned and project_pos_dim else None
         self.stem = (
             nn.Sequential(
                 nn.Conv2d(in_channels, out_channels, kernel_size=7, stride=2, padding=3, bias=False),
@@ -129,7 +130,8 @@ class ImagePreprocessor(nn.Module):
         if self.positions is not None:
             pos = self.pos_proj.out_features if self.pos_proj is not None else self.positions.shape[1]
         else:
-            pos = fourier_channels(len(self.max_resolution), self.num_bands, concat_pos=self.concat_pos, sine_only=self.sine_only)
+            dims = len(self.max_resolution)
+            pos = fourier_channels(dims, self.num_bands, concat_pos=self.concat_pos, sine_only=self.sine_only)
         return self.feature_channels + pos
 
     def _learned_positions(self, x: torch.Tensor) -> Tokens:
@@ -137,7 +139,8 @@ class ImagePreprocessor(nn.Module):
         flat = x.reshape(b, -1, c)
         if flat.shape[1] != self.positions.shape[0]:
             raise ValueError(
-                f"the image gives {flat.shape[1]} tokens but the model has {self.positions.shape[0]} learned positions; "
+                f"the image gives {flat.shape[1]} tokens but the model has {self.positions.shape[0]} "
+                "learned positions; "
                 "resize the image to the model's training size"
             )
         pos = self.pos_proj(self.positions) if self.pos_proj is not None else self.positions
@@ -171,7 +174,13 @@ class AudioPatchPreprocessor(nn.Module):
     """Raw audio ``B x S (x 1)`` cut into patches of ``samples_per_patch`` with Fourier positions."""
 
     def __init__(
-        self, samples_per_patch: int, num_bands: int, max_resolution: Sequence[int], *, concat_pos: bool = True, sine_only: bool = False
+        self,
+        samples_per_patch: int,
+        num_bands: int,
+        max_resolution: Sequence[int],
+        *,
+        concat_pos: bool = True,
+        sine_only: bool = False,
     ) -> None:
         super().__init__()
         self.samples_per_patch = samples_per_patch
@@ -182,7 +191,8 @@ class AudioPatchPreprocessor(nn.Module):
 
     @property
     def num_channels(self) -> int:
-        return self.samples_per_patch + fourier_channels(1, self.num_bands, concat_pos=self.concat_pos, sine_only=self.sine_only)
+        pos = fourier_channels(1, self.num_bands, concat_pos=self.concat_pos, sine_only=self.sine_only)
+        return self.samples_per_patch + pos
 
     def forward(self, x: torch.Tensor) -> Tokens:
         patches = x.reshape(x.shape[0], -1, self.samples_per_patch)
@@ -224,7 +234,10 @@ class MultimodalPreprocessor(nn.Module):
         if unknown:
             raise ValueError(f"mask_probs names unknown groups {sorted(unknown)}; groups are {sorted(groups)}")
         self.padding = nn.ParameterDict(
-            {name: nn.Parameter(torch.randn(1, self.num_channels - g.num_channels) * 0.02) for name, g in groups.items()}
+            {
+                name: nn.Parameter(torch.randn(1, self.num_channels - g.num_channels) * 0.02)
+                for name, g in groups.items()
+            }
         )
         self.mask = nn.ParameterDict(
             {name: nn.Parameter(torch.randn(1, self.num_channels) * 0.02) for name in self.mask_probs}
