@@ -260,7 +260,7 @@ def panned_photo_clip(
 
 
 @torch.no_grad()
-def photo_flow(checkpoint: str | Path, *, image: str = "astronaut", seconds: float = 4.0) -> dict[str, Any]:
+def photo_flow(checkpoint: str | Path, *, image: str = "astronaut", seconds: float = 8.0) -> dict[str, Any]:
     """The real-texture check (see the module docstring): ``{"image", "windows", "flow_epe",
     "flow_epe_zero"}`` over every window with two frames, on the checkpoint's flow grid."""
     from pipeline.read import read_windows
