@@ -42,7 +42,7 @@ class ProgressDisplay:
     def _table(p: RunningPipeline) -> Table:
         elapsed = time.monotonic() - p.started
         title = (
-            f"{p.windows} windows  {p.windows_per_s:.1f}/s  in flight {p.in_flight}  "
+            f"{p.windows} windows  {p.windows_per_s:.1f}/s  in flight {p.in_flight}  at sink {p.at_sink}  "
             f"model queue {p.model_queue}  restarts {p.restarts}  {elapsed:.0f} s"
             + ("  [yellow]draining[/]" if p.stopping else "")
         )

@@ -1,11 +1,13 @@
 """Wiring: sources -> model -> sink with bounded in-flight windows, restarts and a clean drain.
 
 The driver loop owns the flow of windows. A window is *in flight* from the ``next`` call that
-asks its source for it until the sink has taken its rows; the loop asks a source for another
-window only while that stream has fewer than ``runtime.max_in_flight_per_stream`` in flight and
-the run fewer than ``runtime.max_in_flight``, so no queue anywhere grows without bound. Window
-payloads travel source -> model by object reference; the driver reads only small events and
-results.
+asks its source for it until the model has returned its result; the loop asks a source for
+another window only while that stream has fewer than ``runtime.max_in_flight_per_stream`` in
+flight, the run fewer than ``runtime.max_in_flight``, and fewer than ``runtime.max_in_flight``
+results wait for the sink, so no queue anywhere grows without bound. (Results are released to
+the sink stage rather than held in flight so that a slow commit does not stall decoding for the
+length of a round trip.) Window payloads travel source -> model by object reference; the driver
+reads only small events and results.
 
 Restarts: the model actor is created with ``max_restarts`` and no automatic task retries. When
 it dies the driver waits for the new incarnation and resends every window whose result it has
@@ -55,7 +57,8 @@ class StreamStatus:
     stream_id: str
     start_window: int = 0
     windows: int = 0  # windows whose rows the sink has taken
-    in_flight: int = 0
+    in_flight: int = 0  # between the source request and the model's result
+    at_sink: int = 0  # results sent to the sink, not yet taken
     state: str = "running"  # running | done | failed | stopped
     error: str | None = None
 
@@ -160,6 +163,7 @@ class RunningPipeline:
         self.restarts = 0
         self.model_queue = 0
         self.in_flight = 0
+        self.at_sink = 0
         self._stop = threading.Event()
 
     def stop(self) -> None:
@@ -282,6 +286,7 @@ class _Loop:
         self.model_calls: dict[ray.ObjectRef, _Call] = {}
         self.sink_calls: dict[ray.ObjectRef, list[tuple[str, int]]] = {}
         self.in_flight = 0
+        self.at_sink = 0
         self.fatal: str | None = None
         self.metrics = Metrics()
         self.pipeline = RunningPipeline(
@@ -297,7 +302,8 @@ class _Loop:
                 self._update_open_streams()
                 if not self.pipeline.stopping:
                     self._request_windows()
-                if self.in_flight == 0 and (self.pipeline.stopping or all(st.exhausted for st in self.streams.values())):
+                idle = self.in_flight == 0 and self.at_sink == 0
+                if idle and (self.pipeline.stopping or all(st.exhausted for st in self.streams.values())):
                     break
                 self._step()
                 self._publish()
@@ -314,19 +320,20 @@ class _Loop:
 
     def _update_open_streams(self) -> None:
         open_ids = sorted(sid for sid, st in self.streams.items() if not (st.exhausted and st.status.in_flight == 0))
+        finished = [st for st in self.streams.values() if st.exhausted and st.status.in_flight == st.status.at_sink == 0]
         if open_ids != self._open_sent:
             self.model.set_open_streams.remote(open_ids)
             self._open_sent = open_ids
-            for sid, st in self.streams.items():
-                if st.exhausted and st.status.in_flight == 0 and st.status.state == "running":
-                    st.status.state = "done"
+        for st in finished:
+            if st.status.state == "running":
+                st.status.state = "done"
 
     def _request_windows(self) -> None:
         """Top up each stream's ``next`` calls, round robin, within both in-flight bounds."""
         per_stream = self.cfg.runtime.max_in_flight_per_stream
         total = self.cfg.runtime.max_in_flight
         progress = True
-        while progress and self.in_flight < total:
+        while progress and self.in_flight < total and self.at_sink < total:
             progress = False
             for st in self.streams.values():
                 if st.exhausted or st.status.state == "failed" or st.status.in_flight >= per_stream:
@@ -413,10 +420,7 @@ class _Loop:
             del self.model_calls[ref]
         if errors:
             self.sink.write_errors.remote(errors)
-        results = [r for r in results if self.streams[r.stream_id].status.state != "failed"]
-        if results:
-            ref = self.sink.write.remote(results)
-            self.sink_calls[ref] = [(r.stream_id, r.window_id) for r in results]
+        self._to_sink(results)
         if lost:
             self._recover_model()
 
@@ -450,9 +454,7 @@ class _Loop:
                 results.append(ray.get(ref, timeout=0))
             except (RayActorError, ray.exceptions.GetTimeoutError):
                 resend.append(call)
-        if results:
-            ref = self.sink.write.remote(results)
-            self.sink_calls[ref] = [(r.stream_id, r.window_id) for r in results]
+        self._to_sink(results)
         self._open_sent = None  # the new incarnation has not been told which streams are open
         self._update_open_streams()
         resend.sort(key=lambda c: (c.stream_id, c.seq))
@@ -468,6 +470,19 @@ class _Loop:
                 st.chain_start = True
 
     # -- sink ------------------------------------------------------------------------------
+    def _to_sink(self, results: list[WindowResult]) -> None:
+        """Hand results to the sink; they leave the in-flight count for the sink stage's."""
+        for r in results:
+            self._release(self.streams[r.stream_id], 1)
+        results = [r for r in results if self.streams[r.stream_id].status.state != "failed"]
+        if not results:
+            return
+        for r in results:
+            self.streams[r.stream_id].status.at_sink += 1
+        self.at_sink += len(results)
+        ref = self.sink.write.remote(results)
+        self.sink_calls[ref] = [(r.stream_id, r.window_id) for r in results]
+
     def _on_sink(self, ready: set) -> None:
         for ref in [r for r in self.sink_calls if r in ready]:
             written = self.sink_calls.pop(ref)
@@ -478,7 +493,8 @@ class _Loop:
             for sid, _ in written:
                 st = self.streams[sid]
                 st.status.windows += 1
-                self._release(st, 1)
+                st.status.at_sink -= 1
+            self.at_sink -= len(written)
 
     # -- bookkeeping -----------------------------------------------------------------------
     def _release(self, st: _Stream, n: int) -> None:
@@ -492,8 +508,10 @@ class _Loop:
 
     def _publish(self) -> None:
         self.pipeline.in_flight = self.in_flight
+        self.pipeline.at_sink = self.at_sink
         self.pipeline.model_queue = len(self.model_calls)
         self.metrics.queue_depth.set(self.in_flight, tags={"stage": "in_flight"})
+        self.metrics.queue_depth.set(self.at_sink, tags={"stage": "sink"})
         self.metrics.streams_active.set(sum(1 for st in self.streams.values() if st.status.state == "running"))
 
 
