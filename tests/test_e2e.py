@@ -83,10 +83,19 @@ def ids_by_stream(out: Path, table: str = "windows") -> dict[str, list[int]]:
 
 
 def test_synthetic_run_writes_every_table_once(ray_session, tiny_checkpoint, tmp_path):
-    cfg = parse_config(config_data(tiny_checkpoint, [synthetic("a", 1), synthetic("b", 2)]))
+    # The run-wide bound (4) is below the sum of the per-stream ones (2 x 3), so both bind.
+    cfg = parse_config(config_data(tiny_checkpoint, [synthetic("a", 1), synthetic("b", 2)], max_in_flight=4))
     out = tmp_path / "out"
-    summary = actors.run(cfg, out)
+    seen = {"total": 0, "stream": 0, "sink": 0}
+
+    def watch(p: actors.RunningPipeline) -> None:
+        seen["total"] = max(seen["total"], p.in_flight)
+        seen["stream"] = max([seen["stream"], *(s.in_flight for s in p.streams.values())])
+        seen["sink"] = max(seen["sink"], p.at_sink)
+
+    summary = actors.run(cfg, out, on_progress=watch)
     assert summary.exit_code == 0 and summary.failed == [] and summary.windows == 2 * WINDOWS
+    assert 1 <= seen["total"] <= 4 and 1 <= seen["stream"] <= 3 and seen["sink"] <= 4
     assert ids_by_stream(out) == {"a": list(range(WINDOWS)), "b": list(range(WINDOWS))}
     assert ids_by_stream(out, "flow") == {"a": list(range(WINDOWS)), "b": list(range(WINDOWS))}
 
