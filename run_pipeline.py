@@ -1,8 +1,11 @@
-"""perceiver-stream's command line: ``python run_pipeline.py [run|bench] [options]``.
+"""perceiver-stream's command line: ``python run_pipeline.py [run|train|eval|distill|inspect|bench]``.
 
 ``run`` (the default) runs the pipeline over the config's streams on a local Ray (or the cluster
-at ``--address``) and writes Parquet under the output folder. ``bench`` measures the model alone
-and the whole pipeline on the same config and prints JSON.
+at ``--address``) and writes Parquet under the output folder. ``train`` trains the model on the
+synthetic rig, ``eval`` scores a checkpoint (and a student) on a held-out synthetic seed,
+``distill`` distils a student offline (no Ray), ``inspect`` summarises an output folder and draws
+its pictures; each prints JSON or lines. ``bench`` measures the model alone and the whole
+pipeline on the same config and prints JSON.
 
 Exit codes: 0 every stream ended normally, or a clean drain after SIGINT / SIGTERM; 1 every
 stream failed or the run could not go on; 2 bad config or arguments; 3 some streams failed while
@@ -26,7 +29,10 @@ from typing import NoReturn
 
 from pipeline.errors import ConfigError
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
+CONFIGS = Path(__file__).resolve().parent / "configs"
+DEFAULT_CONFIG = CONFIGS / "default.yaml"
+TRAIN_CONFIG = CONFIGS / "train_synthetic.yaml"
+DISTILL_CONFIG = CONFIGS / "distill_synthetic.yaml"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2  # 3 (some streams failed) comes from RunSummary.exit_code
 EXIT_CODES = """exit codes:
   0  every stream ended normally, or a clean drain after SIGINT / SIGTERM
@@ -67,9 +73,11 @@ def _port(text: str) -> int:
 
 
 # -- shared options ------------------------------------------------------------------------------
-def add_config_arguments(p: argparse.ArgumentParser) -> None:
-    """``--config`` and repeatable ``--set``."""
-    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML config (default: configs/default.yaml)")
+def add_config_arguments(p: argparse.ArgumentParser, default: Path = DEFAULT_CONFIG) -> None:
+    """``--config`` (default ``default``) and repeatable ``--set``."""
+    p.add_argument(
+        "--config", type=Path, default=default, help=f"YAML config (default: configs/{default.name})"
+    )
     p.add_argument(
         "--set",
         dest="overrides",
@@ -247,6 +255,118 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- train ---------------------------------------------------------------------------------------
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``train``."""
+    add_config_arguments(p, TRAIN_CONFIG)
+    p.add_argument(
+        "--no-resume", action="store_true", help="start afresh instead of resuming from the latest periodic checkpoint"
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train per the config's ``train`` section; prints the summary JSON."""
+    from pipeline.training import train_job
+
+    result = train_job(load(args), resume=not args.no_resume, progress=True)
+    print(json.dumps(result, indent=2))
+    return EXIT_OK
+
+
+# -- eval ----------------------------------------------------------------------------------------
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer seed, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer seed, got {text!r}")
+    return value
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``eval``."""
+    from pipeline.evaluation import MIN_WINDOWS, MODALITIES
+
+    p.add_argument("--seed", type=_seed, required=True, help="synthetic rig to evaluate on (not a training seed)")
+    p.add_argument("--drop", metavar="MODALITY", help=f"remove one modality from every window ({', '.join(MODALITIES)})")
+    p.add_argument(
+        "--checkpoint", type=Path, help="model checkpoint folder (default: model.checkpoint of configs/default.yaml)"
+    )
+    p.add_argument("--student", type=Path, help="also score this student checkpoint against the model")
+    p.add_argument(
+        "--windows", type=_positive_int, default=MIN_WINDOWS, metavar="N", help=f"windows to score (>= {MIN_WINDOWS})"
+    )
+
+
+def default_checkpoint() -> str:
+    """The checkpoint ``configs/default.yaml`` runs (``model.checkpoint``); ConfigError if none."""
+    from pipeline.config import load_config
+
+    path = load_config(DEFAULT_CONFIG).model.checkpoint
+    if path is None:
+        raise ConfigError(f"{DEFAULT_CONFIG} names no model.checkpoint; pass --checkpoint PATH")
+    return path
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate a checkpoint on a held-out seed; prints the metrics JSON."""
+    from pipeline.errors import PipelineError
+    from pipeline.evaluation import evaluate
+
+    checkpoint = args.checkpoint if args.checkpoint is not None else default_checkpoint()
+    try:
+        result = evaluate(checkpoint, args.seed, drop=args.drop, student=args.student, windows=args.windows)
+    except PipelineError as exc:  # a refused seed, or a checkpoint that does not load: bad arguments
+        raise UsageError(str(exc)) from None
+    print(json.dumps(result, indent=2))
+    return EXIT_OK
+
+
+# -- distill -------------------------------------------------------------------------------------
+def add_distill_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``distill``."""
+    add_config_arguments(p, DISTILL_CONFIG)
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    """Distil a student from ``model.checkpoint`` on the config's streams, without Ray; prints JSON."""
+    from pipeline.distill import distill_job
+    from pipeline.errors import PipelineError
+
+    try:
+        result = distill_job(load(args), progress=True)
+    except PipelineError as exc:  # a bad config, or a teacher that does not load
+        raise UsageError(str(exc)) from None
+    print(json.dumps(result, indent=2))
+    return EXIT_OK
+
+
+# -- inspect -------------------------------------------------------------------------------------
+def add_inspect_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``inspect``."""
+    p.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR", help="a run's output folder")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Print one summary line per stream and write the pictures under ``OUTPUT_DIR/_inspect/``."""
+    from pipeline.errors import PipelineError
+    from pipeline.inspect import summarize, write_pictures
+
+    if not args.output_dir.is_dir():
+        raise UsageError(f"{args.output_dir} is not a folder")
+    try:
+        for s in summarize(args.output_dir):
+            print(s.line())
+        pictures = write_pictures(args.output_dir)
+    except PipelineError as exc:  # not an output folder
+        raise UsageError(str(exc)) from None
+    print(f"{len(pictures)} pictures under {args.output_dir / '_inspect'}:")
+    for path in pictures:
+        print(f"  {path}")
+    return EXIT_OK
+
+
 @dataclass(frozen=True)
 class Subcommand:
     """One subcommand: its help line, how it adds arguments, and what runs it."""
@@ -258,6 +378,13 @@ class Subcommand:
 
 SUBCOMMANDS: dict[str, Subcommand] = {
     "run": Subcommand("run the pipeline (the default)", add_run_arguments, cmd_run),
+    "train": Subcommand("train the model on the synthetic rig (checkpoints, resume)", add_train_arguments, cmd_train),
+    "eval": Subcommand("score a checkpoint (and a student) on a held-out synthetic seed, as JSON", add_eval_arguments,
+                       cmd_eval),
+    "distill": Subcommand("distil a student offline from model.checkpoint (no Ray), as JSON", add_distill_arguments,
+                          cmd_distill),
+    "inspect": Subcommand("summarise an output folder and write pictures under OUTPUT_DIR/_inspect/",
+                          add_inspect_arguments, cmd_inspect),
     "bench": Subcommand("model-only vs whole-pipeline throughput, as JSON", add_bench_arguments, cmd_bench),
 }
 
