@@ -140,6 +140,10 @@ class SyntheticRig:
         rng = np.random.default_rng([self.seed, 0])
         self._background = self._draw_background(rng)
         self.segments = self._draw_segments(rng)
+        yy, xx = np.mgrid[0 : self.size[0], 0 : self.size[1]]
+        self._xs, self._ys = xx.ravel().astype(np.float64), yy.ravel().astype(np.float64)
+        self._grid_basis = _phase_basis(self._background, self._xs, self._ys)
+        self._texture_cache: tuple[int, np.ndarray] = (-1, np.empty(0))
 
     # ---- scene description -------------------------------------------------------------------
 
@@ -258,32 +262,53 @@ class SyntheticRig:
         """Colour (``F x N x 3`` float in [0, 1]) and visible surface (``F x N``: -1 background,
         else object index) of segment ``seg`` at times ``t`` (F) and image points ``x, y`` (N)."""
         t = np.atleast_1d(np.asarray(t, dtype=np.float64))
-        x = np.asarray(x, dtype=np.float64)[None, :]
-        y = np.asarray(y, dtype=np.float64)[None, :]
-        bg = self._background
-        # sin(a + b) = sin a cos b + cos a sin b: the per-pixel part once, the per-frame pan part per frame
-        a = 2 * np.pi * (x.T * bg["freq"][:, 0] + y.T * bg["freq"][:, 1]) + bg["phase"]  # N x k
-        b = 2 * np.pi * (self._pan(seg, t) @ bg["freq"].T)  # F x k
-        amp = bg["amp"]
-        rgb = bg["mean"] + np.sin(a) @ (np.cos(b)[:, :, None] * amp) + np.cos(a) @ (np.sin(b)[:, :, None] * amp)
-        surface = self._surface(seg, t, x[0], y[0])
+        x = np.asarray(x, dtype=np.float64)
+        y = np.asarray(y, dtype=np.float64)
+        rgb = self._background_rgb(seg, t, x, y)
+        surface = self._surface(seg, t, x, y)
         pos = self._positions(seg, t)
+        on_grid = x is self._xs and y is self._ys
         for j in range(seg.n):
+            # texture only where object j is visible (a small part of the frames)
+            fi, pi = np.nonzero(surface == j)
             tex = 1.0
             for m in range(2):
-                f = seg.tex_freq[j, m]
-                # separable as above: phase = 2 pi f.(x, y) + phi - 2 pi f.p(t)
-                pa = 2 * np.pi * (f[0] * x + f[1] * y) + seg.tex_phase[j, m]  # 1 x N
-                pb = 2 * np.pi * (pos[:, j] @ f)[:, None]  # F x 1
-                tex = tex + seg.tex_amp[j, m] * (np.sin(pa) * np.cos(pb) - np.cos(pa) * np.sin(pb))
-            on = surface == j
-            rgb[on] = seg.rgb[j] * tex[on][:, None]
-        return np.clip(rgb, 0.0, 1.0), surface
+                # separable: phase = 2 pi f.(x, y) + phi - 2 pi f.p(t); the (x, y) part is cached on the grid
+                sin_a, cos_a = self._grid_texture(seg)[j, m] if on_grid else _texture_phase(seg, j, m, x, y)
+                pb = 2 * np.pi * (pos[:, j] @ seg.tex_freq[j, m])
+                sin_b, cos_b = np.sin(pb), np.cos(pb)
+                tex = tex + seg.tex_amp[j, m] * (sin_a[pi] * cos_b[fi] - cos_a[pi] * sin_b[fi])
+            rgb[fi, pi] = seg.rgb[j] * np.asarray(tex)[:, None]
+        return np.clip(rgb, 0.0, 1.0, out=rgb), surface
+
+    def _grid_texture(self, seg: _Segment) -> np.ndarray:
+        """``n x 2 x 2 x N``: sin and cos of each object texture's per-pixel phase on the grid.
+
+        Kept for the last segment asked for only: rendering goes one segment at a time.
+        """
+        if self._texture_cache[0] != seg.index:
+            phases = [[_texture_phase(seg, j, m, self._xs, self._ys) for m in range(2)] for j in range(seg.n)]
+            self._texture_cache = (seg.index, np.array(phases))
+        return self._texture_cache[1]
+
+    def _background_rgb(self, seg: _Segment, t: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Background colour (``F x N x 3``) at times ``t`` and points ``x, y``, as one matrix product.
+
+        sin(a + b) = sin a cos b + cos a sin b with ``a`` the per-point phase (cached for the
+        pixel grid) and ``b`` the per-frame pan phase: ``[sin a, cos a] (N x 2k)`` times
+        ``[cos b; sin b] * amp (2k x 3F)``.
+        """
+        bg = self._background
+        basis = self._grid_basis if x is self._xs and y is self._ys else _phase_basis(bg, x, y)
+        b = 2 * np.pi * (self._pan(seg, t) @ bg["freq"].T)  # F x k
+        weights = np.concatenate([np.cos(b)[:, :, None] * bg["amp"], np.sin(b)[:, :, None] * bg["amp"]], axis=1)
+        rgb = basis @ weights.transpose(1, 0, 2).reshape(basis.shape[1], -1)  # N x 3F
+        rgb = rgb.reshape(len(x), len(t), 3).transpose(1, 0, 2) + bg["mean"]
+        return rgb
 
     def _grid(self) -> tuple[np.ndarray, np.ndarray]:
-        h, w = self.size
-        yy, xx = np.mgrid[0:h, 0:w]
-        return xx.ravel().astype(np.float64), yy.ravel().astype(np.float64)
+        """Pixel centres ``x, y`` (row-major), the same arrays on every call (see `_background_rgb`)."""
+        return self._xs, self._ys
 
     def frame_times(self) -> np.ndarray:
         """Media time of every frame."""
@@ -315,7 +340,8 @@ class SyntheticRig:
         rng = np.random.default_rng([self.seed, 1, seg.index])
         t = (n0 + np.arange(n)) / rate
         _, _, material = class_attributes(seg.label)
-        pos = self._positions(seg, t)  # n x objects x 2
+        # panning by image column needs the objects' paths (a large array): only with several channels
+        pos = self._positions(seg, t) if self.audio_channels > 1 else None  # n x objects x 2
         speed = np.linalg.norm(seg.vel, axis=1)
         out = np.zeros((n, self.audio_channels))
         for j in range(seg.n):
@@ -331,15 +357,16 @@ class SyntheticRig:
                 sig = np.fft.irfft(spec * np.exp(-0.5 * ((freqs - f) / (0.15 * f)) ** 2), n)
             sig /= max(float(np.sqrt(np.mean(sig * sig))), 1e-12)
             amp = 0.03 + 0.17 * speed[j] / MAX_SPEED  # louder when faster
-            out += (amp * sig)[:, None] * self._channel_gains(pos[:, j, 0])
+            if pos is None:
+                out[:, 0] += amp * sig
+            else:
+                out += (amp * sig)[:, None] * self._channel_gains(pos[:, j, 0])
         out += 0.005 * rng.standard_normal(out.shape)
         return n0, np.clip(out, -1.0, 1.0).astype(np.float32)
 
     def _channel_gains(self, x: np.ndarray) -> np.ndarray:
-        """``n x channels`` constant-power panning by image column (mono: 1)."""
+        """``n x channels`` constant-power panning by image column (two or more channels)."""
         c = self.audio_channels
-        if c == 1:
-            return np.ones((len(x), 1))
         where = np.clip(x / (self.size[1] - 1), 0, 1)[:, None] * (c - 1)
         g = np.clip(1 - np.abs(where - np.arange(c)[None]), 0, 1)
         return g / np.sqrt(np.sum(g * g, axis=1, keepdims=True))
@@ -428,6 +455,19 @@ class SyntheticRig:
             flow = self.flow(float(video_t[-2]), float(video_t[-1]))
         label = self.label_at(0.5 * (t_start + t_end))
         return Truth(flow=flow, label=label, label_name=CLASSES[label])
+
+
+def _phase_basis(bg: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``[sin a, cos a]`` (``N x 2k``) of the background's per-point phases ``a`` at ``x, y``."""
+    a = 2 * np.pi * (x[:, None] * bg["freq"][:, 0] + y[:, None] * bg["freq"][:, 1]) + bg["phase"]
+    return np.concatenate([np.sin(a), np.cos(a)], axis=1)
+
+
+def _texture_phase(seg: _Segment, j: int, m: int, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """sin and cos of the position part of object ``j``'s texture component ``m`` at ``x, y``."""
+    f = seg.tex_freq[j, m]
+    a = 2 * np.pi * (f[0] * x + f[1] * y) + seg.tex_phase[j, m]
+    return np.sin(a), np.cos(a)
 
 
 def _hsv_to_rgb(h_deg: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
