@@ -83,3 +83,12 @@ def print_summary(summary: RunSummary, output: str, console: Console | None = No
     if summary.fatal:
         line += f", run failed: {summary.fatal}"
     console.print(line)
+    d = summary.distill
+    if d is not None:
+        if "error" in d:
+            console.print(f"distillation failed: {d['error']}")
+        else:
+            console.print(
+                f"student: {d['steps']} steps over {d['windows']} windows ({d['dropped_windows']} dropped while busy), "
+                f"cosine to the teacher {d['cosine_to_teacher']}, saved to {d['checkpoint']}"
+            )

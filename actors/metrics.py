@@ -16,7 +16,7 @@ from ray.util import metrics
 _LATENCY_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 _BATCH_BOUNDARIES = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
 
-STAGES = ("source", "model", "sink")
+STAGES = ("source", "model", "sink", "distill")
 
 
 class Metrics:
@@ -87,3 +87,19 @@ class Metrics:
     def streams_active(self) -> metrics.Gauge:
         """Streams still delivering windows."""
         return metrics.Gauge("pstream_streams_active", "Streams still delivering windows.", tag_keys=())
+
+    @cached_property
+    def distill_dropped(self) -> metrics.Counter:
+        """Windows the model actor did not offer the student because it was still busy."""
+        return metrics.Counter(
+            "pstream_distill_dropped_total",
+            "Windows not distilled because the distill actor was busy (drop-with-count backpressure).",
+            tag_keys=(),
+        )
+
+    @cached_property
+    def distill_cosine(self) -> metrics.Gauge:
+        """Mean cosine of the student's embeddings to the teacher's over the last step's batch."""
+        return metrics.Gauge(
+            "pstream_distill_cosine", "Cosine of student to teacher embeddings, last distillation step.", tag_keys=()
+        )

@@ -10,6 +10,10 @@ the runner numbers each stream's windows (``seq``) and marks where a chain start
 first window in this run, or the first one resent after this actor was restarted); a window runs
 once its predecessor in the chain has. The state is reset on a chain start, a gap, or always when
 ``model.state`` is false, and the result says so (``state_reset``).
+
+With a DistillActor (``distill.enabled``), every ``distill.every_windows``-th batch is offered
+to it with the teacher's outputs, without waiting: at most ``actors.distill.MAX_PENDING`` offers
+are pending, further ones are dropped and counted (see `actors.distill`).
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ import asyncio
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
 import numpy as np
+import ray
 import torch
 
+from actors.distill import MAX_PENDING, teacher_outputs
 from actors.metrics import Metrics
 from perceiver_stream.batch import Batch
 from perceiver_stream.outputs import ModelOutput
@@ -109,6 +115,7 @@ class ModelActor:
     ``device`` is ``"cuda"`` or ``"cpu"`` (the runner resolves ``model.device: auto``);
     ``num_cpus`` sets torch's thread count, since Ray starts workers with one OpenMP thread.
     ``build`` and ``collate`` default to the project's model loader and `pipeline.collate`.
+    ``distill`` is the DistillActor handle when the run distils a student.
     """
 
     def __init__(
@@ -119,6 +126,7 @@ class ModelActor:
         num_cpus: float = 1,
         build: BuildPredictor | None = None,
         collate: Collate | None = None,
+        distill: Any | None = None,
     ) -> None:
         torch.set_num_threads(max(1, int(num_cpus)))
         self._cfg = cfg
@@ -140,6 +148,11 @@ class ModelActor:
         self._executor = ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(max(1, int(num_cpus)),))
         self._metrics = Metrics()
         self._windows_done = 0
+        self._distill = distill
+        self._distill_every = cfg.distill.every_windows
+        self._distill_pending: list[ray.ObjectRef] = []
+        self._batches = 0
+        self._distill_dropped = 0
 
     # -- control ---------------------------------------------------------------------------
     def info(self) -> dict:
@@ -149,7 +162,18 @@ class ModelActor:
             "class_names": list(self._predictor.class_names),
             "device": str(self._device),
             "windows": self._windows_done,
+            "distill_dropped": self._distill_dropped,
         }
+
+    async def distill_flush(self) -> int:
+        """Wait until the DistillActor has taken every batch offered; returns the windows dropped."""
+        pending, self._distill_pending = self._distill_pending, []
+        for ref in pending:
+            try:
+                await ref
+            except ray.exceptions.RayError:
+                pass  # the distill actor reports its own failure when the runner finishes it
+        return self._distill_dropped
 
     def set_open_streams(self, stream_ids: list[str]) -> None:
         """The streams that may still send windows: a batch holding all of them need not wait."""
@@ -275,6 +299,8 @@ class ModelActor:
             out = self._predictor(batch.to(self._device), state)
         if self._carry:
             self._states.update(batch, out.state)
+        if self._distill is not None:
+            self._offer(batch, out)
         results = self._rows(items, resets, out)
         elapsed = time.perf_counter() - t0
         self._windows_done += len(items)
@@ -285,6 +311,21 @@ class ModelActor:
             res.latency_s = now - it.arrived
             self._metrics.windows_out.inc(tags={"stage": "model", "stream": it.window.stream_id})
         return results
+
+    def _offer(self, batch: Batch, out: ModelOutput) -> None:
+        """Offer every ``every_windows``-th batch to the DistillActor, or drop it if it is busy."""
+        self._batches += 1
+        if self._batches % self._distill_every:
+            return
+        if self._distill_pending:
+            n = len(self._distill_pending)
+            self._distill_pending = ray.wait(self._distill_pending, num_returns=n, timeout=0)[1]
+        if len(self._distill_pending) >= MAX_PENDING:
+            self._distill_dropped += len(batch)
+            self._metrics.distill_dropped.inc(len(batch))
+            return
+        # The collated CPU batch, without ground truth: the student learns from the teacher only.
+        self._distill_pending.append(self._distill.step.remote(replace(batch, targets=None), teacher_outputs(out)))
 
     def _rows(self, items: list[_Item], resets: list[bool], out: ModelOutput) -> list[WindowResult]:
         names = self._predictor.class_names

@@ -33,6 +33,7 @@ from typing import Any
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
+from actors.distill import DistillActor
 from actors.metrics import Metrics
 from actors.model import BuildPredictor, Collate, ModelActor, WindowResult
 from actors.sink import SinkActor
@@ -73,6 +74,7 @@ class RunSummary:
     stopped: bool = False
     fatal: str | None = None
     committed: dict[str, int] = field(default_factory=dict)
+    distill: dict[str, Any] | None = None  # the DistillActor's summary (or its error) when distilling
 
     @property
     def windows(self) -> int:
@@ -102,13 +104,19 @@ class ActorOptions:
     model_gpus: float
     source_cpus: float
     sink_cpus: float
+    distill_cpus: float = 0.0
+    distill_gpus: float = 0.0
+    distill_device: str = "cpu"
 
 
 def plan_actors(cfg: Config, resources: dict[str, float]) -> ActorOptions:
     """Resolve ``model.device`` / ``model.num_gpus`` against the cluster and split its CPUs.
 
     On a CPU-only cluster the model gets half the CPUs (at least one) for torch threads and the
-    sources and sink share the rest; with a GPU the model needs one CPU to feed it.
+    sources and sink share the rest (with the distill actor when ``distill.enabled``); with a GPU
+    the model needs one CPU to feed it. A distilling run on a GPU shares it: the model asks for
+    ``model.num_gpus`` (default half a GPU) and the student trains on what is left, or on the CPU
+    when nothing is.
     """
     cpus = float(resources.get("CPU", 1.0))
     gpus = float(resources.get("GPU", 0.0))
@@ -117,15 +125,22 @@ def plan_actors(cfg: Config, resources: dict[str, float]) -> ActorOptions:
         device = "cuda" if gpus > 0 and cfg.model.num_gpus != 0 else "cpu"
     if device == "cuda" and gpus <= 0:
         raise ConfigError("model.device is cuda but the Ray cluster has no GPU")
-    model_gpus = (cfg.model.num_gpus or 1.0) if device == "cuda" else 0.0
+    distill = cfg.distill.enabled
+    model_gpus = (cfg.model.num_gpus or (0.5 if distill else 1.0)) if device == "cuda" else 0.0
     model_cpus = 1.0 if device == "cuda" else max(1.0, float(int(cpus // 2)))
     rest = max(cpus - model_cpus, 0.0)
     n = len(cfg.streams)
     # Rounded down so the shares never add up to more than the cluster has (an actor that does
     # not fit would wait forever).
-    source_cpus = max(0.001, min(1.0, math.floor(rest * 800 / n) / 1000))
+    source_share, distill_share = (0.6, 0.2) if distill else (0.8, 0.0)
+    source_cpus = max(0.001, min(1.0, math.floor(rest * source_share * 1000 / n) / 1000))
     sink_cpus = max(0.001, min(1.0, math.floor(rest * 200) / 1000))
-    return ActorOptions(device, model_cpus, model_gpus, source_cpus, sink_cpus)
+    distill_cpus = max(0.001, min(1.0, math.floor(rest * distill_share * 1000) / 1000)) if distill else 0.0
+    distill_gpus = min(0.5, max(gpus - model_gpus, 0.0)) if distill and device == "cuda" else 0.0
+    distill_device = "cuda" if distill_gpus > 0 else "cpu"
+    return ActorOptions(
+        device, model_cpus, model_gpus, source_cpus, sink_cpus, distill_cpus, distill_gpus, distill_device
+    )
 
 
 @dataclass
@@ -207,10 +222,14 @@ def run(
     ``realtime`` defaults to ``config.runtime.realtime``. ``on_start`` gets the `RunningPipeline`
     once the actors exist, ``on_progress`` after every step of the loop (a few times a second at
     least). ``build``, ``collate`` and ``open_stream`` replace the model loader,
-    `pipeline.collate` and `pipeline.read.open_stream` (for tests).
+    `pipeline.collate` and `pipeline.read.open_stream` (for tests). With ``distill.enabled`` a
+    `DistillActor` trains a student from the model's batches (see `actors.distill`).
     """
     if not ray.is_initialized():
         raise RuntimeError("actors.run needs an initialised Ray (call ray.init first)")
+    if config.distill.enabled and config.model.student is not None:
+        raise ConfigError("distill.enabled with model.student: the pipeline would distil a student from a student; "
+                          "unset one of them")
     started = time.monotonic()
     out_dir = Path(output if output is not None else config.output.dir)
     opts = plan_actors(config, ray.available_resources())
@@ -219,6 +238,15 @@ def run(
         .options(num_cpus=opts.sink_cpus, max_restarts=0)
         .remote(str(out_dir), config_hash=config_hash(config))
     )
+    actors: list[Any] = [sink]
+    distill = None
+    if config.distill.enabled:
+        distill = (
+            ray.remote(DistillActor)
+            .options(num_cpus=opts.distill_cpus, num_gpus=opts.distill_gpus, max_restarts=0)
+            .remote(config, str(out_dir), sink, device=opts.distill_device, num_cpus=max(opts.distill_cpus, 1))
+        )
+        actors.append(distill)
     model = (
         ray.remote(ModelActor)
         .options(
@@ -228,10 +256,12 @@ def run(
             max_task_retries=0,
             max_concurrency=config.runtime.max_in_flight + 16,
         )
-        .remote(config, device=opts.device, num_cpus=opts.model_cpus, build=build, collate=collate)
+        .remote(config, device=opts.device, num_cpus=opts.model_cpus, build=build, collate=collate, distill=distill)
     )
-    actors: list[Any] = [sink, model]
+    actors.append(model)
     try:
+        if distill is not None:
+            _started(distill.info.remote(), "the distill actor")
         info = _started(model.info.remote(), "the model actor")
         ids = [s.id for s in config.streams]
         resume = _started(sink.resume_points.remote(ids), "the sink")
@@ -257,6 +287,7 @@ def run(
         if on_start is not None:
             on_start(loop.pipeline)
         loop.run(on_progress)
+        distilled = _finish_distill(model, distill) if distill is not None else None
         committed: dict[str, int] = {}
         try:
             committed = ray.get(sink.close.remote())
@@ -269,6 +300,7 @@ def run(
             stopped=loop.pipeline.stopping,
             fatal=loop.fatal,
             committed=committed,
+            distill=distilled,
         )
     finally:
         for a in actors:
@@ -513,6 +545,16 @@ class _Loop:
         self.metrics.queue_depth.set(self.in_flight, tags={"stage": "in_flight"})
         self.metrics.queue_depth.set(self.at_sink, tags={"stage": "sink"})
         self.metrics.streams_active.set(sum(1 for st in self.streams.values() if st.status.state == "running"))
+
+
+def _finish_distill(model: Any, distill: Any) -> dict[str, Any]:
+    """Let the student take the batches offered to it, save it and send its last rows to the sink
+    (before the sink closes). A distillation failure does not fail the run: it is reported."""
+    try:
+        dropped = ray.get(model.distill_flush.remote())
+        return {**ray.get(distill.finish.remote()), "dropped_windows": dropped}
+    except (RayActorError, RayTaskError) as exc:
+        return {"error": _last_line(exc)}
 
 
 def _started(ref: ray.ObjectRef, what: str) -> Any:

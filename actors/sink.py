@@ -3,7 +3,9 @@
 Rows are buffered and committed together (atomic part files, then the manifest) when
 ``FLUSH_WINDOWS`` windows are buffered or the oldest has waited ``FLUSH_S``, and on `close`.
 Windows already committed for a stream (a resumed run) are dropped, so ``(stream_id,
-window_id)`` stays unique. The buffer is bounded by the flush policy and by the runner's
+window_id)`` stays unique. ``student`` rows (from the DistillActor) are committed with their
+window's rows when both are buffered, or with a later flush once the window is committed; a
+student row whose window never commits (its stream failed first) is not written. The buffer is bounded by the flush policy and by the runner's
 in-flight bounds (a window counts as in flight until `write` returns).
 """
 
@@ -19,20 +21,21 @@ from PIL import Image
 from actors.metrics import Metrics
 from actors.model import WindowResult
 from actors.source import ErrorRecord
-from pipeline.parquet import ErrorRow, FlowRow, OutputWriter, WindowRow
+from pipeline.parquet import ErrorRow, FlowRow, OutputWriter, StudentRow, WindowRow
 
 FLUSH_WINDOWS = 256
 FLUSH_S = 5.0
 
 
 class SinkActor:
-    """Writes ``windows``, ``flow`` (with the earlier frame as PNG) and ``errors`` rows under ``output``
-    (see the module docstring)."""
+    """Writes ``windows``, ``flow`` (with the earlier frame as PNG), ``student`` and ``errors`` rows
+    under ``output`` (see the module docstring)."""
 
     def __init__(self, output: str, *, config_hash: str, model: str = "") -> None:
         self._writer = OutputWriter(Path(output), model_name=model, config_hash=config_hash)
         self._buffer: list[WindowResult] = []
         self._errors: list[ErrorRecord] = []
+        self._student: dict[str, dict[int, StudentRow]] = {}
         self._oldest: float | None = None
         self._committed: dict[str, set[int]] = {}
         self._written: dict[str, int] = {}
@@ -68,6 +71,14 @@ class SinkActor:
         if self._oldest is None:
             self._oldest = time.monotonic()
 
+    def write_student(self, rows: dict[str, list[StudentRow]]) -> None:
+        """Buffer ``student`` rows by stream (committed with or after their window's rows)."""
+        for sid, items in rows.items():
+            held = self._student.setdefault(sid, {})
+            held.update((r.window_id, r) for r in items)
+        if self._oldest is None:
+            self._oldest = time.monotonic()
+
     def tick(self) -> None:
         """Commit if the buffer is full or its oldest row has waited long enough."""
         if self._oldest is None:
@@ -77,7 +88,7 @@ class SinkActor:
 
     def flush(self) -> None:
         """Commit everything buffered."""
-        if not self._buffer and not self._errors:
+        if not self._buffer and not self._errors and not self._student:
             self._oldest = None
             return
         t0 = time.perf_counter()
@@ -88,11 +99,14 @@ class SinkActor:
             by_stream.setdefault(r.stream_id, ([], []))[0].append(r)
         for e in errors:
             by_stream.setdefault(e.stream_id, ([], []))[1].append(e)
+        for sid in self._student:
+            by_stream.setdefault(sid, ([], []))
         for sid, (results, errs) in by_stream.items():
             ids = self._writer.write(
                 sid,
                 windows=[_window_row(r) for r in results],
                 flow=[_flow_row(r) for r in results if r.flow is not None],
+                student=self._take_student(sid, {r.window_id for r in results}),
                 errors=[ErrorRow(kind=e.kind, message=e.message, window_id=e.window_id, t_wall=e.t_wall) for e in errs],
             )
             self._committed.setdefault(sid, set()).update(ids)
@@ -100,7 +114,16 @@ class SinkActor:
             if ids:
                 self._metrics.windows_out.inc(len(ids), tags={"stage": "sink", "stream": sid})
         self._metrics.latency.observe(time.perf_counter() - t0, tags={"stage": "sink"})
-        self._oldest = None
+        self._oldest = time.monotonic() if self._student else None  # rows still waiting for their window
+
+    def _take_student(self, sid: str, flushing: set[int]) -> list[StudentRow]:
+        """The held ``student`` rows of ``sid`` whose window is committed or in this flush."""
+        held = self._student.get(sid, {})
+        ready = self._committed.get(sid, set()) | flushing
+        take = [held.pop(w) for w in sorted(held) if w in ready]
+        if not held:
+            self._student.pop(sid, None)
+        return take
 
     def close(self) -> dict[str, int]:
         """Commit what is left; windows committed by this actor, per stream."""
