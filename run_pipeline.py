@@ -235,6 +235,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p)
     p.add_argument("--max-windows", type=_positive_int, metavar="N", help="windows per stream to time (default: all)")
     p.add_argument("--output", type=Path, help="scratch output folder (default: a temporary folder)")
+    p.add_argument(
+        "--student", type=Path, help="student checkpoint to time (default: a student of the model with random weights)"
+    )
     add_ray_arguments(p)
 
 
@@ -245,9 +248,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from actors.bench import bench
 
     cfg = load(args)
+    if args.student is not None and not (args.student / "config.json").is_file():
+        raise UsageError(f"--student {args.student}: not a checkpoint folder (no config.json)")
     started = start_ray(args)
     try:
-        result = bench(cfg, max_windows=args.max_windows, output=args.output)
+        result = bench(cfg, max_windows=args.max_windows, output=args.output, student=args.student)
     finally:
         if started:
             ray.shutdown()

@@ -6,6 +6,13 @@ runs the pipeline (distillation off) on the same streams into a scratch folder. 
 steady state: windows completed between 10 % and 90 % of the total, over the time between, so
 actor start-up, model loading and the last partial batches do not count. ``ratio`` is pipeline
 over model.
+
+``student_windows_per_s`` runs the same ModelActor (resources, batch size, in-flight bounds) on
+the same pre-built windows with ``model.student`` set; ``student_speedup`` is that rate over
+``model_windows_per_s``. The student is the checkpoint given (``student.weights: "checkpoint"``)
+or, without one, a student shaped by ``perceiver_stream.student.student_config`` from the
+teacher and ``distill.student``, with random weights (``"random"``): its speed does not depend
+on its weights.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import ray
 from actors.model import ModelActor
 from actors.runner import RunningPipeline, plan_actors, run
 from pipeline.config import Config
+from pipeline.errors import ConfigError
 from pipeline.read import open_stream
 
 STEADY = (0.1, 0.9)
@@ -37,8 +45,8 @@ def steady_rate(times: list[float]) -> float:
     return (hi - lo) / span if span > 0 else float("inf")
 
 
-def model_only(cfg: Config, max_windows: int | None) -> tuple[float, int]:
-    """Steady-state windows/s of a ModelActor fed pre-built windows, and how many it ran."""
+def prebuilt_windows(cfg: Config, max_windows: int | None) -> dict[str, list[ray.ObjectRef]]:
+    """Every stream's windows (at most ``max_windows`` each), decoded now and put in the object store."""
     streams: dict[str, list[ray.ObjectRef]] = {}
     for s in cfg.streams:
         refs = []
@@ -47,6 +55,11 @@ def model_only(cfg: Config, max_windows: int | None) -> tuple[float, int]:
             if max_windows is not None and len(refs) >= max_windows:
                 break
         streams[s.id] = refs
+    return streams
+
+
+def model_only(cfg: Config, streams: dict[str, list[ray.ObjectRef]]) -> tuple[float, int]:
+    """Steady-state windows/s of a ModelActor fed the pre-built windows, and how many it ran."""
     opts = plan_actors(cfg, ray.available_resources())
     model = (
         ray.remote(ModelActor)
@@ -101,18 +114,50 @@ def pipeline_rate(cfg: Config, max_windows: int | None, output: Path) -> tuple[f
     return steady_rate(done), summary.windows
 
 
-def bench(cfg: Config, *, max_windows: int | None = None, output: Path | None = None) -> dict[str, Any]:
-    """The bench JSON (see the module docstring) for ``cfg``, with distillation and pacing off."""
+def random_student(cfg: Config, path: Path) -> Path:
+    """Save to ``path`` a student of ``cfg``'s model (``distill.student`` overrides) with random weights."""
+    import torch
+
+    from actors.predictor import load_predictor
+    from perceiver_stream.checkpoint import save_checkpoint
+    from perceiver_stream.streaming import StreamingPerceiverIO
+    from perceiver_stream.student import student_config
+
+    teacher = load_predictor(cfg, torch.device("cpu")).model
+    try:
+        config = student_config(teacher.config, cfg.distill.student)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"distill.student: {e}") from None
+    torch.manual_seed(0)
+    return save_checkpoint(path, StreamingPerceiverIO(config), {"role": "student", "weights": "random"})
+
+
+def bench(
+    cfg: Config, *, max_windows: int | None = None, output: Path | None = None, student: str | Path | None = None
+) -> dict[str, Any]:
+    """The bench JSON (see the module docstring) for ``cfg``, with distillation and pacing off;
+    ``student`` is the student checkpoint to time (default: a random-weight student)."""
     cfg = cfg.model_copy(deep=True)
     cfg.distill.enabled = False
     cfg.runtime.realtime = False
-    model_rate, model_n = model_only(cfg, max_windows)
+    cfg.model.student = None
+    streams = prebuilt_windows(cfg, max_windows)
+    model_rate, model_n = model_only(cfg, streams)
     with tempfile.TemporaryDirectory(prefix="pstream-bench-") as tmp:
-        pipe_rate, pipe_n = pipeline_rate(cfg, max_windows, output or Path(tmp))
+        s_cfg = cfg.model_copy(deep=True)
+        s_cfg.model.student = str(student) if student is not None else str(random_student(cfg, Path(tmp) / "student"))
+        student_rate, _ = model_only(s_cfg, streams)
+        pipe_rate, pipe_n = pipeline_rate(cfg, max_windows, output or Path(tmp) / "out")
     return {
         "model_windows_per_s": round(model_rate, 2),
         "pipeline_windows_per_s": round(pipe_rate, 2),
         "ratio": round(pipe_rate / model_rate, 3),
+        "student_windows_per_s": round(student_rate, 2),
+        "student_speedup": round(student_rate / model_rate, 2),
+        "student": {
+            "checkpoint": None if student is None else str(student),
+            "weights": "checkpoint" if student is not None else "random (student_config of the teacher)",
+        },
         "windows": {"model": model_n, "pipeline": pipe_n},
         "streams": len(cfg.streams),
         "batch_size": cfg.model.batch_size,
