@@ -1,12 +1,17 @@
-"""The command line without running a pipeline: parsing, defaults, and exit code 2 as one line."""
+"""The command line without running a pipeline: parsing, defaults, exit code 2 as one line, and
+the Ray-free subcommands (train, eval, inspect) on tiny models."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 import run_pipeline
 
@@ -36,7 +41,7 @@ def test_run_options():
 
 
 def test_only_implemented_subcommands_are_offered():
-    assert set(run_pipeline.SUBCOMMANDS) >= {"run", "bench"}
+    assert set(run_pipeline.SUBCOMMANDS) == {"run", "train", "eval", "distill", "inspect", "bench"}
     for name, sc in run_pipeline.SUBCOMMANDS.items():
         assert callable(sc.main) and sc.help
 
@@ -75,4 +80,106 @@ def test_help_lists_the_subcommands(capsys):
         run_pipeline.main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    assert "run" in out and "bench" in out
+    assert all(name in out for name in run_pipeline.SUBCOMMANDS)
+
+
+# -- train / eval / inspect ----------------------------------------------------------------------
+SMOKE = REPO / "configs" / "train_smoke.yaml"
+TRAIN_SEEDS = [0, 1, 2, 3]  # train_smoke.yaml's
+
+
+def json_out(capsys) -> dict:
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A checkpoint made by ``train`` on the smoke config, cut to a few steps on short streams."""
+    out = tmp_path_factory.mktemp("train")
+    torch.set_num_threads(1)
+    argv = ["train", "--config", str(SMOKE), "--set", f"output.dir={out}", "--set", "train.steps=4"]
+    argv += ["--set", "train.checkpoint_every=2", "--set", "train.seconds=3", "--set", "train.final_eval=false"]
+    assert run_pipeline.main(argv) == 0
+    return out
+
+
+def test_train_writes_a_checkpoint_and_prints_its_summary(trained, capsys):
+    from perceiver_stream.checkpoint import read_config
+
+    assert (trained / "checkpoint" / "config.json").is_file()
+    assert sorted(p.name for p in (trained / "_checkpoints" / "train").iterdir()) == ["step-0000002", "step-0000004"]
+    _, meta = read_config(trained / "checkpoint")
+    assert meta["train_seeds"] == TRAIN_SEEDS and meta["step"] == 4
+    # Resuming at the last step trains nothing more and says where it resumed from.
+    argv = ["train", "--config", str(SMOKE), "--set", f"output.dir={trained}", "--set", "train.steps=4"]
+    argv += ["--set", "train.checkpoint_every=2", "--set", "train.seconds=3", "--set", "train.final_eval=false"]
+    capsys.readouterr()
+    assert run_pipeline.main(argv) == 0
+    summary = json_out(capsys)
+    assert summary["checkpoint"] == str(trained / "checkpoint") and summary["resumed_from"] == 4
+    assert summary["steps"] == 4 and summary["params"] > 0
+
+
+def test_eval_prints_the_metrics_of_a_checkpoint_and_its_student(trained, tmp_path, capsys):
+    from perceiver_stream.checkpoint import load_checkpoint
+    from pipeline.config import DistillConfig
+    from pipeline.distill import Distiller
+
+    teacher, meta = load_checkpoint(trained / "checkpoint")
+    student = Distiller(teacher, DistillConfig(), metadata={"train_seeds": meta["train_seeds"]}).save(tmp_path / "s")
+    argv = ["eval", "--seed", "77", "--checkpoint", str(trained / "checkpoint"), "--student", str(student)]
+    assert run_pipeline.main(argv) == 0
+    result = json_out(capsys)
+    assert {"label_accuracy", "label_chance", "flow_epe", "flow_epe_zero", "cosine_to_teacher"} <= set(result)
+    assert result["windows"] == 200 and result["seed"] == 77
+    assert 0 <= result["label_accuracy"] <= 1 and 0 < result["label_chance"] <= 1
+    assert result["flow_epe"] > 0 and result["flow_epe_zero"] > 0 and -1 <= result["cosine_to_teacher"] <= 1
+
+    assert run_pipeline.main(["eval", "--seed", "77", "--checkpoint", str(trained / "checkpoint"), "--drop", "video"]) == 0
+    dropped = json_out(capsys)
+    assert dropped["drop"] == "video" and dropped["flow_epe"] is None and dropped["flow_epe_zero"] is None
+    assert "cosine_to_teacher" not in dropped
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--seed", "2"], "seed 2"),  # a training seed
+        (["--seed", "77", "--drop", "smell"], "smell"),
+        (["--seed", "77", "--windows", "10"], "200"),
+        (["--seed", "-1"], "non-negative"),
+    ],
+)
+def test_eval_refuses_training_seeds_and_bad_arguments_with_exit_2(trained, extra, needle, capsys):
+    assert run_pipeline.main(["eval", "--checkpoint", str(trained / "checkpoint"), *extra]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and needle in captured.err
+
+
+def test_eval_of_a_missing_checkpoint_is_one_line_exit_2(tmp_path, capsys):
+    assert run_pipeline.main(["eval", "--seed", "77", "--checkpoint", str(tmp_path / "none")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_inspect_prints_a_line_per_stream_and_writes_its_pictures(tmp_path, capsys):
+    from pipeline.parquet import FlowRow, OutputWriter, WindowRow
+
+    rng = np.random.default_rng(0)
+    with OutputWriter(tmp_path, model_name="m", config_hash="h") as w:
+        for sid in ("cam0", "cam1"):
+            rows = [WindowRow(i, 0.5 * i, 0.5 * i + 1, True, True, False, i == 0, [("walk", 0.8), ("run", 0.2)],
+                              rng.normal(size=4).astype(np.float32), "m") for i in range(3)]
+            flows = [FlowRow(i, 0.5 * i + 0.9, rng.normal(size=(6, 5, 2)).astype(np.float32)) for i in range(3)]
+            w.write(sid, rows, flow=flows)
+    assert run_pipeline.main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "cam0: 3 windows" in out and "cam1: 3 windows" in out
+    pictures = sorted((tmp_path / "_inspect").glob("*.png"))
+    assert [p.name for p in pictures] == ["flow_cam0.png", "flow_cam1.png", "labels_cam0.png", "labels_cam1.png"]
+    assert all(str(p) in out for p in pictures)
+    assert all(min(Image.open(p).size) > 50 for p in pictures)
+
+
+def test_inspect_of_a_folder_without_outputs_is_exit_2(tmp_path, capsys):
+    assert run_pipeline.main(["inspect", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
