@@ -275,6 +275,52 @@ def test_plan_actors_splits_cpus_and_resolves_the_device():
         plan_actors(make_cfg(4, device="cuda"), {"CPU": 8.0})
 
 
+def test_plan_actors_makes_room_for_the_distill_actor():
+    cfg = make_cfg(4)
+    cfg.distill.enabled = True
+    cpu = plan_actors(cfg, {"CPU": 2.0})
+    assert cpu.distill_cpus > 0 and cpu.distill_device == "cpu" and cpu.distill_gpus == 0
+    assert cpu.model_cpus + 4 * cpu.source_cpus + cpu.sink_cpus + cpu.distill_cpus <= 2.0
+    gpu = plan_actors(cfg, {"CPU": 8.0, "GPU": 1.0})
+    assert (gpu.model_gpus, gpu.distill_gpus, gpu.distill_device) == (0.5, 0.5, "cuda")
+    cfg.model.num_gpus = 1.0  # the model takes the whole GPU: the student trains on the CPU
+    assert plan_actors(cfg, {"CPU": 8.0, "GPU": 1.0}).distill_device == "cpu"
+
+
+def test_model_actor_offers_every_nth_batch_to_the_distiller_and_drops_while_it_is_busy(ray_session):
+    import ray
+
+    from actors.distill import MAX_PENDING
+
+    @ray.remote
+    class SlowDistiller:
+        def __init__(self):
+            self.seen = []
+
+        def step(self, batch, teacher):
+            self.seen.append((batch.window_ids.tolist(), batch.targets, teacher.embedding.dtype, teacher.state.numel()))
+            time.sleep(1.0)  # far slower than the fake model: offers pile up
+            return len(batch)
+
+        def get(self):
+            return self.seen
+
+    distiller = SlowDistiller.remote()
+    cfg = make_cfg(1, batch_size=1)
+    cfg.distill.enabled, cfg.distill.every_windows = True, 2
+    actor = ModelActor(cfg, build=lambda c, d: FakePredictor(), distill=distiller)
+    actor.set_open_streams(["s0"])
+    n = 12
+    res = gather(actor, [(k, k == 0, window("s0", k)) for k in range(n)])
+    assert [r.window_id for r in res] == list(range(n))  # the model never waited for the student
+    dropped = asyncio.run(actor.distill_flush())
+    seen = ray.get(distiller.get.remote())
+    # Batches 2, 4, ... (window ids 1, 3, ...) are offered; the first MAX_PENDING are taken.
+    assert [ids for ids, *_ in seen] == [[2 * k + 1] for k in range(MAX_PENDING)]
+    assert dropped == n // 2 - MAX_PENDING == actor.info()["distill_dropped"]
+    assert all(targets is None and dtype == torch.float32 and state == 0 for _, targets, dtype, state in seen)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_model_actor_runs_a_real_model_on_cuda_under_bf16_autocast():
