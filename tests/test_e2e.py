@@ -24,6 +24,7 @@ from clips import write_clip
 from perceiver_stream.checkpoint import save_checkpoint
 from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO
 from pipeline.config import config_hash, parse_config
+from pipeline.errors import ConfigError
 from pipeline.parquet import read_file_metadata
 from pipeline.read import read_windows
 from pipeline.sources.synthetic import CLASSES
@@ -216,3 +217,39 @@ def test_sigterm_drains_then_resume_completes_without_gaps_or_repeats(ray_sessio
     for sid, ids in first.items():
         resumed = df.filter((pl.col("stream_id") == sid) & (pl.col("window_id") == len(ids)))
         assert resumed["state_reset"].to_list() == [True]
+
+
+def test_distilling_run_writes_student_rows_and_a_student_the_pipeline_can_run_on(ray_session, tiny_checkpoint, tmp_path):
+    from pipeline.distill import student_checkpoint_path
+
+    data = config_data(tiny_checkpoint, [synthetic("a", 1), synthetic("b", 2)])
+    data["distill"] = {"enabled": True, "checkpoint_every": 2, "student": {"num_latents": 4}}
+    out = tmp_path / "out"
+    summary = actors.run(parse_config(data), out)
+    assert summary.exit_code == 0 and summary.windows == 2 * WINDOWS
+    d = summary.distill
+    assert d is not None and "error" not in d and d["steps"] >= 1
+    assert d["windows"] + d["dropped_windows"] == 2 * WINDOWS  # every window distilled or counted as dropped
+
+    student = pl.from_arrow(read_table(out, "student"))
+    keys = list(zip(student["stream_id"].to_list(), student["window_id"].to_list()))
+    assert len(keys) == len(set(keys)) == d["windows"]  # unique, one per distilled window
+    committed = {(sid, w) for sid, ids in ids_by_stream(out).items() for w in ids}
+    assert set(keys) <= committed
+    assert all(len(e) == 16 and np.isfinite(e).all() for e in student["embedding"].to_list())
+    assert all(-1.0 <= c <= 1.0 + 1e-6 for c in student["cosine_to_teacher"].to_list())
+
+    ckpt = student_checkpoint_path(out)
+    assert ckpt.parent.name == "_checkpoints" and (ckpt / "config.json").is_file()
+    assert ids_by_stream(out) == {"a": list(range(WINDOWS)), "b": list(range(WINDOWS))}  # readers skip it
+
+    data["distill"]["enabled"] = False
+    data["model"]["student"] = str(ckpt)
+    on_student = tmp_path / "on_student"
+    assert actors.run(parse_config(data), on_student).exit_code == 0
+    assert ids_by_stream(on_student) == {"a": list(range(WINDOWS)), "b": list(range(WINDOWS))}
+    assert set(pl.from_arrow(read_table(on_student, "windows"))["model"].to_list()) == {"student"}
+
+    data["distill"]["enabled"] = True  # a student distilled from a student is refused
+    with pytest.raises(ConfigError, match="model.student"):
+        actors.run(parse_config(data), tmp_path / "refused")
