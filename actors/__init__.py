@@ -4,12 +4,14 @@
 ``run_pipeline.py`` is the command line around it.
 """
 
+from actors.distill import DistillActor
 from actors.model import ModelActor, WindowResult
 from actors.runner import RunFailed, RunningPipeline, RunSummary, StreamStatus, run
 from actors.sink import SinkActor
 from actors.source import ErrorRecord, SourceActor, SourceEvent
 
 __all__ = [
+    "DistillActor",
     "ErrorRecord",
     "ModelActor",
     "RunFailed",
