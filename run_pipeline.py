@@ -294,7 +294,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     from pipeline.evaluation import MIN_WINDOWS, MODALITIES
 
     p.add_argument("--seed", type=_seed, required=True, help="synthetic rig to evaluate on (not a training seed)")
-    p.add_argument("--drop", metavar="MODALITY", help=f"remove one modality from every window ({', '.join(MODALITIES)})")
+    p.add_argument(
+        "--drop", metavar="MODALITY", help=f"remove one modality from every window ({', '.join(MODALITIES)})"
+    )
     p.add_argument(
         "--checkpoint", type=Path, help="model checkpoint folder (default: model.checkpoint of configs/default.yaml)"
     )

@@ -3,10 +3,12 @@
 Rows are buffered and committed together (atomic part files, then the manifest) when
 ``FLUSH_WINDOWS`` windows are buffered or the oldest has waited ``FLUSH_S``, and on `close`.
 Windows already committed for a stream (a resumed run) are dropped, so ``(stream_id,
-window_id)`` stays unique. ``student`` rows (from the DistillActor) are committed with their
-window's rows when both are buffered, or with a later flush once the window is committed; a
-student row whose window never commits (its stream failed first) is not written. The buffer is bounded by the flush policy and by the runner's
+window_id)`` stays unique. The buffer is bounded by the flush policy and by the runner's
 in-flight bounds (a window counts as in flight until `write` returns).
+
+``student`` rows (from the DistillActor) are committed with their window's rows when both are
+buffered, or with a later flush once the window is committed; a student row whose window never
+commits (its stream failed first) is not written.
 """
 
 from __future__ import annotations

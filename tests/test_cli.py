@@ -135,7 +135,8 @@ def test_eval_prints_the_metrics_of_a_checkpoint_and_its_student(trained, tmp_pa
     assert 0 <= result["label_accuracy"] <= 1 and 0 < result["label_chance"] <= 1
     assert result["flow_epe"] > 0 and result["flow_epe_zero"] > 0 and -1 <= result["cosine_to_teacher"] <= 1
 
-    assert run_pipeline.main(["eval", "--seed", "77", "--checkpoint", str(trained / "checkpoint"), "--drop", "video"]) == 0
+    argv = ["eval", "--seed", "77", "--checkpoint", str(trained / "checkpoint"), "--drop", "video"]
+    assert run_pipeline.main(argv) == 0
     dropped = json_out(capsys)
     assert dropped["drop"] == "video" and dropped["flow_epe"] is None and dropped["flow_epe_zero"] is None
     assert "cosine_to_teacher" not in dropped
