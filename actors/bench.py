@@ -25,7 +25,8 @@ from typing import Any
 import ray
 
 from actors.model import ModelActor
-from actors.runner import RunningPipeline, plan_actors, run
+from actors.predictor import model_video_frames
+from actors.runner import RunningPipeline, plan_actors, run, shipped_frames
 from pipeline.config import Config
 from pipeline.errors import ConfigError
 from pipeline.read import open_stream
@@ -46,11 +47,13 @@ def steady_rate(times: list[float]) -> float:
 
 
 def prebuilt_windows(cfg: Config, max_windows: int | None) -> dict[str, list[ray.ObjectRef]]:
-    """Every stream's windows (at most ``max_windows`` each), decoded now and put in the object store."""
+    """Every stream's windows (at most ``max_windows`` each), decoded now and put in the object store,
+    with the video frames the pipeline's sources ship for this model."""
+    frames = shipped_frames(model_video_frames(cfg))
     streams: dict[str, list[ray.ObjectRef]] = {}
     for s in cfg.streams:
         refs = []
-        for w in open_stream(s, cfg):
+        for w in open_stream(s, cfg, video_frames=frames):
             refs.append(ray.put(w))
             if max_windows is not None and len(refs) >= max_windows:
                 break

@@ -156,13 +156,15 @@ class ModelActor:
 
     # -- control ---------------------------------------------------------------------------
     def info(self) -> dict:
-        """The model's name, class names, device and windows processed by this incarnation."""
+        """The model's name, class names, device, trailing video frames it reads per window (None:
+        all) and windows processed by this incarnation."""
         return {
             "model": self._predictor.name,
             "class_names": list(self._predictor.class_names),
             "device": str(self._device),
             "windows": self._windows_done,
             "distill_dropped": self._distill_dropped,
+            "video_frames": self._predictor.video_frames,
         }
 
     async def distill_flush(self) -> int:

@@ -41,6 +41,21 @@ def _frames_needed(config: StreamingConfig) -> int | None:
     return max(int(frames), 2 if config.flow_modality is not None else 1)
 
 
+def model_video_frames(cfg: Config) -> int | None:
+    """Trailing frames per window the configured model reads (None = all), from its checkpoint's
+    config alone (no weights loaded)."""
+    path = cfg.model.student or cfg.model.checkpoint
+    if path is None:
+        return _frames_needed(StreamingConfig(state=cfg.model.state))
+    from perceiver_stream.checkpoint import read_config
+
+    try:
+        config, _ = read_config(path)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(str(exc), source=path) from None
+    return _frames_needed(config)
+
+
 def load_predictor(cfg: Config, device: torch.device) -> TorchPredictor:
     """The student checkpoint if ``model.student`` is set, else ``model.checkpoint``.
 

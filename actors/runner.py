@@ -143,6 +143,12 @@ def plan_actors(cfg: Config, resources: dict[str, float]) -> ActorOptions:
     )
 
 
+def shipped_frames(model_frames: int | None) -> int | None:
+    """Trailing frames per window the sources ship for a model that reads ``model_frames`` (None:
+    all): at least two, so flow and the sink's preview of the earlier frame still have theirs."""
+    return None if model_frames is None else max(int(model_frames), 2)
+
+
 @dataclass
 class _Call:
     """One window on its way through the model."""
@@ -278,6 +284,7 @@ def run(
                     start_window=resume.get(s.id, 0),
                     max_windows=max_windows,
                     realtime=pace,
+                    video_frames=shipped_frames(info.get("video_frames")),
                     open_stream=open_stream,
                 )
             )

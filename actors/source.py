@@ -71,8 +71,10 @@ class SourceActor:
     """Reads one stream from ``start_window`` on (see the module docstring).
 
     ``max_windows`` caps the windows delivered in this run; ``realtime`` paces delivery at media
-    speed, as a live feed would arrive. ``open_stream`` is `pipeline.read.open_stream` unless a
-    test passes another callable with its signature.
+    speed, as a live feed would arrive. ``video_frames`` keeps only each window's last that many
+    frames (None: all), those the model reads, so the others are neither shipped nor (synthetic
+    rig) rendered. ``open_stream`` is `pipeline.read.open_stream` unless a test passes another
+    callable with its signature.
     """
 
     def __init__(
@@ -83,6 +85,7 @@ class SourceActor:
         start_window: int = 0,
         max_windows: int | None = None,
         realtime: bool = False,
+        video_frames: int | None = None,
         open_stream: OpenStream | None = None,
     ) -> None:
         self._stream = stream
@@ -90,6 +93,7 @@ class SourceActor:
         self._start_window = start_window
         self._max_windows = max_windows
         self._realtime = realtime
+        self._video_frames = video_frames
         self._open_stream = open_stream or _default_open_stream()
         self._it: Iterator[Window] | None = None
         self._reported: list[ErrorRecord] = []
@@ -138,7 +142,13 @@ class SourceActor:
         try:
             if self._it is None:
                 self._it = iter(
-                    self._open_stream(self._stream, self._cfg, on_error=self._on_error, start_window=self._start_window)
+                    self._open_stream(
+                        self._stream,
+                        self._cfg,
+                        on_error=self._on_error,
+                        start_window=self._start_window,
+                        video_frames=self._video_frames,
+                    )
                 )
             window = next(self._it)
         except StopIteration:

@@ -13,9 +13,12 @@ Paths in a config are relative to the config file (resolved when it is loaded); 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from pipeline.config import Config, StreamConfig, parse_config
 from pipeline.errors import PipelineError
@@ -23,7 +26,7 @@ from pipeline.sources.audio import AudioDecoder, audio_chunks
 from pipeline.sources.live import MediaReader
 from pipeline.sources.video import VideoDecoder, decimate
 from pipeline.window import Window
-from pipeline.windowing import windows
+from pipeline.windowing import EPS, windows
 
 OnError = Callable[[PipelineError], None]
 
@@ -34,11 +37,14 @@ def open_stream(
     *,
     on_error: OnError | None = None,
     start_window: int = 0,
+    video_frames: int | None = None,
 ) -> Iterator[Window]:
     """Windows of one configured stream, from window ``start_window`` on (see `windows`).
 
     Video and ``audio: same`` share one demuxer (and, for a URL, one connection); a separate
     audio file/URL and the point-cloud source are read alongside and aligned in media time.
+    ``video_frames``: keep only each window's last that many frames (None: all), for a model
+    that reads no more; the synthetic rig then renders only the frames some window keeps.
     """
     sid = stream_cfg.id
     truth = None
@@ -60,6 +66,9 @@ def open_stream(
         sources = rig.sources()
         if cfg.video.fps is not None:
             sources["video"] = decimate(sources["video"], cfg.video.fps)
+        elif video_frames is not None:
+            keep = _kept_frames(rig.frame_times(), cfg.window.seconds, cfg.window.hop, video_frames)
+            sources["video"] = rig.video(render=keep)
         truth = rig.truth
     else:
         sources = {}
@@ -83,7 +92,7 @@ def open_stream(
             from pipeline.sources.points import read_point_scans
 
             sources["points"] = read_point_scans(stream_cfg.points, stream_id=sid, on_error=on_error)
-    return windows(
+    out = windows(
         sid,
         sources,
         seconds=cfg.window.seconds,
@@ -92,6 +101,34 @@ def open_stream(
         start_window=start_window,
         on_error=on_error,
     )
+    return out if video_frames is None else (_last_frames(w, video_frames) for w in out)
+
+
+def _kept_frames(times: np.ndarray, seconds: float, hop: float, k: int) -> np.ndarray:
+    """Mask of the frames among the last ``k`` of some window, for frames at ``times`` from
+    media time 0 (the rig's modalities all start there, so window ``j`` starts at ``j * hop``).
+
+    Membership follows `pipeline.windowing` exactly: ``start - EPS <= t < end - EPS``.
+    """
+    keep = np.zeros(len(times), dtype=bool)
+    if not len(times):
+        return keep
+    n_windows = math.floor((float(times[-1]) + EPS) / hop) + 1
+    for j in range(n_windows):
+        ts = 0.0 + j * hop
+        hi = int(np.searchsorted(times, ts + seconds - EPS, side="left"))  # first frame at or after the end
+        lo = int(np.searchsorted(times, ts - EPS, side="left"))
+        keep[max(lo, hi - k) : hi] = True
+    return keep
+
+
+def _last_frames(w: Window, k: int) -> Window:
+    """``w`` with only its last ``k`` frames, copied (so the windower's frame storage is not pinned)."""
+    if w.video is None or len(w.video) <= k:
+        return w
+    w.video = w.video[-k:].copy()
+    w.video_t = w.video_t[-k:].copy()
+    return w
 
 
 def read_windows(

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from actors.model import ModelActor
-from actors.runner import plan_actors
+from actors.runner import plan_actors, shipped_frames
 from actors.source import SourceActor
 from perceiver_stream.outputs import ModelOutput
 from pipeline.config import parse_config
@@ -211,7 +211,7 @@ def _fake_build(cfg, device):
 
 # -- source actor --------------------------------------------------------------------------------
 def fake_open(n: int, fail: bool = False):
-    def open_stream(stream_cfg, cfg, *, on_error=None, start_window=0):
+    def open_stream(stream_cfg, cfg, *, on_error=None, start_window=0, video_frames=None):
         for k in range(start_window, start_window + n):
             if k == start_window + 1 and on_error is not None:
                 on_error(SourceReconnected("link dropped", stream_id=stream_cfg.id, source="rtsp://x"))
@@ -246,6 +246,35 @@ def test_source_max_windows_and_realtime_pacing():
     ids = [src.next()[0].window_id for _ in range(3)]
     assert ids == [0, 1, 2]
     assert time.monotonic() - t0 >= 0.9  # window ends are 0.5 s apart in media time
+
+
+def _drain(src: SourceActor) -> list[Window]:
+    out = []
+    while True:
+        ev, win = src.next()
+        if win is None:
+            return out
+        out.append(win)
+
+
+@pytest.mark.parametrize("segment_seconds", [4.0, 0.7])  # 0.7: scene cuts inside most windows
+def test_source_ships_only_the_frames_the_model_reads(segment_seconds):
+    cfg = parse_config(
+        {"streams": [{"id": "s", "synthetic": {"seed": 5, "seconds": 4, "segment_seconds": segment_seconds}}]}
+    )
+    full = _drain(SourceActor(cfg.streams[0], cfg))
+    last = _drain(SourceActor(cfg.streams[0], cfg, start_window=1, video_frames=3))
+    assert len(full) == 7 and [w.window_id for w in last] == [w.window_id for w in full[1:]]
+    assert all(len(w.video) == 25 for w in full)  # a model reading every frame gets every frame
+    for a, b in zip(full[1:], last):
+        assert b.video.shape == (3, 64, 64, 3) and np.array_equal(a.video[-3:], b.video)  # bit for bit
+        assert np.array_equal(a.video_t[-3:], b.video_t) and np.array_equal(a.audio, b.audio)
+        assert (a.truth.flow is None) == (b.truth.flow is None) and a.truth.label == b.truth.label
+
+
+def test_shipped_frames_keep_two_for_flow_and_all_for_a_model_reading_all():
+    assert shipped_frames(None) is None
+    assert shipped_frames(1) == 2 and shipped_frames(2) == 2 and shipped_frames(6) == 6
 
 
 def test_source_open_failure_is_an_event_not_an_exception():

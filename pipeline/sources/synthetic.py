@@ -314,20 +314,31 @@ class SyntheticRig:
         """Media time of every frame."""
         return np.arange(self.n_frames, dtype=np.float64) / self.fps
 
-    def video(self) -> Iterator[VideoFrame]:
-        """Frames (``H x W x 3`` uint8 RGB), rendered one segment at a time."""
+    def video(self, render: np.ndarray | None = None) -> Iterator[VideoFrame]:
+        """Frames (``H x W x 3`` uint8 RGB), rendered one segment at a time.
+
+        ``render``: a boolean mask over the frames (see `frame_times`); frames outside it are
+        yielded black, unrendered, at their times (for a consumer that keeps only some frames
+        of each window). A rendered frame is the same, bit for bit, whatever the mask.
+        """
         h, w = self.size
         xs, ys = self._grid()
         times = self.frame_times()
         seg_of = np.array([self.segment_index(t) for t in times], dtype=np.int64)
+        wanted = np.ones(len(times), dtype=bool) if render is None else np.asarray(render, dtype=bool)
+        black = np.zeros((h, w, 3), np.uint8)
+        black.flags.writeable = False
         for seg in self.segments:
-            ts = times[seg_of == seg.index]
-            for start in range(0, len(ts), 50):  # bounded memory per block
-                block = ts[start : start + 50]
-                rgb, _ = self._render(seg, block, xs, ys)
-                images = (rgb * 255.0 + 0.5).astype(np.uint8).reshape(len(block), h, w, 3)
-                for t, img in zip(block, images):
-                    yield VideoFrame(t=float(t), duration=1.0 / self.fps, image=img)
+            idx = np.nonzero(seg_of == seg.index)[0]
+            for start in range(0, len(idx), 50):  # bounded memory per block
+                block = idx[start : start + 50]
+                drawn = block[wanted[block]]
+                images = {}
+                if len(drawn):
+                    rgb, _ = self._render(seg, times[drawn], xs, ys)
+                    images = dict(zip(drawn.tolist(), (rgb * 255.0 + 0.5).astype(np.uint8).reshape(len(drawn), h, w, 3)))
+                for i in block.tolist():
+                    yield VideoFrame(t=float(times[i]), duration=1.0 / self.fps, image=images.get(i, black))
 
     # ---- audio -------------------------------------------------------------------------------
 
