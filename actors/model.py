@@ -189,8 +189,20 @@ class ModelActor:
         return sum(len(p) for p in self._pending.values())
 
     # -- data ------------------------------------------------------------------------------
-    async def infer(self, seq: int, chain_start: bool, window: Window) -> WindowResult:
-        """Queue ``window`` (the ``seq``-th of its stream) and return its result once run."""
+    async def infer(
+        self, seq: int, chain_start: bool, window: Window | list[ray.ObjectRef] | None
+    ) -> WindowResult | None:
+        """Queue ``window`` (the ``seq``-th of its stream) and return its result once run.
+
+        ``window`` may also be a one-item list holding the window's reference: the actor fetches
+        it, so the caller can send the call before the source has produced the window (Ray would
+        otherwise hold the call, and every call after it, until then). None, or a reference to
+        None (the source's end of stream), returns None.
+        """
+        if isinstance(window, list):
+            window = await window[0]
+        if window is None:
+            return None
         if self._wake is None:
             self._wake = asyncio.Event()
             self._batcher = asyncio.get_running_loop().create_task(self._batch_loop())

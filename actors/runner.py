@@ -6,8 +6,10 @@ another window only while that stream has fewer than ``runtime.max_in_flight_per
 flight, the run fewer than ``runtime.max_in_flight``, and fewer than ``runtime.max_in_flight``
 results wait for the sink, so no queue anywhere grows without bound. (Results are released to
 the sink stage rather than held in flight so that a slow commit does not stall decoding for the
-length of a round trip.) Window payloads travel source -> model by object reference; the driver
-reads only small events and results.
+length of a round trip.) Window payloads travel source -> model by object reference: the
+driver sends each ``infer`` call together with its ``next`` call and the model actor fetches the
+window, so the driver waits only on model results and sink writes, and reads a window's source
+event together with its result (one ``ray.wait`` pair and one ``ray.get`` per step).
 
 Restarts: the model actor is created with ``max_restarts`` and no automatic task retries. When
 it dies the driver waits for the new incarnation and resends every window whose result it has
@@ -24,7 +26,6 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,18 +152,18 @@ def shipped_frames(model_frames: int | None) -> int | None:
 
 @dataclass
 class _Call:
-    """One window on its way through the model."""
+    """One window on its way from its source through the model."""
 
     stream_id: str
     seq: int
-    window: ray.ObjectRef
+    event: ray.ObjectRef  # the source's SourceEvent
+    window: ray.ObjectRef  # the Window (None at the end of the stream)
 
 
 @dataclass
 class _Stream:
     status: StreamStatus
     actor: Any
-    calls: deque = field(default_factory=deque)  # (event ref, window ref) in call order
     exhausted: bool = False
     next_seq: int = 0
     chain_start: bool = True
@@ -368,7 +369,8 @@ class _Loop:
                 st.status.state = "done"
 
     def _request_windows(self) -> None:
-        """Top up each stream's ``next`` calls, round robin, within both in-flight bounds."""
+        """Top up each stream's ``next`` calls, round robin, within both in-flight bounds; each
+        window goes to the model by reference at once (the model fetches it when it is ready)."""
         per_stream = self.cfg.runtime.max_in_flight_per_stream
         total = self.cfg.runtime.max_in_flight
         progress = True
@@ -380,88 +382,83 @@ class _Loop:
                 if self.in_flight >= total:
                     break
                 ev, win = st.actor.next.remote()
-                st.calls.append((ev, win))
                 st.status.in_flight += 1
                 self.in_flight += 1
+                seq, st.next_seq = st.next_seq, st.next_seq + 1
+                chain, st.chain_start = st.chain_start, False
+                self.model_calls[self.model.infer.remote(seq, chain, [win])] = _Call(st.status.stream_id, seq, ev, win)
                 progress = True
 
     def _step(self) -> None:
-        events = [ev for st in self.streams.values() for ev, _ in st.calls]
-        waiting = events + list(self.model_calls) + list(self.sink_calls)
+        waiting = list(self.model_calls) + list(self.sink_calls)
         if not waiting:
             return
         ray.wait(waiting, num_returns=1, timeout=0.25)
         ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=0)
         ready_set = set(ready)
-        self._on_sources(ready_set)
-        self._on_model(ready_set)
+        self._on_model([r for r in self.model_calls if r in ready_set])
         self._on_sink(ready_set)
         now = time.monotonic()
         if now - self._last_tick >= SINK_TICK_S:
             self._last_tick = now
             self.sink.tick.remote()
 
-    # -- sources ---------------------------------------------------------------------------
-    def _on_sources(self, ready: set) -> None:
-        errors: list[ErrorRecord] = []
-        for st in self.streams.values():
-            # Events are read in call order, so a stream's windows reach the model in order.
-            while st.calls and st.calls[0][0] in ready:
-                ev_ref, win_ref = st.calls.popleft()
-                try:
-                    ev: SourceEvent = ray.get(ev_ref)
-                except RayActorError as exc:
-                    failure = ErrorRecord.from_exception(st.status.stream_id, exc)
-                    ev = SourceEvent(st.status.stream_id, done=True, failure=failure)
-                errors.extend(ev.errors)
-                if ev.window_id is None:
-                    self._release(st, 1)
-                    st.exhausted = True
-                    if ev.failure is not None and st.status.state != "failed":
-                        errors.append(ev.failure)
-                        self._fail(st, f"{ev.failure.kind}: {ev.failure.message}")
-                    continue
-                if st.status.state == "failed":
-                    self._release(st, 1)
-                    continue
-                self._send_to_model(st, win_ref)
-        if errors:
-            self.sink.write_errors.remote(errors)
-
-    def _send_to_model(self, st: _Stream, win_ref: ray.ObjectRef) -> None:
-        seq, st.next_seq = st.next_seq, st.next_seq + 1
-        chain, st.chain_start = st.chain_start, False
-        ref = self.model.infer.remote(seq, chain, win_ref)
-        self.model_calls[ref] = _Call(st.status.stream_id, seq, win_ref)
-
-    # -- model -----------------------------------------------------------------------------
-    def _on_model(self, ready: set) -> None:
-        done = [r for r in self.model_calls if r in ready]
+    # -- sources and model -----------------------------------------------------------------
+    def _on_model(self, done: list[ray.ObjectRef]) -> None:
+        """Read the finished calls' source events and model results, one ``ray.get`` for all
+        (per call only when one of them failed), and pass the results on."""
+        if not done:
+            return
+        calls = [self.model_calls[ref] for ref in done]
+        try:
+            values = ray.get([r for ref, c in zip(done, calls) for r in (c.event, ref)])
+            outcomes = [(values[2 * i], values[2 * i + 1], None) for i in range(len(done))]
+        except (RayActorError, RayTaskError):
+            outcomes = [self._outcome(ref, c) for ref, c in zip(done, calls)]
         results: list[WindowResult] = []
-        lost = False
         errors: list[ErrorRecord] = []
-        for ref in done:
-            call = self.model_calls[ref]
+        lost = False
+        # In call order: a stream's events (and so its end) are read in the order it produced them.
+        for ref, call, (ev, result, exc) in sorted(zip(done, calls, outcomes), key=lambda x: (x[1].stream_id, x[1].seq)):
             st = self.streams[call.stream_id]
-            try:
-                results.append(ray.get(ref))
-            except RayActorError:
-                lost = True
+            errors.extend(ev.errors)
+            if isinstance(exc, RayActorError) and not isinstance(exc, RayTaskError) and ev.window_id is not None:
+                lost = True  # the model actor died: resent by _recover_model
                 continue
-            except RayTaskError as exc:
-                cause = exc.cause if isinstance(exc.cause, BaseException) else exc
-                del self.model_calls[ref]
+            del self.model_calls[ref]
+            if ev.window_id is None:
+                self._release(st, 1)
+                st.exhausted = True
+                if ev.failure is not None and st.status.state != "failed":
+                    errors.append(ev.failure)
+                    self._fail(st, f"{ev.failure.kind}: {ev.failure.message}")
+            elif exc is not None:
+                cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else exc
                 self._release(st, 1)
                 if st.status.state != "failed":
                     errors.append(ErrorRecord.from_exception(call.stream_id, cause))
                     self._fail(st, f"{type(cause).__name__}: {cause}")
-                continue
-            del self.model_calls[ref]
+            else:
+                results.append(result)
         if errors:
             self.sink.write_errors.remote(errors)
         self._to_sink(results)
         if lost:
             self._recover_model()
+
+    def _outcome(self, ref: ray.ObjectRef, call: _Call) -> tuple[SourceEvent, WindowResult | None, Exception | None]:
+        """One call's source event, model result and the model's error (when it raised)."""
+        try:
+            ev: SourceEvent = ray.get(call.event)
+        except RayActorError as exc:  # the source actor died: its stream ends with an errors row
+            failure = ErrorRecord.from_exception(call.stream_id, exc)
+            return SourceEvent(call.stream_id, done=True, failure=failure), None, None
+        if ev.window_id is None:
+            return ev, None, None
+        try:
+            return ev, ray.get(ref), None
+        except (RayActorError, RayTaskError) as exc:
+            return ev, None, exc
 
     def _recover_model(self) -> None:
         """Wait for the restarted model actor, then resend every window it did not return."""
@@ -480,29 +477,29 @@ class _Loop:
                 raise RunFailed(f"the model actor died and could not be restarted: {_last_line(exc)}") from None
             except ray.exceptions.GetTimeoutError:
                 raise RunFailed(f"the model actor did not come back within {MODEL_RESTART_TIMEOUT_S:.0f} s") from None
-        # Calls to the dead incarnation fail quickly; keep the results it delivered. A call sent
-        # while it restarted may sit in the new one waiting for its chain: it is resent too, and
-        # the resend supersedes it.
+        # Calls to the dead incarnation fail quickly; keep the results it delivered (read as
+        # usual). A call sent while it restarted may sit in the new one waiting for its chain:
+        # it is resent too, and the resend supersedes it.
         pending = list(self.model_calls)
-        ray.wait(pending, num_returns=len(pending), timeout=RESEND_SETTLE_S)
-        resend: list[_Call] = []
-        results: list[WindowResult] = []
-        for ref in pending:
-            call = self.model_calls.pop(ref)
+        ready, _ = ray.wait(pending, num_returns=len(pending), timeout=RESEND_SETTLE_S)
+        delivered = []
+        for ref in ready:
             try:
-                results.append(ray.get(ref, timeout=0))
-            except (RayActorError, ray.exceptions.GetTimeoutError):
-                resend.append(call)
-        self._to_sink(results)
+                ray.get(ref, timeout=0)
+                delivered.append(ref)
+            except (RayActorError, RayTaskError, ray.exceptions.GetTimeoutError):
+                pass
+        self._on_model(delivered)
+        resend = sorted(self.model_calls.items(), key=lambda kv: (kv[1].stream_id, kv[1].seq))
+        for ref, _ in resend:
+            del self.model_calls[ref]
         self._open_sent = None  # the new incarnation has not been told which streams are open
         self._update_open_streams()
-        resend.sort(key=lambda c: (c.stream_id, c.seq))
         first: set[str] = set()
-        for call in resend:
+        for _, call in resend:
             chain = call.stream_id not in first
             first.add(call.stream_id)
-            ref = self.model.infer.remote(call.seq, chain, call.window)
-            self.model_calls[ref] = call
+            self.model_calls[self.model.infer.remote(call.seq, chain, [call.window])] = call
         # Windows not yet sent for these streams continue the new chains.
         for sid, st in self.streams.items():
             if sid not in first:
@@ -523,12 +520,15 @@ class _Loop:
         self.sink_calls[ref] = [(r.stream_id, r.window_id) for r in results]
 
     def _on_sink(self, ready: set) -> None:
-        for ref in [r for r in self.sink_calls if r in ready]:
+        done = [r for r in self.sink_calls if r in ready]
+        if not done:
+            return
+        try:
+            ray.get(done)
+        except (RayActorError, RayTaskError) as exc:
+            raise RunFailed(f"the sink failed, rows not committed are redone on resume: {exc}") from None
+        for ref in done:
             written = self.sink_calls.pop(ref)
-            try:
-                ray.get(ref)
-            except (RayActorError, RayTaskError) as exc:
-                raise RunFailed(f"the sink failed, rows not committed are redone on resume: {exc}") from None
             for sid, _ in written:
                 st = self.streams[sid]
                 st.status.windows += 1
