@@ -7,6 +7,11 @@ steady state: windows completed between 10 % and 90 % of the total, over the tim
 actor start-up, model loading and the last partial batches do not count. ``ratio`` is pipeline
 over model.
 
+So that a reader can judge the ratio on a shared machine, ``cpu_ms_per_window`` gives, for both
+phases and over the same steady-state span, the CPU time per window of each kind of process
+(the model actor, the source actors together, the sink, this driver, the raylet), read from
+Linux's ``/proc``, and ``load_average`` the 1/5/15-minute load before and after.
+
 ``student_windows_per_s`` runs the same ModelActor (resources, batch size, in-flight bounds) on
 the same pre-built windows with ``model.student`` set; ``student_speedup`` is that rate over
 ``model_windows_per_s``. The student is the checkpoint given (``student.weights: "checkpoint"``)
@@ -17,6 +22,7 @@ on its weights.
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -34,15 +40,75 @@ from pipeline.read import open_stream
 STEADY = (0.1, 0.9)
 
 
+def steady_marks(n: int) -> tuple[int, int]:
+    """The completion counts (1-based) at 10 % and 90 % of ``n`` that `steady_rate` measures between."""
+    lo, hi = int(STEADY[0] * (n - 1)), int(STEADY[1] * (n - 1))
+    return (lo + 1, hi + 1) if hi > lo else (1, n)
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds used so far by process ``pid`` (all its threads), from Linux's
+    ``/proc``; None where that cannot be read."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU milliseconds per window of named process groups over the steady-state span.
+
+    ``update(done)`` takes a reading of every process when ``done`` windows have completed
+    reaches the first and then the second of `steady_marks` (``total``); `per_window` divides
+    each group's CPU time between the readings by the windows completed between them.
+    """
+
+    def __init__(self, pids: dict[str, list[int]], total: int) -> None:
+        self.pids = pids
+        self.marks = steady_marks(total)
+        self.readings: list[tuple[int, dict[str, float | None]]] = []
+
+    def _read(self) -> dict[str, float | None]:
+        out: dict[str, float | None] = {}
+        for group, pids in self.pids.items():
+            values = [cpu_seconds(p) for p in pids]
+            out[group] = None if any(v is None for v in values) else sum(v for v in values if v is not None)
+        return out
+
+    def update(self, done: int) -> None:
+        """Note that ``done`` windows have completed (call it as they do)."""
+        n = len(self.readings)
+        if n < 2 and done >= self.marks[n] and (n == 0 or done > self.readings[0][0]):
+            self.readings.append((done, self._read()))
+
+    def per_window(self) -> dict[str, float | None]:
+        """Each group's CPU ms per window between the two readings (empty before both)."""
+        if len(self.readings) < 2:
+            return {}
+        (n0, a), (n1, b) = self.readings
+        per = {g: None if a[g] is None or b[g] is None else 1000 * (b[g] - a[g]) / (n1 - n0) for g in self.pids}
+        known = [v for v in per.values() if v is not None]
+        return {**{g: None if v is None else round(v, 2) for g, v in per.items()}, "total": round(sum(known), 2)}
+
+
+def _process_ids(actor: Any) -> tuple[int, int]:
+    """``(pid, parent pid)`` of the Ray worker running ``actor`` (the parent is the raylet)."""
+    return os.getpid(), os.getppid()
+
+
+def actor_pids(actors: list[Any]) -> list[tuple[int, int]]:
+    """``(pid, raylet pid)`` of each actor's worker process."""
+    return ray.get([a.__ray_call__.remote(_process_ids) for a in actors])
+
+
 def steady_rate(times: list[float]) -> float:
     """Windows per second between the completions at 10 % and 90 % of ``times`` (sorted)."""
     n = len(times)
     if n < 2:
         return float("nan")
-    lo, hi = int(STEADY[0] * (n - 1)), int(STEADY[1] * (n - 1))
-    if hi <= lo:
-        lo, hi = 0, n - 1
-    span = times[hi] - times[lo]
+    lo, hi = steady_marks(n)
+    span = times[hi - 1] - times[lo - 1]
     return (hi - lo) / span if span > 0 else float("inf")
 
 
@@ -61,8 +127,9 @@ def prebuilt_windows(cfg: Config, max_windows: int | None) -> dict[str, list[ray
     return streams
 
 
-def model_only(cfg: Config, streams: dict[str, list[ray.ObjectRef]]) -> tuple[float, int]:
-    """Steady-state windows/s of a ModelActor fed the pre-built windows, and how many it ran."""
+def model_only(cfg: Config, streams: dict[str, list[ray.ObjectRef]]) -> tuple[float, int, dict[str, float | None]]:
+    """Steady-state windows/s of a ModelActor fed the pre-built windows, how many it ran, and the
+    CPU ms per window of the model actor, this driver and the raylet over the same span."""
     opts = plan_actors(cfg, ray.available_resources())
     model = (
         ray.remote(ModelActor)
@@ -76,6 +143,7 @@ def model_only(cfg: Config, streams: dict[str, list[ray.ObjectRef]]) -> tuple[fl
     try:
         ray.get(model.info.remote())
         ray.get(model.set_open_streams.remote(list(streams)))
+        ((model_pid, raylet),) = actor_pids([model])
         # Warm-up: one window per stream (first-call costs: allocations, cached projections).
         ray.get([model.infer.remote(0, True, refs[0]) for refs in streams.values() if refs])
         next_seq = {sid: 1 for sid in streams}
@@ -83,6 +151,7 @@ def model_only(cfg: Config, streams: dict[str, list[ray.ObjectRef]]) -> tuple[fl
         per_stream = {sid: 0 for sid in streams}
         done: list[float] = []
         total = sum(max(len(r) - 1, 0) for r in streams.values())
+        meter = CpuMeter({"model": [model_pid], "driver": [os.getpid()], "raylet": [raylet]}, total)
         while len(done) < total:
             for sid, refs in streams.items():
                 while (
@@ -100,21 +169,39 @@ def model_only(cfg: Config, streams: dict[str, list[ray.ObjectRef]]) -> tuple[fl
                 ray.get(ref)
                 per_stream[outstanding.pop(ref)] -= 1
                 done.append(now)
-        return steady_rate(done), len(done)
+            meter.update(len(done))
+        return steady_rate(done), len(done), meter.per_window()
     finally:
         ray.kill(model)
 
 
-def pipeline_rate(cfg: Config, max_windows: int | None, output: Path) -> tuple[float, int]:
-    """Steady-state windows/s of the whole pipeline, and how many windows it wrote."""
+def pipeline_rate(
+    cfg: Config, max_windows: int | None, output: Path, expected: int
+) -> tuple[float, int, dict[str, float | None]]:
+    """Steady-state windows/s of the whole pipeline, how many windows it wrote, and the CPU ms per
+    window of each kind of process over the same span (``expected``: the windows it will write)."""
     done: list[float] = []
+    meter: list[CpuMeter] = []
+
+    def started(p: RunningPipeline) -> None:
+        sources = list(p.sources.values())
+        ids = actor_pids([p.model, p.sink, *sources])
+        groups = {
+            "model": [ids[0][0]],
+            "sources": [pid for pid, _ in ids[2:]],
+            "sink": [ids[1][0]],
+            "driver": [os.getpid()],
+            "raylet": [ids[0][1]],
+        }
+        meter.append(CpuMeter(groups, expected))
 
     def record(p: RunningPipeline) -> None:
         now = time.monotonic()
         done.extend([now] * (p.windows - len(done)))
+        meter[0].update(p.windows)
 
-    summary = run(cfg, output, max_windows=max_windows, on_progress=record)
-    return steady_rate(done), summary.windows
+    summary = run(cfg, output, max_windows=max_windows, on_start=started, on_progress=record)
+    return steady_rate(done), summary.windows, meter[0].per_window()
 
 
 def random_student(cfg: Config, path: Path) -> Path:
@@ -144,17 +231,22 @@ def bench(
     cfg.distill.enabled = False
     cfg.runtime.realtime = False
     cfg.model.student = None
+    load_before = os.getloadavg()
     streams = prebuilt_windows(cfg, max_windows)
-    model_rate, model_n = model_only(cfg, streams)
+    model_rate, model_n, model_cpu = model_only(cfg, streams)
     with tempfile.TemporaryDirectory(prefix="pstream-bench-") as tmp:
         s_cfg = cfg.model_copy(deep=True)
         s_cfg.model.student = str(student) if student is not None else str(random_student(cfg, Path(tmp) / "student"))
-        student_rate, _ = model_only(s_cfg, streams)
-        pipe_rate, pipe_n = pipeline_rate(cfg, max_windows, output or Path(tmp) / "out")
+        student_rate, _, _ = model_only(s_cfg, streams)
+        expected = sum(len(refs) for refs in streams.values())
+        pipe_rate, pipe_n, pipe_cpu = pipeline_rate(cfg, max_windows, output or Path(tmp) / "out", expected)
     return {
         "model_windows_per_s": round(model_rate, 2),
         "pipeline_windows_per_s": round(pipe_rate, 2),
         "ratio": round(pipe_rate / model_rate, 3),
+        "cpu_ms_per_window": {"model_only": model_cpu, "pipeline": pipe_cpu},
+        "load_average": {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()]},
+        "cpus": os.cpu_count(),
         "student_windows_per_s": round(student_rate, 2),
         "student_speedup": round(student_rate / model_rate, 2),
         "student": {
