@@ -1,7 +1,7 @@
 """Student vs teacher: seconds per window producing the same outputs (flow, labels, embedding).
 
-Runs both models over the same windows of a synthetic stream (stateless batches, no grad),
-best of ``--repeats`` in CPU time (robust on a shared machine), one torch thread, and prints one JSON object with each model's
+Runs both models over the same windows of a synthetic stream (stateless batches, no grad), best
+of ``--repeats`` in CPU time (robust on a shared machine), one torch thread; prints one JSON object with
 milliseconds per window, parameter counts and the ratio ``speedup = teacher / student``.
 
     python bench/bench_student.py                                  # shipped teacher, default student

@@ -127,3 +127,15 @@ def test_distill_job_reads_streams_in_lockstep_and_saves_the_student(tmp_path):
     data["streams"][0]["synthetic"]["seed"] = 0
     with pytest.raises(ConfigError, match=r"seeds \[0\] trained the teacher"):
         distill_job(parse_config(data), progress=False)
+
+
+@pytest.mark.slow
+def test_shipped_student_tracks_the_teacher_on_an_unseen_seed():
+    from pathlib import Path
+
+    from pipeline.evaluation import evaluate
+
+    root = Path(__file__).resolve().parents[1] / "checkpoints"
+    out = evaluate(root / "default", 502, student=root / "student")
+    assert out["cosine_to_teacher"] >= 0.9
+    assert out["student"]["label_accuracy"] >= out["label_accuracy"] - 0.05
