@@ -242,6 +242,8 @@ def train_job(cfg: Config, *, resume: bool = True, progress: bool = True) -> dic
     model.eval()
     train_s, train_cpu_s = time.perf_counter() - t1, time.process_time() - cpu1
 
+    final_meta = {**meta, "step": tc.steps}
+    save_checkpoint(final_path, model, final_meta)
     results: dict[str, Any] = {}
     for seed in tqdm(eval_seeds(cfg) if tc.final_eval else [], desc="evaluating", unit="seed", disable=not progress):
         windows = heldout_windows(meta["data"], seed, tc.eval_windows, video_frames=frames)
@@ -262,7 +264,8 @@ def train_job(cfg: Config, *, resume: bool = True, progress: bool = True) -> dic
         "last_loss": _recent(history),
         "eval": results,
     }
-    save_checkpoint(final_path, model, {**meta, "step": tc.steps, "eval": results})
+    if results:
+        save_checkpoint(final_path, model, {**final_meta, "eval": results})
     return summary
 
 
