@@ -226,6 +226,15 @@ class ModelActor:
         self._wake.set()
         return await item.future
 
+    @ray.method(num_returns=2)
+    async def infer_split(
+        self, seq: int, chain_start: bool, window: Window | list[ray.ObjectRef] | None
+    ) -> tuple[int | None, WindowResult | None]:
+        """`infer`, returning ``(window id, result)`` as two objects: the runner reads only the
+        small first one and hands the result to the sink by reference, without fetching it."""
+        result = await self.infer(seq, chain_start, window)
+        return (None if result is None else result.window_id), result
+
     def _ready(self) -> list[_Item]:
         """Each stream's next window in its chain, oldest arrival first."""
         ready = []

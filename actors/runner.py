@@ -8,8 +8,9 @@ results wait for the sink, so no queue anywhere grows without bound. (Results ar
 the sink stage rather than held in flight so that a slow commit does not stall decoding for the
 length of a round trip.) Window payloads travel source -> model by object reference: the
 driver sends each ``infer`` call together with its ``next`` call and the model actor fetches the
-window, so the driver waits only on model results and sink writes, and reads a window's source
-event together with its result (one ``ray.wait`` pair and one ``ray.get`` per step).
+window, so the driver waits only on the model's small per-window acknowledgements and on sink
+writes, reads a window's source event together with its acknowledgement (one ``ray.wait`` pair
+and one ``ray.get`` per step), and hands the results to the sink by reference, unread.
 
 Restarts: the model actor is created with ``max_restarts`` and no automatic task retries. When
 it dies the driver waits for the new incarnation and resends every window whose result it has
@@ -36,7 +37,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from actors.distill import DistillActor
 from actors.metrics import Metrics
-from actors.model import BuildPredictor, Collate, ModelActor, WindowResult
+from actors.model import BuildPredictor, Collate, ModelActor
 from actors.sink import SinkActor
 from actors.source import ErrorRecord, OpenStream, SourceActor, SourceEvent
 from pipeline.config import Config, config_hash
@@ -158,6 +159,7 @@ class _Call:
     seq: int
     event: ray.ObjectRef  # the source's SourceEvent
     window: ray.ObjectRef  # the Window (None at the end of the stream)
+    result: ray.ObjectRef | None = None  # the model's WindowResult (None at the end of the stream)
 
 
 @dataclass
@@ -386,8 +388,13 @@ class _Loop:
                 self.in_flight += 1
                 seq, st.next_seq = st.next_seq, st.next_seq + 1
                 chain, st.chain_start = st.chain_start, False
-                self.model_calls[self.model.infer.remote(seq, chain, [win])] = _Call(st.status.stream_id, seq, ev, win)
+                self._infer(_Call(st.status.stream_id, seq, ev, win), chain)
                 progress = True
+
+    def _infer(self, call: _Call, chain_start: bool) -> None:
+        """Send ``call``'s window to the model; the driver waits on the small window-id object."""
+        ack, call.result = self.model.infer_split.remote(call.seq, chain_start, [call.window])
+        self.model_calls[ack] = call
 
     def _step(self) -> None:
         waiting = list(self.model_calls) + list(self.sink_calls)
@@ -415,11 +422,11 @@ class _Loop:
             outcomes = [(values[2 * i], values[2 * i + 1], None) for i in range(len(done))]
         except (RayActorError, RayTaskError):
             outcomes = [self._outcome(ref, c) for ref, c in zip(done, calls)]
-        results: list[WindowResult] = []
+        results: list[tuple[str, int, ray.ObjectRef]] = []
         errors: list[ErrorRecord] = []
         lost = False
         # In call order: a stream's events (and so its end) are read in the order it produced them.
-        for ref, call, (ev, result, exc) in sorted(zip(done, calls, outcomes), key=lambda x: (x[1].stream_id, x[1].seq)):
+        for ref, call, (ev, _, exc) in sorted(zip(done, calls, outcomes), key=lambda x: (x[1].stream_id, x[1].seq)):
             st = self.streams[call.stream_id]
             errors.extend(ev.errors)
             if isinstance(exc, RayActorError) and not isinstance(exc, RayTaskError) and ev.window_id is not None:
@@ -439,15 +446,15 @@ class _Loop:
                     errors.append(ErrorRecord.from_exception(call.stream_id, cause))
                     self._fail(st, f"{type(cause).__name__}: {cause}")
             else:
-                results.append(result)
+                results.append((call.stream_id, ev.window_id, call.result))
         if errors:
             self.sink.write_errors.remote(errors)
         self._to_sink(results)
         if lost:
             self._recover_model()
 
-    def _outcome(self, ref: ray.ObjectRef, call: _Call) -> tuple[SourceEvent, WindowResult | None, Exception | None]:
-        """One call's source event, model result and the model's error (when it raised)."""
+    def _outcome(self, ref: ray.ObjectRef, call: _Call) -> tuple[SourceEvent, int | None, Exception | None]:
+        """One call's source event, the model's window id and its error (when it raised)."""
         try:
             ev: SourceEvent = ray.get(call.event)
         except RayActorError as exc:  # the source actor died: its stream ends with an errors row
@@ -499,25 +506,26 @@ class _Loop:
         for _, call in resend:
             chain = call.stream_id not in first
             first.add(call.stream_id)
-            self.model_calls[self.model.infer.remote(call.seq, chain, [call.window])] = call
+            self._infer(call, chain)
         # Windows not yet sent for these streams continue the new chains.
         for sid, st in self.streams.items():
             if sid not in first:
                 st.chain_start = True
 
     # -- sink ------------------------------------------------------------------------------
-    def _to_sink(self, results: list[WindowResult]) -> None:
-        """Hand results to the sink; they leave the in-flight count for the sink stage's."""
-        for r in results:
-            self._release(self.streams[r.stream_id], 1)
-        results = [r for r in results if self.streams[r.stream_id].status.state != "failed"]
+    def _to_sink(self, results: list[tuple[str, int, ray.ObjectRef]]) -> None:
+        """Hand results ``(stream id, window id, result reference)`` to the sink; they leave the
+        in-flight count for the sink stage's."""
+        for sid, _, _ in results:
+            self._release(self.streams[sid], 1)
+        results = [r for r in results if self.streams[r[0]].status.state != "failed"]
         if not results:
             return
-        for r in results:
-            self.streams[r.stream_id].status.at_sink += 1
+        for sid, _, _ in results:
+            self.streams[sid].status.at_sink += 1
         self.at_sink += len(results)
-        ref = self.sink.write.remote(results)
-        self.sink_calls[ref] = [(r.stream_id, r.window_id) for r in results]
+        ref = self.sink.write.remote([r for _, _, r in results])
+        self.sink_calls[ref] = [(sid, wid) for sid, wid, _ in results]
 
     def _on_sink(self, ready: set) -> None:
         done = [r for r in self.sink_calls if r in ready]

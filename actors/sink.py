@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import ray
 from PIL import Image
 
 from actors.metrics import Metrics
@@ -53,8 +54,15 @@ class SinkActor:
             self._committed[sid] = set(self._writer.committed(sid))
         return {sid: self._writer.resume_from(sid) for sid in stream_ids}
 
-    def write(self, results: list[WindowResult]) -> int:
-        """Buffer results (dropping windows already committed); commit if due. Returns rows taken."""
+    def write(self, results: list[WindowResult | ray.ObjectRef]) -> int:
+        """Buffer results (dropping windows already committed); commit if due. Returns rows taken.
+
+        A result may be passed by reference (the model actor's return, not fetched by the runner).
+        """
+        refs = [r for r in results if isinstance(r, ray.ObjectRef)]
+        if refs:
+            fetched = iter(ray.get(refs))
+            results = [next(fetched) if isinstance(r, ray.ObjectRef) else r for r in results]
         taken = 0
         for r in results:
             self._metrics.windows_in.inc(tags={"stage": "sink", "stream": r.stream_id})
