@@ -114,12 +114,12 @@ def steady_rate(times: list[float]) -> float:
 
 def prebuilt_windows(cfg: Config, max_windows: int | None) -> dict[str, list[ray.ObjectRef]]:
     """Every stream's windows (at most ``max_windows`` each), decoded now and put in the object store,
-    with the video frames the pipeline's sources ship for this model."""
+    as the pipeline's sources ship them for this model (trailing frames, no ground truth)."""
     frames = shipped_frames(model_video_frames(cfg))
     streams: dict[str, list[ray.ObjectRef]] = {}
     for s in cfg.streams:
         refs = []
-        for w in open_stream(s, cfg, video_frames=frames):
+        for w in open_stream(s, cfg, video_frames=frames, truth=False):
             refs.append(ray.put(w))
             if max_windows is not None and len(refs) >= max_windows:
                 break

@@ -73,7 +73,8 @@ class SourceActor:
     ``max_windows`` caps the windows delivered in this run; ``realtime`` paces delivery at media
     speed, as a live feed would arrive. ``video_frames`` keeps only each window's last that many
     frames (None: all), those the model reads, so the others are neither shipped nor (synthetic
-    rig) rendered. ``open_stream`` is `pipeline.read.open_stream` unless a test passes another
+    rig) rendered; nor is the synthetic rig's ground truth, which running the model does not
+    read. ``open_stream`` is `pipeline.read.open_stream` unless a test passes another
     callable with its signature.
     """
 
@@ -148,6 +149,7 @@ class SourceActor:
                         on_error=self._on_error,
                         start_window=self._start_window,
                         video_frames=self._video_frames,
+                        truth=False,
                     )
                 )
             window = next(self._it)

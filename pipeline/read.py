@@ -38,6 +38,7 @@ def open_stream(
     on_error: OnError | None = None,
     start_window: int = 0,
     video_frames: int | None = None,
+    truth: bool = True,
 ) -> Iterator[Window]:
     """Windows of one configured stream, from window ``start_window`` on (see `windows`).
 
@@ -45,9 +46,11 @@ def open_stream(
     audio file/URL and the point-cloud source are read alongside and aligned in media time.
     ``video_frames``: keep only each window's last that many frames (None: all), for a model
     that reads no more; the synthetic rig then renders only the frames some window keeps.
+    ``truth=False`` leaves the synthetic rig's `Truth` out (it serves training and evaluation;
+    running the model does not read it).
     """
     sid = stream_cfg.id
-    truth = None
+    truth_of = None
     if stream_cfg.synthetic is not None:
         from pipeline.sources.synthetic import SyntheticRig
 
@@ -69,7 +72,7 @@ def open_stream(
         elif video_frames is not None:
             keep = _kept_frames(rig.frame_times(), cfg.window.seconds, cfg.window.hop, video_frames)
             sources["video"] = rig.video(render=keep)
-        truth = rig.truth
+        truth_of = rig.truth if truth else None
     else:
         sources = {}
         decoders: list[Any] = []
@@ -97,7 +100,7 @@ def open_stream(
         sources,
         seconds=cfg.window.seconds,
         hop=cfg.window.hop,
-        truth=truth,
+        truth=truth_of,
         start_window=start_window,
         on_error=on_error,
     )

@@ -17,6 +17,7 @@ from actors.runner import plan_actors, shipped_frames
 from actors.source import SourceActor
 from perceiver_stream.outputs import ModelOutput
 from pipeline.config import parse_config
+from pipeline.read import open_stream
 from pipeline.errors import ConfigError, DecodeError, SourceReconnected
 from pipeline.window import Window
 
@@ -211,7 +212,7 @@ def _fake_build(cfg, device):
 
 # -- source actor --------------------------------------------------------------------------------
 def fake_open(n: int, fail: bool = False):
-    def open_stream(stream_cfg, cfg, *, on_error=None, start_window=0, video_frames=None):
+    def open_stream(stream_cfg, cfg, *, on_error=None, start_window=0, **shipped):
         for k in range(start_window, start_window + n):
             if k == start_window + 1 and on_error is not None:
                 on_error(SourceReconnected("link dropped", stream_id=stream_cfg.id, source="rtsp://x"))
@@ -262,14 +263,16 @@ def test_source_ships_only_the_frames_the_model_reads(segment_seconds):
     cfg = parse_config(
         {"streams": [{"id": "s", "synthetic": {"seed": 5, "seconds": 4, "segment_seconds": segment_seconds}}]}
     )
-    full = _drain(SourceActor(cfg.streams[0], cfg))
+    full = list(open_stream(cfg.streams[0], cfg))
+    every = _drain(SourceActor(cfg.streams[0], cfg))
     last = _drain(SourceActor(cfg.streams[0], cfg, start_window=1, video_frames=3))
-    assert len(full) == 7 and [w.window_id for w in last] == [w.window_id for w in full[1:]]
-    assert all(len(w.video) == 25 for w in full)  # a model reading every frame gets every frame
+    assert len(full) == len(every) == 7 and [w.window_id for w in last] == [w.window_id for w in full[1:]]
+    assert all(len(w.video) == 25 for w in every)  # a model reading every frame gets every frame
+    assert all(w.truth is None for w in every + last)  # ground truth is not shipped to the model
     for a, b in zip(full[1:], last):
         assert b.video.shape == (3, 64, 64, 3) and np.array_equal(a.video[-3:], b.video)  # bit for bit
         assert np.array_equal(a.video_t[-3:], b.video_t) and np.array_equal(a.audio, b.audio)
-        assert (a.truth.flow is None) == (b.truth.flow is None) and a.truth.label == b.truth.label
+        assert all(np.array_equal(p, q) for p, q in zip(a.points, b.points))
 
 
 def test_shipped_frames_keep_two_for_flow_and_all_for_a_model_reading_all():
