@@ -189,18 +189,9 @@ class ModelActor:
         return sum(len(p) for p in self._pending.values())
 
     # -- data ------------------------------------------------------------------------------
-    async def infer(
-        self, seq: int, chain_start: bool, window: Window | list[ray.ObjectRef] | None
-    ) -> WindowResult | None:
-        """Queue ``window`` (the ``seq``-th of its stream) and return its result once run.
-
-        ``window`` may also be a one-item list holding the window's reference: the actor fetches
-        it, so the caller can send the call before the source has produced the window (Ray would
-        otherwise hold the call, and every call after it, until then). None, or a reference to
-        None (the source's end of stream), returns None.
-        """
-        if isinstance(window, list):
-            window = await window[0]
+    async def infer(self, seq: int, chain_start: bool, window: Window | None) -> WindowResult | None:
+        """Queue ``window`` (the ``seq``-th of its stream) and return its result once run; None
+        (a source's end of stream, sent before the runner knew it) returns None."""
         if window is None:
             return None
         if self._wake is None:
@@ -228,7 +219,7 @@ class ModelActor:
 
     @ray.method(num_returns=2)
     async def infer_split(
-        self, seq: int, chain_start: bool, window: Window | list[ray.ObjectRef] | None
+        self, seq: int, chain_start: bool, window: Window | None
     ) -> tuple[int | None, WindowResult | None]:
         """`infer`, returning ``(window id, result)`` as two objects: the runner reads only the
         small first one and hands the result to the sink by reference, without fetching it."""

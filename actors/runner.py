@@ -7,10 +7,12 @@ flight, the run fewer than ``runtime.max_in_flight``, and fewer than ``runtime.m
 results wait for the sink, so no queue anywhere grows without bound. (Results are released to
 the sink stage rather than held in flight so that a slow commit does not stall decoding for the
 length of a round trip.) Window payloads travel source -> model by object reference: the
-driver sends each ``infer`` call together with its ``next`` call and the model actor fetches the
-window, so the driver waits only on the model's small per-window acknowledgements and on sink
-writes, reads a window's source event together with its acknowledgement (one ``ray.wait`` pair
-and one ``ray.get`` per step), and hands the results to the sink by reference, unread.
+driver sends each ``infer`` call together with its ``next`` call (Ray delivers it once the
+window exists; the model actor, an asyncio actor, takes calls out of order and orders each
+stream's windows itself), so the driver waits only on the model's small per-window
+acknowledgements and on sink writes, reads a window's source event together with its
+acknowledgement (one ``ray.wait`` pair and one ``ray.get`` per step), and hands the results to
+the sink by reference, unread.
 
 Restarts: the model actor is created with ``max_restarts`` and no automatic task retries. When
 it dies the driver waits for the new incarnation and resends every window whose result it has
@@ -264,6 +266,8 @@ def run(
             max_restarts=MODEL_MAX_RESTARTS,
             max_task_retries=0,
             max_concurrency=config.runtime.max_in_flight + 16,
+            # infer calls wait for their window: one whose source is slow must not hold up the others
+            allow_out_of_order_execution=True,
         )
         .remote(config, device=opts.device, num_cpus=opts.model_cpus, build=build, collate=collate, distill=distill)
     )
@@ -393,7 +397,7 @@ class _Loop:
 
     def _infer(self, call: _Call, chain_start: bool) -> None:
         """Send ``call``'s window to the model; the driver waits on the small window-id object."""
-        ack, call.result = self.model.infer_split.remote(call.seq, chain_start, [call.window])
+        ack, call.result = self.model.infer_split.remote(call.seq, chain_start, call.window)
         self.model_calls[ack] = call
 
     def _step(self) -> None:
@@ -524,7 +528,7 @@ class _Loop:
         for sid, _, _ in results:
             self.streams[sid].status.at_sink += 1
         self.at_sink += len(results)
-        ref = self.sink.write.remote([r for _, _, r in results])
+        ref = self.sink.write.remote(*(r for _, _, r in results))
         self.sink_calls[ref] = [(sid, wid) for sid, wid, _ in results]
 
     def _on_sink(self, ready: set) -> None:

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import ray
 from PIL import Image
 
 from actors.metrics import Metrics
@@ -54,15 +53,12 @@ class SinkActor:
             self._committed[sid] = set(self._writer.committed(sid))
         return {sid: self._writer.resume_from(sid) for sid in stream_ids}
 
-    def write(self, results: list[WindowResult | ray.ObjectRef]) -> int:
+    def write(self, *results: WindowResult) -> int:
         """Buffer results (dropping windows already committed); commit if due. Returns rows taken.
 
-        A result may be passed by reference (the model actor's return, not fetched by the runner).
+        One argument per result, so that the runner can pass the model actor's returns by
+        reference and Ray hands them over resolved.
         """
-        refs = [r for r in results if isinstance(r, ray.ObjectRef)]
-        if refs:
-            fetched = iter(ray.get(refs))
-            results = [next(fetched) if isinstance(r, ray.ObjectRef) else r for r in results]
         taken = 0
         for r in results:
             self._metrics.windows_in.inc(tags={"stage": "sink", "stream": r.stream_id})
