@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from perceiver_stream.adapters.base import Adapter
@@ -31,6 +32,26 @@ class Tokens:
     modality: torch.Tensor
 
 
+class TokenMLP(nn.Module):
+    """Per-token residual MLP ``x + Linear(GELU(Linear(x)))`` at the adapter's width.
+
+    Applied to each token on its own (a PointNet-style per-point MLP, a per-patch MLP for video):
+    the encoder's key/value projections are linear, so cues that need a nonlinearity of one token's
+    channels (a corner inside a patch, a point's place on a curved surface) are computed here.
+    """
+
+    def __init__(self, channels: int, hidden: int) -> None:
+        super().__init__()
+        if hidden < 1:
+            raise ValueError(f"token MLP hidden width must be at least 1, got {hidden}")
+        self.fc1 = nn.Linear(channels, hidden)
+        self.fc2 = nn.Linear(hidden, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``... x channels`` -> same shape."""
+        return x + self.fc2(F.gelu(self.fc1(x)))
+
+
 class MultimodalPreprocessor(nn.Module):
     """Adapters keyed by modality name -> one padded, masked token array.
 
@@ -38,11 +59,17 @@ class MultimodalPreprocessor(nn.Module):
     batch, or absent (``present`` False) in every row, contributes no tokens at all; in rows where it
     is absent its tokens are masked out and zeroed, so whatever its values hold (even NaN) changes
     nothing. ``mask_probs`` (per modality) replaces tokens by a learned mask token with that
-    probability, in training mode only. Batch modalities without an adapter are ignored.
+    probability, in training mode only. ``token_mlps`` (modality -> hidden width) passes that
+    modality's tokens through a `TokenMLP` before padding. Batch modalities without an adapter are ignored.
     """
 
     def __init__(
-        self, adapters: dict[str, Adapter], *, min_padding: int = 4, mask_probs: dict[str, float] | None = None
+        self,
+        adapters: dict[str, Adapter],
+        *,
+        min_padding: int = 4,
+        mask_probs: dict[str, float] | None = None,
+        token_mlps: dict[str, int] | None = None,
     ) -> None:
         super().__init__()
         if not adapters:
@@ -51,11 +78,18 @@ class MultimodalPreprocessor(nn.Module):
         unknown = sorted(set(mask_probs) - set(adapters))
         if unknown:
             raise ValueError(f"mask_probs names modalities without an adapter: {unknown}")
+        token_mlps = dict(token_mlps or {})
+        unknown = sorted(set(token_mlps) - set(adapters))
+        if unknown:
+            raise ValueError(f"token_mlps names modalities without an adapter: {unknown}")
         self.names: list[str] = list(adapters)
         self.adapters = nn.ModuleDict(adapters)
         self.width = max(a.out_channels for a in adapters.values()) + min_padding
         self.padding = nn.ParameterDict(
             {k: nn.Parameter(0.02 * torch.randn(self.width - a.out_channels)) for k, a in adapters.items()}
+        )
+        self.token_mlps = nn.ModuleDict(
+            {k: TokenMLP(adapters[k].out_channels, int(h)) for k, h in token_mlps.items()}
         )
         self.mask_probs = {k: float(p) for k, p in mask_probs.items() if p > 0}
         self.mask_tokens = nn.ParameterDict(
@@ -72,6 +106,8 @@ class MultimodalPreprocessor(nn.Module):
             if m is None or not bool(m.present.any()):
                 continue
             x, mask = self.adapters[name](m, t_ref)
+            if name in self.token_mlps:
+                x = self.token_mlps[name](x)
             b, n, _ = x.shape
             x = torch.cat([x, self.padding[name].to(x.dtype).expand(b, n, -1)], dim=-1)
             if self.training and name in self.mask_probs:

@@ -49,6 +49,8 @@ class StreamingConfig:
                      ``perceiver_stream.adapters.ADAPTERS``); completed with defaults on creation.
     min_padding:     learned padding channels every modality gets at least (the modality's identity).
     mask_probs:      per-modality probability of replacing a token by a learned mask token (training only).
+    token_mlps:      modality -> hidden width of a per-token residual MLP applied to its tokens before
+                     the encoder (``multimodal.TokenMLP``; empty = tokens go in as the adapters make them).
     num_latents, latent_channels: the latent array ``M x C``.
     cross_heads, cross_widening: encoder cross-attention heads and MLP widening.
     self_heads, self_widening, self_attends_per_block, num_blocks: the latent tower; its
@@ -68,6 +70,7 @@ class StreamingConfig:
     modalities: dict[str, dict[str, Any]] = field(default_factory=_default_modalities)
     min_padding: int = 4
     mask_probs: dict[str, float] = field(default_factory=dict)
+    token_mlps: dict[str, int] = field(default_factory=dict)
     num_latents: int = 64
     latent_channels: int = 128
     cross_heads: int = 1
@@ -95,6 +98,7 @@ class StreamingConfig:
         self.flow_size = tuple(int(x) for x in self.flow_size)  # type: ignore[assignment]
         self.class_names = tuple(str(c) for c in self.class_names)
         self.mask_probs = {str(k): float(v) for k, v in self.mask_probs.items()}
+        self.token_mlps = {str(k): int(v) for k, v in self.token_mlps.items()}
         positive = ("num_latents", "latent_channels", "cross_heads", "cross_widening", "self_heads",
                     "self_widening", "self_attends_per_block", "num_blocks", "flow_pos_bands", "flow_channels",
                     "flow_widening")
@@ -120,6 +124,9 @@ class StreamingConfig:
         for k, p in self.mask_probs.items():
             if k not in self.modalities or not 0.0 <= p < 1.0:
                 raise ValueError(f"model config: mask_probs[{k!r}] must name a modality and lie in [0, 1)")
+        for k, hidden in self.token_mlps.items():
+            if k not in self.modalities or hidden < 1:
+                raise ValueError(f"model config: token_mlps[{k!r}] must name a modality and be a width >= 1")
         if len(set(self.class_names)) != len(self.class_names):
             raise ValueError("model config: class_names must be distinct")
 
@@ -237,6 +244,7 @@ class StreamingPerceiverIO(nn.Module):
             {k: build_adapter(spec) for k, spec in config.modalities.items()},
             min_padding=config.min_padding,
             mask_probs=config.mask_probs,
+            token_mlps=config.token_mlps,
         )
         self.latents = nn.Parameter(0.02 * torch.randn(m, c))
         self.encoder = GatedCrossAttention(

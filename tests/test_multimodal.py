@@ -7,7 +7,7 @@ import torch
 
 from perceiver_stream.adapters import build_adapter
 from perceiver_stream.batch import Batch, ModalityBatch
-from perceiver_stream.multimodal import MultimodalPreprocessor
+from perceiver_stream.multimodal import MultimodalPreprocessor, TokenMLP
 
 
 def labels_mb(b: int, n: int, present: list[bool]) -> ModalityBatch:
@@ -85,3 +85,34 @@ def test_mask_tokens_only_in_training():
     torch.testing.assert_close(pre(b).tokens, clean)
     with pytest.raises(ValueError, match="without an adapter"):
         MultimodalPreprocessor(adapters, mask_probs={"video": 0.1})
+
+
+def test_token_mlp_transforms_each_token_on_its_own():
+    torch.manual_seed(3)
+    adapters = {
+        "tags": build_adapter({"kind": "labels", "num_classes": 3, "time_bands": 2}),
+        "lidar": build_adapter({"kind": "points", "pos_bands": 2, "time_bands": 2}),
+    }
+    plain = MultimodalPreprocessor(adapters, min_padding=3)
+    pre = MultimodalPreprocessor(adapters, min_padding=3, token_mlps={"lidar": 16})
+    pre.padding.load_state_dict(plain.padding.state_dict())
+    assert pre.width == plain.width and list(pre.token_mlps) == ["lidar"]
+    lidar = points_mb(2, 5, [True, False])
+    lidar.values[1] = float("nan")
+    b = batch({"tags": labels_mb(2, 4, [True, True]), "lidar": lidar})
+    out, ref = pre(b), plain(b)
+    assert out.tokens.shape == ref.tokens.shape == (2, 9, pre.width)
+    # tags have no MLP: unchanged; lidar tokens are the MLP of the adapter's tokens, padding after them
+    torch.testing.assert_close(out.tokens[:, :4], ref.tokens[:, :4])
+    c = adapters["lidar"].out_channels
+    mlp = pre.token_mlps["lidar"]
+    torch.testing.assert_close(out.tokens[0, 4:, :c], mlp(ref.tokens[0, 4:, :c]))
+    assert not torch.allclose(out.tokens[0, 4:, :c], ref.tokens[0, 4:, :c])
+    # one token's output does not depend on the others (per-point, PointNet style)
+    torch.testing.assert_close(mlp(ref.tokens[0, 4:5, :c]), out.tokens[0, 4:5, :c])
+    # an absent row stays masked, zeroed and finite even with NaN values
+    assert torch.all(out.tokens[1, 4:] == 0) and torch.isfinite(out.tokens).all()
+    with pytest.raises(ValueError, match="without an adapter"):
+        MultimodalPreprocessor(adapters, token_mlps={"video": 8})
+    with pytest.raises(ValueError, match="at least 1"):
+        TokenMLP(4, 0)

@@ -100,6 +100,15 @@ def model() -> StreamingPerceiverIO:
     return StreamingPerceiverIO(small_config()).eval()
 
 
+@pytest.fixture(scope="module")
+def mlp_model() -> StreamingPerceiverIO:
+    """The small model with per-token MLPs on every modality and a flow correlation volume."""
+    torch.manual_seed(0)
+    return StreamingPerceiverIO(
+        small_config(token_mlps={"video": 24, "audio": 8, "points": 16}, flow_corr_radius=2)
+    ).eval()
+
+
 @torch.no_grad()
 def test_shapes_and_flow_validity(model):
     batch = make_batch(b=3, frames=[4, 1, 2])
@@ -176,8 +185,10 @@ def test_stream_states_reset_on_gap_and_restart(model):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("which", ["model", "mlp_model"])
 @pytest.mark.parametrize("modality", ["audio", "points", "video"])
-def test_absent_modality_leaves_no_trace(model, modality):
+def test_absent_modality_leaves_no_trace(request, which, modality):
+    model = request.getfixturevalue(which)
     batch = make_batch(b=3, frames=[4, 3, 2])
     m = batch.modalities[modality]
     absent_m = replace(m, present=torch.tensor([True, False, True]))
