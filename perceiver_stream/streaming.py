@@ -319,16 +319,21 @@ class StreamingPerceiverIO(nn.Module):
         m = None if cfg.flow_modality is None else batch.modalities.get(cfg.flow_modality)
         if m is None or not bool(m.present.any()):
             return None, torch.zeros(b, dtype=torch.bool, device=z.device)
-        patches, valid = self.flow_input(m)
-        valid = valid.to(z.device)
-        rows = valid.nonzero().squeeze(1)
-        if rows.numel() == 0:
-            return None, valid
+        frames, valid = self.flow_input.last_frames(m)
+        valid, frames = valid.to(z.device), frames.to(z.device)
+        # Rows without two frames are left out of the decoder (no gather / scatter when all have them).
+        rows = None if bool(valid.all()) else valid.nonzero().squeeze(1)
+        if rows is not None:
+            if rows.numel() == 0:
+                return None, valid
+            frames, z = frames[rows], z[rows]
         h, w = cfg.flow_size
-        queries = self.flow_patch_proj(patches.to(z.device)[rows].reshape(len(rows), h * w, -1))
+        n = z.shape[0]
+        queries = self.flow_input.project(frames, self.flow_patch_proj).reshape(n, h * w, -1)
         queries = queries + self._flow_pos(z.device)
-        out = self.flow_head(self.flow_decoder(queries, z[rows], query_chunk=cfg.flow_chunk)) * cfg.flow_scale
-        flow = out.new_zeros(b, h, w, 2).index_copy(0, rows, out.reshape(len(rows), h, w, 2))
+        out = self.flow_head(self.flow_decoder(queries, z, query_chunk=cfg.flow_chunk)) * cfg.flow_scale
+        out = out.reshape(n, h, w, 2)
+        flow = out if rows is None else out.new_zeros(b, h, w, 2).index_copy(0, rows, out)
         return flow, valid
 
     def decode_labels(self, z: torch.Tensor) -> torch.Tensor:

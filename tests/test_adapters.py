@@ -228,3 +228,18 @@ def test_flow_queries_carry_the_correlation_when_asked():
     with_corr, _ = FlowInputAdapter((16, 16), corr_radius=2)(m)
     assert plain.shape[-1] == 54 and with_corr.shape[-1] == 54 + 25 and bool(valid.all())
     torch.testing.assert_close(with_corr[..., :54], plain)
+
+
+@pytest.mark.parametrize("radius", [0, 2])
+@pytest.mark.parametrize("hw", [8, 6])
+def test_flow_projection_by_convolution_equals_linear_of_patches(radius, hw):
+    torch.manual_seed(4)
+    m = video_batch([3, 2, 4], hw=8)
+    adapter = FlowInputAdapter((hw, hw), corr_radius=radius)
+    proj = torch.nn.Linear(adapter.out_channels, 10)
+    feats, valid = adapter(m)
+    frames, valid2 = adapter.last_frames(m)
+    assert torch.equal(valid, valid2)
+    out = adapter.project(frames, proj)
+    assert out.shape == (3, hw, hw, 10)
+    torch.testing.assert_close(out, proj(feats), atol=1e-5, rtol=1e-5)

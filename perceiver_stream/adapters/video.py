@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from perceiver_stream.adapters.base import Adapter, gather_last, time_channels, time_features
 from perceiver_stream.batch import ModalityBatch
@@ -121,21 +122,35 @@ def local_correlation(frame1: torch.Tensor, frame2: torch.Tensor, radius: int) -
     """Local correlation volume of two frames: ``B x H x W x 3`` each -> ``B x H x W x (2r+1)^2``.
 
     Channel ``(dy + r) * (2r + 1) + (dx + r)`` is the normalised cross-correlation over a 3x3 window
-    of frame 1 at ``p`` and frame 2 at ``p + (dy, dx)`` (zero outside the frame). Motion up to ``r``
-    pixels then shows as a peak in the pixel's own query, which 3x3 patches alone cannot show.
+    (zero padded) of frame 1 at ``p`` and frame 2 at ``p + (dy, dx)`` (zero outside the frame), on
+    the grey level (mean of the channels) minus its 3x3 local mean. Motion up to ``r`` pixels then
+    shows as a peak (1 for an exact match) in the pixel's own query, which 3x3 patches alone cannot
+    show. One grey channel and box sums by shifted adds keep this cheap at radius 6-7.
     """
-    def centred(frame: torch.Tensor) -> torch.Tensor:
-        x = normalise_frames(frame).permute(0, 3, 1, 2)
+    def centred(frame: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = normalise_frames(frame).mean(-1)[:, None]  # B x 1 x H x W
         x = x - F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
-        return x / (x.pow(2).sum(1, keepdim=True).add(1e-4).sqrt())
+        inv_norm = F.avg_pool2d(x.pow(2), 3, stride=1, padding=1).add(1e-4).rsqrt()
+        return x[:, 0], inv_norm[:, 0]
 
-    f1, f2 = centred(frame1), F.pad(centred(frame2), (radius,) * 4)
-    h, w = f1.shape[-2:]
+    (f1, inv1), (f2, inv2) = centred(frame1), centred(frame2)
+    f2, inv2 = F.pad(f2, (radius,) * 4), F.pad(inv2, (radius,) * 4)
+    b, h, w = f1.shape
     size = 2 * radius + 1
-    corr = torch.stack(
-        [(f1 * f2[:, :, dy:dy + h, dx:dx + w]).sum(1) for dy in range(size) for dx in range(size)], dim=1
-    )
-    return F.avg_pool2d(corr, 3, stride=1, padding=1).permute(0, 2, 3, 1)
+    # Products written inside a one-pixel zero border: the 3x3 box sum is then four shifted adds.
+    corr = f1.new_zeros(b, size * size, h + 2, w + 2)
+    for dy in range(size):
+        for dx in range(size):
+            torch.mul(f1, f2[:, dy:dy + h, dx:dx + w], out=corr[:, dy * size + dx, 1:-1, 1:-1])
+    rows = corr[:, :, :, :-2] + corr[:, :, :, 1:-1]
+    rows += corr[:, :, :, 2:]
+    box = rows[:, :, :-2] + rows[:, :, 1:-1]
+    box += rows[:, :, 2:]
+    box.mul_(inv1[:, None] / 9.0)
+    for dy in range(size):
+        for dx in range(size):
+            box[:, dy * size + dx].mul_(inv2[:, dy:dy + h, dx:dx + w])
+    return box.permute(0, 2, 3, 1)
 
 
 class FlowInputAdapter(Adapter):
@@ -153,15 +168,39 @@ class FlowInputAdapter(Adapter):
         self.corr_radius = int(corr_radius)
         self.out_channels = 54 + (2 * self.corr_radius + 1) ** 2 if self.corr_radius else 54
 
-    def forward(self, m: ModalityBatch, t_ref: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Patches of the last two frames of each row and whether the row has two frames."""
+    def last_frames(self, m: ModalityBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's last two frames on the flow grid, ``B x 2 x H x W x 3`` (uint8, or float
+        0..255 when resized), and whether the row has two frames."""
         frames, fmask = gather_last(m.values, m.mask, 2)  # B x 2 x H x W x 3
         valid = fmask.all(dim=1) & m.present
         if tuple(frames.shape[2:4]) != self.size:
             x = frames.flatten(0, 1).permute(0, 3, 1, 2).float()
             x = F.interpolate(x, size=self.size, mode="bilinear", antialias=True, align_corners=False)
             frames = x.permute(0, 2, 3, 1).reshape(frames.shape[0], 2, *self.size, 3)
+        return frames, valid
+
+    def forward(self, m: ModalityBatch, t_ref: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patches of the last two frames of each row and whether the row has two frames."""
+        frames, valid = self.last_frames(m)
         feats = flow_patches(frames[:, 0], frames[:, 1])
         if self.corr_radius:
             feats = torch.cat([feats, local_correlation(frames[:, 0], frames[:, 1], self.corr_radius)], dim=-1)
         return feats, valid
+
+    def project(self, frames: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
+        """``proj(features of frames)`` without building the features: ``B x 2 x H x W x 3`` -> ``B x H x W x out``.
+
+        The 54 patch channels of ``proj`` are one 3x3 convolution over the 6-channel frame pair
+        (weight columns in ``flow_patches``' ``(frame, c, dy, dx)`` order); equal to
+        ``proj(forward(m)[0])`` up to float rounding, at a fraction of the cost (no im2col array).
+        """
+        b, _, h, w, c = frames.shape
+        x = normalise_frames(frames).permute(0, 1, 4, 2, 3).reshape(b, 2 * c, h, w)
+        weight = proj.weight
+        kernel = weight[:, : 2 * c * 9].reshape(weight.shape[0], 2 * c, 3, 3)
+        out = F.conv2d(x.contiguous(memory_format=torch.channels_last), kernel, proj.bias, padding=1)
+        out = out.permute(0, 2, 3, 1)  # B x H x W x out (contiguous: channels-last)
+        if self.corr_radius:
+            corr = local_correlation(frames[:, 0], frames[:, 1], self.corr_radius)
+            out = out + corr @ weight[:, 2 * c * 9:].t()
+        return out
