@@ -64,6 +64,8 @@ class StreamingConfig:
                      multiplier from decoder output to pixels.
     flow_corr_radius: add a local correlation volume of this radius (px) to the flow queries
                      (0 = 3x3 patches only, as DeepMind's flow model).
+    flow_corr_stride: compute that volume on a grid this many times coarser (displacements in steps of
+                     it; must divide the radius and the flow grid): about stride**4 times cheaper.
     class_names:     the label decoder's classes, in index order (empty = no label decoder).
     """
 
@@ -89,6 +91,7 @@ class StreamingConfig:
     flow_chunk: int | None = 8192
     flow_scale: float = 1.0
     flow_corr_radius: int = 0
+    flow_corr_stride: int = 1
     class_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -114,6 +117,10 @@ class StreamingConfig:
             raise ValueError(f"model config: flow_size must be [H, W] positive, got {list(self.flow_size)}")
         if self.flow_corr_radius < 0:
             raise ValueError("model config: flow_corr_radius must be >= 0")
+        if self.flow_corr_stride < 1 or self.flow_corr_radius % self.flow_corr_stride or any(
+                n % self.flow_corr_stride for n in self.flow_size):
+            raise ValueError(f"model config: flow_corr_stride ({self.flow_corr_stride}) must be >= 1 and divide "
+                             f"flow_corr_radius ({self.flow_corr_radius}) and flow_size {list(self.flow_size)}")
         if self.flow_chunk is not None and self.flow_chunk < 1:
             raise ValueError("model config: flow_chunk must be positive or null")
         if self.flow_modality is not None:
@@ -265,7 +272,7 @@ class StreamingPerceiverIO(nn.Module):
             self.label_head = nn.Linear(c, config.num_classes)
         if config.flow_modality is not None:
             fc = config.flow_channels
-            self.flow_input = FlowInputAdapter(config.flow_size, config.flow_corr_radius)
+            self.flow_input = FlowInputAdapter(config.flow_size, config.flow_corr_radius, config.flow_corr_stride)
             # Linear(concat(patch, pos)) split in two so the position half is computed once.
             self.flow_patch_proj = nn.Linear(self.flow_input.out_channels, fc)
             self.flow_pos_proj = nn.Linear(fourier_channels(2, config.flow_pos_bands), fc, bias=False)

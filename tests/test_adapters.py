@@ -230,12 +230,12 @@ def test_flow_queries_carry_the_correlation_when_asked():
     torch.testing.assert_close(with_corr[..., :54], plain)
 
 
-@pytest.mark.parametrize("radius", [0, 2])
+@pytest.mark.parametrize(("radius", "stride"), [(0, 1), (2, 1), (2, 2)])
 @pytest.mark.parametrize("hw", [8, 6])
-def test_flow_projection_by_convolution_equals_linear_of_patches(radius, hw):
+def test_flow_projection_by_convolution_equals_linear_of_patches(radius, stride, hw):
     torch.manual_seed(4)
     m = video_batch([3, 2, 4], hw=8)
-    adapter = FlowInputAdapter((hw, hw), corr_radius=radius)
+    adapter = FlowInputAdapter((hw, hw), corr_radius=radius, corr_stride=stride)
     proj = torch.nn.Linear(adapter.out_channels, 10)
     feats, valid = adapter(m)
     frames, valid2 = adapter.last_frames(m)
@@ -243,3 +243,19 @@ def test_flow_projection_by_convolution_equals_linear_of_patches(radius, hw):
     out = adapter.project(frames, proj)
     assert out.shape == (3, hw, hw, 10)
     torch.testing.assert_close(out, proj(feats), atol=1e-5, rtol=1e-5)
+
+
+def test_coarse_correlation_peaks_at_the_shift_on_its_grid():
+    from perceiver_stream.adapters.video import coarse_correlation
+
+    g = torch.Generator().manual_seed(0)
+    f1 = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8, generator=g)
+    f2 = torch.roll(f1, shifts=(4, -2), dims=(1, 2))  # 2 and -1 cells of 2 px
+    corr = coarse_correlation(f1, f2, 4, 2)
+    assert corr.shape == (2, 16, 16, 25)
+    peak = corr[:, 3:13, 3:13].argmax(-1)
+    assert bool((peak == (2 + 2) * 5 + (-1 + 2)).all())
+    with pytest.raises(ValueError, match="multiple"):
+        coarse_correlation(f1, f2, 3, 2)
+    with pytest.raises(ValueError, match="divide"):
+        FlowInputAdapter((6, 6), corr_radius=4, corr_stride=4)

@@ -153,20 +153,54 @@ def local_correlation(frame1: torch.Tensor, frame2: torch.Tensor, radius: int) -
     return box.permute(0, 2, 3, 1)
 
 
+def coarse_correlation(frame1: torch.Tensor, frame2: torch.Tensor, radius: int, stride: int) -> torch.Tensor:
+    """`local_correlation` on a grid ``stride`` times coarser: ``B x H x W x 3`` each ->
+    ``B x H/s x W/s x (2r/s+1)^2``, displacements in steps of ``stride`` px up to ``radius`` px.
+
+    Frames are averaged over ``stride x stride`` blocks first (a prefilter for the coarse grid); the
+    cost falls by about ``stride**4`` at the same reach.
+    """
+    if radius % stride:
+        raise ValueError(f"correlation radius {radius} is not a multiple of its stride {stride}")
+    if stride == 1:
+        return local_correlation(frame1, frame2, radius)
+
+    def shrink(frame: torch.Tensor) -> torch.Tensor:
+        x = F.avg_pool2d(frame.float().permute(0, 3, 1, 2), stride)
+        return x.permute(0, 2, 3, 1)
+
+    return local_correlation(shrink(frame1), shrink(frame2), radius // stride)
+
+
+def upsample_nearest(x: torch.Tensor, stride: int) -> torch.Tensor:
+    """``B x h x w x C`` -> ``B x h*s x w*s x C``, each value repeated over its ``s x s`` block."""
+    if stride == 1:
+        return x
+    b, h, w, c = x.shape
+    return x[:, :, None, :, None].expand(b, h, stride, w, stride, c).reshape(b, h * stride, w * stride, c)
+
+
 class FlowInputAdapter(Adapter):
     """The optical-flow input: 3x3 patches of each window's last two frames on the flow grid.
 
     ``forward`` returns ``(B x H x W x C, B bool valid)``: 54 patch channels, then with
-    ``corr_radius > 0`` the ``(2r+1)^2`` channels of `local_correlation`; ``valid`` is False where
+    ``corr_radius > 0`` the ``(2r/s+1)^2`` channels of `coarse_correlation` at stride ``s =
+    corr_stride`` (1 = `local_correlation` on the flow grid), each coarse cell's values repeated over
+    its ``s x s`` pixels; ``valid`` is False where
     the window has fewer than two frames (or no video). Frames of another size are resized
     (bilinear, antialiased) to ``size`` first, so flow is in pixels of the ``size`` grid.
     """
 
-    def __init__(self, size: tuple[int, int], corr_radius: int = 0) -> None:
+    def __init__(self, size: tuple[int, int], corr_radius: int = 0, corr_stride: int = 1) -> None:
         super().__init__()
         self.size = (int(size[0]), int(size[1]))
         self.corr_radius = int(corr_radius)
-        self.out_channels = 54 + (2 * self.corr_radius + 1) ** 2 if self.corr_radius else 54
+        self.corr_stride = int(corr_stride)
+        if self.corr_stride < 1 or self.corr_radius % self.corr_stride or any(n % self.corr_stride for n in self.size):
+            raise ValueError(f"flow correlation: stride {self.corr_stride} must be >= 1 and divide the radius "
+                             f"{self.corr_radius} and the flow grid {list(self.size)}")
+        corr = (2 * self.corr_radius // self.corr_stride + 1) ** 2 if self.corr_radius else 0
+        self.out_channels = 54 + corr
 
     def last_frames(self, m: ModalityBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's last two frames on the flow grid, ``B x 2 x H x W x 3`` (uint8, or float
@@ -184,7 +218,8 @@ class FlowInputAdapter(Adapter):
         frames, valid = self.last_frames(m)
         feats = flow_patches(frames[:, 0], frames[:, 1])
         if self.corr_radius:
-            feats = torch.cat([feats, local_correlation(frames[:, 0], frames[:, 1], self.corr_radius)], dim=-1)
+            corr = coarse_correlation(frames[:, 0], frames[:, 1], self.corr_radius, self.corr_stride)
+            feats = torch.cat([feats, upsample_nearest(corr, self.corr_stride)], dim=-1)
         return feats, valid
 
     def project(self, frames: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
@@ -201,6 +236,7 @@ class FlowInputAdapter(Adapter):
         out = F.conv2d(x.contiguous(memory_format=torch.channels_last), kernel, proj.bias, padding=1)
         out = out.permute(0, 2, 3, 1)  # B x H x W x out (contiguous: channels-last)
         if self.corr_radius:
-            corr = local_correlation(frames[:, 0], frames[:, 1], self.corr_radius)
-            out = out + corr @ weight[:, 2 * c * 9:].t()
+            # Per-pixel linear maps commute with nearest upsampling: project on the coarse grid.
+            corr = coarse_correlation(frames[:, 0], frames[:, 1], self.corr_radius, self.corr_stride)
+            out = out + upsample_nearest(corr @ weight[:, 2 * c * 9:].t(), self.corr_stride)
         return out
