@@ -12,6 +12,7 @@ from perceiver_stream.outputs import ModelOutput
 from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO
 from pipeline.config import Config
 from pipeline.errors import CheckpointError
+from pipeline.training import video_frames_needed
 
 log = logging.getLogger(__name__)
 
@@ -24,21 +25,10 @@ class TorchPredictor:
         self.name = name
         self.device = device
         self.class_names = list(model.config.class_names)
-        self.video_frames = _frames_needed(model.config)
+        self.video_frames = video_frames_needed(model.config)
 
     def __call__(self, batch: Batch, state: torch.Tensor | None) -> ModelOutput:
         return self.model(batch, state)
-
-
-def _frames_needed(config: StreamingConfig) -> int | None:
-    """How many trailing frames of a window the model reads (None = all): collate keeps only those."""
-    spec = config.modalities.get("video")
-    if spec is None:
-        return 2 if config.flow_modality is not None else None
-    frames = spec.get("frames")
-    if frames is None:
-        return None
-    return max(int(frames), 2 if config.flow_modality is not None else 1)
 
 
 def model_video_frames(cfg: Config) -> int | None:
@@ -46,14 +36,14 @@ def model_video_frames(cfg: Config) -> int | None:
     config alone (no weights loaded)."""
     path = cfg.model.student or cfg.model.checkpoint
     if path is None:
-        return _frames_needed(StreamingConfig(state=cfg.model.state))
+        return video_frames_needed(StreamingConfig(state=cfg.model.state))
     from perceiver_stream.checkpoint import read_config
 
     try:
         config, _ = read_config(path)
     except (OSError, ValueError) as exc:
         raise CheckpointError(str(exc), source=path) from None
-    return _frames_needed(config)
+    return video_frames_needed(config)
 
 
 def load_predictor(cfg: Config, device: torch.device) -> TorchPredictor:

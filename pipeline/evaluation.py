@@ -38,6 +38,7 @@ from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO, St
 from perceiver_stream.student import embedding_cosine
 from pipeline.collate import collate
 from pipeline.errors import CheckpointError, ConfigError
+from pipeline.training import video_frames_needed
 from pipeline.window import Window
 
 MIN_WINDOWS = 200
@@ -179,11 +180,11 @@ def evaluate(
     model, meta = _load(checkpoint, "checkpoint")
     _refuse_trained_seed(seed, meta, checkpoint)
     s_model = None
-    frames = _frames(model.config)
+    frames = video_frames_needed(model.config)
     if student is not None:
         s_model, s_meta = _load(student, "student")
         _refuse_trained_seed(seed, s_meta, student)
-        frames = None if frames is None or _frames(s_model.config) is None else max(frames, _frames(s_model.config))
+        frames = None if frames is None or video_frames_needed(s_model.config) is None else max(frames, video_frames_needed(s_model.config))
     data = meta.get("data") or default_data_settings(model.config)
     result = {"seed": seed, "checkpoint": str(checkpoint)}
     if student is not None:
@@ -191,12 +192,6 @@ def evaluate(
     result.update(evaluate_model(model, heldout_windows(data, seed, windows, video_frames=frames),
                                  drop=drop, student=s_model))
     return result
-
-
-def _frames(config: StreamingConfig) -> int | None:
-    from pipeline.training import video_frames_needed
-
-    return video_frames_needed(config)
 
 
 # ---- the real-texture check -------------------------------------------------------------------
