@@ -259,3 +259,26 @@ def test_coarse_correlation_peaks_at_the_shift_on_its_grid():
         coarse_correlation(f1, f2, 3, 2)
     with pytest.raises(ValueError, match="divide"):
         FlowInputAdapter((6, 6), corr_radius=4, corr_stride=4)
+
+
+def test_points_local_offsets_tell_flat_from_curved_and_ignore_padding():
+    from perceiver_stream.adapters.points import local_offsets
+
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(1, 120, 2, generator=g) * 0.2
+    flat = torch.cat([xy, torch.full((1, 120, 1), 0.5)], dim=-1)
+    centre = xy - 0.1
+    cap = torch.cat([xy, 0.5 - (0.04 - centre.pow(2).sum(-1, keepdim=True)).sqrt()], dim=-1)  # sphere r=0.2
+    mask = torch.ones(1, 120, dtype=torch.bool)
+    assert local_offsets(flat, mask, 6)[..., 2].abs().max() < 1e-5
+    inner = centre.norm(dim=-1) < 0.06  # away from the sampled patch's edge, neighbourhoods are balanced
+    assert local_offsets(cap, mask, 6)[..., 2][inner].mean() < -0.01  # a bowl in z: below its neighbours' mean
+    # padded points neither count as neighbours nor get features
+    padded = torch.cat([cap, torch.full((1, 5, 3), float("nan"))], dim=1)
+    pmask = torch.cat([mask, torch.zeros(1, 5, dtype=torch.bool)], dim=1)
+    out = local_offsets(torch.nan_to_num(padded, nan=9.0), pmask, 6)
+    torch.testing.assert_close(out[:, :120], local_offsets(cap, mask, 6))
+    assert torch.all(out[:, 120:] == 0)
+    adapter = build_adapter({"kind": "points", "local_k": 6})
+    plain = build_adapter({"kind": "points"})
+    assert adapter.out_channels == plain.out_channels + 3
