@@ -154,10 +154,10 @@ def write_pictures(output_dir: str | Path, *, flows_per_stream: int = 6) -> list
             field_ = np.asarray(r["flow"], dtype=np.float32).reshape(r["height"], r["width"], 2)
             mag = float(np.hypot(field_[..., 0], field_[..., 1]).max())
             axes[i][-1].imshow(flow_to_rgb(field_))
-            axes[i][-1].set_title(f"window {r['window_id']}: flow, max {mag:.1f} px", fontsize=8)
+            axes[i][-1].set_title(f"window {r['window_id']}: flow to t = {r['t']:.2f} s, max {mag:.1f} px", fontsize=8)
             if has_frame and r["frame"]:
                 axes[i][0].imshow(_decode_png(r["frame"]))
-                axes[i][0].set_title(f"frame at t = {r['t']:.2f} s", fontsize=8)
+                axes[i][0].set_title(f"window {r['window_id']}: the earlier frame", fontsize=8)
             for ax in axes[i]:
                 ax.axis("off")
         fig.tight_layout()
