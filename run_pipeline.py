@@ -52,24 +52,24 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _int_in(what: str, low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in ``[low, high]`` (no upper bound when ``high`` is None)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 < value < 65536:
-        raise argparse.ArgumentTypeError(f"expected a port number in 1..65535, got {text!r}")
-    return value
+_positive_int = _int_in("a positive integer", 1)
+_port = _int_in("a port number in 1..65535", 1, 65535)
+_seed = _int_in("a non-negative integer seed", 0)
 
 
 # -- shared options ------------------------------------------------------------------------------
@@ -279,16 +279,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 # -- eval ----------------------------------------------------------------------------------------
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer seed, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer seed, got {text!r}")
-    return value
-
-
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``eval``."""
     from pipeline.evaluation import MIN_WINDOWS, MODALITIES
