@@ -35,6 +35,7 @@ from perceiver_stream.batch import Batch
 from perceiver_stream.outputs import ModelOutput
 from perceiver_stream.streaming import StreamStates
 from pipeline.config import Config
+from pipeline.parquet import WindowRow
 from pipeline.window import Window
 
 TOP_K = 5
@@ -57,23 +58,18 @@ Collate = Callable[..., Batch]  # pipeline.collate's signature
 
 @dataclass
 class WindowResult:
-    """The model's outputs for one window, as the sink writes them."""
+    """The model's outputs for one window: its ``windows`` row, and what the sink needs for ``flow``."""
 
     stream_id: str
-    window_id: int
-    t_start: float
-    t_end: float
-    has_video: bool
-    has_audio: bool
-    has_points: bool
-    state_reset: bool
-    labels: list[tuple[str, float]]  # top-k (name, softmax score), best first
-    embedding: np.ndarray  # D float32
-    model: str
+    row: WindowRow
     flow: np.ndarray | None = None  # H x W x 2 float32, None without two frames
     flow_t: float | None = None  # time of the later frame
     frame: np.ndarray | None = None  # the earlier of the two flow frames, H x W x 3 uint8
     latency_s: float = 0.0  # seconds from arrival at the model to the result
+
+    @property
+    def window_id(self) -> int:
+        return self.row.window_id
 
 
 @dataclass
@@ -356,16 +352,18 @@ class ModelActor:
             rows.append(
                 WindowResult(
                     stream_id=w.stream_id,
-                    window_id=w.window_id,
-                    t_start=w.t_start,
-                    t_end=w.t_end,
-                    has_video=w.has_video,
-                    has_audio=w.has_audio,
-                    has_points=w.has_points,
-                    state_reset=reset,
-                    labels=[(names[j], float(p)) for p, j in zip(top_p[i].tolist(), top_i[i].tolist())],
-                    embedding=np.ascontiguousarray(emb[i], dtype=np.float32),
-                    model=self._predictor.name,
+                    row=WindowRow(
+                        window_id=w.window_id,
+                        t_start=w.t_start,
+                        t_end=w.t_end,
+                        has_video=w.has_video,
+                        has_audio=w.has_audio,
+                        has_points=w.has_points,
+                        state_reset=reset,
+                        labels=[(names[j], float(p)) for p, j in zip(top_p[i].tolist(), top_i[i].tolist())],
+                        embedding=np.ascontiguousarray(emb[i], dtype=np.float32),
+                        model=self._predictor.name,
+                    ),
                     flow=np.ascontiguousarray(flow[i], dtype=np.float32) if has_flow else None,
                     flow_t=float(w.video_t[-1]) if has_flow and w.video_t is not None else None,
                     frame=np.ascontiguousarray(w.video[-2]) if has_flow and w.video is not None else None,

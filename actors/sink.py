@@ -23,7 +23,7 @@ from PIL import Image
 from actors.metrics import Metrics
 from actors.model import WindowResult
 from actors.source import ErrorRecord
-from pipeline.parquet import ErrorRow, FlowRow, OutputWriter, StudentRow, WindowRow
+from pipeline.parquet import ErrorRow, FlowRow, OutputWriter, StudentRow
 
 FLUSH_WINDOWS = 256
 FLUSH_S = 5.0
@@ -110,7 +110,7 @@ class SinkActor:
         for sid, (results, errs) in by_stream.items():
             ids = self._writer.write(
                 sid,
-                windows=[_window_row(r) for r in results],
+                windows=[r.row for r in results],
                 flow=[_flow_row(r) for r in results if r.flow is not None],
                 student=self._take_student(sid, {r.window_id for r in results}),
                 errors=[ErrorRow(kind=e.kind, message=e.message, window_id=e.window_id, t_wall=e.t_wall) for e in errs],
@@ -136,21 +136,6 @@ class SinkActor:
         self.flush()
         self._writer.close()
         return dict(self._written)
-
-
-def _window_row(r: WindowResult) -> WindowRow:
-    return WindowRow(
-        window_id=r.window_id,
-        t_start=r.t_start,
-        t_end=r.t_end,
-        has_video=r.has_video,
-        has_audio=r.has_audio,
-        has_points=r.has_points,
-        state_reset=r.state_reset,
-        labels=r.labels,
-        embedding=r.embedding,
-        model=r.model,
-    )
 
 
 def _flow_row(r: WindowResult) -> FlowRow:

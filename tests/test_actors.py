@@ -89,8 +89,8 @@ def test_windows_of_a_stream_run_in_chain_order_with_state_carried():
     res = gather(actor, [(2, False, window("s0", 7)), (1, False, window("s0", 6)), (0, True, window("s0", 5))])
     assert [b for b in pred.batches] == [[("s0", 5)], [("s0", 6)], [("s0", 7)]]
     assert [r.window_id for r in res] == [7, 6, 5]
-    assert [r.embedding[1] for r in sorted(res, key=lambda r: r.window_id)] == [1.0, 2.0, 3.0]
-    assert [r.state_reset for r in sorted(res, key=lambda r: r.window_id)] == [True, False, False]
+    assert [r.row.embedding[1] for r in sorted(res, key=lambda r: r.window_id)] == [1.0, 2.0, 3.0]
+    assert [r.row.state_reset for r in sorted(res, key=lambda r: r.window_id)] == [True, False, False]
 
 
 def test_a_resent_window_supersedes_the_one_waiting_for_its_chain():
@@ -112,11 +112,11 @@ def test_gap_and_state_off_reset_the_state():
     actor, _ = make_actor(make_cfg(1, max_wait_ms=1))
     actor.set_open_streams(["s0"])
     res = gather(actor, [(0, True, window("s0", 0)), (1, False, window("s0", 1)), (2, False, window("s0", 3, gap=True))])
-    assert [(r.state_reset, r.embedding[1]) for r in res] == [(True, 1.0), (False, 2.0), (True, 1.0)]
+    assert [(r.row.state_reset, r.row.embedding[1]) for r in res] == [(True, 1.0), (False, 2.0), (True, 1.0)]
     actor, _ = make_actor(make_cfg(1, max_wait_ms=1, state=False))
     actor.set_open_streams(["s0"])
     res = gather(actor, [(0, True, window("s0", 0)), (1, False, window("s0", 1))])
-    assert [(r.state_reset, r.embedding[1]) for r in res] == [(True, 1.0), (True, 1.0)]
+    assert [(r.row.state_reset, r.row.embedding[1]) for r in res] == [(True, 1.0), (True, 1.0)]
 
 
 def test_batch_holds_one_window_per_stream_and_fires_when_every_open_stream_is_in():
@@ -163,14 +163,14 @@ def test_results_carry_top_labels_flow_and_modalities():
     actor, _ = make_actor(make_cfg(1, max_wait_ms=1))
     actor.set_open_streams(["s0"])
     two, one = gather(actor, [(0, True, window("s0", 0)), (1, False, window("s0", 1, frames=1))])
-    assert [name for name, _ in two.labels] == ["b", "c", "a"]
-    scores = [s for _, s in two.labels]
+    assert [name for name, _ in two.row.labels] == ["b", "c", "a"]
+    scores = [s for _, s in two.row.labels]
     assert scores == sorted(scores, reverse=True) and abs(sum(scores) - 1) < 1e-6
     assert two.flow is not None and two.flow.shape == (8, 8, 2) and two.flow.dtype == np.float32
     assert two.flow_t == pytest.approx(0.1)
     assert one.flow is None and one.flow_t is None
-    assert (two.has_video, two.has_audio, two.has_points) == (True, False, False)
-    assert two.model == "fake" and two.embedding.dtype == np.float32
+    assert (two.row.has_video, two.row.has_audio, two.row.has_points) == (True, False, False)
+    assert two.row.model == "fake" and two.row.embedding.dtype == np.float32
 
 
 def test_a_failing_window_fails_its_stream_queue_but_not_other_streams():
@@ -201,7 +201,7 @@ def test_model_actor_on_ray_with_a_fake_model(ray_session):
         refs = [actor.infer.remote(k, k == 0, ray.put(window(sid, k))) for k in range(4) for sid in ("s0", "s1")]
         res = ray.get(refs)
         assert sorted((r.stream_id, r.window_id) for r in res) == [(s, k) for s in ("s0", "s1") for k in range(4)]
-        assert all(r.embedding[1] == r.window_id + 1 for r in res)  # state carried through all four
+        assert all(r.row.embedding[1] == r.window_id + 1 for r in res)  # state carried through all four
     finally:
         ray.kill(actor)
 
@@ -368,5 +368,5 @@ def test_model_actor_runs_a_real_model_on_cuda_under_bf16_autocast():
     actor = ModelActor(cfg, device="cuda", build=lambda c, d: TorchPredictor(model, "tiny", d))
     actor.set_open_streams(["s0", "s1"])
     res = gather(actor, [(k, k == 0, window(f"s{i}", k)) for k in range(2) for i in range(2)])
-    assert all(np.isfinite(r.embedding).all() and r.flow is not None and np.isfinite(r.flow).all() for r in res)
+    assert all(np.isfinite(r.row.embedding).all() and r.flow is not None and np.isfinite(r.flow).all() for r in res)
     assert next(model.parameters()).device.type == "cuda"
