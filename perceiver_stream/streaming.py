@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from perceiver_stream.adapters import FlowInputAdapter, adapter_spec, build_adapter
+from perceiver_stream.adapters import FlowInputAdapter, adapter_spec, build_adapter, normalise_frames
 from perceiver_stream.attention import MLP, CrossAttention, MultiHeadAttention, SelfAttention
 from perceiver_stream.batch import Batch
 from perceiver_stream.fourier import fourier_channels, grid_fourier_features
@@ -64,6 +64,9 @@ class StreamingConfig:
                      multiplier from decoder output to pixels.
     flow_corr_radius: add a local correlation volume of this radius (px) to the flow queries
                      (0 = 3x3 patches only, as DeepMind's flow model).
+    flow_query_hidden: with h > 0, the flow queries also get a two-layer 3x3 convolution of the frame
+                     pair (6 -> h -> flow_channels, GELU between): per-pixel motion evidence (products
+                     of temporal and spatial differences) that a linear map of the patches cannot give.
     flow_corr_stride: compute that volume on a grid this many times coarser (displacements in steps of
                      it; must divide the radius and the flow grid): about stride**4 times cheaper.
     class_names:     the label decoder's classes, in index order (empty = no label decoder).
@@ -92,6 +95,7 @@ class StreamingConfig:
     flow_scale: float = 1.0
     flow_corr_radius: int = 0
     flow_corr_stride: int = 1
+    flow_query_hidden: int = 0
     class_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -115,8 +119,8 @@ class StreamingConfig:
                 raise ValueError(f"model config: latent_channels ({self.latent_channels}) not divisible by {name}")
         if len(self.flow_size) != 2 or min(self.flow_size) < 1:
             raise ValueError(f"model config: flow_size must be [H, W] positive, got {list(self.flow_size)}")
-        if self.flow_corr_radius < 0:
-            raise ValueError("model config: flow_corr_radius must be >= 0")
+        if self.flow_corr_radius < 0 or self.flow_query_hidden < 0:
+            raise ValueError("model config: flow_corr_radius and flow_query_hidden must be >= 0")
         if self.flow_corr_stride < 1 or self.flow_corr_radius % self.flow_corr_stride or any(
                 n % self.flow_corr_stride for n in self.flow_size):
             raise ValueError(f"model config: flow_corr_stride ({self.flow_corr_stride}) must be >= 1 and divide "
@@ -276,6 +280,10 @@ class StreamingPerceiverIO(nn.Module):
             # Linear(concat(patch, pos)) split in two so the position half is computed once.
             self.flow_patch_proj = nn.Linear(self.flow_input.out_channels, fc)
             self.flow_pos_proj = nn.Linear(fourier_channels(2, config.flow_pos_bands), fc, bias=False)
+            hq = config.flow_query_hidden
+            self.flow_query_conv = nn.Sequential(
+                nn.Conv2d(6, hq, 3, padding=1), nn.GELU(), nn.Conv2d(hq, fc, 3, padding=1)
+            ) if hq else None
             self.flow_decoder = CrossAttention(
                 fc, c, qk_channels=fc, v_channels=fc, num_heads=1, widening_factor=config.flow_widening
             )
@@ -336,8 +344,11 @@ class StreamingPerceiverIO(nn.Module):
             frames, z = frames[rows], z[rows]
         h, w = cfg.flow_size
         n = z.shape[0]
-        queries = self.flow_input.project(frames, self.flow_patch_proj).reshape(n, h * w, -1)
-        queries = queries + self._flow_pos(z.device)
+        queries = self.flow_input.project(frames, self.flow_patch_proj)
+        if self.flow_query_conv is not None:
+            pair = normalise_frames(frames).permute(0, 1, 4, 2, 3).reshape(n, 6, h, w)
+            queries = queries + self.flow_query_conv(pair).permute(0, 2, 3, 1)
+        queries = queries.reshape(n, h * w, -1) + self._flow_pos(z.device)
         out = self.flow_head(self.flow_decoder(queries, z, query_chunk=cfg.flow_chunk)) * cfg.flow_scale
         out = out.reshape(n, h, w, 2)
         flow = out if rows is None else out.new_zeros(b, h, w, 2).index_copy(0, rows, out)

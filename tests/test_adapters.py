@@ -261,8 +261,8 @@ def test_coarse_correlation_peaks_at_the_shift_on_its_grid():
         FlowInputAdapter((6, 6), corr_radius=4, corr_stride=4)
 
 
-def test_points_local_offsets_tell_flat_from_curved_and_ignore_padding():
-    from perceiver_stream.adapters.points import local_offsets
+def test_points_neighbour_offsets_tell_flat_from_curved_and_ignore_padding():
+    from perceiver_stream.adapters.points import EdgeFeatures, neighbour_offsets
 
     g = torch.Generator().manual_seed(0)
     xy = torch.rand(1, 120, 2, generator=g) * 0.2
@@ -270,15 +270,79 @@ def test_points_local_offsets_tell_flat_from_curved_and_ignore_padding():
     centre = xy - 0.1
     cap = torch.cat([xy, 0.5 - (0.04 - centre.pow(2).sum(-1, keepdim=True)).sqrt()], dim=-1)  # sphere r=0.2
     mask = torch.ones(1, 120, dtype=torch.bool)
-    assert local_offsets(flat, mask, 6)[..., 2].abs().max() < 1e-5
-    inner = centre.norm(dim=-1) < 0.06  # away from the sampled patch's edge, neighbourhoods are balanced
-    assert local_offsets(cap, mask, 6)[..., 2][inner].mean() < -0.01  # a bowl in z: below its neighbours' mean
-    # padded points neither count as neighbours nor get features
-    padded = torch.cat([cap, torch.full((1, 5, 3), float("nan"))], dim=1)
+    off, valid = neighbour_offsets(flat, mask, 6)
+    assert off.shape == (1, 120, 6, 3) and bool(valid.all())
+    assert off[..., 2].abs().max() < 1e-5  # a plane: no offset along its normal
+    torch.testing.assert_close(off.norm(dim=-1).mean(-1), torch.ones(1, 120), atol=1e-3, rtol=0)  # unit mean length
+    inner = centre.norm(dim=-1) < 0.06
+    assert neighbour_offsets(cap, mask, 6)[0][..., 2][inner].mean() > 0.01  # a bowl in z: neighbours rise
+    # padded points neither count as neighbours nor get offsets or features
+    padded = torch.cat([cap, torch.full((1, 5, 3), 9.0)], dim=1)
     pmask = torch.cat([mask, torch.zeros(1, 5, dtype=torch.bool)], dim=1)
-    out = local_offsets(torch.nan_to_num(padded, nan=9.0), pmask, 6)
-    torch.testing.assert_close(out[:, :120], local_offsets(cap, mask, 6))
-    assert torch.all(out[:, 120:] == 0)
-    adapter = build_adapter({"kind": "points", "local_k": 6})
+    off_p, valid_p = neighbour_offsets(padded, pmask, 6)
+    torch.testing.assert_close(off_p[:, :120], neighbour_offsets(cap, mask, 6)[0])
+    assert not bool(valid_p[:, 120:].any()) and torch.all(off_p[:, 120:] == 0)
+    edge = EdgeFeatures(6, 16)
+    feats = edge(padded, pmask)
+    assert feats.shape == (1, 125, 16) and torch.all(feats[:, 120:] == 0)
+    torch.testing.assert_close(feats[:, :120], edge(cap, mask))
+    # size-free: the same cloud at half the scale gives the same features
+    torch.testing.assert_close(edge(cap * 0.5, mask), edge(cap, mask), atol=1e-4, rtol=1e-4)
+    adapter = build_adapter({"kind": "points", "local_k": 6, "local_channels": 16})
     plain = build_adapter({"kind": "points"})
-    assert adapter.out_channels == plain.out_channels + 3
+    assert adapter.out_channels == plain.out_channels + 16
+    m = ModalityBatch(values=torch.cat([torch.nan_to_num(padded, nan=0.0), torch.ones(1, 125, 1)], -1),
+                      times=torch.zeros(1, 125, dtype=torch.float64), mask=pmask, present=torch.ones(1, dtype=torch.bool))
+    tokens, tmask = adapter(m, torch.zeros(1, dtype=torch.float64))
+    assert tokens.shape == (1, 125, adapter.out_channels) and bool(torch.isfinite(tokens).all())
+    assert torch.equal(tmask, pmask)
+
+
+def test_video_conv_stem_joins_each_patch_token_and_checks_its_depth():
+    spec = {"kind": "video", "patch": 4, "frames": 2, "stack": 2, "conv": [8, 12, 16]}
+    adapter = build_adapter(spec)
+    plain = build_adapter({**spec, "conv": []})
+    assert adapter.out_channels == plain.out_channels + 16
+    g = torch.Generator().manual_seed(1)
+    video = torch.randint(0, 256, (2, 3, 16, 16, 3), generator=g, dtype=torch.uint8)
+    times = torch.arange(3, dtype=torch.float64)[None].repeat(2, 1)
+    m = ModalityBatch(values=video, times=times, mask=torch.ones(2, 3, dtype=torch.bool),
+                      present=torch.tensor([True, False]))
+    tokens, mask = adapter(m, times[:, -1])
+    base, _ = plain(m, times[:, -1])
+    assert tokens.shape == (2, 16, adapter.out_channels)
+    # pixels first, then the stem's 16 channels, then position and time as without the stem
+    torch.testing.assert_close(tokens[..., :96], base[..., :96])
+    torch.testing.assert_close(tokens[..., 112:], base[..., 96:])
+    # token (row 1, column 2) of the 4x4 grid is the stem's output at that cell
+    x = (video[:1, 1:].float() * (2 / 255) - 1).permute(0, 1, 4, 2, 3).reshape(1, 6, 16, 16)
+    torch.testing.assert_close(tokens[0, 1 * 4 + 2, 96:112], adapter.stem(x)[0, :, 1, 2])
+    # NaN in an absent row stays there (the preprocessor masks it) and never reaches a present one
+    nan_video = video.float().clone()
+    nan_video[1] = float("nan")
+    again, _ = adapter(ModalityBatch(values=nan_video, times=times, mask=m.mask, present=m.present), times[:, -1])
+    torch.testing.assert_close(again[0], tokens[0])
+    with pytest.raises(ValueError, match="conv"):
+        build_adapter({**spec, "conv": [8, 16]})
+
+
+def test_points_last_scans_keeps_the_latest_scans_of_each_row():
+    from perceiver_stream.adapters.points import last_scans
+
+    # row 0: scans at t=0 (2 points), 1 (3 points), 2 (1 point); row 1: one scan at t=5 (2 points), padding
+    times = torch.tensor([[0, 0, 1, 1, 1, 2], [5, 5, 0, 0, 0, 0]], dtype=torch.float64)
+    mask = torch.tensor([[True] * 6, [True, True, False, False, False, False]])
+    values = torch.arange(12, dtype=torch.float32).reshape(2, 6, 1)
+    v, t, k = last_scans(values, times, mask, 2)
+    assert v.shape == (2, 4, 1)
+    assert v[0, :, 0].tolist() == [2, 3, 4, 5] and k[0].all()
+    assert t[0].tolist() == [1, 1, 1, 2]
+    assert v[1, :2, 0].tolist() == [6, 7] and k[1].tolist() == [True, True, False, False]
+    adapter = build_adapter({"kind": "points", "scans": 1, "time_bands": 2})
+    m = ModalityBatch(values=torch.cat([values.expand(2, 6, 3), torch.ones(2, 6, 1)], -1), times=times, mask=mask,
+                      present=torch.ones(2, dtype=torch.bool))
+    tokens, tmask = adapter(m, torch.tensor([2.0, 5.0], dtype=torch.float64))
+    assert tmask.tolist() == [[True, False], [True, True]]
+    assert tokens[0, 0, -1] == 0.0  # time before the window end: the point is from the last scan
+    with pytest.raises(ValueError, match="scans"):
+        build_adapter({"kind": "points", "scans": 0})

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from perceiver_stream.adapters.base import Adapter, time_channels, time_features
 from perceiver_stream.batch import ModalityBatch
@@ -29,6 +30,22 @@ def subsample(values: torch.Tensor, mask: torch.Tensor, limit: int) -> tuple[tor
     return picked.reshape(b, limit, *values.shape[2:]), keep & torch.gather(mask, 1, idx)
 
 
+def last_scans(values: torch.Tensor, times: torch.Tensor, mask: torch.Tensor, n: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep each row's points of its last ``n`` scans (a scan = a run of equal times; points are in
+    time order with padding at the end), moved to the front: ``(values, times, mask)``, trimmed to
+    the longest row."""
+    same = torch.zeros_like(mask)
+    same[:, 1:] = times[:, 1:] == times[:, :-1]
+    scan = torch.cumsum(mask & ~same, dim=1)  # 1-based scan number of each point
+    keep = mask & (scan > scan.amax(dim=1, keepdim=True) - n)
+    order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)
+    width = max(int(keep.sum(dim=1).max()), 1)
+    order = order[:, :width]
+    picked = torch.gather(values, 1, order[..., None].expand(-1, -1, values.shape[-1]))
+    return picked, torch.gather(times, 1, order), torch.gather(keep, 1, order)
+
+
 @dataclass(frozen=True)
 class PointsAdapterConfig:
     """Point tokens.
@@ -37,10 +54,15 @@ class PointsAdapterConfig:
                      default suits the synthetic rig (image-relative units), use e.g. 50 for metres.
     pos_bands:       Fourier bands per axis; frequencies ``linspace(1, max_resolution/2, pos_bands)``.
     feature_channels: per-point features after x, y, z (intensity, ...) used as they are.
+    scans:           use only each window's last ``scans`` scans (None = all of them): a surface is
+                     seen densely in one scan, while a moving object smears over many.
     max_points:      at most this many points per window (evenly strided over the real ones).
-    local_k:         with k > 0, 3 more channels: the point minus the centroid of its k nearest
-                     neighbours (in x, y), over their mean distance; flat surfaces give ~0, curved
-                     ones not (a per-point shape cue a linear encoder cannot build). 0 = off.
+    local_k:         with k > 0, ``local_channels`` more channels: `EdgeFeatures` of the k nearest
+                     neighbours, a learned local-shape cue (flat face, edge, curved surface). 0 = off.
+    local_channels:  width of those features.
+    global_pool:     also append to every point the maximum of each local feature over the window's
+                     points (PointNet's global feature): what one object's surface looks like reaches
+                     every token.
     """
 
     kind: str = "points"
@@ -48,8 +70,11 @@ class PointsAdapterConfig:
     pos_bands: int = 8
     max_resolution: int = 64
     feature_channels: int = 1
+    scans: int | None = None
     max_points: int = 1024
     local_k: int = 0
+    local_channels: int = 32
+    global_pool: bool = False
     time_bands: int = 8
     time_period: float = 2.0**17
     time_max_freq: float = 16.0
@@ -57,43 +82,65 @@ class PointsAdapterConfig:
     def __post_init__(self) -> None:
         if self.extent <= 0:
             raise ValueError("points adapter: extent must be positive")
-        if min(self.pos_bands, self.max_resolution, self.max_points, self.time_bands) < 1 or min(
+        if min(self.pos_bands, self.max_resolution, self.max_points, self.time_bands, self.local_channels) < 1 or min(
                 self.feature_channels, self.local_k) < 0:
             raise ValueError("points adapter: sizes must be at least 1 (feature_channels, local_k at least 0)")
+        if self.scans is not None and self.scans < 1:
+            raise ValueError("points adapter: scans must be at least 1 (or null for all scans)")
+        if self.global_pool and not self.local_k:
+            raise ValueError("points adapter: global_pool needs local features (local_k > 0)")
 
 
-def local_offsets(xyz: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
-    """Each point minus the centroid of its ``k`` nearest valid neighbours in (x, y), divided by
-    their mean (x, y) distance: ``B x P x 3`` -> ``B x P x 3`` (zeros where a row has < 2 points)."""
+def neighbour_offsets(xyz: torch.Tensor, mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Offsets from each point to its ``k`` nearest valid neighbours (3-D), over their mean length.
+
+    ``B x P x 3`` -> ``(B x P x k x 3, B x P x k bool valid)``. Dividing by the mean neighbour
+    distance makes the pattern independent of the object's size and the scan's density.
+    """
     b, p, _ = xyz.shape
-    k = min(k, p - 1)
-    if k < 1:
-        return torch.zeros_like(xyz)
-    d = torch.cdist(xyz[..., :2], xyz[..., :2])  # B x P x P
+    k = max(min(k, p - 1), 0)
+    d = torch.cdist(xyz, xyz)  # B x P x P
     eye = torch.eye(p, dtype=torch.bool, device=xyz.device)
     d = d.masked_fill(~mask[:, None, :] | eye, float("inf"))
     dist, idx = d.topk(k, dim=-1, largest=False)  # B x P x k
-    real = torch.isfinite(dist)
+    valid = torch.isfinite(dist) & mask[..., None]
     nbr = torch.gather(xyz[:, None].expand(b, p, p, 3), 2, idx[..., None].expand(b, p, k, 3))
-    count = real.sum(-1, keepdim=True).clamp(min=1)
-    centroid = (nbr * real[..., None]).sum(2) / count
-    scale = torch.where(real, dist, 0.0).sum(-1, keepdim=True) / count
-    out = (xyz - centroid) / (scale + 1e-6)
-    return torch.where((real.any(-1) & mask)[..., None], out, 0.0)
+    scale = torch.where(valid, dist, 0.0).sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)
+    off = (nbr - xyz[:, :, None]) / (scale[..., None] + 1e-6)
+    return torch.where(valid[..., None], off, 0.0), valid
+
+
+class EdgeFeatures(nn.Module):
+    """A learned local-shape feature per point (EdgeConv, Wang et al. 2019): ``max_j MLP(x_j - x_i)``
+    over the ``k`` nearest neighbours ``j`` of point ``i``. A flat face, an edge and a curved surface
+    give different neighbour patterns, which Fourier features of absolute positions do not expose to
+    the encoder's linear projections."""
+
+    def __init__(self, k: int, channels: int) -> None:
+        super().__init__()
+        self.k = k
+        self.mlp = nn.Sequential(nn.Linear(3, channels), nn.GELU(), nn.Linear(channels, channels))
+
+    def forward(self, xyz: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``B x P x 3`` points and ``B x P`` mask -> ``B x P x channels`` (zeros without neighbours)."""
+        off, valid = neighbour_offsets(xyz, mask, self.k)
+        h = self.mlp(off).masked_fill(~valid[..., None], float("-inf")).amax(dim=2)
+        return torch.where(valid.any(-1)[..., None], h, 0.0)
 
 
 class PointsAdapter(Adapter):
     """Points ``B x P x C`` (x, y, z, features...) -> ``B x P' x out_channels`` tokens:
     ``[Fourier(xyz / extent), features, time code of the point's scan]``, then with ``local_k`` the
-    3 channels of `local_offsets`."""
+    `EdgeFeatures` of each point (and with ``global_pool`` their maxima over the window)."""
 
     def __init__(self, config: PointsAdapterConfig) -> None:
         super().__init__()
         self.config = config
         self.out_channels = (
             fourier_channels(3, config.pos_bands) + config.feature_channels + time_channels(config.time_bands)
-            + (3 if config.local_k else 0)
+            + (config.local_channels * (2 if config.global_pool else 1) if config.local_k else 0)
         )
+        self.local = EdgeFeatures(config.local_k, config.local_channels) if config.local_k else None
 
     def forward(self, m: ModalityBatch, t_ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens and their mask."""
@@ -102,11 +149,21 @@ class PointsAdapter(Adapter):
         if m.values.shape[-1] < need:
             raise ValueError(f"points adapter expects x, y, z + {cfg.feature_channels} feature(s) per point, "
                              f"got {m.values.shape[-1]} channels")
-        values, mask = subsample(m.values[..., :need].float(), m.mask, cfg.max_points)
-        times, _ = subsample(m.times, m.mask, cfg.max_points)
+        values, times, mask = m.values[..., :need].float(), m.times, m.mask
+        if cfg.scans is not None:
+            values, times, mask = last_scans(values, times, mask, cfg.scans)
+        values, kept = subsample(values, mask, cfg.max_points)
+        times, _ = subsample(times, mask, cfg.max_points)
+        mask = kept
         pos = fourier_features(values[..., :3] / cfg.extent, cfg.pos_bands, (cfg.max_resolution,) * 3)
         tcode = time_features(times, t_ref, bands=cfg.time_bands, period=cfg.time_period, max_freq=cfg.time_max_freq)
         parts = [pos, values[..., 3:], tcode]
-        if cfg.local_k:
-            parts.append(local_offsets(values[..., :3], mask, cfg.local_k))
+        if self.local is not None:
+            xyz = torch.where(mask[..., None], values[..., :3], 0.0)  # padding / NaN rows must not reach cdist
+            local = self.local(xyz, mask)
+            parts.append(local)
+            if cfg.global_pool:
+                pooled = local.masked_fill(~mask[..., None], float("-inf")).amax(dim=1, keepdim=True)
+                pooled = torch.where(mask.any(1)[:, None, None], pooled, 0.0)
+                parts.append(pooled.expand_as(local))
         return torch.cat(parts, dim=-1), mask

@@ -400,39 +400,35 @@ class SyntheticRig:
         h, w = self.size
         unit = float(max(h, w))
         pos = self._positions(seg, np.array([t]))[0] / unit  # objects x 2
-        box = class_attributes(seg.label)[1] == "box"
-        m, q = _POINTS_PER_OBJECT, 4 * _POINTS_PER_OBJECT
-        rows = np.arange(q)
-        # one output array filled in place: a scan is many small steps, so fewer numpy calls is what counts
-        out = np.empty((seg.n * m + _CLUTTER_POINTS, 4))
-        used = 0
-        for j in range(seg.n):
-            d = rng.standard_normal((q, 3))
-            if box:
-                # a point on the cube's surface: push the largest coordinate to the face
-                cube = rng.uniform(-1, 1, size=(q, 3))
-                axis = rng.integers(0, 3, size=q)
-                cube[rows, axis] = np.sign(d[rows, axis])
-                half = seg.radius[j] * math.sqrt(math.pi) / 2 / unit
-                c, s = np.cos(seg.angle[j]), np.sin(seg.angle[j])
-                local = np.empty((q, 3))
-                local[:, 0] = c * cube[:, 0] - s * cube[:, 1]
-                local[:, 1] = s * cube[:, 0] + c * cube[:, 1]
-                local[:, 2] = cube[:, 2]
-                local *= half
-            else:
-                local = d / np.sqrt(np.add.reduce(d * d, axis=1))[:, None] * (seg.radius[j] / unit)
-            local = local[local[:, 2] <= 0][:m]  # the camera-facing half (z towards the sensor is negative)
-            cloud = out[used : used + len(local)]
-            np.add(local, (pos[j, 0], pos[j, 1], seg.depth[j]), out=cloud[:, :3])
-            cloud[:, :3] += rng.normal(0, 0.002, size=local.shape)
-            inten = seg.intensity[j] + rng.normal(0, 0.03, size=len(local))
-            np.minimum(np.maximum(inten, 0), 1, out=cloud[:, 3])
-            used += len(local)
-        clutter = out[used : used + _CLUTTER_POINTS]
-        for col, (lo, hi) in enumerate(((0, w / unit), (0, h / unit), (0.2, 1.2), (0, 1))):
-            clutter[:, col] = rng.uniform(lo, hi, _CLUTTER_POINTS)
-        return PointScan(t=t, duration=1.0 / self.scan_rate, points=out[: used + _CLUTTER_POINTS].astype(np.float32))
+        n, m, q = seg.n, _POINTS_PER_OBJECT, 4 * _POINTS_PER_OBJECT
+        # All objects at once (a scan is many small steps, so fewer numpy calls is what counts):
+        # q candidates each on the unit sphere or cube, of which the first m camera-facing ones stay.
+        d = rng.standard_normal((n, q, 3))
+        if class_attributes(seg.label)[1] == "box":
+            # a point on the cube's surface: push one coordinate (chosen at random) to the face
+            local = rng.uniform(-1, 1, size=(n, q, 3))
+            axis = rng.integers(0, 3, size=(n, q))
+            np.put_along_axis(local, axis[..., None], np.sign(np.take_along_axis(d, axis[..., None], 2)), 2)
+            c, s = np.cos(seg.angle)[:, None], np.sin(seg.angle)[:, None]
+            x, y = local[..., 0].copy(), local[..., 1]
+            local[..., 0] = c * x - s * y
+            local[..., 1] = s * x + c * y
+            local *= (seg.radius * math.sqrt(math.pi) / 2 / unit)[:, None, None]
+        else:
+            local = d * (seg.radius / unit)[:, None, None] / np.sqrt(np.add.reduce(d * d, axis=2))[..., None]
+        facing = local[..., 2] <= 0  # the camera-facing half (z towards the sensor is negative)
+        facing &= np.cumsum(facing, axis=1) <= m
+        counts = facing.sum(axis=1)
+        total = int(counts.sum())
+        out = np.empty((total + _CLUTTER_POINTS, 4))
+        centre = np.concatenate([pos, seg.depth[:, None]], axis=1)
+        out[:total, :3] = local[facing] + np.repeat(centre, counts, axis=0) + rng.normal(0, 0.002, size=(total, 3))
+        inten = np.repeat(seg.intensity, counts) + rng.normal(0, 0.03, size=total)
+        out[:total, 3] = np.clip(inten, 0, 1)
+        lo = np.array([0, 0, 0.2, 0])
+        hi = np.array([w / unit, h / unit, 1.2, 1])
+        out[total:] = lo + (hi - lo) * rng.random((_CLUTTER_POINTS, 4))
+        return PointScan(t=t, duration=1.0 / self.scan_rate, points=out.astype(np.float32))
 
     def points(self) -> Iterator[PointScan]:
         """Every scan of the stream, in time order."""
