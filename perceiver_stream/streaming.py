@@ -67,6 +67,9 @@ class StreamingConfig:
     flow_query_hidden: with h > 0, the flow queries also get a two-layer 3x3 convolution of the frame
                      pair (6 -> h -> flow_channels, GELU between): per-pixel motion evidence (products
                      of temporal and spatial differences) that a linear map of the patches cannot give.
+    flow_stride:     decode flow on the frames averaged over ``s x s`` blocks (a grid ``s`` times coarser,
+                     ``s**2`` times fewer queries) and upsample it bilinearly to ``flow_size``: a cheaper
+                     decoder, e.g. for a student. Must divide ``flow_size``.
     flow_corr_stride: compute that volume on a grid this many times coarser (displacements in steps of
                      it; must divide the radius and the flow grid): about stride**4 times cheaper.
     class_names:     the label decoder's classes, in index order (empty = no label decoder).
@@ -96,6 +99,7 @@ class StreamingConfig:
     flow_corr_radius: int = 0
     flow_corr_stride: int = 1
     flow_query_hidden: int = 0
+    flow_stride: int = 1
     class_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -125,6 +129,9 @@ class StreamingConfig:
                 n % self.flow_corr_stride for n in self.flow_size):
             raise ValueError(f"model config: flow_corr_stride ({self.flow_corr_stride}) must be >= 1 and divide "
                              f"flow_corr_radius ({self.flow_corr_radius}) and flow_size {list(self.flow_size)}")
+        if self.flow_stride < 1 or any(n % self.flow_stride for n in self.flow_size):
+            raise ValueError(f"model config: flow_stride ({self.flow_stride}) must be >= 1 and divide flow_size "
+                             f"{list(self.flow_size)}")
         if self.flow_chunk is not None and self.flow_chunk < 1:
             raise ValueError("model config: flow_chunk must be positive or null")
         if self.flow_modality is not None:
@@ -320,11 +327,11 @@ class StreamingPerceiverIO(nn.Module):
                 z = layer(z)
         return z
 
-    def _flow_pos(self, device: torch.device) -> torch.Tensor:
+    def _flow_pos(self, size: tuple[int, int], device: torch.device) -> torch.Tensor:
         cfg = self.config
         return self._cache.get(
             "flow_pos", [self.flow_pos_proj.weight], device,
-            lambda: self.flow_pos_proj(grid_fourier_features(cfg.flow_size, cfg.flow_pos_bands, device=device)),
+            lambda: self.flow_pos_proj(grid_fourier_features(size, cfg.flow_pos_bands, device=device)),
         )
 
     def decode_flow(self, batch: Batch, z: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -342,16 +349,23 @@ class StreamingPerceiverIO(nn.Module):
             if rows.numel() == 0:
                 return None, valid
             frames, z = frames[rows], z[rows]
-        h, w = cfg.flow_size
         n = z.shape[0]
+        s = cfg.flow_stride
+        if s > 1:
+            x = F.avg_pool2d(frames.flatten(0, 1).permute(0, 3, 1, 2).float(), s)
+            frames = x.permute(0, 2, 3, 1).reshape(n, 2, *x.shape[2:], 3)
+        h, w = frames.shape[2:4]
         queries = self.flow_input.project(frames, self.flow_patch_proj)
         if self.flow_query_conv is not None:
             pair = normalise_frames(frames).permute(0, 1, 4, 2, 3).reshape(n, 6, h, w)
             queries = queries + self.flow_query_conv(pair).permute(0, 2, 3, 1)
-        queries = queries.reshape(n, h * w, -1) + self._flow_pos(z.device)
+        queries = queries.reshape(n, h * w, -1) + self._flow_pos((h, w), z.device)
         out = self.flow_head(self.flow_decoder(queries, z, query_chunk=cfg.flow_chunk)) * cfg.flow_scale
         out = out.reshape(n, h, w, 2)
-        flow = out if rows is None else out.new_zeros(b, h, w, 2).index_copy(0, rows, out)
+        if s > 1:
+            out = F.interpolate(out.permute(0, 3, 1, 2), scale_factor=s, mode="bilinear", align_corners=False)
+            out = out.permute(0, 2, 3, 1)
+        flow = out if rows is None else out.new_zeros(b, *out.shape[1:]).index_copy(0, rows, out)
         return flow, valid
 
     def decode_labels(self, z: torch.Tensor) -> torch.Tensor:

@@ -27,9 +27,12 @@ from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO
 
 def student_config(teacher: StreamingConfig, overrides: dict[str, Any] | None = None) -> StreamingConfig:
     """The student's config: ``teacher`` with ``overrides`` (defaults: a quarter of the latents,
-    one self-attention layer applied once, half the flow channels); the latent width, adapters,
-    flow grid and classes stay the teacher's so outputs are comparable. Raises ValueError on an
-    invalid override or one that changes ``latent_channels`` / ``class_names`` / ``flow_size``."""
+    one self-attention layer applied once, half the flow channels). ``overrides["modalities"]``
+    changes adapter options per modality (``{"points": {"max_points": 128}}``: merged into the
+    teacher's spec unless it names another kind); the modalities themselves, the latent width, flow
+    grid and classes stay the teacher's so outputs are comparable. Raises ValueError on an invalid
+    override or one that changes ``latent_channels`` / ``class_names`` / ``flow_size`` / the
+    modality names."""
     defaults = {
         "num_latents": max(8, teacher.num_latents // 4),
         "self_attends_per_block": 1,
@@ -37,9 +40,18 @@ def student_config(teacher: StreamingConfig, overrides: dict[str, Any] | None = 
         "flow_channels": max(16, teacher.flow_channels // 2),
         "mask_probs": {},
     }
-    config = teacher.replace(**{**defaults, **(overrides or {})})
-    changed = [k for k in ("latent_channels", "class_names", "flow_size", "modalities")
-               if getattr(config, k) != getattr(teacher, k)]
+    overrides = dict(overrides or {})
+    if "modalities" in overrides:
+        merged = dict(teacher.modalities)
+        for name, spec in dict(overrides["modalities"]).items():
+            base = teacher.modalities.get(name, {})
+            same_kind = spec.get("kind", base.get("kind")) == base.get("kind")
+            merged[name] = {**base, **spec} if same_kind else dict(spec)
+        overrides["modalities"] = merged
+    config = teacher.replace(**{**defaults, **overrides})
+    changed = [k for k in ("latent_channels", "class_names", "flow_size") if getattr(config, k) != getattr(teacher, k)]
+    if set(config.modalities) != set(teacher.modalities):
+        changed.append("modalities (names)")
     if changed:
         raise ValueError(f"student config: {changed} must equal the teacher's (outputs must be comparable)")
     return config

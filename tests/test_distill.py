@@ -41,6 +41,13 @@ def test_student_config_is_smaller_and_comparable():
         student_config(teacher, {"latent_channels": 16})
     with pytest.raises(ValueError, match="no option"):
         student_config(teacher, {"latents": 4})
+    # adapter options merge into the teacher's spec; the modalities themselves stay
+    cheap = student_config(teacher, {"modalities": {"points": {"max_points": 16}}, "flow_stride": 2})
+    assert cheap.modalities["points"]["max_points"] == 16 and cheap.flow_stride == 2
+    assert cheap.modalities["video"] == teacher.modalities["video"]
+    assert cheap.modalities["points"]["pos_bands"] == teacher.modalities["points"]["pos_bands"]
+    with pytest.raises(ValueError, match="modalities"):
+        student_config(teacher, {"modalities": {"lidar": {"kind": "points"}}})
 
 
 def test_init_from_teacher_copies_what_fits(batch):

@@ -133,6 +133,25 @@ def test_stem_model_shapes_and_checkpoint_round_trip(stem_model, tmp_path):
 
 
 @torch.no_grad()
+def test_flow_stride_decodes_a_coarser_grid_and_upsamples_it():
+    torch.manual_seed(0)
+    coarse = StreamingPerceiverIO(small_config(flow_stride=2, flow_query_hidden=4)).eval()
+    batch = make_batch(b=3, frames=[4, 1, 2])
+    out = coarse(batch)
+    assert out.flow.shape == (3, HW, HW, 2) and out.flow_valid.tolist() == [True, False, True]
+    assert torch.all(out.flow[1] == 0)
+    # bilinear x2 upsampling: inside, each pixel lies between coarse cells (no blocks of copies)
+    f = out.flow[0]
+    assert not torch.equal(f[2, 2], f[2, 3])
+    # the decoder ran on 8 x 8 queries: a flow equal to its own 2x2 block means, up to upsampling
+    pooled = torch.nn.functional.avg_pool2d(f.permute(2, 0, 1)[None], 2)[0]
+    up = torch.nn.functional.interpolate(pooled[None], scale_factor=2, mode="bilinear", align_corners=False)[0]
+    assert (up.permute(1, 2, 0) - f)[2:-2, 2:-2].abs().max() < 0.5 * f.abs().max()
+    with pytest.raises(ValueError, match="flow_stride"):
+        small_config(flow_stride=3)
+
+
+@torch.no_grad()
 def test_shapes_and_flow_validity(model):
     batch = make_batch(b=3, frames=[4, 1, 2])
     out = model(batch)
