@@ -296,34 +296,15 @@ def test_points_neighbour_offsets_tell_flat_from_curved_and_ignore_padding():
     tokens, tmask = adapter(m, torch.zeros(1, dtype=torch.float64))
     assert tokens.shape == (1, 125, adapter.out_channels) and bool(torch.isfinite(tokens).all())
     assert torch.equal(tmask, pmask)
-
-
-def test_video_conv_stem_joins_each_patch_token_and_checks_its_depth():
-    spec = {"kind": "video", "patch": 4, "frames": 2, "stack": 2, "conv": [8, 12, 16]}
-    adapter = build_adapter(spec)
-    plain = build_adapter({**spec, "conv": []})
-    assert adapter.out_channels == plain.out_channels + 16
-    g = torch.Generator().manual_seed(1)
-    video = torch.randint(0, 256, (2, 3, 16, 16, 3), generator=g, dtype=torch.uint8)
-    times = torch.arange(3, dtype=torch.float64)[None].repeat(2, 1)
-    m = ModalityBatch(values=video, times=times, mask=torch.ones(2, 3, dtype=torch.bool),
-                      present=torch.tensor([True, False]))
-    tokens, mask = adapter(m, times[:, -1])
-    base, _ = plain(m, times[:, -1])
-    assert tokens.shape == (2, 16, adapter.out_channels)
-    # pixels first, then the stem's 16 channels, then position and time as without the stem
-    torch.testing.assert_close(tokens[..., :96], base[..., :96])
-    torch.testing.assert_close(tokens[..., 112:], base[..., 96:])
-    # token (row 1, column 2) of the 4x4 grid is the stem's output at that cell
-    x = (video[:1, 1:].float() * (2 / 255) - 1).permute(0, 1, 4, 2, 3).reshape(1, 6, 16, 16)
-    torch.testing.assert_close(tokens[0, 1 * 4 + 2, 96:112], adapter.stem(x)[0, :, 1, 2])
-    # NaN in an absent row stays there (the preprocessor masks it) and never reaches a present one
-    nan_video = video.float().clone()
-    nan_video[1] = float("nan")
-    again, _ = adapter(ModalityBatch(values=nan_video, times=times, mask=m.mask, present=m.present), times[:, -1])
-    torch.testing.assert_close(again[0], tokens[0])
-    with pytest.raises(ValueError, match="conv"):
-        build_adapter({**spec, "conv": [8, 16]})
+    # global_pool: every real point also carries the window's maximum of each local feature
+    pooled = build_adapter({"kind": "points", "local_k": 6, "local_channels": 16, "global_pool": True})
+    pooled.local.load_state_dict(adapter.local.state_dict())
+    assert pooled.out_channels == adapter.out_channels + 16
+    ptok, _ = pooled(m, torch.zeros(1, dtype=torch.float64))
+    local = ptok[0, :120, -32:-16]
+    torch.testing.assert_close(ptok[0, :120, -16:], local.amax(0).expand(120, 16))
+    with pytest.raises(ValueError, match="global_pool"):
+        build_adapter({"kind": "points", "global_pool": True})
 
 
 def test_points_last_scans_keeps_the_latest_scans_of_each_row():

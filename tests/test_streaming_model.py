@@ -110,24 +110,23 @@ def mlp_model() -> StreamingPerceiverIO:
 
 
 @pytest.fixture(scope="module")
-def stem_model() -> StreamingPerceiverIO:
-    """The small model with a video conv stem, point edge features and convolutional flow queries."""
+def local_model() -> StreamingPerceiverIO:
+    """The small model with point edge features over the last scans and convolutional flow queries."""
     torch.manual_seed(0)
     cfg = small_config(flow_query_hidden=8)
-    cfg.modalities["video"] = {**cfg.modalities["video"], "conv": [8, 8, 8]}
-    cfg.modalities["points"] = {**cfg.modalities["points"], "local_k": 4, "local_channels": 8}
+    cfg.modalities["points"] = {**cfg.modalities["points"], "local_k": 4, "local_channels": 8, "scans": 2, "global_pool": True}
     return StreamingPerceiverIO(StreamingConfig.from_dict(cfg.to_dict())).eval()
 
 
 @torch.no_grad()
-def test_stem_model_shapes_and_checkpoint_round_trip(stem_model, tmp_path):
+def test_local_features_model_shapes_and_checkpoint_round_trip(local_model, tmp_path):
     batch = make_batch(b=3, frames=[4, 1, 2])
-    out = stem_model(batch)
+    out = local_model(batch)
     assert out.flow.shape == (3, HW, HW, 2) and out.flow_valid.tolist() == [True, False, True]
     assert torch.isfinite(out.flow).all() and torch.isfinite(out.embedding).all()
-    save_checkpoint(tmp_path / "ck", stem_model, {"note": "stem"})
+    save_checkpoint(tmp_path / "ck", local_model, {"note": "stem"})
     again, meta = load_checkpoint(tmp_path / "ck")
-    assert again.config.modalities["video"]["conv"] == stem_model.config.modalities["video"]["conv"]
+    assert again.config.modalities["points"] == local_model.config.modalities["points"]
     assert again.config.flow_query_hidden == 8 and meta["note"] == "stem"
     assert_outputs_close(again.eval()(batch), out, atol=0)
 
@@ -227,7 +226,7 @@ def test_stream_states_reset_on_gap_and_restart(model):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("which", ["model", "mlp_model", "stem_model"])
+@pytest.mark.parametrize("which", ["model", "mlp_model", "local_model"])
 @pytest.mark.parametrize("modality", ["audio", "points", "video"])
 def test_absent_modality_leaves_no_trace(request, which, modality):
     model = request.getfixturevalue(which)

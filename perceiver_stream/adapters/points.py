@@ -120,12 +120,16 @@ class EdgeFeatures(nn.Module):
         super().__init__()
         self.k = k
         self.mlp = nn.Sequential(nn.Linear(3, channels), nn.GELU(), nn.Linear(channels, channels))
+        # per point, after the max over neighbours: features that compare neighbours (is the whole
+        # neighbourhood flat?) need a nonlinearity of the pooled vector
+        self.point_mlp = nn.Sequential(nn.GELU(), nn.Linear(channels, channels), nn.GELU(), nn.Linear(channels, channels))
 
     def forward(self, xyz: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``B x P x 3`` points and ``B x P`` mask -> ``B x P x channels`` (zeros without neighbours)."""
         off, valid = neighbour_offsets(xyz, mask, self.k)
         h = self.mlp(off).masked_fill(~valid[..., None], float("-inf")).amax(dim=2)
-        return torch.where(valid.any(-1)[..., None], h, 0.0)
+        h = torch.where(valid.any(-1)[..., None], h, 0.0)
+        return torch.where(valid.any(-1)[..., None], h + self.point_mlp(h), 0.0)
 
 
 class PointsAdapter(Adapter):

@@ -41,13 +41,6 @@ class VideoAdapterConfig:
                  same place in ``stack`` frames: motion is local to it). Groups are aligned to the
                  window's last frame; a group with a missing frame is masked out.
     pos_bands:   Fourier bands of the (y, x) patch position (DeepMind form, max resolution = grid).
-    conv:        widths of a convolutional stem whose output joins each token (empty = none): a 3x3
-                 convolution at full resolution, then 3x3 stride-2 ones down to the patch grid (so
-                 ``2 ** (len(conv) - 1)`` must equal ``patch``), GELU after each. It sees the ``stack``
-                 frames of a group together: edges, corners and local motion are nonlinear in the
-                 pixels, which the encoder's linear key/value projections cannot build.
-    global_pool: also append to every token the maximum of each stem feature over its whole frame
-                 group (PointNet's symmetric max): a rare cue (a corner somewhere) reaches every token.
     time_*:      the media-time code (see ``fourier.time_fourier_features``).
     """
 
@@ -56,8 +49,6 @@ class VideoAdapterConfig:
     frames: int | None = 2
     stack: int = 1
     pos_bands: int = 8
-    conv: tuple[int, ...] = ()
-    global_pool: bool = False
     time_bands: int = 8
     time_period: float = 2.0**17
     time_max_freq: float = 16.0
@@ -65,11 +56,6 @@ class VideoAdapterConfig:
     def __post_init__(self) -> None:
         if min(self.patch, self.stack, self.pos_bands, self.time_bands) < 1:
             raise ValueError("video adapter: patch, stack, pos_bands and time_bands must be at least 1")
-        if self.conv and (min(self.conv) < 1 or 2 ** (len(self.conv) - 1) != self.patch):
-            raise ValueError(f"video adapter: conv {list(self.conv)} needs positive widths and "
-                             f"2 ** (len(conv) - 1) == patch ({self.patch})")
-        if self.global_pool and not self.conv:
-            raise ValueError("video adapter: global_pool needs a conv stem (conv widths)")
         if self.frames is not None and (self.frames < 1 or self.frames % self.stack):
             raise ValueError("video adapter: frames must be a positive multiple of stack (or null for all frames)")
 
@@ -77,22 +63,15 @@ class VideoAdapterConfig:
 class VideoAdapter(Adapter):
     """Video ``B x T x H x W x 3`` uint8 -> one token per patch of each used frame (group).
 
-    Token channels: ``[pixels (stack*p*p*3, oldest frame first), conv stem features (if any), their
-    maxima over the group (with global_pool), Fourier(y, x), time code of the group's last frame]``.
+    Token channels: ``[pixels (stack*p*p*3, oldest frame first), Fourier(y, x), time code of the
+    group's last frame]``.
     """
 
     def __init__(self, config: VideoAdapterConfig) -> None:
         super().__init__()
         self.config = config
-        layers: list[nn.Module] = []
-        width = 3 * config.stack
-        for i, c in enumerate(config.conv):
-            layers += [nn.Conv2d(width, c, 3, stride=1 if i == 0 else 2, padding=1), nn.GELU()]
-            width = c
-        self.stem = nn.Sequential(*layers) if layers else None
         self.out_channels = (
             config.stack * config.patch * config.patch * 3
-            + (config.conv[-1] * (2 if config.global_pool else 1) if config.conv else 0)
             + fourier_channels(2, config.pos_bands)
             + time_channels(config.time_bands)
         )
@@ -111,22 +90,11 @@ class VideoAdapter(Adapter):
             mask = mask.view(mask.shape[0], -1, k).all(dim=2)
             times = times.view(times.shape[0], -1, k)[:, :, -1]
         b, t, h, w, _ = values.shape
-        frames = normalise_frames(values)
-        pix = space_to_depth(frames, cfg.patch)  # B x T x P x C
+        pix = space_to_depth(normalise_frames(values), cfg.patch)  # B x T x P x C
         n = pix.shape[2]
         if k > 1:
             t = t // k
             pix = pix.view(b, t, k, n, -1).transpose(2, 3).reshape(b, t, n, -1)
-        if self.stem is not None:
-            # Absent rows may hold anything (even NaN): zero them so no NaN reaches the stem's gradients.
-            frames = torch.where(m.present[:, None, None, None, None].to(frames.device), frames, 0.0)
-            x = frames.view(b * t, k, h, w, 3).permute(0, 1, 4, 2, 3).reshape(b * t, 3 * k, h, w)
-            feats = self.stem(x).flatten(2)  # (B*T') x C x patches, row-major like the patches
-            parts = [pix, feats.transpose(1, 2).reshape(b, t, n, -1)]
-            if cfg.global_pool:
-                pooled = feats.amax(dim=2).view(b, t, 1, -1)
-                parts.append(pooled.expand(b, t, n, pooled.shape[-1]))
-            pix = torch.cat(parts, dim=-1)
         pos = grid_fourier_features((h // cfg.patch, w // cfg.patch), cfg.pos_bands, device=pix.device)
         tcode = time_features(
             times, t_ref, bands=cfg.time_bands, period=cfg.time_period, max_freq=cfg.time_max_freq
