@@ -31,7 +31,7 @@ from typing import Any
 import ray
 
 from actors.model import ModelActor
-from actors.predictor import model_video_frames
+from actors.predictor import model_points, model_video_frames
 from actors.runner import RunningPipeline, plan_actors, run, shipped_frames
 from pipeline.config import Config
 from pipeline.errors import ConfigError
@@ -114,12 +114,14 @@ def steady_rate(times: list[float]) -> float:
 
 def prebuilt_windows(cfg: Config, max_windows: int | None) -> dict[str, list[ray.ObjectRef]]:
     """Every stream's windows (at most ``max_windows`` each), decoded now and put in the object store,
-    as the pipeline's sources ship them for this model (trailing frames, no ground truth)."""
+    as the pipeline's sources ship them for this model (trailing frames, the points it reads, no
+    ground truth)."""
     frames = shipped_frames(model_video_frames(cfg))
+    points = model_points(cfg)
     streams: dict[str, list[ray.ObjectRef]] = {}
     for s in cfg.streams:
         refs = []
-        for w in open_stream(s, cfg, video_frames=frames, truth=False):
+        for w in open_stream(s, cfg, video_frames=frames, points=points, truth=False):
             refs.append(ray.put(w))
             if max_windows is not None and len(refs) >= max_windows:
                 break

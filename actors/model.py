@@ -48,6 +48,7 @@ class Predictor(Protocol):
     class_names: list[str]
     device: torch.device
     video_frames: int | None  # trailing frames per window the model reads (None = all)
+    points: tuple[int | None, int] | None  # (scans, max_points) its points adapter reads
 
     def __call__(self, batch: Batch, state: torch.Tensor | None) -> ModelOutput: ...
 
@@ -161,6 +162,7 @@ class ModelActor:
             "windows": self._windows_done,
             "distill_dropped": self._distill_dropped,
             "video_frames": self._predictor.video_frames,
+            "points": self._predictor.points,
         }
 
     async def distill_flush(self) -> int:

@@ -12,7 +12,7 @@ from perceiver_stream.outputs import ModelOutput
 from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO
 from pipeline.config import Config
 from pipeline.errors import CheckpointError
-from pipeline.training import video_frames_needed
+from pipeline.training import points_needed, video_frames_needed
 
 log = logging.getLogger(__name__)
 
@@ -26,24 +26,35 @@ class TorchPredictor:
         self.device = device
         self.class_names = list(model.config.class_names)
         self.video_frames = video_frames_needed(model.config)
+        self.points = points_needed(model.config)
 
     def __call__(self, batch: Batch, state: torch.Tensor | None) -> ModelOutput:
         return self.model(batch, state)
 
 
-def model_video_frames(cfg: Config) -> int | None:
-    """Trailing frames per window the configured model reads (None = all), from its checkpoint's
-    config alone (no weights loaded)."""
+def _model_config(cfg: Config) -> StreamingConfig:
     path = cfg.model.student or cfg.model.checkpoint
     if path is None:
-        return video_frames_needed(StreamingConfig(state=cfg.model.state))
+        return StreamingConfig(state=cfg.model.state)
     from perceiver_stream.checkpoint import read_config
 
     try:
         config, _ = read_config(path)
     except (OSError, ValueError) as exc:
         raise CheckpointError(str(exc), source=path) from None
-    return video_frames_needed(config)
+    return config
+
+
+def model_video_frames(cfg: Config) -> int | None:
+    """Trailing frames per window the configured model reads (None = all), from its checkpoint's
+    config alone (no weights loaded)."""
+    return video_frames_needed(_model_config(cfg))
+
+
+def model_points(cfg: Config) -> tuple[int | None, int] | None:
+    """``(scans, max_points)`` the configured model's points adapter reads (None: no such adapter),
+    from its checkpoint's config alone."""
+    return points_needed(_model_config(cfg))
 
 
 def load_predictor(cfg: Config, device: torch.device) -> TorchPredictor:

@@ -153,6 +153,11 @@ def shipped_frames(model_frames: int | None) -> int | None:
     return None if model_frames is None else max(int(model_frames), 2)
 
 
+def _points(value: Any) -> tuple[int | None, int] | None:
+    """The model info's ``points`` as `pipeline.read.open_stream` takes it (Ray returns lists)."""
+    return None if value is None else (value[0], int(value[1]))
+
+
 @dataclass
 class _Call:
     """One window on its way from its source through the model."""
@@ -292,6 +297,7 @@ def run(
                     max_windows=max_windows,
                     realtime=pace,
                     video_frames=shipped_frames(info.get("video_frames")),
+                    points=_points(info.get("points")),
                     open_stream=open_stream,
                 )
             )

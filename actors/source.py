@@ -73,8 +73,9 @@ class SourceActor:
     ``max_windows`` caps the windows delivered in this run; ``realtime`` paces delivery at media
     speed, as a live feed would arrive. ``video_frames`` keeps only each window's last that many
     frames (None: all), those the model reads, so the others are neither shipped nor (synthetic
-    rig) rendered; nor is the synthetic rig's ground truth, which running the model does not
-    read. ``open_stream`` is `pipeline.read.open_stream` unless a test passes another
+    rig) rendered; ``points`` ``(scans, max_points)`` likewise keeps only the points the model's
+    points adapter reads (`pipeline.read.read_points`); nor is the synthetic rig's ground truth,
+    which running the model does not read. ``open_stream`` is `pipeline.read.open_stream` unless a test passes another
     callable with its signature.
     """
 
@@ -87,6 +88,7 @@ class SourceActor:
         max_windows: int | None = None,
         realtime: bool = False,
         video_frames: int | None = None,
+        points: tuple[int | None, int] | None = None,
         open_stream: OpenStream | None = None,
     ) -> None:
         self._stream = stream
@@ -95,6 +97,7 @@ class SourceActor:
         self._max_windows = max_windows
         self._realtime = realtime
         self._video_frames = video_frames
+        self._points = points
         self._open_stream = open_stream or _default_open_stream()
         self._it: Iterator[Window] | None = None
         self._reported: list[ErrorRecord] = []
@@ -149,6 +152,7 @@ class SourceActor:
                         on_error=self._on_error,
                         start_window=self._start_window,
                         video_frames=self._video_frames,
+                        points=self._points,
                         truth=False,
                     )
                 )

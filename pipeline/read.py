@@ -38,6 +38,7 @@ def open_stream(
     on_error: OnError | None = None,
     start_window: int = 0,
     video_frames: int | None = None,
+    points: tuple[int | None, int] | None = None,
     truth: bool = True,
 ) -> Iterator[Window]:
     """Windows of one configured stream, from window ``start_window`` on (see `windows`).
@@ -46,6 +47,8 @@ def open_stream(
     audio file/URL and the point-cloud source are read alongside and aligned in media time.
     ``video_frames``: keep only each window's last that many frames (None: all), for a model
     that reads no more; the synthetic rig then renders only the frames some window keeps.
+    ``points``: ``(scans, max_points)`` keeps only the points a model's points adapter reads (see
+    `read_points`), for a model that reads no more.
     ``truth=False`` leaves the synthetic rig's `Truth` out (it serves training and evaluation;
     running the model does not read it).
     """
@@ -104,7 +107,11 @@ def open_stream(
         start_window=start_window,
         on_error=on_error,
     )
-    return out if video_frames is None else (_last_frames(w, video_frames) for w in out)
+    if video_frames is not None:
+        out = (_last_frames(w, video_frames) for w in out)
+    if points is not None:
+        out = (read_points(w, *points) for w in out)
+    return out
 
 
 def _kept_frames(times: np.ndarray, seconds: float, hop: float, k: int) -> np.ndarray:
@@ -131,6 +138,29 @@ def _last_frames(w: Window, k: int) -> Window:
         return w
     w.video = w.video[-k:].copy()
     w.video_t = w.video_t[-k:].copy()
+    return w
+
+
+def read_points(w: Window, scans: int | None, limit: int) -> Window:
+    """``w`` with only the points a points adapter with these ``scans`` / ``max_points`` reads:
+    those of its last ``scans`` non-empty scans (None = all), then at most ``limit`` of them evenly
+    strided (``floor(j * count / limit)``, the adapter's own rule), so the model's output is the same."""
+    if w.points is None:
+        return w
+    nonempty = [i for i, p in enumerate(w.points) if len(p)]
+    if scans is not None:
+        nonempty = nonempty[-scans:]
+    pts = [w.points[i] for i in nonempty]
+    counts = np.array([len(p) for p in pts], dtype=np.int64)
+    total = int(counts.sum())
+    if total > limit:
+        idx = np.minimum(np.floor(np.arange(limit) * (total / limit)).astype(np.int64), total - 1)
+        cat = np.concatenate(pts)[idx]
+        owner = np.repeat(np.arange(len(pts)), counts)[idx]
+        pts = [cat[owner == i] for i in range(len(pts))]
+    kept = [i for i, p in zip(nonempty, pts) if len(p)]
+    w.points = [p for p in pts if len(p)]
+    w.points_t = np.asarray(w.points_t)[kept]
     return w
 
 

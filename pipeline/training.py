@@ -72,6 +72,15 @@ def video_frames_needed(config: StreamingConfig) -> int | None:
     return None if spec.get("frames") is None else max(int(spec["frames"]), flow)
 
 
+def points_needed(config: StreamingConfig) -> tuple[int | None, int] | None:
+    """``(scans, max_points)`` of the model's ``points`` adapter: it reads at most ``max_points``
+    points of each window's last ``scans`` scans (None = all scans); None without one."""
+    spec = config.modalities.get("points")
+    if spec is None or spec.get("kind") != "points":
+        return None
+    return spec.get("scans"), int(spec["max_points"])
+
+
 def compact(window: Window, video_frames: int | None) -> Window:
     """``window`` keeping only its last ``video_frames`` frames, copied out of the windower's slabs."""
     if window.video is None or video_frames is None:

@@ -46,6 +46,7 @@ class FakePredictor:
     class_names = ["a", "b", "c"]
     device = torch.device("cpu")
     video_frames = 2
+    points = None
 
     def __init__(self, fail_on: int | None = None) -> None:
         self.batches: list[list[tuple[str, int]]] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 
@@ -231,3 +232,29 @@ def test_window_arithmetic(fps, n, t0, seconds, hop_frac):
         inside = [f.t for f in frames if w.t_start - 1e-6 <= f.t < w.t_end - 1e-6]
         assert np.array_equal(w.video_t, inside)
         assert np.array_equal(w.video[:, 0, 0, 0], [round((t - t0) * fps) % 256 for t in inside])
+
+
+def test_read_points_keeps_what_the_points_adapter_reads():
+    """Shipping only the points a model reads changes nothing in its tokens (and so its output)."""
+    import torch
+
+    from perceiver_stream.adapters import build_adapter
+    from pipeline.collate import collate
+    from pipeline.read import read_points, read_windows
+
+    windows = list(read_windows({"id": "s", "synthetic": {"seed": 4, "seconds": 4}}))[:3]
+    # an empty scan in the middle is skipped: the adapter never sees it either
+    windows[1].points[-2] = windows[1].points[-2][:0]
+    for scans, limit in ((None, 256), (2, 100), (1, 1000), (3, 7)):
+        adapter = build_adapter({"kind": "points", "scans": scans, "max_points": limit})
+        full = collate(windows)
+        copies = [read_points(copy.copy(w), scans, limit) for w in windows]
+        small = collate(copies)
+        for w in copies:
+            assert sum(len(p) for p in w.points) <= limit and len(w.points) == len(w.points_t)
+            assert all(len(p) for p in w.points)
+        t_ref = full.t_end
+        a, ma = adapter(full.modalities["points"], t_ref)
+        b, mb = adapter(small.modalities["points"], t_ref)
+        n = int(ma.sum(1).max())
+        assert torch.equal(ma[:, :n], mb[:, :n]) and torch.equal(a[:, :n][ma[:, :n]], b[:, :n][mb[:, :n]])
