@@ -238,6 +238,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--student", type=Path, help="student checkpoint to time (default: a student of the model with random weights)"
     )
+    p.add_argument("--repeat", type=_positive_int, default=3, metavar="N",
+                   help="runs of each phase, interleaved; the medians are reported (default 3)")
     add_ray_arguments(p)
 
 
@@ -252,7 +254,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError(f"--student {args.student}: not a checkpoint folder (no config.json)")
     started = start_ray(args)
     try:
-        result = bench(cfg, max_windows=args.max_windows, output=args.output, student=args.student)
+        result = bench(cfg, max_windows=args.max_windows, output=args.output, student=args.student,
+                       repeat=args.repeat)
     finally:
         if started:
             ray.shutdown()

@@ -12,6 +12,9 @@ phases and over the same steady-state span, the CPU time per window of each kind
 (the model actor, the source actors together, the sink, this driver, the raylet), read from
 Linux's ``/proc``, and ``load_average`` the 1/5/15-minute load before and after.
 
+Each phase runs ``--repeat`` times (default 3), interleaved, and the medians are reported: one
+run of the default config takes a few seconds, so a single one is at the mercy of a passing load.
+
 ``student_windows_per_s`` runs the same ModelActor (resources, batch size, in-flight bounds) on
 the same pre-built windows with ``model.student`` set; ``student_speedup`` is that rate over
 ``model_windows_per_s``. The student is the checkpoint given (``student.weights: "checkpoint"``)
@@ -36,6 +39,7 @@ from actors.runner import RunningPipeline, plan_actors, run, shipped_frames
 from pipeline.config import Config
 from pipeline.errors import ConfigError
 from pipeline.read import open_stream
+from pipeline.window import Window
 
 STEADY = (0.1, 0.9)
 
@@ -112,26 +116,29 @@ def steady_rate(times: list[float]) -> float:
     return (hi - lo) / span if span > 0 else float("inf")
 
 
-def prebuilt_windows(cfg: Config, max_windows: int | None) -> dict[str, list[ray.ObjectRef]]:
-    """Every stream's windows (at most ``max_windows`` each), decoded now and put in the object store,
-    as the pipeline's sources ship them for this model (trailing frames, the points it reads, no
-    ground truth)."""
+def prebuilt_windows(cfg: Config, max_windows: int | None) -> dict[str, list[Window]]:
+    """Every stream's windows (at most ``max_windows`` each), decoded now, as the pipeline's sources
+    ship them for this model (trailing frames, the points it reads, no ground truth)."""
     frames = shipped_frames(model_video_frames(cfg))
     points = model_points(cfg)
-    streams: dict[str, list[ray.ObjectRef]] = {}
+    streams: dict[str, list[Window]] = {}
     for s in cfg.streams:
-        refs = []
+        windows = []
         for w in open_stream(s, cfg, video_frames=frames, points=points, truth=False):
-            refs.append(ray.put(w))
-            if max_windows is not None and len(refs) >= max_windows:
+            windows.append(w)
+            if max_windows is not None and len(windows) >= max_windows:
                 break
-        streams[s.id] = refs
+        streams[s.id] = windows
     return streams
 
 
-def model_only(cfg: Config, streams: dict[str, list[ray.ObjectRef]]) -> tuple[float, int, dict[str, float | None]]:
+def model_only(cfg: Config, streams: dict[str, list[Window]]) -> tuple[float, int, dict[str, float | None]]:
     """Steady-state windows/s of a ModelActor fed the pre-built windows, how many it ran, and the
-    CPU ms per window of the model actor, this driver and the raylet over the same span."""
+    CPU ms per window of the model actor, this driver and the raylet over the same span.
+
+    Windows go to the model as the pipeline sends them (`ModelActor.infer_split`, by value: Ray
+    inlines a window under its inline size limit in the call, as it does a source's result, and
+    puts a larger one in the object store), and only the small window-id object comes back."""
     opts = plan_actors(cfg, ray.available_resources())
     model = (
         ray.remote(ModelActor)
@@ -147,7 +154,7 @@ def model_only(cfg: Config, streams: dict[str, list[ray.ObjectRef]]) -> tuple[fl
         ray.get(model.set_open_streams.remote(list(streams)))
         ((model_pid, raylet),) = actor_pids([model])
         # Warm-up: one window per stream (first-call costs: allocations, cached projections).
-        ray.get([model.infer.remote(0, True, refs[0]) for refs in streams.values() if refs])
+        ray.get([model.infer_split.remote(0, True, ws[0])[0] for ws in streams.values() if ws])
         next_seq = {sid: 1 for sid in streams}
         outstanding: dict[ray.ObjectRef, str] = {}
         per_stream = {sid: 0 for sid in streams}
@@ -155,13 +162,14 @@ def model_only(cfg: Config, streams: dict[str, list[ray.ObjectRef]]) -> tuple[fl
         total = sum(max(len(r) - 1, 0) for r in streams.values())
         meter = CpuMeter({"model": [model_pid], "driver": [os.getpid()], "raylet": [raylet]}, total)
         while len(done) < total:
-            for sid, refs in streams.items():
+            for sid, windows in streams.items():
                 while (
-                    next_seq[sid] < len(refs)
+                    next_seq[sid] < len(windows)
                     and per_stream[sid] < cfg.runtime.max_in_flight_per_stream
                     and len(outstanding) < cfg.runtime.max_in_flight
                 ):
-                    outstanding[model.infer.remote(next_seq[sid], False, refs[next_seq[sid]])] = sid
+                    ack, _ = model.infer_split.remote(next_seq[sid], False, windows[next_seq[sid]])
+                    outstanding[ack] = sid
                     next_seq[sid] += 1
                     per_stream[sid] += 1
             ready, _ = ray.wait(list(outstanding), num_returns=1)
@@ -225,23 +233,41 @@ def random_student(cfg: Config, path: Path) -> Path:
 
 
 def bench(
-    cfg: Config, *, max_windows: int | None = None, output: Path | None = None, student: str | Path | None = None
+    cfg: Config,
+    *,
+    max_windows: int | None = None,
+    output: Path | None = None,
+    student: str | Path | None = None,
+    repeat: int = 3,
 ) -> dict[str, Any]:
     """The bench JSON (see the module docstring) for ``cfg``, with distillation and pacing off;
-    ``student`` is the student checkpoint to time (default: a random-weight student)."""
+    ``student`` is the student checkpoint to time (default: a random-weight student).
+
+    Each phase runs ``repeat`` times, interleaved (model, student, pipeline, model, ...) so a
+    passing load hits all three alike; the rates are the medians (each run is listed under
+    ``runs``) and the CPU breakdown is that of the median run.
+    """
+    if repeat < 1:
+        raise ConfigError(f"bench: repeat must be at least 1, got {repeat}")
     cfg = cfg.model_copy(deep=True)
     cfg.distill.enabled = False
     cfg.runtime.realtime = False
     cfg.model.student = None
     load_before = os.getloadavg()
     streams = prebuilt_windows(cfg, max_windows)
-    model_rate, model_n, model_cpu = model_only(cfg, streams)
+    expected = sum(len(windows) for windows in streams.values())
+    model_runs, student_runs, pipe_runs = [], [], []
     with tempfile.TemporaryDirectory(prefix="pstream-bench-") as tmp:
         s_cfg = cfg.model_copy(deep=True)
         s_cfg.model.student = str(student) if student is not None else str(random_student(cfg, Path(tmp) / "student"))
-        student_rate, _, _ = model_only(s_cfg, streams)
-        expected = sum(len(refs) for refs in streams.values())
-        pipe_rate, pipe_n, pipe_cpu = pipeline_rate(cfg, max_windows, output or Path(tmp) / "out", expected)
+        for i in range(repeat):
+            model_runs.append(model_only(cfg, streams))
+            student_runs.append(model_only(s_cfg, streams))
+            out = (output or Path(tmp)) / f"run{i}"
+            pipe_runs.append(pipeline_rate(cfg, max_windows, out, expected))
+    model_rate, model_n, model_cpu = _median_run(model_runs)
+    student_rate = _median_run(student_runs)[0]
+    pipe_rate, pipe_n, pipe_cpu = _median_run(pipe_runs)
     return {
         "model_windows_per_s": round(model_rate, 2),
         "pipeline_windows_per_s": round(pipe_rate, 2),
@@ -255,8 +281,18 @@ def bench(
             "checkpoint": None if student is None else str(student),
             "weights": "checkpoint" if student is not None else "random (student_config of the teacher)",
         },
+        "runs": {
+            "model_windows_per_s": [round(r[0], 2) for r in model_runs],
+            "student_windows_per_s": [round(r[0], 2) for r in student_runs],
+            "pipeline_windows_per_s": [round(r[0], 2) for r in pipe_runs],
+        },
         "windows": {"model": model_n, "pipeline": pipe_n},
         "streams": len(cfg.streams),
         "batch_size": cfg.model.batch_size,
         "device": plan_actors(cfg, ray.available_resources()).device,
     }
+
+
+def _median_run(runs: list[tuple[float, int, dict[str, float | None]]]) -> tuple[float, int, dict[str, float | None]]:
+    """The run with the median rate (the lower middle one for an even count)."""
+    return sorted(runs, key=lambda r: r[0])[(len(runs) - 1) // 2]

@@ -255,3 +255,27 @@ def test_distilling_run_writes_student_rows_and_a_student_the_pipeline_can_run_o
     data["distill"]["enabled"] = True  # a student distilled from a student is refused
     with pytest.raises(ConfigError, match="model.student"):
         actors.run(parse_config(data), tmp_path / "refused")
+
+
+def test_bench_reports_model_pipeline_and_student_rates_from_repeated_runs(ray_session, tiny_checkpoint, tmp_path):
+    from actors.bench import bench
+
+    cfg = parse_config(config_data(tiny_checkpoint, [synthetic("b0", 61), synthetic("b1", 62)]),
+                       base_dir=tmp_path)
+    out = bench(cfg, output=tmp_path / "scratch", repeat=2)
+    runs = out["runs"]
+    assert len(runs["model_windows_per_s"]) == len(runs["pipeline_windows_per_s"]) == 2
+    assert len(runs["student_windows_per_s"]) == 2
+    # medians of two runs are the lower ones; the ratio and speedup are taken from them
+    assert out["model_windows_per_s"] == min(runs["model_windows_per_s"]) > 0
+    assert out["pipeline_windows_per_s"] == min(runs["pipeline_windows_per_s"]) > 0
+    assert out["ratio"] == pytest.approx(out["pipeline_windows_per_s"] / out["model_windows_per_s"], abs=2e-3)
+    assert out["student_speedup"] == pytest.approx(out["student_windows_per_s"] / out["model_windows_per_s"], abs=1e-2)
+    # every pre-built window is run by the model, and every window is written by each pipeline run
+    assert out["windows"] == {"model": 2 * (WINDOWS - 1), "pipeline": 2 * WINDOWS}
+    assert out["student"]["weights"].startswith("random")
+    assert {"model", "sources", "sink", "driver"} <= set(out["cpu_ms_per_window"]["pipeline"])
+    for i in range(2):  # each pipeline run wrote into a folder of its own
+        assert ids_by_stream(tmp_path / "scratch" / f"run{i}") == {"b0": list(range(WINDOWS)), "b1": list(range(WINDOWS))}
+    with pytest.raises(ConfigError, match="repeat"):
+        bench(cfg, repeat=0)
