@@ -144,6 +144,8 @@ class SyntheticRig:
         self._xs, self._ys = xx.ravel().astype(np.float64), yy.ravel().astype(np.float64)
         self._grid_basis = _phase_basis(self._background, self._xs, self._ys)
         self._texture_cache: tuple[int, np.ndarray] = (-1, np.empty(0))
+        self._scan_segment = np.array([self.segment_index(k / self.scan_rate) for k in range(self.n_scans)], dtype=np.int64)
+        self._scan_cache: tuple[int, list[PointScan]] = (-1, [])
 
     # ---- scene description -------------------------------------------------------------------
 
@@ -394,41 +396,57 @@ class SyntheticRig:
 
     def scan(self, k: int) -> PointScan:
         """Scan ``k`` (at ``k / scan_rate``): each object's camera-facing surface plus clutter."""
-        t = k / self.scan_rate
-        seg = self.segments[self.segment_index(t)]
-        rng = np.random.default_rng([self.seed, 2, k])
+        if not 0 <= k < self.n_scans:
+            raise IndexError(f"scan {k} is outside the stream's {self.n_scans} scans")
+        seg = int(self._scan_segment[k])
+        if self._scan_cache[0] != seg:
+            self._scan_cache = (seg, self._segment_scans(seg))
+        first = int(np.searchsorted(self._scan_segment, seg))
+        return self._scan_cache[1][k - first]
+
+    def _segment_scans(self, index: int) -> list[PointScan]:
+        """Every scan of segment ``index``, drawn together (one generator per segment): a scan is
+        many small steps, so drawing all of a segment's at once is what makes scans cheap."""
+        seg = self.segments[index]
+        ks = np.nonzero(self._scan_segment == index)[0]
+        times = ks / self.scan_rate
+        rng = np.random.default_rng([self.seed, 2, index])
         h, w = self.size
         unit = float(max(h, w))
-        pos = self._positions(seg, np.array([t]))[0] / unit  # objects x 2
-        n, m, q = seg.n, _POINTS_PER_OBJECT, 4 * _POINTS_PER_OBJECT
-        # All objects at once (a scan is many small steps, so fewer numpy calls is what counts):
-        # q candidates each on the unit sphere or cube, of which the first m camera-facing ones stay.
-        d = rng.standard_normal((n, q, 3))
+        pos = self._positions(seg, times) / unit  # scans x objects x 2
+        s_n, n, m, q = len(ks), seg.n, _POINTS_PER_OBJECT, 4 * _POINTS_PER_OBJECT
+        # q candidates per object and scan on the unit sphere or cube; the first m camera-facing ones stay
+        d = rng.standard_normal((s_n, n, q, 3))
         if class_attributes(seg.label)[1] == "box":
             # a point on the cube's surface: push one coordinate (chosen at random) to the face
-            local = rng.uniform(-1, 1, size=(n, q, 3))
-            axis = rng.integers(0, 3, size=(n, q))
-            np.put_along_axis(local, axis[..., None], np.sign(np.take_along_axis(d, axis[..., None], 2)), 2)
-            c, s = np.cos(seg.angle)[:, None], np.sin(seg.angle)[:, None]
+            local = rng.uniform(-1, 1, size=(s_n, n, q, 3))
+            axis = rng.integers(0, 3, size=(s_n, n, q))[..., None]
+            np.put_along_axis(local, axis, np.sign(np.take_along_axis(d, axis, 3)), 3)
+            c, sn = np.cos(seg.angle)[:, None], np.sin(seg.angle)[:, None]
             x, y = local[..., 0].copy(), local[..., 1]
-            local[..., 0] = c * x - s * y
-            local[..., 1] = s * x + c * y
+            local[..., 0] = c * x - sn * y
+            local[..., 1] = sn * x + c * y
             local *= (seg.radius * math.sqrt(math.pi) / 2 / unit)[:, None, None]
         else:
-            local = d * (seg.radius / unit)[:, None, None] / np.sqrt(np.add.reduce(d * d, axis=2))[..., None]
+            local = d * (seg.radius / unit)[:, None, None] / np.sqrt(np.add.reduce(d * d, axis=3))[..., None]
         facing = local[..., 2] <= 0  # the camera-facing half (z towards the sensor is negative)
-        facing &= np.cumsum(facing, axis=1) <= m
-        counts = facing.sum(axis=1)
+        facing &= np.cumsum(facing, axis=2) <= m
+        counts = facing.sum(axis=2)  # scans x objects
         total = int(counts.sum())
-        out = np.empty((total + _CLUTTER_POINTS, 4))
-        centre = np.concatenate([pos, seg.depth[:, None]], axis=1)
-        out[:total, :3] = local[facing] + np.repeat(centre, counts, axis=0) + rng.normal(0, 0.002, size=(total, 3))
-        inten = np.repeat(seg.intensity, counts) + rng.normal(0, 0.03, size=total)
-        out[:total, 3] = np.clip(inten, 0, 1)
+        centre = np.concatenate([pos, np.broadcast_to(seg.depth[None, :, None], (s_n, n, 1))], axis=2)
+        xyz = local[facing] + np.repeat(centre.reshape(-1, 3), counts.ravel(), axis=0)
+        xyz += rng.normal(0, 0.002, size=(total, 3))
+        inten = np.repeat(np.tile(seg.intensity, s_n), counts.ravel()) + rng.normal(0, 0.03, size=total)
+        objects = np.concatenate([xyz, np.clip(inten, 0, 1)[:, None]], axis=1)
         lo = np.array([0, 0, 0.2, 0])
         hi = np.array([w / unit, h / unit, 1.2, 1])
-        out[total:] = lo + (hi - lo) * rng.random((_CLUTTER_POINTS, 4))
-        return PointScan(t=t, duration=1.0 / self.scan_rate, points=out.astype(np.float32))
+        clutter = lo + (hi - lo) * rng.random((s_n, _CLUTTER_POINTS, 4))
+        ends = np.cumsum(counts.sum(axis=1))
+        scans = []
+        for i, t in enumerate(times):
+            cloud = np.concatenate([objects[ends[i] - counts[i].sum() : ends[i]], clutter[i]]).astype(np.float32)
+            scans.append(PointScan(t=float(t), duration=1.0 / self.scan_rate, points=cloud))
+        return scans
 
     def points(self) -> Iterator[PointScan]:
         """Every scan of the stream, in time order."""
