@@ -252,7 +252,7 @@ def run(
     sink = (
         ray.remote(SinkActor)
         .options(num_cpus=opts.sink_cpus, max_restarts=0)
-        .remote(str(out_dir), config_hash=config_hash(config))
+        .remote(str(out_dir), config_hash=config_hash(config), nice=config.runtime.helper_nice)
     )
     actors: list[Any] = [sink]
     distill = None

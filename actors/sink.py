@@ -22,7 +22,7 @@ from PIL import Image
 
 from actors.metrics import Metrics
 from actors.model import WindowResult
-from actors.source import ErrorRecord
+from actors.source import ErrorRecord, lower_priority
 from pipeline.parquet import ErrorRow, FlowRow, OutputWriter, StudentRow
 
 FLUSH_WINDOWS = 256
@@ -31,9 +31,10 @@ FLUSH_S = 5.0
 
 class SinkActor:
     """Writes ``windows``, ``flow`` (with the earlier frame as PNG), ``student`` and ``errors`` rows
-    under ``output`` (see the module docstring)."""
+    under ``output`` (see the module docstring); ``nice`` lowers its process's CPU priority."""
 
-    def __init__(self, output: str, *, config_hash: str, model: str = "") -> None:
+    def __init__(self, output: str, *, config_hash: str, model: str = "", nice: int = 0) -> None:
+        lower_priority(nice)
         self._writer = OutputWriter(Path(output), model_name=model, config_hash=config_hash)
         self._buffer: list[WindowResult] = []
         self._errors: list[ErrorRecord] = []

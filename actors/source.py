@@ -9,6 +9,7 @@ fetching it.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -61,6 +62,13 @@ class SourceEvent:
     decode_s: float = 0.0
 
 
+def lower_priority(nice: int) -> None:
+    """Raise this process's Linux niceness by ``nice`` (see ``runtime.helper_nice``); a no-op at 0
+    or where the OS has no niceness."""
+    if nice > 0 and hasattr(os, "nice"):
+        os.nice(nice)
+
+
 def _default_open_stream() -> OpenStream:
     from pipeline.read import open_stream
 
@@ -91,6 +99,7 @@ class SourceActor:
         points: tuple[int | None, int] | None = None,
         open_stream: OpenStream | None = None,
     ) -> None:
+        lower_priority(cfg.runtime.helper_nice)
         self._stream = stream
         self._cfg = cfg
         self._start_window = start_window

@@ -123,11 +123,17 @@ class ModelConfig(_Section):
 
 
 class RuntimeConfig(_Section):
-    """Backpressure bounds and pacing."""
+    """Backpressure bounds, pacing and CPU priority.
+
+    ``helper_nice`` is the Linux niceness the source and sink actors' processes take on (0 = the
+    model actor's priority): they have read-ahead and buffering slack, the model has none, so where
+    they share cores with it the model goes first.
+    """
 
     max_in_flight_per_stream: int = Field(4, ge=1)
     max_in_flight: int = Field(32, ge=1)
     realtime: bool = False
+    helper_nice: int = Field(10, ge=0, le=19)
 
 
 class DistillConfig(_Section):

@@ -371,3 +371,30 @@ def test_model_actor_runs_a_real_model_on_cuda_under_bf16_autocast():
     res = gather(actor, [(k, k == 0, window(f"s{i}", k)) for k in range(2) for i in range(2)])
     assert all(np.isfinite(r.row.embedding).all() and r.flow is not None and np.isfinite(r.flow).all() for r in res)
     assert next(model.parameters()).device.type == "cuda"
+
+
+def test_helpers_lower_their_cpu_priority_as_configured(ray_session, tmp_path):
+    import os
+
+    import ray
+
+    from actors.sink import SinkActor
+
+    def niceness(_actor) -> int:
+        return os.nice(0)
+
+    cfg = make_cfg(1)
+    cfg.runtime.helper_nice = 2
+    plain = ray.remote(SinkActor).options(num_cpus=0.01).remote(str(tmp_path / "a"), config_hash="x")
+    sink = ray.remote(SinkActor).options(num_cpus=0.01).remote(str(tmp_path / "b"), config_hash="x", nice=1)
+    src = ray.remote(SourceActor).options(num_cpus=0.01).remote(cfg.streams[0], cfg)
+    try:
+        base = ray.get(plain.__ray_call__.remote(niceness))  # Ray starts its workers at its own niceness
+        assert base <= 17
+        assert ray.get(sink.__ray_call__.remote(niceness)) == base + 1
+        assert ray.get(src.__ray_call__.remote(niceness)) == base + 2
+    finally:
+        for a in (plain, sink, src):
+            ray.kill(a)
+    with pytest.raises(ValueError, match="helper_nice"):
+        make_cfg(1).runtime.model_validate({"helper_nice": 25})
