@@ -64,14 +64,14 @@ class StreamingConfig:
                      multiplier from decoder output to pixels.
     flow_corr_radius: add a local correlation volume of this radius (px) to the flow queries
                      (0 = 3x3 patches only, as DeepMind's flow model).
+    flow_corr_stride: compute that volume on a grid this many times coarser (displacements in steps of
+                     it; must divide the radius and the flow grid): about stride**4 times cheaper.
     flow_query_hidden: with h > 0, the flow queries also get a two-layer 3x3 convolution of the frame
                      pair (6 -> h -> flow_channels, GELU between): per-pixel motion evidence (products
                      of temporal and spatial differences) that a linear map of the patches cannot give.
     flow_stride:     decode flow on the frames averaged over ``s x s`` blocks (a grid ``s`` times coarser,
                      ``s**2`` times fewer queries) and upsample it bilinearly to ``flow_size``: a cheaper
                      decoder, e.g. for a student. Must divide ``flow_size``.
-    flow_corr_stride: compute that volume on a grid this many times coarser (displacements in steps of
-                     it; must divide the radius and the flow grid): about stride**4 times cheaper.
     class_names:     the label decoder's classes, in index order (empty = no label decoder).
     """
 
@@ -327,8 +327,9 @@ class StreamingPerceiverIO(nn.Module):
                 z = layer(z)
         return z
 
-    def _flow_pos(self, size: tuple[int, int], device: torch.device) -> torch.Tensor:
+    def _flow_pos(self, device: torch.device) -> torch.Tensor:
         cfg = self.config
+        size = (cfg.flow_size[0] // cfg.flow_stride, cfg.flow_size[1] // cfg.flow_stride)
         return self._cache.get(
             "flow_pos", [self.flow_pos_proj.weight], device,
             lambda: self.flow_pos_proj(grid_fourier_features(size, cfg.flow_pos_bands, device=device)),
@@ -359,7 +360,7 @@ class StreamingPerceiverIO(nn.Module):
         if self.flow_query_conv is not None:
             pair = normalise_frames(frames).permute(0, 1, 4, 2, 3).reshape(n, 6, h, w)
             queries = queries + self.flow_query_conv(pair).permute(0, 2, 3, 1)
-        queries = queries.reshape(n, h * w, -1) + self._flow_pos((h, w), z.device)
+        queries = queries.reshape(n, h * w, -1) + self._flow_pos(z.device)
         out = self.flow_head(self.flow_decoder(queries, z, query_chunk=cfg.flow_chunk)) * cfg.flow_scale
         out = out.reshape(n, h, w, 2)
         if s > 1:

@@ -111,10 +111,10 @@ def neighbour_offsets(xyz: torch.Tensor, mask: torch.Tensor, k: int) -> tuple[to
 
 
 class EdgeFeatures(nn.Module):
-    """A learned local-shape feature per point (EdgeConv, Wang et al. 2019): ``max_j MLP(x_j - x_i)``
-    over the ``k`` nearest neighbours ``j`` of point ``i``. A flat face, an edge and a curved surface
-    give different neighbour patterns, which Fourier features of absolute positions do not expose to
-    the encoder's linear projections."""
+    """A learned local-shape feature per point (EdgeConv, Wang et al. 2019): ``h = max_j MLP(x_j - x_i)``
+    over the ``k`` nearest neighbours ``j`` of point ``i``, then ``h + MLP(h)``. A flat face, an edge
+    and a curved surface give different neighbour patterns, which Fourier features of absolute
+    positions do not expose to the encoder's linear projections."""
 
     def __init__(self, k: int, channels: int) -> None:
         super().__init__()
@@ -127,9 +127,9 @@ class EdgeFeatures(nn.Module):
     def forward(self, xyz: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``B x P x 3`` points and ``B x P`` mask -> ``B x P x channels`` (zeros without neighbours)."""
         off, valid = neighbour_offsets(xyz, mask, self.k)
-        h = self.mlp(off).masked_fill(~valid[..., None], float("-inf")).amax(dim=2)
-        h = torch.where(valid.any(-1)[..., None], h, 0.0)
-        return torch.where(valid.any(-1)[..., None], h + self.point_mlp(h), 0.0)
+        has = valid.any(-1)[..., None]
+        h = torch.where(has, self.mlp(off).masked_fill(~valid[..., None], float("-inf")).amax(dim=2), 0.0)
+        return torch.where(has, h + self.point_mlp(h), 0.0)
 
 
 class PointsAdapter(Adapter):
