@@ -83,8 +83,9 @@ class SourceActor:
     frames (None: all), those the model reads, so the others are neither shipped nor (synthetic
     rig) rendered; ``points`` ``(scans, max_points)`` likewise keeps only the points the model's
     points adapter reads (`pipeline.read.read_points`); nor is the synthetic rig's ground truth,
-    which running the model does not read. ``open_stream`` is `pipeline.read.open_stream` unless a test passes another
-    callable with its signature.
+    which running the model does not read. ``open_stream`` is `pipeline.read.open_stream` unless a
+    test passes another callable with its signature. ``cfg.runtime.helper_nice`` lowers the actor's
+    CPU priority.
     """
 
     def __init__(

@@ -441,12 +441,11 @@ class SyntheticRig:
         lo = np.array([0, 0, 0.2, 0])
         hi = np.array([w / unit, h / unit, 1.2, 1])
         clutter = lo + (hi - lo) * rng.random((s_n, _CLUTTER_POINTS, 4))
-        ends = np.cumsum(counts.sum(axis=1))
-        scans = []
-        for i, t in enumerate(times):
-            cloud = np.concatenate([objects[ends[i] - counts[i].sum() : ends[i]], clutter[i]]).astype(np.float32)
-            scans.append(PointScan(t=float(t), duration=1.0 / self.scan_rate, points=cloud))
-        return scans
+        per_scan = np.split(objects, np.cumsum(counts.sum(axis=1))[:-1])
+        return [
+            PointScan(t=float(t), duration=1.0 / self.scan_rate, points=np.concatenate([obj, cl]).astype(np.float32))
+            for t, obj, cl in zip(times, per_scan, clutter)
+        ]
 
     def points(self) -> Iterator[PointScan]:
         """Every scan of the stream, in time order."""
