@@ -136,9 +136,10 @@ def model_only(cfg: Config, streams: dict[str, list[Window]]) -> tuple[float, in
     """Steady-state windows/s of a ModelActor fed the pre-built windows, how many it ran, and the
     CPU ms per window of the model actor, this driver and the raylet over the same span.
 
-    Windows go to the model as the pipeline sends them (`ModelActor.infer_split`, by value: Ray
-    inlines a window under its inline size limit in the call, as it does a source's result, and
-    puts a larger one in the object store), and only the small window-id object comes back."""
+    Windows go to the model as the pipeline sends them: every window the in-flight bounds allow
+    in one `ModelActor.infer_many` call per step, by value (Ray inlines a window under its inline
+    size limit in the call, as it does a source's result, and puts a larger one in the object
+    store), and only the small outcome list comes back."""
     opts = plan_actors(cfg, ray.available_resources())
     model = (
         ray.remote(ModelActor)
@@ -149,36 +150,51 @@ def model_only(cfg: Config, streams: dict[str, list[Window]]) -> tuple[float, in
         )
         .remote(cfg, device=opts.device, num_cpus=opts.model_cpus)
     )
+
+    def send(calls: list[tuple[str, int, bool]]) -> ray.ObjectRef:
+        flags = [(seq, chain) for _, seq, chain in calls]
+        windows = [streams[sid][seq] for sid, seq, _ in calls]
+        return model.infer_many.options(num_returns=len(calls) + 1).remote(flags, *windows)[0]
+
     try:
         ray.get(model.info.remote())
         ray.get(model.set_open_streams.remote(list(streams)))
         ((model_pid, raylet),) = actor_pids([model])
         # Warm-up: one window per stream (first-call costs: allocations, cached projections).
-        ray.get([model.infer_split.remote(0, True, ws[0])[0] for ws in streams.values() if ws])
+        ray.get(send([(sid, 0, True) for sid, ws in streams.items() if ws]))
         next_seq = {sid: 1 for sid in streams}
-        outstanding: dict[ray.ObjectRef, str] = {}
+        outstanding: dict[ray.ObjectRef, list[str]] = {}
         per_stream = {sid: 0 for sid in streams}
+        in_flight = 0
         done: list[float] = []
         total = sum(max(len(r) - 1, 0) for r in streams.values())
         meter = CpuMeter({"model": [model_pid], "driver": [os.getpid()], "raylet": [raylet]}, total)
         while len(done) < total:
+            calls = []
             for sid, windows in streams.items():
                 while (
                     next_seq[sid] < len(windows)
                     and per_stream[sid] < cfg.runtime.max_in_flight_per_stream
-                    and len(outstanding) < cfg.runtime.max_in_flight
+                    and in_flight < cfg.runtime.max_in_flight
                 ):
-                    ack, _ = model.infer_split.remote(next_seq[sid], False, windows[next_seq[sid]])
-                    outstanding[ack] = sid
+                    calls.append((sid, next_seq[sid], False))
                     next_seq[sid] += 1
                     per_stream[sid] += 1
+                    in_flight += 1
+            if calls:
+                outstanding[send(calls)] = [sid for sid, _, _ in calls]
             ready, _ = ray.wait(list(outstanding), num_returns=1)
             ready, _ = ray.wait(list(outstanding), num_returns=len(outstanding), timeout=0)
             now = time.monotonic()
             for ref in ready:
-                ray.get(ref)
-                per_stream[outstanding.pop(ref)] -= 1
-                done.append(now)
+                outcomes = ray.get(ref)
+                failed = [o for o in outcomes if isinstance(o, BaseException)]
+                if failed:
+                    raise failed[0]
+                for sid in outstanding.pop(ref):
+                    per_stream[sid] -= 1
+                    in_flight -= 1
+                    done.append(now)
             meter.update(len(done))
         return steady_rate(done), len(done), meter.per_window()
     finally:

@@ -6,13 +6,13 @@ another window only while that stream has fewer than ``runtime.max_in_flight_per
 flight, the run fewer than ``runtime.max_in_flight``, and fewer than ``runtime.max_in_flight``
 results wait for the sink, so no queue anywhere grows without bound. (Results are released to
 the sink stage rather than held in flight so that a slow commit does not stall decoding for the
-length of a round trip.) Window payloads travel source -> model by object reference: the
-driver sends each ``infer`` call together with its ``next`` call (Ray delivers it once the
-window exists; the model actor, an asyncio actor, takes calls out of order and orders each
-stream's windows itself), so the driver waits only on the model's small per-window
-acknowledgements and on sink writes, reads a window's source event together with its
-acknowledgement (one ``ray.wait`` pair and one ``ray.get`` per step), and hands the results to
-the sink by reference, unread.
+length of a round trip.) Each step the driver waits on the sources' small events, the model's
+outcome lists and sink writes together (one ``ray.wait`` pair); the windows whose events are in
+go to the model in *one* ``infer_many`` call (the model actor, an asyncio actor, orders each
+stream's windows itself), because Ray's cost per actor call is about 2 ms of the model actor's
+CPU, as much as a small model's forward pass. A window is sent only once decoded, so a slow or
+stalled source holds up no other stream's windows. The results stay in the object store and go
+to the sink by reference, unread.
 
 Restarts: the model actor is created with ``max_restarts`` and no automatic task retries. When
 it dies the driver waits for the new incarnation and resends every window whose result it has
@@ -271,8 +271,6 @@ def run(
             max_restarts=MODEL_MAX_RESTARTS,
             max_task_retries=0,
             max_concurrency=config.runtime.max_in_flight + 16,
-            # infer calls wait for their window: one whose source is slow must not hold up the others
-            allow_out_of_order_execution=True,
         )
         .remote(config, device=opts.device, num_cpus=opts.model_cpus, build=build, collate=collate, distill=distill)
     )
@@ -335,7 +333,8 @@ class _Loop:
         self.model = model
         self.sink = sink
         self.streams = streams
-        self.model_calls: dict[ray.ObjectRef, _Call] = {}
+        self.source_calls: dict[ray.ObjectRef, _Call] = {}  # by the source event's reference
+        self.model_calls: dict[ray.ObjectRef, list[_Call]] = {}  # by the model call's outcome list
         self.sink_calls: dict[ray.ObjectRef, list[tuple[str, int]]] = {}
         self.in_flight = 0
         self.at_sink = 0
@@ -381,8 +380,7 @@ class _Loop:
                 st.status.state = "done"
 
     def _request_windows(self) -> None:
-        """Top up each stream's ``next`` calls, round robin, within both in-flight bounds; each
-        window goes to the model by reference at once (the model fetches it when it is ready)."""
+        """Top up each stream's ``next`` calls, round robin, within both in-flight bounds."""
         per_stream = self.cfg.runtime.max_in_flight_per_stream
         total = self.cfg.runtime.max_in_flight
         progress = True
@@ -397,22 +395,35 @@ class _Loop:
                 st.status.in_flight += 1
                 self.in_flight += 1
                 seq, st.next_seq = st.next_seq, st.next_seq + 1
-                chain, st.chain_start = st.chain_start, False
-                self._infer(_Call(st.status.stream_id, seq, ev, win), chain)
+                self.source_calls[ev] = _Call(st.status.stream_id, seq, ev, win)
                 progress = True
 
-    def _infer(self, call: _Call, chain_start: bool) -> None:
-        """Send ``call``'s window to the model; the driver waits on the small window-id object."""
-        ack, call.result = self.model.infer_split.remote(call.seq, chain_start, call.window)
-        self.model_calls[ack] = call
+    def _infer(self, calls: list[_Call]) -> None:
+        """Send ``calls``' windows (all decoded) to the model in one call, each stream's in order;
+        the driver waits on the small list of outcomes, the results stay in the object store."""
+        if not calls:
+            return
+        calls = sorted(calls, key=lambda c: (c.stream_id, c.seq))
+        flags = []
+        for call in calls:
+            st = self.streams[call.stream_id]
+            flags.append((call.seq, st.chain_start))
+            st.chain_start = False
+        ack, *results = self.model.infer_many.options(num_returns=len(calls) + 1).remote(
+            flags, *(c.window for c in calls)
+        )
+        for call, result in zip(calls, results):
+            call.result = result
+        self.model_calls[ack] = calls
 
     def _step(self) -> None:
-        waiting = list(self.model_calls) + list(self.sink_calls)
+        waiting = list(self.source_calls) + list(self.model_calls) + list(self.sink_calls)
         if not waiting:
             return
         ray.wait(waiting, num_returns=1, timeout=0.25)
         ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=0)
         ready_set = set(ready)
+        self._on_source([r for r in self.source_calls if r in ready_set])
         self._on_model([r for r in self.model_calls if r in ready_set])
         self._on_sink(ready_set)
         now = time.monotonic()
@@ -421,61 +432,73 @@ class _Loop:
             self.sink.tick.remote()
 
     # -- sources and model -----------------------------------------------------------------
-    def _on_model(self, done: list[ray.ObjectRef]) -> None:
-        """Read the finished calls' source events and model results, one ``ray.get`` for all
-        (per call only when one of them failed), and pass the results on."""
+    def _on_source(self, done: list[ray.ObjectRef]) -> None:
+        """Read the finished ``next`` calls' events (one ``ray.get`` for all, per call only when a
+        source died) and send every new window to the model in one call."""
         if not done:
             return
-        calls = [self.model_calls[ref] for ref in done]
+        calls = [self.source_calls.pop(ref) for ref in done]
         try:
-            values = ray.get([r for ref, c in zip(done, calls) for r in (c.event, ref)])
-            outcomes = [(values[2 * i], values[2 * i + 1], None) for i in range(len(done))]
-        except (RayActorError, RayTaskError):
-            outcomes = [self._outcome(ref, c) for ref, c in zip(done, calls)]
-        results: list[tuple[str, int, ray.ObjectRef]] = []
+            events = ray.get(done)
+        except RayActorError:
+            events = [self._event(c) for c in calls]
         errors: list[ErrorRecord] = []
-        lost = False
+        windows: list[_Call] = []
         # In call order: a stream's events (and so its end) are read in the order it produced them.
-        for ref, call, (ev, _, exc) in sorted(zip(done, calls, outcomes), key=lambda x: (x[1].stream_id, x[1].seq)):
+        for call, ev in sorted(zip(calls, events), key=lambda x: (x[0].stream_id, x[0].seq)):
             st = self.streams[call.stream_id]
             errors.extend(ev.errors)
-            if isinstance(exc, RayActorError) and not isinstance(exc, RayTaskError) and ev.window_id is not None:
-                lost = True  # the model actor died: resent by _recover_model
+            if ev.window_id is not None and st.status.state != "failed":
+                windows.append(call)
                 continue
-            del self.model_calls[ref]
+            self._release(st, 1)
             if ev.window_id is None:
-                self._release(st, 1)
                 st.exhausted = True
                 if ev.failure is not None and st.status.state != "failed":
                     errors.append(ev.failure)
                     self._fail(st, f"{ev.failure.kind}: {ev.failure.message}")
-            elif exc is not None:
-                cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else exc
-                self._release(st, 1)
-                if st.status.state != "failed":
-                    errors.append(ErrorRecord.from_exception(call.stream_id, cause))
-                    self._fail(st, f"{type(cause).__name__}: {cause}")
-            else:
-                results.append((call.stream_id, ev.window_id, call.result))
+        if errors:
+            self.sink.write_errors.remote(errors)
+        self._infer(windows)
+
+    def _event(self, call: _Call) -> SourceEvent:
+        """One call's source event; a source actor that died ends its stream with an errors row."""
+        try:
+            return ray.get(call.event)
+        except RayActorError as exc:
+            failure = ErrorRecord.from_exception(call.stream_id, exc)
+            return SourceEvent(call.stream_id, done=True, failure=failure)
+
+    def _on_model(self, done: list[ray.ObjectRef]) -> None:
+        """Read the finished model calls' outcomes and pass the results on; a window the model
+        failed on ends its stream (one errors row), the others go on."""
+        if not done:
+            return
+        results: list[tuple[str, int, ray.ObjectRef]] = []
+        errors: list[ErrorRecord] = []
+        lost = False
+        for ref in done:
+            try:
+                outcomes = ray.get(ref)
+            except RayTaskError as exc:  # the call itself failed: every window in it did
+                outcomes = [exc.cause if isinstance(exc.cause, BaseException) else exc] * len(self.model_calls[ref])
+            except RayActorError:  # the model actor died: resent by _recover_model
+                lost = True
+                continue
+            for call, outcome in zip(self.model_calls.pop(ref), outcomes):
+                st = self.streams[call.stream_id]
+                if isinstance(outcome, BaseException):
+                    self._release(st, 1)
+                    if st.status.state != "failed":
+                        errors.append(ErrorRecord.from_exception(call.stream_id, outcome))
+                        self._fail(st, f"{type(outcome).__name__}: {outcome}")
+                else:
+                    results.append((call.stream_id, outcome, call.result))
         if errors:
             self.sink.write_errors.remote(errors)
         self._to_sink(results)
         if lost:
             self._recover_model()
-
-    def _outcome(self, ref: ray.ObjectRef, call: _Call) -> tuple[SourceEvent, int | None, Exception | None]:
-        """One call's source event, the model's window id and its error (when it raised)."""
-        try:
-            ev: SourceEvent = ray.get(call.event)
-        except RayActorError as exc:  # the source actor died: its stream ends with an errors row
-            failure = ErrorRecord.from_exception(call.stream_id, exc)
-            return SourceEvent(call.stream_id, done=True, failure=failure), None, None
-        if ev.window_id is None:
-            return ev, None, None
-        try:
-            return ev, ray.get(ref), None
-        except (RayActorError, RayTaskError) as exc:
-            return ev, None, exc
 
     def _recover_model(self) -> None:
         """Wait for the restarted model actor, then resend every window it did not return."""
@@ -507,20 +530,13 @@ class _Loop:
             except (RayActorError, RayTaskError, ray.exceptions.GetTimeoutError):
                 pass
         self._on_model(delivered)
-        resend = sorted(self.model_calls.items(), key=lambda kv: (kv[1].stream_id, kv[1].seq))
-        for ref, _ in resend:
-            del self.model_calls[ref]
+        resend = [call for calls in self.model_calls.values() for call in calls]
+        self.model_calls.clear()
         self._open_sent = None  # the new incarnation has not been told which streams are open
         self._update_open_streams()
-        first: set[str] = set()
-        for _, call in resend:
-            chain = call.stream_id not in first
-            first.add(call.stream_id)
-            self._infer(call, chain)
-        # Windows not yet sent for these streams continue the new chains.
-        for sid, st in self.streams.items():
-            if sid not in first:
-                st.chain_start = True
+        for st in self.streams.values():  # each stream's next window sent starts a new chain
+            st.chain_start = True
+        self._infer(resend)
 
     # -- sink ------------------------------------------------------------------------------
     def _to_sink(self, results: list[tuple[str, int, ray.ObjectRef]]) -> None:
@@ -566,7 +582,7 @@ class _Loop:
     def _publish(self) -> None:
         self.pipeline.in_flight = self.in_flight
         self.pipeline.at_sink = self.at_sink
-        self.pipeline.model_queue = len(self.model_calls)
+        self.pipeline.model_queue = sum(len(calls) for calls in self.model_calls.values())
         self.metrics.queue_depth.set(self.in_flight, tags={"stage": "in_flight"})
         self.metrics.queue_depth.set(self.at_sink, tags={"stage": "sink"})
         self.metrics.streams_active.set(sum(1 for st in self.streams.values() if st.status.state == "running"))

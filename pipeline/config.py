@@ -168,6 +168,8 @@ class TrainConfig(_Section):
     trained checkpoint is written (default ``<output>/checkpoint``); periodic checkpoints with
     optimiser state go to ``<output>/_checkpoints/train/`` and a new run resumes from the latest.
     ``final_eval`` evaluates the result on the held-out streams (``eval_windows`` windows each).
+    ``chain`` is how many consecutive windows a batch lane walks (carrying the latent state when
+    ``carry_state``) before it jumps to a random window of another stream.
     """
 
     seeds: list[int] = Field(default_factory=lambda: list(range(16)))
@@ -182,6 +184,7 @@ class TrainConfig(_Section):
     flow_weight: float = Field(1.0, ge=0)
     label_weight: float = Field(1.0, ge=0)
     carry_state: bool = True
+    chain: int = Field(4, ge=1)
     checkpoint_every: int = Field(500, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     eval_windows: int = Field(200, ge=200)

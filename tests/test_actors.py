@@ -189,6 +189,24 @@ def test_a_failing_window_fails_its_stream_queue_but_not_other_streams():
     assert isinstance(late[0], RuntimeError) and "earlier window failed" in str(late[0])
 
 
+def test_infer_many_returns_each_windows_outcome_and_result_and_isolates_a_failure():
+    actor, pred = make_actor(make_cfg(2, max_wait_ms=1), FakePredictor(fail_on=1))
+    actor.set_open_streams(["s0", "s1"])
+    calls = [(0, True), (1, False), (2, False), (0, True)]
+    windows = [window("s0", 0), window("s0", 1), window("s0", 2), window("s1", 7)]
+    outcomes, *results = asyncio.run(actor.infer_many(calls, *windows))
+    assert pred.batches == [[("s0", 0), ("s1", 7)], [("s0", 1)]]
+    assert len(results) == 4
+    assert outcomes[0] == 0 and results[0].window_id == 0 and results[0].row.state_reset
+    # s0's window 1 failed in the model, and so its successor: outcomes are the exceptions ...
+    assert all(isinstance(o, RuntimeError) for o in outcomes[1:3]) and "boom on window 1" in str(outcomes[1])
+    assert results[1] is None and results[2] is None
+    # ... while s1's window, in the same call, has its result.
+    assert outcomes[3] == 7 and results[3].window_id == 7
+    with pytest.raises(ValueError, match="2 \\(seq, chain_start\\) pairs for 1 windows"):
+        asyncio.run(actor.infer_many([(2, False), (3, False)], window("s1", 9)))
+
+
 def test_model_actor_on_ray_with_a_fake_model(ray_session):
     import ray
     from ray import cloudpickle
@@ -199,8 +217,13 @@ def test_model_actor_on_ray_with_a_fake_model(ray_session):
     try:
         assert ray.get(actor.info.remote())["class_names"] == ["a", "b", "c"]
         ray.get(actor.set_open_streams.remote(["s0", "s1"]))
-        refs = [actor.infer.remote(k, k == 0, ray.put(window(sid, k))) for k in range(4) for sid in ("s0", "s1")]
+        refs = [actor.infer.remote(k, k == 0, ray.put(window(sid, k))) for k in range(2) for sid in ("s0", "s1")]
         res = ray.get(refs)
+        # The rest in one call, as the runner sends them: an outcome list, then one result each.
+        calls = [(k, False) for sid in ("s0", "s1") for k in range(2, 4)]
+        ack, *more = actor.infer_many.options(num_returns=5).remote(calls, *(window(sid, k) for sid in ("s0", "s1") for k in range(2, 4)))
+        assert ray.get(ack) == [2, 3, 2, 3]
+        res += ray.get(more)
         assert sorted((r.stream_id, r.window_id) for r in res) == [(s, k) for s in ("s0", "s1") for k in range(4)]
         assert all(r.row.embedding[1] == r.window_id + 1 for r in res)  # state carried through all four
     finally:

@@ -66,15 +66,26 @@ def test_held_out_streams_must_not_be_training_seeds(tmp_path):
         train_job(_cfg(tmp_path, "train.seeds=[0, 900]"), progress=False)
 
 
-def test_lanes_carry_each_stream_window_by_window_and_cover_every_window():
-    plan = lane_plan([3, 2, 4], batch_size=2, seed=0)
-    epoch, seen = [], []
-    while len(seen) < 9:  # one epoch: every window once
-        epoch.append(next(plan))
-        seen = sorted(pair for batch in epoch for pair in batch)
-    assert all(len(batch) <= 2 for batch in epoch)
-    assert seen == sorted((s, t) for s, n in enumerate([3, 2, 4]) for t in range(n))
-    for batch, following in zip(epoch, epoch[1:]):
-        for s, t in following:
-            if t > 0:
-                assert (s, t - 1) in batch
+def test_lanes_walk_short_chains_of_distinct_streams_and_reach_every_window():
+    lengths = [5, 3, 6, 4, 7]
+    plan = lane_plan(lengths, batch_size=3, seed=0, chain=3)
+    batches = [next(plan) for _ in range(400)]
+    assert all(len(b) == 3 and len({s for s, _ in b}) == 3 for b in batches)  # full, no stream twice
+    assert {p for b in batches for p in b} == {(s, t) for s, n in enumerate(lengths) for t in range(n)}
+    for lane in range(3):
+        walk = [b[lane] for b in batches]
+        run = 1
+        for (s0, t0), (s1, t1) in zip(walk, walk[1:]):
+            if (s1, t1) == (s0, t0 + 1):
+                run += 1
+                assert run <= 3  # a chain is at most `chain` windows
+            else:
+                assert s1 != s0  # a new chain is on another stream
+                run = 1
+    # Staggered: the lanes' first chains end on different steps (streams too long to cut them).
+    long = lane_plan([1000] * 5, batch_size=3, seed=0, chain=3)
+    first = [next(long) for _ in range(4)]
+    ends = [next(i for i in range(1, 4) if first[i][lane][0] != first[0][lane][0]) for lane in range(3)]
+    assert sorted(ends) == [1, 2, 3]
+    again = lane_plan(lengths, batch_size=3, seed=0, chain=3)
+    assert [next(again) for _ in range(400)] == batches  # resumable: a function of the seed and step
