@@ -35,7 +35,7 @@ import ray
 
 from actors.model import ModelActor
 from actors.predictor import model_points, model_video_frames
-from actors.runner import RunningPipeline, plan_actors, run, shipped_frames
+from actors.runner import RunningPipeline, plan_actors, run, send_now, shipped_frames
 from pipeline.config import Config
 from pipeline.errors import ConfigError
 from pipeline.read import open_stream
@@ -136,10 +136,10 @@ def model_only(cfg: Config, streams: dict[str, list[Window]]) -> tuple[float, in
     """Steady-state windows/s of a ModelActor fed the pre-built windows, how many it ran, and the
     CPU ms per window of the model actor, this driver and the raylet over the same span.
 
-    Windows go to the model as the pipeline sends them: every window the in-flight bounds allow
-    in one `ModelActor.infer_many` call per step, by value (Ray inlines a window under its inline
-    size limit in the call, as it does a source's result, and puts a larger one in the object
-    store), and only the small outcome list comes back."""
+    Windows go to the model as the pipeline sends them: by `ModelActor.infer_many`, in calls of
+    up to a batch, when `actors.runner.send_now` says so, by value (Ray inlines a window under
+    its inline size limit in the call, as it does a source's result, and puts a larger one in
+    the object store), and only the small outcome list comes back."""
     opts = plan_actors(cfg, ray.available_resources())
     model = (
         ray.remote(ModelActor)
@@ -169,20 +169,25 @@ def model_only(cfg: Config, streams: dict[str, list[Window]]) -> tuple[float, in
         done: list[float] = []
         total = sum(max(len(r) - 1, 0) for r in streams.values())
         meter = CpuMeter({"model": [model_pid], "driver": [os.getpid()], "raylet": [raylet]}, total)
+        held: list[tuple[str, int, bool]] = []  # windows the bounds allow, not yet sent
+        size = cfg.model.batch_size
         while len(done) < total:
-            calls = []
             for sid, windows in streams.items():
                 while (
                     next_seq[sid] < len(windows)
                     and per_stream[sid] < cfg.runtime.max_in_flight_per_stream
                     and in_flight < cfg.runtime.max_in_flight
                 ):
-                    calls.append((sid, next_seq[sid], False))
+                    held.append((sid, next_seq[sid], False))
                     next_seq[sid] += 1
                     per_stream[sid] += 1
                     in_flight += 1
-            if calls:
-                outstanding[send(calls)] = [sid for sid, _, _ in calls]
+            # The pipeline driver's rule (`send_now`), in calls of at most a batch.
+            if send_now(len(held), sum(len(v) for v in outstanding.values()), size):
+                held.sort()
+                for i in range(0, len(held), size):
+                    outstanding[send(held[i : i + size])] = [sid for sid, _, _ in held[i : i + size]]
+                held = []
             ready, _ = ray.wait(list(outstanding), num_returns=1)
             ready, _ = ray.wait(list(outstanding), num_returns=len(outstanding), timeout=0)
             now = time.monotonic()

@@ -7,12 +7,13 @@ flight, the run fewer than ``runtime.max_in_flight``, and fewer than ``runtime.m
 results wait for the sink, so no queue anywhere grows without bound. (Results are released to
 the sink stage rather than held in flight so that a slow commit does not stall decoding for the
 length of a round trip.) Each step the driver waits on the sources' small events, the model's
-outcome lists and sink writes together (one ``ray.wait`` pair); the windows whose events are in
-go to the model in *one* ``infer_many`` call (the model actor, an asyncio actor, orders each
+outcome lists and sink writes together (one ``ray.wait`` pair). Decoded windows go to the model
+several at a time, in one ``infer_many`` call (the model actor, an asyncio actor, orders each
 stream's windows itself), because Ray's cost per actor call is about 2 ms of the model actor's
-CPU, as much as a small model's forward pass. A window is sent only once decoded, so a slow or
-stalled source holds up no other stream's windows. The results stay in the object store and go
-to the sink by reference, unread.
+CPU, as much as a small model's forward pass: `send_now` holds them at the driver while the
+model has two batches of work, until they fill a batch. A window is sent only once decoded, so
+a slow or stalled source holds up no other stream's windows. The results stay in the object
+store and go to the sink by reference, unread.
 
 Restarts: the model actor is created with ``max_restarts`` and no automatic task retries. When
 it dies the driver waits for the new incarnation and resends every window whose result it has
@@ -151,6 +152,15 @@ def shipped_frames(model_frames: int | None) -> int | None:
     """Trailing frames per window the sources ship for a model that reads ``model_frames`` (None:
     all): at least two, so flow and the sink's preview of the earlier frame still have theirs."""
     return None if model_frames is None else max(int(model_frames), 2)
+
+
+def send_now(held: int, at_model: int, batch_size: int) -> bool:
+    """Whether the driver sends its ``held`` decoded windows to the model now, in one call: once
+    they fill a batch, or at once while the model has less than two batches of work (``at_model``
+    windows sent and not yet returned), so it never waits on the driver and a quiet live stream
+    pays no latency. Holding them otherwise makes calls of about a batch, which is what spreads
+    Ray's cost per call."""
+    return held > 0 and (held >= batch_size or at_model < 2 * batch_size)
 
 
 def _points(value: Any) -> tuple[int | None, int] | None:
@@ -335,6 +345,7 @@ class _Loop:
         self.streams = streams
         self.source_calls: dict[ray.ObjectRef, _Call] = {}  # by the source event's reference
         self.model_calls: dict[ray.ObjectRef, list[_Call]] = {}  # by the model call's outcome list
+        self.held: list[_Call] = []  # decoded windows not yet sent to the model (see send_now)
         self.sink_calls: dict[ray.ObjectRef, list[tuple[str, int]]] = {}
         self.in_flight = 0
         self.at_sink = 0
@@ -416,7 +427,19 @@ class _Loop:
             call.result = result
         self.model_calls[ack] = calls
 
+    def _send_held(self) -> None:
+        at_model = sum(len(calls) for calls in self.model_calls.values())
+        size = self.cfg.model.batch_size
+        if send_now(len(self.held), at_model, size):
+            held = sorted(self.held, key=lambda c: (c.stream_id, c.seq))
+            self.held = []
+            # Calls of at most a batch: a call's results return together, so one huge call would
+            # leave the model idle while the driver refills it.
+            for i in range(0, len(held), size):
+                self._infer(held[i : i + size])
+
     def _step(self) -> None:
+        self._send_held()
         waiting = list(self.source_calls) + list(self.model_calls) + list(self.sink_calls)
         if not waiting:
             return
@@ -425,6 +448,7 @@ class _Loop:
         ready_set = set(ready)
         self._on_source([r for r in self.source_calls if r in ready_set])
         self._on_model([r for r in self.model_calls if r in ready_set])
+        self._send_held()
         self._on_sink(ready_set)
         now = time.monotonic()
         if now - self._last_tick >= SINK_TICK_S:
@@ -434,7 +458,7 @@ class _Loop:
     # -- sources and model -----------------------------------------------------------------
     def _on_source(self, done: list[ray.ObjectRef]) -> None:
         """Read the finished ``next`` calls' events (one ``ray.get`` for all, per call only when a
-        source died) and send every new window to the model in one call."""
+        source died); their windows join those held for the model."""
         if not done:
             return
         calls = [self.source_calls.pop(ref) for ref in done]
@@ -459,7 +483,7 @@ class _Loop:
                     self._fail(st, f"{ev.failure.kind}: {ev.failure.message}")
         if errors:
             self.sink.write_errors.remote(errors)
-        self._infer(windows)
+        self.held.extend(windows)
 
     def _event(self, call: _Call) -> SourceEvent:
         """One call's source event; a source actor that died ends its stream with an errors row."""
@@ -536,7 +560,8 @@ class _Loop:
         self._update_open_streams()
         for st in self.streams.values():  # each stream's next window sent starts a new chain
             st.chain_start = True
-        self._infer(resend)
+        self.held = resend + self.held
+        self._send_held()
 
     # -- sink ------------------------------------------------------------------------------
     def _to_sink(self, results: list[tuple[str, int, ray.ObjectRef]]) -> None:
@@ -544,7 +569,7 @@ class _Loop:
         in-flight count for the sink stage's."""
         for sid, _, _ in results:
             self._release(self.streams[sid], 1)
-        results = [r for r in results if self.streams[r[0]].status.state != "failed"]
+        # A failed stream's results still go: the windows decoded (and run) before its failure.
         if not results:
             return
         for sid, _, _ in results:
@@ -582,7 +607,7 @@ class _Loop:
     def _publish(self) -> None:
         self.pipeline.in_flight = self.in_flight
         self.pipeline.at_sink = self.at_sink
-        self.pipeline.model_queue = sum(len(calls) for calls in self.model_calls.values())
+        self.pipeline.model_queue = sum(len(calls) for calls in self.model_calls.values()) + len(self.held)
         self.metrics.queue_depth.set(self.in_flight, tags={"stage": "in_flight"})
         self.metrics.queue_depth.set(self.at_sink, tags={"stage": "sink"})
         self.metrics.streams_active.set(sum(1 for st in self.streams.values() if st.status.state == "running"))

@@ -168,6 +168,7 @@ class TrainConfig(_Section):
     trained checkpoint is written (default ``<output>/checkpoint``); periodic checkpoints with
     optimiser state go to ``<output>/_checkpoints/train/`` and a new run resumes from the latest.
     ``final_eval`` evaluates the result on the held-out streams (``eval_windows`` windows each).
+    ``label_start``: the label loss joins the flow loss from this step on (0 = from the start).
     ``chain`` is how many consecutive windows a batch lane walks (carrying the latent state when
     ``carry_state``) before it jumps to a random window of another stream.
     """
@@ -183,6 +184,7 @@ class TrainConfig(_Section):
     modality_dropout: float = Field(0.0, ge=0, lt=1)
     flow_weight: float = Field(1.0, ge=0)
     label_weight: float = Field(1.0, ge=0)
+    label_start: int = Field(0, ge=0)
     carry_state: bool = True
     chain: int = Field(4, ge=1)
     checkpoint_every: int = Field(500, ge=1)
