@@ -11,7 +11,7 @@ outcome lists and sink writes together (one ``ray.wait`` pair). Decoded windows 
 several at a time, in one ``infer_many`` call (the model actor, an asyncio actor, orders each
 stream's windows itself), because Ray's cost per actor call is about 2 ms of the model actor's
 CPU, as much as a small model's forward pass: `send_now` holds them at the driver while the
-model has two batches of work, until they fill a batch. A window is sent only once decoded, so
+model has a batch of work, until they fill a batch. A window is sent only once decoded, so
 a slow or stalled source holds up no other stream's windows. The results stay in the object
 store and go to the sink by reference, unread.
 
@@ -156,11 +156,11 @@ def shipped_frames(model_frames: int | None) -> int | None:
 
 def send_now(held: int, at_model: int, batch_size: int) -> bool:
     """Whether the driver sends its ``held`` decoded windows to the model now, in one call: once
-    they fill a batch, or at once while the model has less than two batches of work (``at_model``
+    they fill a batch, or at once while the model has less than a batch of work (``at_model``
     windows sent and not yet returned), so it never waits on the driver and a quiet live stream
     pays no latency. Holding them otherwise makes calls of about a batch, which is what spreads
     Ray's cost per call."""
-    return held > 0 and (held >= batch_size or at_model < 2 * batch_size)
+    return held > 0 and (held >= batch_size or at_model < batch_size)
 
 
 def _points(value: Any) -> tuple[int | None, int] | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -96,6 +97,13 @@ def time_frequencies(num_bands: int, *, period: float, max_freq: float) -> torch
 
     Rounded to integers and made strictly increasing so every band is distinct.
     """
+    return _time_frequencies(num_bands, float(period), float(max_freq)).clone()
+
+
+@lru_cache(maxsize=64)
+def _time_frequencies(num_bands: int, period: float, max_freq: float) -> torch.Tensor:
+    # Cached (callers must not write into it): every adapter asks for the same few sets on every
+    # forward, ~50 us each to build.
     if num_bands < 1:
         raise ValueError("num_bands must be at least 1")
     top = max_freq * period
@@ -121,7 +129,7 @@ def time_fourier_features(
     phase ``(k * (t mod P)) mod P`` is computed in float64 and only the result is cast to ``dtype``,
     so the code of ``t = 3 days + 0.04 s`` is as exact as that of ``t = 0.04 s``.
     """
-    ks = time_frequencies(num_bands, period=period, max_freq=max_freq).to(t.device)
+    ks = _time_frequencies(num_bands, float(period), float(max_freq)).to(t.device)
     with torch.autocast(device_type=t.device.type, enabled=False):
         tm = torch.remainder(t.to(torch.float64), period)
         phase = torch.remainder(tm[..., None] * ks, period) * (2.0 * math.pi / period)

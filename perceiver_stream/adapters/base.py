@@ -49,6 +49,9 @@ def gather_last(values: torch.Tensor, mask: torch.Tensor, n: int) -> tuple[torch
     right-aligned (their real elements last) and the missing slots are marked False.
     """
     count = mask.sum(dim=1)  # B
+    same = int(count[0]) if count.numel() and bool((count == count[0]).all()) else -1
+    if same >= n:  # the usual batch: every row as long, so a slice (a gather of frames costs ~0.2 ms)
+        return values[:, same - n : same], torch.ones(values.shape[0], n, dtype=torch.bool, device=mask.device)
     idx = count[:, None] - n + torch.arange(n, device=mask.device)  # B x n
     valid = idx >= 0
     idx = idx.clamp(min=0)
