@@ -16,9 +16,8 @@ then jumps to a random window of another stream (a new chain, the state reset). 
 keep a batch's windows from many streams and times: walking the same 16 streams for a whole
 stream at a time made consecutive batches so alike that flow barely trained (a training EPE of
 0.80-0.86 px after 2750 steps, where a trial on independent windows reached a held-out 0.61 px
-in 400). The order is a
-function of ``(step, train seeds)``, so a resumed run sees the batches the interrupted one would
-have seen.
+in 400). The order is a function of ``(step, train seeds)``, so a resumed run sees the batches
+the interrupted one would have seen.
 
 Checkpoints: every ``checkpoint_every`` steps to ``<output>/_checkpoints/train/step-NNNNNNN/``
 (safetensors + config JSON, plus the optimiser state); a new run of the same config resumes from
