@@ -222,8 +222,8 @@ class ModelActor:
         windows are unaffected), and ``results[i]`` its `WindowResult` (None where it failed), so
         the runner reads only the small outcome list and hands the results to the sink by reference.
 
-        One call per driver step instead of one per window: Ray's cost per actor call (about 2 ms
-        of this actor's CPU) is paid once for all of them."""
+        Several windows per call instead of one: Ray's cost per actor call (about 2 ms of this
+        actor's CPU) is paid once for all of them."""
         if len(calls) != len(windows):
             raise ValueError(f"infer_many: {len(calls)} (seq, chain_start) pairs for {len(windows)} windows")
         results = await asyncio.gather(

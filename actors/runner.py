@@ -410,11 +410,8 @@ class _Loop:
                 progress = True
 
     def _infer(self, calls: list[_Call]) -> None:
-        """Send ``calls``' windows (all decoded) to the model in one call, each stream's in order;
+        """Send ``calls``' windows (all decoded, each stream's in order) to the model in one call;
         the driver waits on the small list of outcomes, the results stay in the object store."""
-        if not calls:
-            return
-        calls = sorted(calls, key=lambda c: (c.stream_id, c.seq))
         flags = []
         for call in calls:
             st = self.streams[call.stream_id]
