@@ -166,7 +166,8 @@ class TrainConfig(_Section):
     ``model`` holds overrides of the model library's config (validated there; ``flow_size``
     defaults to ``video.size``, the class names are the rig's). ``checkpoint`` is where the
     trained checkpoint is written (default ``<output>/checkpoint``); periodic checkpoints with
-    optimiser state go to ``<output>/_checkpoints/train/`` and a new run resumes from the latest.
+    optimiser state go to ``<output>/_checkpoints/train/`` and a new run resumes from the latest
+    (refused if the model, data or optimisation settings differ; ``steps`` may grow).
     ``final_eval`` evaluates the result on the held-out streams (``eval_windows`` windows each).
     ``label_start``: the label loss joins the flow loss from this step on (0 = from the start).
     ``chain`` is how many consecutive windows a batch lane walks (carrying the latent state when

@@ -139,10 +139,17 @@ def _latest(folder: Path) -> Path | None:
     return done[-1] if done else None
 
 
+_RESUME_FIXED = ("batch_size", "lr", "weight_decay", "warmup_steps", "grad_clip", "modality_dropout",
+                 "flow_weight", "label_weight", "label_start", "carry_state", "chain")
+
+
 def _check_resumable(path: Path, config: StreamingConfig, meta: dict[str, Any]) -> None:
     saved, saved_meta = read_config(path)
     diffs = [k for k, v in config.to_dict().items() if saved.to_dict().get(k) != v]
     diffs += [k for k in ("train_seeds", "seconds", "data") if saved_meta.get(k) != meta[k]]
+    # A run resumed under another optimisation would be neither run; only its length may change.
+    saved_train = saved_meta.get("train", {})
+    diffs += [f"train.{k}" for k in _RESUME_FIXED if k in saved_train and saved_train[k] != meta["train"][k]]
     if diffs:
         raise ConfigError(
             f"checkpoint {path} was trained with different {diffs}; train into a new output.dir "

@@ -52,13 +52,15 @@ def test_resume_continues_from_the_latest_checkpoint(tmp_path):
     assert fresh["resumed_from"] == 0
 
 
-def test_resume_refuses_a_checkpoint_of_another_model_or_data(tmp_path):
+def test_resume_refuses_a_checkpoint_of_another_model_data_or_optimisation(tmp_path):
     short = ["train.final_eval=false", "train.seconds=4", "train.seeds=[0, 1]", "train.steps=2"]
     train_job(_cfg(tmp_path, *short), progress=False)
     with pytest.raises(ConfigError, match="num_latents"):
         train_job(_cfg(tmp_path, *short, "train.steps=4", "train.model.num_latents=8"), progress=False)
     with pytest.raises(ConfigError, match="train_seeds"):
         train_job(_cfg(tmp_path, *short, "train.steps=4", "train.seeds=[0, 5]"), progress=False)
+    with pytest.raises(ConfigError, match=r"train\.lr.*train\.label_start"):
+        train_job(_cfg(tmp_path, *short, "train.steps=4", "train.lr=0.5", "train.label_start=1"), progress=False)
 
 
 def test_held_out_streams_must_not_be_training_seeds(tmp_path):
