@@ -5,7 +5,8 @@
           --(latent self-attention tower, weights shared across blocks)--> z
           --> flow:      one query per pixel of the flow grid (3x3 patches of the last two frames +
                          Fourier position), cross-attends to z, in chunks -> B x H x W x 2 px
-          --> labels:    one learned query -> num_classes logits
+          --> labels:    one learned query -> num_classes logits (reading the encoder's latents
+                         instead of z with ``labels_from_encoder``)
           --> embedding: mean over latents of LayerNorm(z)  (not L2-normalised; compare with cosine)
 
 Streaming state: the latents ``z`` that end window t seed window t+1 of the same stream,
@@ -55,6 +56,9 @@ class StreamingConfig:
     cross_heads, cross_widening: encoder cross-attention heads and MLP widening.
     self_heads, self_widening, self_attends_per_block, num_blocks: the latent tower; its
                      ``self_attends_per_block`` layers are applied ``num_blocks`` times (shared weights).
+    labels_from_encoder: the label decoder reads the encoder's latents instead of the tower's output.
+                     A cue that every latent holds alike (one object's shape, pooled over a point
+                     cloud) reached labels from the encoder's latents and not through the tower.
     state:           carry latents between windows of a stream (False = every window on its own).
     state_gate_init: initial value of the per-channel state gate (before the sigmoid).
     flow_modality:   the modality whose last two frames give flow (None = no flow decoder).
@@ -87,6 +91,7 @@ class StreamingConfig:
     self_widening: int = 2
     self_attends_per_block: int = 2
     num_blocks: int = 2
+    labels_from_encoder: bool = False
     state: bool = True
     state_gate_init: float = -1.0
     flow_modality: str | None = "video"
@@ -312,6 +317,10 @@ class StreamingPerceiverIO(nn.Module):
 
     def encode(self, batch: Batch, state: torch.Tensor | None = None) -> torch.Tensor:
         """The latents ``z`` (``B x M x C``) that end each window."""
+        return self._encode(batch, state)[1]
+
+    def _encode(self, batch: Batch, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder's latents and the tower's output (both ``B x M x C``)."""
         tok = self.preprocess(batch)
         latents = self.initial_latents(state, batch.reset)
         if latents is None:
@@ -322,10 +331,11 @@ class StreamingPerceiverIO(nn.Module):
             z = self.encoder(self.latents[None], tok.tokens, tok.mask, tok.modality, q_heads=q)
         else:
             z = self.encoder(latents, tok.tokens, tok.mask, tok.modality)
+        encoded = z
         for _ in range(self.config.num_blocks):
             for layer in self.tower:
                 z = layer(z)
-        return z
+        return encoded, z
 
     def _flow_pos(self, device: torch.device) -> torch.Tensor:
         cfg = self.config
@@ -384,11 +394,11 @@ class StreamingPerceiverIO(nn.Module):
     def forward(self, batch: Batch, state: torch.Tensor | None = None) -> ModelOutput:
         """Outputs for ``batch``; ``state`` (``B x M x C``, from the previous window of each row's
         stream, e.g. ``StreamStates.gather``) seeds the latents where ``batch.reset`` is False."""
-        z = self.encode(batch, state)
+        encoded, z = self._encode(batch, state)
         flow, flow_valid = self.decode_flow(batch, z)
         return ModelOutput(
             embedding=self.embed(z).float(),
-            label_logits=self.decode_labels(z).float(),
+            label_logits=self.decode_labels(encoded if self.config.labels_from_encoder else z).float(),
             flow=None if flow is None else flow.float(),
             flow_valid=flow_valid,
             state=z,

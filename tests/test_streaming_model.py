@@ -151,6 +151,22 @@ def test_flow_stride_decodes_a_coarser_grid_and_upsamples_it():
 
 
 @torch.no_grad()
+def test_labels_from_encoder_read_the_latents_before_the_tower():
+    torch.manual_seed(0)
+    m = StreamingPerceiverIO(small_config(labels_from_encoder=True)).eval()
+    batch = make_batch(b=2)
+    before = m(batch)
+    for p in m.tower.parameters():
+        p.add_(0.5 * torch.randn_like(p))
+    after = m(batch)
+    torch.testing.assert_close(after.label_logits, before.label_logits)  # the tower is not on their path
+    assert not torch.allclose(after.embedding, before.embedding)  # flow, embedding, state still read z
+    assert not torch.allclose(after.flow, before.flow)
+    m.config = replace(m.config, labels_from_encoder=False)  # the default: labels read z too
+    assert not torch.allclose(m(batch).label_logits, before.label_logits)
+
+
+@torch.no_grad()
 def test_shapes_and_flow_validity(model):
     batch = make_batch(b=3, frames=[4, 1, 2])
     out = model(batch)
