@@ -60,7 +60,11 @@ class MultimodalPreprocessor(nn.Module):
     is absent its tokens are masked out and zeroed, so whatever its values hold (even NaN) changes
     nothing. ``mask_probs`` (per modality) replaces tokens by a learned mask token with that
     probability, in training mode only. ``token_mlps`` (modality -> hidden width) passes that
-    modality's tokens through a `TokenMLP` before padding. Batch modalities without an adapter are ignored.
+    modality's tokens through a `TokenMLP` before padding. With ``norms``, each modality's tokens get a
+    LayerNorm of their own before padding: the encoder's key/value LayerNorm and projections are
+    shared, so without it one modality's large channels (learned point features) drown its small
+    ones (a point's intensity) in every row, and no shared scale can undo that for it alone.
+    Batch modalities without an adapter are ignored.
     """
 
     def __init__(
@@ -70,6 +74,7 @@ class MultimodalPreprocessor(nn.Module):
         min_padding: int = 4,
         mask_probs: dict[str, float] | None = None,
         token_mlps: dict[str, int] | None = None,
+        norms: bool = False,
     ) -> None:
         super().__init__()
         if not adapters:
@@ -91,6 +96,7 @@ class MultimodalPreprocessor(nn.Module):
         self.token_mlps = nn.ModuleDict(
             {k: TokenMLP(adapters[k].out_channels, int(h)) for k, h in token_mlps.items()}
         )
+        self.norms = nn.ModuleDict({k: nn.LayerNorm(a.out_channels) for k, a in adapters.items()}) if norms else None
         self.mask_probs = {k: float(p) for k, p in mask_probs.items() if p > 0}
         self.mask_tokens = nn.ParameterDict(
             {k: nn.Parameter(0.02 * torch.randn(self.width)) for k in self.mask_probs}
@@ -108,6 +114,8 @@ class MultimodalPreprocessor(nn.Module):
             x, mask = self.adapters[name](m, t_ref)
             if name in self.token_mlps:
                 x = self.token_mlps[name](x)
+            if self.norms is not None:
+                x = self.norms[name](x)
             b, n, _ = x.shape
             x = torch.cat([x, self.padding[name].to(x.dtype).expand(b, n, -1)], dim=-1)
             if self.training and name in self.mask_probs:

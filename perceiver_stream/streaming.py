@@ -52,6 +52,8 @@ class StreamingConfig:
     mask_probs:      per-modality probability of replacing a token by a learned mask token (training only).
     token_mlps:      modality -> hidden width of a per-token residual MLP applied to its tokens before
                      the encoder (``multimodal.TokenMLP``; empty = tokens go in as the adapters make them).
+    modality_norms:  a LayerNorm per modality on its tokens before they are padded and concatenated
+                     (``MultimodalPreprocessor``'s ``norms``).
     num_latents, latent_channels: the latent array ``M x C``.
     cross_heads, cross_widening: encoder cross-attention heads and MLP widening.
     self_heads, self_widening, self_attends_per_block, num_blocks: the latent tower; its
@@ -83,6 +85,7 @@ class StreamingConfig:
     min_padding: int = 4
     mask_probs: dict[str, float] = field(default_factory=dict)
     token_mlps: dict[str, int] = field(default_factory=dict)
+    modality_norms: bool = False
     num_latents: int = 64
     latent_channels: int = 128
     cross_heads: int = 1
@@ -268,6 +271,7 @@ class StreamingPerceiverIO(nn.Module):
             min_padding=config.min_padding,
             mask_probs=config.mask_probs,
             token_mlps=config.token_mlps,
+            norms=config.modality_norms,
         )
         self.latents = nn.Parameter(0.02 * torch.randn(m, c))
         self.encoder = GatedCrossAttention(

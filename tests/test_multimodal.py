@@ -116,3 +116,29 @@ def test_token_mlp_transforms_each_token_on_its_own():
         MultimodalPreprocessor(adapters, token_mlps={"video": 8})
     with pytest.raises(ValueError, match="at least 1"):
         TokenMLP(4, 0)
+
+
+def test_modality_norms_put_each_modality_on_its_own_scale():
+    torch.manual_seed(4)
+    adapters = {
+        "tags": build_adapter({"kind": "labels", "num_classes": 3, "time_bands": 2}),
+        "lidar": build_adapter({"kind": "points", "pos_bands": 2, "time_bands": 2}),
+    }
+    plain = MultimodalPreprocessor(adapters, min_padding=3)
+    pre = MultimodalPreprocessor(adapters, min_padding=3, norms=True)
+    pre.padding.load_state_dict(plain.padding.state_dict())
+    lidar = points_mb(2, 5, [True, False])
+    lidar.values[1] = float("nan")
+    b = batch({"tags": labels_mb(2, 4, [True, True]), "lidar": lidar})
+    out, ref = pre(b), plain(b)
+    c = adapters["lidar"].out_channels
+    lid = out.tokens[0, 4:, :c]
+    # each real token over its own adapter's channels: mean 0, variance 1 (the norm's initial affine)
+    torch.testing.assert_close(lid.mean(-1), torch.zeros(5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(lid.var(-1, unbiased=False), torch.ones(5), atol=1e-3, rtol=0)
+    torch.testing.assert_close(lid, pre.norms["lidar"](ref.tokens[0, 4:, :c]))
+    # scaling the adapter's output changes nothing after the norm; the padding is left as it is
+    x, _ = adapters["lidar"](b.modalities["lidar"], b.t_end)
+    torch.testing.assert_close(pre.norms["lidar"](10 * x[0]), lid, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.tokens[0, 4:, c:], ref.tokens[0, 4:, c:])
+    assert torch.all(out.tokens[1, 4:] == 0) and torch.isfinite(out.tokens).all()

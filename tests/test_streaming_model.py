@@ -102,10 +102,10 @@ def model() -> StreamingPerceiverIO:
 
 @pytest.fixture(scope="module")
 def mlp_model() -> StreamingPerceiverIO:
-    """The small model with per-token MLPs on every modality and a flow correlation volume."""
+    """The small model with per-token MLPs and norms on every modality and a flow correlation volume."""
     torch.manual_seed(0)
     return StreamingPerceiverIO(
-        small_config(token_mlps={"video": 24, "audio": 8, "points": 16}, flow_corr_radius=2)
+        small_config(token_mlps={"video": 24, "audio": 8, "points": 16}, modality_norms=True, flow_corr_radius=2)
     ).eval()
 
 
