@@ -25,13 +25,18 @@ def batch(mods: dict[str, ModalityBatch], b: int = 2) -> Batch:
     return Batch([f"s{i}" for i in range(b)], torch.arange(b), z, z + 1, torch.ones(b, dtype=torch.bool), mods)
 
 
-@pytest.fixture
-def pre() -> MultimodalPreprocessor:
-    torch.manual_seed(0)
-    adapters = {
+def tags_and_lidar() -> dict:
+    """A labels adapter and a points adapter (small)."""
+    return {
         "tags": build_adapter({"kind": "labels", "num_classes": 3, "time_bands": 2}),
         "lidar": build_adapter({"kind": "points", "pos_bands": 2, "time_bands": 2}),
     }
+
+
+@pytest.fixture
+def pre() -> MultimodalPreprocessor:
+    torch.manual_seed(0)
+    adapters = tags_and_lidar()
     return MultimodalPreprocessor(adapters, min_padding=3)
 
 
@@ -89,10 +94,7 @@ def test_mask_tokens_only_in_training():
 
 def test_token_mlp_transforms_each_token_on_its_own():
     torch.manual_seed(3)
-    adapters = {
-        "tags": build_adapter({"kind": "labels", "num_classes": 3, "time_bands": 2}),
-        "lidar": build_adapter({"kind": "points", "pos_bands": 2, "time_bands": 2}),
-    }
+    adapters = tags_and_lidar()
     plain = MultimodalPreprocessor(adapters, min_padding=3)
     pre = MultimodalPreprocessor(adapters, min_padding=3, token_mlps={"lidar": 16})
     pre.padding.load_state_dict(plain.padding.state_dict())
@@ -120,10 +122,7 @@ def test_token_mlp_transforms_each_token_on_its_own():
 
 def test_modality_norms_put_each_modality_on_its_own_scale():
     torch.manual_seed(4)
-    adapters = {
-        "tags": build_adapter({"kind": "labels", "num_classes": 3, "time_bands": 2}),
-        "lidar": build_adapter({"kind": "points", "pos_bands": 2, "time_bands": 2}),
-    }
+    adapters = tags_and_lidar()
     plain = MultimodalPreprocessor(adapters, min_padding=3)
     pre = MultimodalPreprocessor(adapters, min_padding=3, norms=True)
     pre.padding.load_state_dict(plain.padding.state_dict())
