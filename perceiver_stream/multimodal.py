@@ -61,10 +61,8 @@ class MultimodalPreprocessor(nn.Module):
     nothing. ``mask_probs`` (per modality) replaces tokens by a learned mask token with that
     probability, in training mode only. ``token_mlps`` (modality -> hidden width) passes that
     modality's tokens through a `TokenMLP` before padding. With ``norms``, each modality's tokens get a
-    LayerNorm of their own before padding: the encoder's key/value LayerNorm and projections are
-    shared, so without it one modality's large channels (learned point features) drown its small
-    ones (a point's intensity) in every row, and no shared scale can undo that for it alone.
-    Batch modalities without an adapter are ignored.
+    LayerNorm of their own before padding (its own scale and affine, where the encoder's key/value
+    LayerNorm is shared by all). Batch modalities without an adapter are ignored.
     """
 
     def __init__(

@@ -58,9 +58,9 @@ class StreamingConfig:
     cross_heads, cross_widening: encoder cross-attention heads and MLP widening.
     self_heads, self_widening, self_attends_per_block, num_blocks: the latent tower; its
                      ``self_attends_per_block`` layers are applied ``num_blocks`` times (shared weights).
-    labels_from_encoder: the label decoder reads the encoder's latents instead of the tower's output.
-                     A cue that every latent holds alike (one object's shape, pooled over a point
-                     cloud) reached labels from the encoder's latents and not through the tower.
+    labels_from_encoder: the label decoder reads the encoder's latents instead of the tower's output
+                     (trained on points alone, shape reached the labels this way and not through
+                     the tower).
     state:           carry latents between windows of a stream (False = every window on its own).
     state_gate_init: initial value of the per-channel state gate (before the sigmoid).
     flow_modality:   the modality whose last two frames give flow (None = no flow decoder).
@@ -319,12 +319,9 @@ class StreamingPerceiverIO(nn.Module):
         seed = torch.sigmoid(self.state_gate) * self.state_proj(self.state_norm(state))
         return self.latents[None] + torch.where(carry, seed, 0.0)
 
-    def encode(self, batch: Batch, state: torch.Tensor | None = None) -> torch.Tensor:
-        """The latents ``z`` (``B x M x C``) that end each window."""
-        return self._encode(batch, state)[1]
-
-    def _encode(self, batch: Batch, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The encoder's latents and the tower's output (both ``B x M x C``)."""
+    def encode(self, batch: Batch, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder's latents and the tower's output ``z``, the latents that end each window
+        (both ``B x M x C``)."""
         tok = self.preprocess(batch)
         latents = self.initial_latents(state, batch.reset)
         if latents is None:
@@ -398,7 +395,7 @@ class StreamingPerceiverIO(nn.Module):
     def forward(self, batch: Batch, state: torch.Tensor | None = None) -> ModelOutput:
         """Outputs for ``batch``; ``state`` (``B x M x C``, from the previous window of each row's
         stream, e.g. ``StreamStates.gather``) seeds the latents where ``batch.reset`` is False."""
-        encoded, z = self._encode(batch, state)
+        encoded, z = self.encode(batch, state)
         flow, flow_valid = self.decode_flow(batch, z)
         return ModelOutput(
             embedding=self.embed(z).float(),
