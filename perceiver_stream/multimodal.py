@@ -62,7 +62,10 @@ class MultimodalPreprocessor(nn.Module):
     probability, in training mode only. ``token_mlps`` (modality -> hidden width) passes that
     modality's tokens through a `TokenMLP` before padding. With ``norms``, each modality's tokens get a
     LayerNorm of their own before padding (its own scale and affine, where the encoder's key/value
-    LayerNorm is shared by all). Batch modalities without an adapter are ignored.
+    LayerNorm is shared by all). With ``own_channels``, each modality's channels sit in a slice of
+    the token of its own (the rest zero, plus a learned per-modality vector over the whole width),
+    so the encoder's key/value weights for one modality's features get no gradient from another's
+    tokens. Batch modalities without an adapter are ignored.
     """
 
     def __init__(
@@ -73,6 +76,7 @@ class MultimodalPreprocessor(nn.Module):
         mask_probs: dict[str, float] | None = None,
         token_mlps: dict[str, int] | None = None,
         norms: bool = False,
+        own_channels: bool = False,
     ) -> None:
         super().__init__()
         if not adapters:
@@ -87,10 +91,18 @@ class MultimodalPreprocessor(nn.Module):
             raise ValueError(f"token_mlps names modalities without an adapter: {unknown}")
         self.names: list[str] = list(adapters)
         self.adapters = nn.ModuleDict(adapters)
-        self.width = max(a.out_channels for a in adapters.values()) + min_padding
-        self.padding = nn.ParameterDict(
-            {k: nn.Parameter(0.02 * torch.randn(self.width - a.out_channels)) for k, a in adapters.items()}
-        )
+        widths = [a.out_channels for a in adapters.values()]
+        if own_channels:
+            self.width = sum(widths) + min_padding
+            starts = [sum(widths[:i]) for i in range(len(widths))]
+            self.offsets: dict[str, int] | None = dict(zip(adapters, starts))
+            self.padding = nn.ParameterDict({k: nn.Parameter(0.02 * torch.randn(self.width)) for k in adapters})
+        else:
+            self.width = max(widths) + min_padding
+            self.offsets = None
+            self.padding = nn.ParameterDict(
+                {k: nn.Parameter(0.02 * torch.randn(self.width - a.out_channels)) for k, a in adapters.items()}
+            )
         self.token_mlps = nn.ModuleDict(
             {k: TokenMLP(adapters[k].out_channels, int(h)) for k, h in token_mlps.items()}
         )
@@ -114,8 +126,12 @@ class MultimodalPreprocessor(nn.Module):
                 x = self.token_mlps[name](x)
             if self.norms is not None:
                 x = self.norms[name](x)
-            b, n, _ = x.shape
-            x = torch.cat([x, self.padding[name].to(x.dtype).expand(b, n, -1)], dim=-1)
+            b, n, c = x.shape
+            if self.offsets is None:
+                x = torch.cat([x, self.padding[name].to(x.dtype).expand(b, n, -1)], dim=-1)
+            else:
+                start = self.offsets[name]
+                x = F.pad(x, (start, self.width - start - c)) + self.padding[name].to(x.dtype)
             if self.training and name in self.mask_probs:
                 hit = torch.rand(b, n, device=x.device) < self.mask_probs[name]
                 x = torch.where(hit[..., None], self.mask_tokens[name].to(x.dtype), x)

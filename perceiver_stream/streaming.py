@@ -54,10 +54,17 @@ class StreamingConfig:
                      the encoder (``multimodal.TokenMLP``; empty = tokens go in as the adapters make them).
     modality_norms:  a LayerNorm per modality on its tokens before they are padded and concatenated
                      (``MultimodalPreprocessor``'s ``norms``).
+    own_channels:    each modality's token channels in a slice of its own (``MultimodalPreprocessor``'s
+                     ``own_channels``): no encoder key/value weight is shared between modalities.
     num_latents, latent_channels: the latent array ``M x C``.
+    modality_latents: modality -> number of extra latents of its own, appended to the ``num_latents``
+                     shared ones, that attend to that modality's tokens alone in the encoder: a
+                     pathway that a crowded modality (256 video tokens) cannot take from it.
     cross_heads, cross_widening: encoder cross-attention heads and MLP widening.
     self_heads, self_widening, self_attends_per_block, num_blocks: the latent tower; its
                      ``self_attends_per_block`` layers are applied ``num_blocks`` times (shared weights).
+    label_heads:     heads of the label decoder's cross-attention (several let one query read hue,
+                     shape and material from the latents of different modalities at once).
     labels_from_encoder: the label decoder reads the encoder's latents instead of the tower's output
                      (trained on points alone, shape reached the labels this way and not through
                      the tower).
@@ -86,7 +93,9 @@ class StreamingConfig:
     mask_probs: dict[str, float] = field(default_factory=dict)
     token_mlps: dict[str, int] = field(default_factory=dict)
     modality_norms: bool = False
+    own_channels: bool = False
     num_latents: int = 64
+    modality_latents: dict[str, int] = field(default_factory=dict)
     latent_channels: int = 128
     cross_heads: int = 1
     cross_widening: int = 1
@@ -94,6 +103,7 @@ class StreamingConfig:
     self_widening: int = 2
     self_attends_per_block: int = 2
     num_blocks: int = 2
+    label_heads: int = 1
     labels_from_encoder: bool = False
     state: bool = True
     state_gate_init: float = -1.0
@@ -118,15 +128,17 @@ class StreamingConfig:
         self.class_names = tuple(str(c) for c in self.class_names)
         self.mask_probs = {str(k): float(v) for k, v in self.mask_probs.items()}
         self.token_mlps = {str(k): int(v) for k, v in self.token_mlps.items()}
+        self.modality_latents = {str(k): int(v) for k, v in self.modality_latents.items()}
         positive = ("num_latents", "latent_channels", "cross_heads", "cross_widening", "self_heads",
-                    "self_widening", "self_attends_per_block", "num_blocks", "flow_pos_bands", "flow_channels",
+                    "self_widening", "self_attends_per_block", "num_blocks", "label_heads", "flow_pos_bands", "flow_channels",
                     "flow_widening")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"model config: {name} must be at least 1, got {getattr(self, name)}")
         if self.min_padding < 0:
             raise ValueError("model config: min_padding must be >= 0")
-        for name, heads in (("cross_heads", self.cross_heads), ("self_heads", self.self_heads)):
+        for name, heads in (("cross_heads", self.cross_heads), ("self_heads", self.self_heads),
+                            ("label_heads", self.label_heads)):
             if self.latent_channels % heads:
                 raise ValueError(f"model config: latent_channels ({self.latent_channels}) not divisible by {name}")
         if len(self.flow_size) != 2 or min(self.flow_size) < 1:
@@ -153,6 +165,9 @@ class StreamingConfig:
         for k, hidden in self.token_mlps.items():
             if k not in self.modalities or hidden < 1:
                 raise ValueError(f"model config: token_mlps[{k!r}] must name a modality and be a width >= 1")
+        for k, n in self.modality_latents.items():
+            if k not in self.modalities or n < 0:
+                raise ValueError(f"model config: modality_latents[{k!r}] must name a modality and be >= 0")
         if len(set(self.class_names)) != len(self.class_names):
             raise ValueError("model config: class_names must be distinct")
 
@@ -175,6 +190,11 @@ class StreamingConfig:
     def replace(self, **overrides: Any) -> StreamingConfig:
         """A validated copy with ``overrides`` (e.g. a student's fewer latents / layers)."""
         return StreamingConfig.from_dict({**self.to_dict(), **overrides})
+
+    @property
+    def total_latents(self) -> int:
+        """The shared latents plus every modality's own."""
+        return self.num_latents + sum(self.modality_latents.values())
 
     @property
     def num_classes(self) -> int:
@@ -216,8 +236,10 @@ class GatedCrossAttention(nn.Module):
         mask: torch.Tensor,
         source: torch.Tensor,
         q_heads: torch.Tensor | None = None,
+        query_source: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``queries`` ``B|1 x M x C``, ``tokens`` ``B x N x D``, ``mask`` ``B x N``, ``source`` ``N``."""
+        """``queries`` ``B|1 x M x C``, ``tokens`` ``B x N x D``, ``mask`` ``B x N``, ``source`` ``N``;
+        ``query_source`` ``M`` (optional): the one source each query may attend to, -1 for any."""
         b = tokens.shape[0]
         q = self.query_heads(queries) if q_heads is None else q_heads
         q = q.expand(b, -1, -1, -1)
@@ -226,12 +248,16 @@ class GatedCrossAttention(nn.Module):
             o = q.new_zeros(b, h, m, d)
         else:
             k, v = self.attn.project_kv(self.kv_norm(tokens))
-            empty = ~mask.any(dim=1)
-            attend = mask | empty[:, None]
+            attend = mask[:, None, :]  # B x 1|M x N
+            if query_source is not None:
+                own = (query_source[:, None] < 0) | (query_source[:, None] == source[None, :])
+                attend = attend & own[None]
+            empty = ~attend.any(dim=-1)  # B x 1|M
+            attend = attend | empty[..., None]
             bias = F.logsigmoid(self.gate)[source].transpose(0, 1).to(q.dtype)  # H x N
-            logits_bias = torch.where(attend[:, None, None, :], bias[None, :, None, :], float("-inf"))
+            logits_bias = torch.where(attend[:, None], bias[None, :, None, :], float("-inf"))
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=logits_bias)
-            o = torch.where(empty[:, None, None, None], 0.0, o)
+            o = torch.where(empty[:, None, :, None], 0.0, o)
         x = self.attn.out(o.transpose(1, 2).reshape(b, m, h * d)) + queries
         return x + self.mlp(self.mlp_norm(x))
 
@@ -265,15 +291,22 @@ class StreamingPerceiverIO(nn.Module):
     def __init__(self, config: StreamingConfig) -> None:
         super().__init__()
         self.config = config
-        c, m = config.latent_channels, config.num_latents
+        c, m = config.latent_channels, config.total_latents
         self.preprocess = MultimodalPreprocessor(
             {k: build_adapter(spec) for k, spec in config.modalities.items()},
             min_padding=config.min_padding,
             mask_probs=config.mask_probs,
             token_mlps=config.token_mlps,
             norms=config.modality_norms,
+            own_channels=config.own_channels,
         )
         self.latents = nn.Parameter(0.02 * torch.randn(m, c))
+        names = self.preprocess.names
+        own = [-1] * config.num_latents + [
+            names.index(k) for k in names for _ in range(config.modality_latents.get(k, 0))
+        ]
+        # Which modality each latent may attend to in the encoder (-1: any); derived from the config.
+        self.register_buffer("latent_modality", torch.tensor(own, dtype=torch.long), persistent=False)
         self.encoder = GatedCrossAttention(
             c, self.preprocess.width, len(self.preprocess.names),
             num_heads=config.cross_heads, widening_factor=config.cross_widening,
@@ -288,7 +321,7 @@ class StreamingPerceiverIO(nn.Module):
         self.final_norm = nn.LayerNorm(c)
         if config.num_classes:
             self.label_query = nn.Parameter(0.02 * torch.randn(1, 1, c))
-            self.label_decoder = CrossAttention(c, c, num_heads=1, widening_factor=1)
+            self.label_decoder = CrossAttention(c, c, num_heads=config.label_heads, widening_factor=1)
             self.label_head = nn.Linear(c, config.num_classes)
         if config.flow_modality is not None:
             fc = config.flow_channels
@@ -323,15 +356,16 @@ class StreamingPerceiverIO(nn.Module):
         """The encoder's latents and the tower's output ``z``, the latents that end each window
         (both ``B x M x C``)."""
         tok = self.preprocess(batch)
+        own = self.latent_modality if self.config.modality_latents else None
         latents = self.initial_latents(state, batch.reset)
         if latents is None:
             q = self._cache.get(
                 "latent_q", [self.latents, *self.encoder.q_norm.parameters(), *self.encoder.attn.q.parameters()],
                 self.latents.device, lambda: self.encoder.query_heads(self.latents[None]),
             )
-            z = self.encoder(self.latents[None], tok.tokens, tok.mask, tok.modality, q_heads=q)
+            z = self.encoder(self.latents[None], tok.tokens, tok.mask, tok.modality, q_heads=q, query_source=own)
         else:
-            z = self.encoder(latents, tok.tokens, tok.mask, tok.modality)
+            z = self.encoder(latents, tok.tokens, tok.mask, tok.modality, query_source=own)
         encoded = z
         for _ in range(self.config.num_blocks):
             for layer in self.tower:

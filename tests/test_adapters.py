@@ -206,6 +206,31 @@ def test_video_stack_puts_consecutive_frames_in_one_token():
         build_adapter({"kind": "video", "frames": 3, "stack": 2})
 
 
+def test_video_conv_stem_adds_features_that_see_beyond_one_patch():
+    torch.manual_seed(0)
+    a = build_adapter({"kind": "video", "patch": 4, "frames": 4, "stack": 2, "conv": 6, "pos_bands": 2,
+                       "time_bands": 2})
+    m = video_batch([4, 4], hw=16)
+    t_ref = torch.tensor([51.0, 51.0], dtype=torch.float64)
+    tokens, mask = a(m, t_ref)
+    n = 16
+    assert a.out_channels == 96 + 6 + fourier_channels(2, 2) + 5
+    assert tokens.shape == (2, 2 * n, a.out_channels) and mask.all()
+    plain = build_adapter({"kind": "video", "patch": 4, "frames": 4, "stack": 2, "pos_bands": 2, "time_bands": 2})
+    ref, _ = plain(m, t_ref)
+    torch.testing.assert_close(tokens[..., :96], ref[..., :96])  # pixels, then the stem's channels
+    torch.testing.assert_close(tokens[..., 102:], ref[..., 96:])
+    # A pixel change two patches away from token (0, 0) reaches it only through the stem's 3x3
+    # conv on the token grid: the neighbouring token (0, 1) sees it, token (0, 0) does not.
+    changed = m.values.clone()
+    changed[0, 3, 0, 9] = 255 - changed[0, 3, 0, 9]  # row 0, column 9: inside token (0, 2)
+    moved, _ = a(ModalityBatch(changed, m.times, m.mask, m.present), t_ref)
+    diff = (moved - tokens)[0, n:, 96:102].abs().sum(-1).view(4, 4)
+    assert diff[0, 0] == 0 and diff[0, 1] > 0 and diff[0, 2] > 0
+    with pytest.raises(ValueError, match="conv"):
+        build_adapter({"kind": "video", "conv": -1})
+
+
 def test_local_correlation_peaks_at_the_shift():
     from perceiver_stream.adapters.video import local_correlation
 

@@ -141,3 +141,29 @@ def test_modality_norms_put_each_modality_on_its_own_scale():
     torch.testing.assert_close(pre.norms["lidar"](10 * x[0]), lid, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out.tokens[0, 4:, c:], ref.tokens[0, 4:, c:])
     assert torch.all(out.tokens[1, 4:] == 0) and torch.isfinite(out.tokens).all()
+
+
+def test_own_channels_give_each_modality_a_slice_of_the_token():
+    torch.manual_seed(5)
+    adapters = tags_and_lidar()
+    pre = MultimodalPreprocessor(adapters, min_padding=3, own_channels=True)
+    ct, cl = adapters["tags"].out_channels, adapters["lidar"].out_channels
+    assert pre.width == ct + cl + 3 and pre.offsets == {"tags": 0, "lidar": ct}
+    lidar = points_mb(2, 5, [True, False])
+    lidar.values[1] = float("nan")
+    b = batch({"tags": labels_mb(2, 4, [True, True]), "lidar": lidar})
+    out = pre(b)
+    x, _ = adapters["lidar"](b.modalities["lidar"], b.t_end)
+    # a lidar token: its features in the lidar slice, zero elsewhere, plus the lidar vector everywhere
+    expect = torch.cat([torch.zeros(5, ct), x[0], torch.zeros(5, 3)], dim=-1) + pre.padding["lidar"]
+    torch.testing.assert_close(out.tokens[0, 4:], expect)
+    # so a key/value weight that reads the lidar slice learns nothing from the tags' features
+    grads = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        w = torch.zeros(pre.width, requires_grad=True)
+        (pre(batch({"tags": labels_mb(2, 4, [True, True])})).tokens @ w).sum().backward()
+        grads.append(w.grad)
+    torch.testing.assert_close(grads[0][ct:ct + cl], grads[1][ct:ct + cl])
+    assert not torch.allclose(grads[0][:ct], grads[1][:ct])
+    assert torch.all(out.tokens[1, 4:] == 0) and torch.isfinite(out.tokens).all()

@@ -113,7 +113,7 @@ def mlp_model() -> StreamingPerceiverIO:
 def local_model() -> StreamingPerceiverIO:
     """The small model with point edge features over the last scans and convolutional flow queries."""
     torch.manual_seed(0)
-    cfg = small_config(flow_query_hidden=8)
+    cfg = small_config(flow_query_hidden=8, modality_latents={"points": 2, "audio": 1})
     cfg.modalities["points"] = {**cfg.modalities["points"], "local_k": 4, "local_channels": 8, "scans": 2, "global_pool": True}
     return StreamingPerceiverIO(StreamingConfig.from_dict(cfg.to_dict())).eval()
 
@@ -164,6 +164,27 @@ def test_labels_from_encoder_read_the_latents_before_the_tower():
     assert not torch.allclose(after.flow, before.flow)
     m.config = replace(m.config, labels_from_encoder=False)  # the default: labels read z too
     assert not torch.allclose(m(batch).label_logits, before.label_logits)
+
+
+@torch.no_grad()
+def test_modality_latents_attend_to_their_own_modality_alone():
+    torch.manual_seed(0)
+    m = StreamingPerceiverIO(small_config(modality_latents={"points": 3, "audio": 0})).eval()
+    assert m.latents.shape == (8 + 3, 32) and m.config.total_latents == 11
+    assert m.latent_modality.tolist() == [-1] * 8 + [2] * 3
+    batch = make_batch(b=2)
+    encoded, z = m.encode(batch)
+    assert encoded.shape == z.shape == (2, 11, 32)
+    video = batch.modalities["video"]
+    other_video = replace(batch, modalities={**batch.modalities, "video": replace(video, values=255 - video.values)})
+    encoded2, _ = m.encode(other_video)
+    torch.testing.assert_close(encoded2[:, 8:], encoded[:, 8:])  # the points' own latents never see video
+    assert not torch.allclose(encoded2[:, :8], encoded[:, :8])  # the shared ones do
+    pts = batch.modalities["points"]
+    other_points = replace(batch, modalities={**batch.modalities, "points": replace(pts, values=-pts.values)})
+    assert not torch.allclose(m.encode(other_points)[0][:, 8:], encoded[:, 8:])
+    with pytest.raises(ValueError, match="modality_latents"):
+        small_config(modality_latents={"lidar": 2})
 
 
 @torch.no_grad()
@@ -347,6 +368,10 @@ def test_config_validation_and_round_trip():
         small_config(flow_modality="audio")
     with pytest.raises(ValueError, match="divisible"):
         small_config(latent_channels=30, self_heads=4)
+    with pytest.raises(ValueError, match="label_heads"):
+        small_config(label_heads=3)
+    heads = StreamingPerceiverIO(small_config(label_heads=4)).label_decoder.attn.num_heads
+    assert heads == 4
     student = cfg.replace(num_latents=4, num_blocks=1)
     assert student.num_latents == 4 and student.class_names == cfg.class_names
 

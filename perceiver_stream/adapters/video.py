@@ -40,6 +40,11 @@ class VideoAdapterConfig:
     stack:       consecutive frames stacked on the channels of one token (a token then sees the
                  same place in ``stack`` frames: motion is local to it). Groups are aligned to the
                  window's last frame; a group with a missing frame is masked out.
+    conv:        with c > 0, each token also gets ``c`` channels of a small convolutional stem over
+                 its group's frames (3x3 conv, a ``patch x patch`` stride-``patch`` conv, a 3x3 conv
+                 on the token grid; GELU between): a silhouette's corners and curvature span
+                 several patches, which a linear map of one patch's pixels cannot see (as
+                 DeepMind's ``prep_type='conv'``, smaller).
     pos_bands:   Fourier bands of the (y, x) patch position (DeepMind form, max resolution = grid).
     time_*:      the media-time code (see ``fourier.time_fourier_features``).
     """
@@ -48,6 +53,7 @@ class VideoAdapterConfig:
     patch: int = 4
     frames: int | None = 2
     stack: int = 1
+    conv: int = 0
     pos_bands: int = 8
     time_bands: int = 8
     time_period: float = 2.0**17
@@ -56,6 +62,8 @@ class VideoAdapterConfig:
     def __post_init__(self) -> None:
         if min(self.patch, self.stack, self.pos_bands, self.time_bands) < 1:
             raise ValueError("video adapter: patch, stack, pos_bands and time_bands must be at least 1")
+        if self.conv < 0:
+            raise ValueError("video adapter: conv must be >= 0 (0 = no convolutional stem)")
         if self.frames is not None and (self.frames < 1 or self.frames % self.stack):
             raise ValueError("video adapter: frames must be a positive multiple of stack (or null for all frames)")
 
@@ -63,15 +71,22 @@ class VideoAdapterConfig:
 class VideoAdapter(Adapter):
     """Video ``B x T x H x W x 3`` uint8 -> one token per patch of each used frame (group).
 
-    Token channels: ``[pixels (stack*p*p*3, oldest frame first), Fourier(y, x), time code of the
-    group's last frame]``.
+    Token channels: ``[pixels (stack*p*p*3, oldest frame first), conv stem (``conv``, if any),
+    Fourier(y, x), time code of the group's last frame]``.
     """
 
     def __init__(self, config: VideoAdapterConfig) -> None:
         super().__init__()
         self.config = config
+        c, p = config.conv, config.patch
+        self.stem = nn.Sequential(
+            nn.Conv2d(3 * config.stack, c, 3, padding=1), nn.GELU(),
+            nn.Conv2d(c, c, p, stride=p), nn.GELU(),
+            nn.Conv2d(c, c, 3, padding=1),
+        ) if c else None
         self.out_channels = (
-            config.stack * config.patch * config.patch * 3
+            config.stack * p * p * 3
+            + c
             + fourier_channels(2, config.pos_bands)
             + time_channels(config.time_bands)
         )
@@ -90,11 +105,16 @@ class VideoAdapter(Adapter):
             mask = mask.view(mask.shape[0], -1, k).all(dim=2)
             times = times.view(times.shape[0], -1, k)[:, :, -1]
         b, t, h, w, _ = values.shape
-        pix = space_to_depth(normalise_frames(values), cfg.patch)  # B x T x P x C
+        frames = normalise_frames(values)
+        pix = space_to_depth(frames, cfg.patch)  # B x T x P x C
         n = pix.shape[2]
         if k > 1:
             t = t // k
             pix = pix.view(b, t, k, n, -1).transpose(2, 3).reshape(b, t, n, -1)
+        if self.stem is not None:
+            groups = frames.view(b * t, k, h, w, 3).permute(0, 1, 4, 2, 3).reshape(b * t, k * 3, h, w)
+            feats = self.stem(groups).flatten(2).transpose(1, 2)  # (B*T) x P x conv, row-major as pix
+            pix = torch.cat([pix, feats.reshape(b, t, n, -1)], dim=-1)
         pos = grid_fourier_features((h // cfg.patch, w // cfg.patch), cfg.pos_bands, device=pix.device)
         tcode = time_features(
             times, t_ref, bands=cfg.time_bands, period=cfg.time_period, max_freq=cfg.time_max_freq
