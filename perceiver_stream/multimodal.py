@@ -152,11 +152,17 @@ class MultimodalPreprocessor(nn.Module):
         return Tokens(torch.cat(parts, dim=1), torch.cat(masks, dim=1), torch.cat(kinds))
 
 
-def drop_modalities(batch: Batch, p: float, generator: torch.Generator | None = None) -> Batch:
+def drop_modalities(
+    batch: Batch, p: float, generator: torch.Generator | None = None, draws: torch.Tensor | None = None
+) -> Batch:
     """Modality dropout: mark each present modality of each row absent with probability ``p``.
 
-    A row never loses all its modalities: if every present one is drawn, one of them (chosen at
-    random) is kept. Values are untouched (the model ignores absent rows); returns a new Batch.
+    Each row and modality gets a uniform draw ``u`` (``draws``, ``B x K`` in the order of
+    ``batch.modalities``, or fresh ones from ``generator``); the modality is dropped where
+    ``u < p``. A row never loses all its modalities: if every present one is drawn, the present
+    one with the largest draw is kept. Fixed ``draws`` thus drop the same modalities from every
+    window they are given for (as in a stream that lacks a sensor). Values are untouched (the model
+    ignores absent rows); returns a new Batch.
     """
     if not 0.0 <= p < 1.0:
         raise ValueError(f"modality dropout probability must be in [0, 1), got {p}")
@@ -164,12 +170,15 @@ def drop_modalities(batch: Batch, p: float, generator: torch.Generator | None = 
     if p == 0.0 or len(names) < 2:
         return batch
     present = torch.stack([batch.modalities[k].present.cpu() for k in names], dim=1)  # B x K
-    drop = (torch.rand(present.shape, generator=generator) < p) & present
-    kept = present & ~drop
+    if draws is None:
+        draws = torch.rand(present.shape, generator=generator)
+    elif draws.shape != present.shape:
+        raise ValueError(f"modality dropout draws must be {tuple(present.shape)} (rows x modalities), "
+                         f"got {tuple(draws.shape)}")
+    kept = present & (draws >= p)
     lost_all = present.any(dim=1) & ~kept.any(dim=1)
     if bool(lost_all.any()):
-        # Pick one of the row's present modalities uniformly (random scores, absent ones excluded).
-        scores = torch.rand(present.shape, generator=generator).masked_fill(~present, -1.0)
+        scores = draws.masked_fill(~present, -1.0)
         choice = torch.zeros_like(present).scatter_(1, scores.argmax(dim=1, keepdim=True), True)
         kept = torch.where(lost_all[:, None], choice, kept)
     modalities = {

@@ -65,6 +65,13 @@ class StreamingConfig:
                      ``self_attends_per_block`` layers are applied ``num_blocks`` times (shared weights).
     label_heads:     heads of the label decoder's cross-attention (several let one query read hue,
                      shape and material from the latents of different modalities at once).
+    label_groups:    one label query per latent group (the shared latents, then each modality's own
+                     latents of ``modality_latents``), each attending to its group alone; their
+                     outputs are summed before the head, and each group's output through the head
+                     alone gives ``ModelOutput.group_logits``, which training supervises too: so
+                     every modality's latents must carry the labels it can see, where a modality
+                     that alone gives them (audio: hue and material) otherwise leaves another
+                     (points: material) unread.
     labels_from_encoder: the label decoder reads the encoder's latents instead of the tower's output
                      (trained on points alone, shape reached the labels this way and not through
                      the tower).
@@ -104,6 +111,7 @@ class StreamingConfig:
     self_attends_per_block: int = 2
     num_blocks: int = 2
     label_heads: int = 1
+    label_groups: bool = False
     labels_from_encoder: bool = False
     state: bool = True
     state_gate_init: float = -1.0
@@ -319,8 +327,15 @@ class StreamingPerceiverIO(nn.Module):
         self.state_proj = nn.Linear(c, c)
         self.state_gate = nn.Parameter(torch.full((c,), float(config.state_gate_init)))
         self.final_norm = nn.LayerNorm(c)
+        ends = [config.num_latents]
+        for k in names:
+            if config.modality_latents.get(k, 0):
+                ends.append(ends[-1] + config.modality_latents[k])
+        # The latent groups that label queries read: all latents, or each group on its own.
+        self.label_slices = list(zip([0, *ends[:-1]], ends)) if config.label_groups else [(0, m)]
+        self.label_group_modality = [None] + [k for k in names if config.modality_latents.get(k, 0)]
         if config.num_classes:
-            self.label_query = nn.Parameter(0.02 * torch.randn(1, 1, c))
+            self.label_query = nn.Parameter(0.02 * torch.randn(1, len(self.label_slices), c))
             self.label_decoder = CrossAttention(c, c, num_heads=config.label_heads, widening_factor=1)
             self.label_head = nn.Linear(c, config.num_classes)
         if config.flow_modality is not None:
@@ -414,11 +429,17 @@ class StreamingPerceiverIO(nn.Module):
         flow = out if rows is None else out.new_zeros(b, *out.shape[1:]).index_copy(0, rows, out)
         return flow, valid
 
+    def label_terms(self, z: torch.Tensor) -> torch.Tensor:
+        """Each latent group's label read ``B x G x C`` (one group, all latents, without ``label_groups``)."""
+        read = [self.label_decoder(self.label_query[:, g : g + 1], z[:, a:b])[:, 0]
+                for g, (a, b) in enumerate(self.label_slices)]
+        return torch.stack(read, dim=1)
+
     def decode_labels(self, z: torch.Tensor) -> torch.Tensor:
         """Class logits ``B x num_classes`` (``B x 0`` without a label decoder)."""
         if not self.config.num_classes:
             return z.new_zeros(z.shape[0], 0)
-        return self.label_head(self.label_decoder(self.label_query, z)[:, 0])
+        return self.label_head(self.label_terms(z).sum(dim=1))
 
     def embed(self, z: torch.Tensor) -> torch.Tensor:
         """The window embedding ``B x C``: mean over latents of ``LayerNorm(z)`` (not L2-normalised)."""
@@ -431,13 +452,33 @@ class StreamingPerceiverIO(nn.Module):
         stream, e.g. ``StreamStates.gather``) seeds the latents where ``batch.reset`` is False."""
         encoded, z = self.encode(batch, state)
         flow, flow_valid = self.decode_flow(batch, z)
+        read = encoded if self.config.labels_from_encoder else z
+        group_logits = group_valid = None
+        if not self.config.num_classes:
+            logits = z.new_zeros(z.shape[0], 0)
+        else:
+            terms = self.label_terms(read)
+            logits = self.label_head(terms.sum(dim=1))
+            if self.config.label_groups:
+                group_logits = self.label_head(terms).float()
+                group_valid = torch.stack([self._present(batch, k) for k in self.label_group_modality], dim=1)
         return ModelOutput(
             embedding=self.embed(z).float(),
-            label_logits=self.decode_labels(encoded if self.config.labels_from_encoder else z).float(),
+            label_logits=logits.float(),
             flow=None if flow is None else flow.float(),
             flow_valid=flow_valid,
             state=z,
+            group_logits=group_logits,
+            group_valid=group_valid,
         )
+
+    def _present(self, batch: Batch, modality: str | None) -> torch.Tensor:
+        """``B`` bool: rows where ``modality`` is present (every row for None, the shared latents)."""
+        b, device = len(batch), self.latents.device
+        m = batch.modalities.get(modality) if modality is not None else None
+        if modality is None:
+            return torch.ones(b, dtype=torch.bool, device=device)
+        return torch.zeros(b, dtype=torch.bool, device=device) if m is None else m.present.to(device)
 
     def modality_gates(self) -> dict[str, torch.Tensor]:
         """Each modality's encoder gate, ``sigmoid(gate)`` per head (1 = full share of attention)."""

@@ -30,7 +30,9 @@ def flow_epe(pred: torch.Tensor, truth: torch.Tensor, valid: torch.Tensor) -> to
 
 
 def losses(output: ModelOutput, targets: Targets) -> dict[str, torch.Tensor]:
-    """``flow_epe`` and ``label_ce`` of ``output`` against ``targets`` (each present only if supervised)."""
+    """``flow_epe``, ``label_ce`` and ``group_ce`` of ``output`` against ``targets`` (each present only
+    if supervised). ``group_ce`` is the mean cross-entropy of ``output.group_logits`` over the
+    (row, group) pairs whose group's modality is present; training adds it to the label loss."""
     out: dict[str, torch.Tensor] = {}
     if output.flow is not None:
         valid = targets.flow_valid.to(output.flow_valid.device) & output.flow_valid
@@ -38,8 +40,19 @@ def losses(output: ModelOutput, targets: Targets) -> dict[str, torch.Tensor]:
             out["flow_epe"] = flow_epe(output.flow, targets.flow.to(output.flow.device), valid)
     labelled = targets.label.to(output.label_logits.device) >= 0
     if output.label_logits.shape[1] and bool(labelled.any()):
-        out["label_ce"] = F.cross_entropy(output.label_logits[labelled], targets.label.to(labelled.device)[labelled])
+        label = targets.label.to(labelled.device)
+        out["label_ce"] = F.cross_entropy(output.label_logits[labelled], label[labelled])
+        if output.group_logits is not None:
+            valid = output.group_valid & labelled[:, None]
+            if bool(valid.any()):
+                g = output.group_logits.shape[1]
+                out["group_ce"] = F.cross_entropy(output.group_logits[valid], label[:, None].expand(-1, g)[valid])
     return out
+
+
+def label_loss(parts: dict[str, torch.Tensor], zero: torch.Tensor) -> torch.Tensor:
+    """The label objective of ``losses``' parts: ``label_ce`` plus ``group_ce`` where there is one."""
+    return parts.get("label_ce", zero) + parts.get("group_ce", zero)
 
 
 def _cycle(batches: Iterable[Batch]) -> Iterator[Batch]:
@@ -108,7 +121,7 @@ def train(
         output = model(batch, state)
         parts = losses(output, batch.targets)
         loss = flow_weight * parts.get("flow_epe", output.embedding.sum() * 0.0)
-        loss = loss + label_weight * parts.get("label_ce", output.embedding.sum() * 0.0)
+        loss = loss + label_weight * label_loss(parts, output.embedding.sum() * 0.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip is not None:

@@ -12,7 +12,12 @@ while 400 flow-only steps first brought it to 0.12 px within 200 steps of the la
 Batches are ``batch_size`` *lanes*: each lane walks a chain of ``train.chain`` consecutive windows
 of one stream, so batch ``t+1`` holds the successors of most of batch ``t``'s windows and the
 latent state is carried as in the pipeline (one-step truncated backpropagation through time),
-then jumps to a random window of another stream (a new chain, the state reset). Short chains
+then jumps to a random window of another stream (a new chain, the state reset). Modality
+dropout is drawn once per chain, so a modality dropped from a chain is missing from all of its
+windows, as from a stream without that sensor: drawn per window, the carried state held the
+dropped modality's evidence from the window before, and the model learnt to read the labels
+from the state instead of from the modalities that remained (with audio dropped for a whole
+held-out stream, material was at chance although the points carry it). Short chains
 keep a batch's windows from many streams and times: walking the same 16 streams for a whole
 stream at a time made consecutive batches so alike that flow barely trained (a training EPE of
 0.80-0.86 px after 2750 steps, where a trial on independent windows reached a held-out 0.61 px
@@ -39,10 +44,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from perceiver_stream.batch import Batch
 from perceiver_stream.checkpoint import load_checkpoint, read_config, save_checkpoint
 from perceiver_stream.multimodal import drop_modalities
 from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO, StreamStates
-from perceiver_stream.train import losses
+from perceiver_stream.train import label_loss, losses
 from pipeline.collate import collate
 from pipeline.config import Config, StreamConfig, SyntheticConfig
 from pipeline.errors import ConfigError
@@ -129,6 +135,33 @@ def lane_plan(lengths: list[int], batch_size: int, seed: int, chain: int) -> Ite
                 lanes[i] = [s, t + 1, left - 1]
             else:
                 lanes[i] = draw(chain)  # the lane's own stream is still busy: it moves to another
+
+
+class ChainDropout:
+    """Modality dropout drawn once per lane chain (see the module docstring).
+
+    ``dropout(batch, places)`` drops modalities from ``batch``, whose row ``i`` is window
+    ``places[i] = (stream, window index)`` of lane ``i``: a lane that goes on to the next window of
+    its stream keeps its draws, a lane that starts a new chain gets new ones.
+    """
+
+    def __init__(self, p: float, generator: torch.Generator) -> None:
+        self.p = p
+        self.generator = generator
+        self._places: list[tuple[int, int]] = []
+        self._draws: dict[str, torch.Tensor] = {}  # modality -> each lane's draw
+
+    def __call__(self, batch: Batch, places: list[tuple[int, int]]) -> Batch:
+        for name in batch.modalities:
+            if name not in self._draws:
+                self._draws[name] = torch.rand(len(places), generator=self.generator)
+        for i, (s, t) in enumerate(places):
+            if self._places and self._places[i] != (s, t - 1):
+                for d in self._draws.values():
+                    d[i] = torch.rand((), generator=self.generator)
+        self._places = list(places)
+        draws = torch.stack([self._draws[k] for k in batch.modalities], dim=1)
+        return drop_modalities(batch, self.p, draws=draws)
 
 
 # ---- checkpoints ------------------------------------------------------------------------------
@@ -249,11 +282,13 @@ def train_job(cfg: Config, *, resume: bool = True, progress: bool = True) -> dic
     bar = tqdm(total=tc.steps, initial=start, desc="training", unit="step", disable=not progress)
     t1, cpu1 = time.perf_counter(), time.process_time()
     model.train()
+    dropout = ChainDropout(tc.modality_dropout, generator)
     for step in range(start, tc.steps):
-        batch = collate([streams[s][t] for s, t in next(plan)], video_frames=frames)
+        places = next(plan)
+        batch = collate([streams[s][t] for s, t in places], video_frames=frames)
         for group in opt.param_groups:
             group["lr"] = tc.lr * _schedule(step, tc.steps, tc.warmup_steps)
-        batch = drop_modalities(batch, tc.modality_dropout, generator)
+        batch = dropout(batch, places)
         state = None
         if carry:
             batch, state = states.gather(batch, strict=False)
@@ -261,7 +296,7 @@ def train_job(cfg: Config, *, resume: bool = True, progress: bool = True) -> dic
         parts = losses(output, batch.targets)
         zero = output.embedding.sum() * 0.0
         label_weight = tc.label_weight if step >= tc.label_start else 0.0
-        loss = tc.flow_weight * parts.get("flow_epe", zero) + label_weight * parts.get("label_ce", zero)
+        loss = tc.flow_weight * parts.get("flow_epe", zero) + label_weight * label_loss(parts, zero)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if tc.grad_clip is not None:

@@ -187,6 +187,37 @@ def test_modality_latents_attend_to_their_own_modality_alone():
         small_config(modality_latents={"lidar": 2})
 
 
+def test_label_groups_read_each_modality_s_latents_and_are_supervised_where_present():
+    torch.manual_seed(0)
+    m = StreamingPerceiverIO(small_config(label_groups=True, modality_latents={"points": 2, "audio": 3})).eval()
+    assert m.label_slices == [(0, 8), (8, 11), (11, 13)] and m.label_group_modality == [None, "audio", "points"]
+    batch = make_batch(b=3)
+    pts = batch.modalities["points"]
+    batch = replace(batch, modalities={**batch.modalities, "points": replace(pts, present=torch.tensor([True, False, True]))})
+    out = m(batch)
+    assert out.group_logits.shape == (3, 3, 3)
+    assert out.group_valid.tolist() == [[True, True, True], [True, True, False], [True, True, True]]
+    # the labels are the head of the groups' summed reads; each group's logits its read alone
+    encoded, z = m.encode(batch)
+    terms = m.label_terms(z)
+    torch.testing.assert_close(out.label_logits, m.label_head(terms.sum(1)))
+    torch.testing.assert_close(out.group_logits, m.label_head(terms))
+    # a group reads its own latents alone: changing the points' latents moves only the points' read
+    z2 = z.clone()
+    z2[:, 11:] += 1.0
+    moved = (m.label_terms(z2) - terms).abs().amax(dim=(0, 2))
+    assert moved[:2].tolist() == [0.0, 0.0] and moved[2] > 0
+    # the per-group loss counts present groups only: row 1's points scores do not matter
+    parts = losses(out, batch.targets)
+    assert set(parts) == {"flow_epe", "label_ce", "group_ce"}
+    scrambled = out.group_logits.clone()
+    scrambled[1, 2] = torch.tensor([50.0, -50.0, 0.0])
+    assert losses(replace(out, group_logits=scrambled), batch.targets)["group_ce"] == parts["group_ce"]
+    scrambled[0, 2] = torch.tensor([50.0, -50.0, 0.0])
+    assert losses(replace(out, group_logits=scrambled), batch.targets)["group_ce"] != parts["group_ce"]
+    assert m(batch).group_logits is not None and StreamingPerceiverIO(small_config())(batch).group_logits is None
+
+
 @torch.no_grad()
 def test_shapes_and_flow_validity(model):
     batch = make_batch(b=3, frames=[4, 1, 2])
@@ -327,6 +358,14 @@ def test_drop_modalities_never_drops_everything():
     assert kept.modalities["audio"].present.all()
     with pytest.raises(ValueError):
         drop_modalities(batch, 1.0)
+    # Fixed draws drop the same modalities every time: below p dropped, the largest kept if all are.
+    draws = torch.tensor([[0.1, 0.8, 0.9], [0.1, 0.2, 0.3], [0.95, 0.1, 0.6]]).repeat(22, 1)[:64]
+    for seed in (1, 2):
+        out = drop_modalities(make_batch(b=64, seed=seed, targets=False), 0.5, draws=draws)
+        present = torch.stack([m.present for m in out.modalities.values()], dim=1)
+        assert present[:3].tolist() == [[False, True, True], [False, False, True], [True, False, True]]
+    with pytest.raises(ValueError, match="rows x modalities"):
+        drop_modalities(batch, 0.5, draws=draws[:, :2])
 
 
 @torch.no_grad()

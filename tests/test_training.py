@@ -6,12 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+
+from perceiver_stream.batch import Batch, ModalityBatch
 
 from perceiver_stream.checkpoint import load_checkpoint, read_config
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.sources.synthetic import CLASSES
-from pipeline.training import lane_plan, train_job
+from pipeline.training import ChainDropout, lane_plan, train_job
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -91,3 +94,33 @@ def test_lanes_walk_short_chains_of_distinct_streams_and_reach_every_window():
     assert sorted(ends) == [1, 2, 3]
     again = lane_plan(lengths, batch_size=3, seed=0, chain=3)
     assert [next(again) for _ in range(400)] == batches  # resumable: a function of the seed and step
+
+def test_modality_dropout_is_drawn_once_per_chain():
+    """A lane keeps its dropped modalities while it walks one stream, and draws anew on a new chain
+    (drawn per window, the carried state leaked a dropped modality from the window before)."""
+    def batch(n: int) -> Batch:
+        one = ModalityBatch(torch.zeros(n, 1), torch.zeros(n, 1, dtype=torch.float64), torch.ones(n, 1, dtype=torch.bool),
+                            torch.ones(n, dtype=torch.bool))
+        z = torch.zeros(n, dtype=torch.float64)
+        return Batch([f"s{i}" for i in range(n)], torch.arange(n), z, z + 1, torch.zeros(n, dtype=torch.bool),
+                     {"video": one, "audio": one, "points": one})
+
+    plan = lane_plan([50] * 12, batch_size=8, seed=0, chain=4)
+    dropout = ChainDropout(0.4, torch.Generator().manual_seed(0))
+    steps = []
+    for _ in range(200):
+        places = next(plan)
+        out = dropout(batch(8), places)
+        steps.append((places, torch.stack([m.present for m in out.modalities.values()], dim=1)))
+    changed = same = 0
+    for (p0, kept0), (p1, kept1) in zip(steps, steps[1:]):
+        for lane in range(8):
+            assert kept1[lane].any()
+            if p1[lane] == (p0[lane][0], p0[lane][1] + 1):
+                assert torch.equal(kept1[lane], kept0[lane])  # the same chain: the same modalities
+                same += 1
+            else:
+                changed += int(not torch.equal(kept1[lane], kept0[lane]))
+    assert same > 800 and changed > 100  # new chains do draw anew
+    dropped = torch.stack([k for _, k in steps]).float().mean(dim=(0, 1))
+    assert torch.all((dropped > 0.45) & (dropped < 0.8))  # about 1 - 0.4, a little more for the kept one
