@@ -1,12 +1,13 @@
 """The streaming Perceiver IO: many modalities in, flow / labels / embedding out, latents carried.
 
     batch --(multimodal preprocessor)--> tokens  B x N x D
-          --(gated cross-attention from M latents)--> B x M x C
+          --(gated cross-attention from M latents; a modality's own latents see its tokens only)--> B x M x C
           --(latent self-attention tower, weights shared across blocks)--> z
           --> flow:      one query per pixel of the flow grid (3x3 patches of the last two frames +
                          Fourier position), cross-attends to z, in chunks -> B x H x W x 2 px
-          --> labels:    one learned query -> num_classes logits (reading the encoder's latents
-                         instead of z with ``labels_from_encoder``)
+          --> labels:    one learned query (one per latent group with ``label_groups``, reads
+                         summed) -> num_classes logits (reading the encoder's latents instead of z
+                         with ``labels_from_encoder``)
           --> embedding: mean over latents of LayerNorm(z)  (not L2-normalised; compare with cosine)
 
 Streaming state: the latents ``z`` that end window t seed window t+1 of the same stream,
@@ -16,8 +17,9 @@ and every window is processed on its own.
 
 Modality gating: each modality has a learned gate per encoder head, added to the encoder's
 attention logits as ``logsigmoid(gate)`` (it scales that modality's share of attention). A modality
-absent from a row is masked out of the keys, so it leaves no trace; ``drop_modalities`` (in
-``perceiver_stream.multimodal``) trains the model to cope with any non-empty subset.
+absent from a row is masked out of the keys, so it leaves no trace (its own latents, with no key
+to attend to, get a zero attention output); ``drop_modalities`` (in ``perceiver_stream.multimodal``)
+trains the model to cope with any non-empty subset.
 """
 
 from __future__ import annotations

@@ -60,15 +60,20 @@ def student_config(teacher: StreamingConfig, overrides: dict[str, Any] | None = 
 @torch.no_grad()
 def init_from_teacher(student: StreamingPerceiverIO, teacher: StreamingPerceiverIO) -> list[str]:
     """Copy into ``student`` every teacher tensor of the same name and shape; the latents take an
-    evenly strided subset of the teacher's. Returns the names of the student tensors left as
-    initialised (shapes that differ, e.g. a narrower flow decoder)."""
+    evenly strided subset of the teacher's, group by group (the shared latents from the shared
+    ones, each modality's own from the teacher's own for that modality). Returns the names of the
+    student tensors left as initialised (shapes that differ, e.g. a narrower flow decoder)."""
     theirs = teacher.state_dict()
     left = []
     for name, value in student.state_dict().items():
         src = theirs.get(name)
         if name == "latents" and src is not None and src.shape[1] == value.shape[1]:
-            idx = torch.linspace(0, src.shape[0] - 1, value.shape[0]).round().long()
-            value.copy_(src[idx])
+            for group in student.latent_modality.unique().tolist():
+                mine = (student.latent_modality == group).nonzero().squeeze(1)
+                pool = (teacher.latent_modality == group).nonzero().squeeze(1)
+                if len(pool):
+                    idx = torch.linspace(0, len(pool) - 1, len(mine)).round().long()
+                    value[mine] = src[pool[idx]]
         elif src is not None and src.shape == value.shape:
             value.copy_(src)
         else:

@@ -14,10 +14,8 @@ of one stream, so batch ``t+1`` holds the successors of most of batch ``t``'s wi
 latent state is carried as in the pipeline (one-step truncated backpropagation through time),
 then jumps to a random window of another stream (a new chain, the state reset). Modality
 dropout is drawn once per chain, so a modality dropped from a chain is missing from all of its
-windows, as from a stream without that sensor: drawn per window, the carried state held the
-dropped modality's evidence from the window before, and the model learnt to read the labels
-from the state instead of from the modalities that remained (with audio dropped for a whole
-held-out stream, material was at chance although the points carry it). Short chains
+windows, as from a stream without that sensor (what `eval --drop` measures): drawn per window,
+the state carried from the window before still held the dropped modality's evidence. Short chains
 keep a batch's windows from many streams and times: walking the same 16 streams for a whole
 stream at a time made consecutive batches so alike that flow barely trained (a training EPE of
 0.80-0.86 px after 2750 steps, where a trial on independent windows reached a held-out 0.61 px
@@ -26,7 +24,8 @@ the interrupted one would have seen.
 
 Checkpoints: every ``checkpoint_every`` steps to ``<output>/_checkpoints/train/step-NNNNNNN/``
 (safetensors + config JSON, plus the optimiser state); a new run of the same config resumes from
-the latest, and refuses one whose model, seeds or data settings differ. At the end the model is
+the latest, and refuses one whose model, seeds or data settings differ; a run without resume
+deletes the earlier run's periodic checkpoints first. At the end the model is
 written to ``train.checkpoint`` with the training seeds, class names and data settings in its
 metadata, then evaluated on the config's (held-out) synthetic streams.
 """
@@ -258,6 +257,11 @@ def train_job(cfg: Config, *, resume: bool = True, progress: bool = True) -> dic
     model = StreamingPerceiverIO(config)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     start = 0
+    if not resume:
+        # A fresh run's checkpoints replace an earlier run's: left there, a longer earlier run's
+        # would sort after them, outlive them in the rotation and be what a later resume found.
+        for old in ckpt_dir.glob("step-*"):
+            shutil.rmtree(old, ignore_errors=True)
     latest = _latest(ckpt_dir) if resume else None
     if latest is not None:
         _check_resumable(latest, config, meta)

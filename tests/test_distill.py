@@ -59,6 +59,18 @@ def test_init_from_teacher_copies_what_fits(batch):
     assert torch.equal(student.latents[0], teacher.latents[0]) and torch.equal(student.latents[-1], teacher.latents[-1])
 
 
+def test_init_from_teacher_takes_each_latent_group_from_the_same_group():
+    torch.manual_seed(0)
+    cfg = _teacher().config.replace(num_latents=12, modality_latents={"points": 6, "audio": 3})
+    teacher = StreamingPerceiverIO(cfg)
+    student = StreamingPerceiverIO(student_config(cfg, {"num_latents": 4, "modality_latents": {"points": 2, "audio": 3}}))
+    init_from_teacher(student, teacher)
+    t, s = teacher.latents, student.latents
+    assert torch.equal(s[:4], t[[0, 4, 7, 11]])  # shared from shared, evenly strided
+    assert torch.equal(s[4:7], t[12:15])  # audio's own: all three
+    assert torch.equal(s[7:9], t[[15, 20]])  # points' own: the first and the last
+
+
 def test_distill_losses_vanish_on_the_teachers_own_outputs(batch):
     teacher = _teacher()
     with torch.no_grad():

@@ -51,8 +51,11 @@ def test_resume_continues_from_the_latest_checkpoint(tmp_path):
     assert final_meta["step"] == 5
     kept = sorted(p.name for p in (tmp_path / "out" / "_checkpoints" / "train").iterdir())
     assert kept == ["step-0000003", "step-0000005"]
-    fresh = train_job(_cfg(tmp_path, *short, "train.steps=5"), resume=False, progress=False)
+    fresh = train_job(_cfg(tmp_path, *short, "train.steps=3"), resume=False, progress=False)
     assert fresh["resumed_from"] == 0
+    # the fresh run's checkpoints replaced the longer earlier run's (none of step 5 left to resume)
+    kept = sorted(p.name for p in (tmp_path / "out" / "_checkpoints" / "train").iterdir())
+    assert kept == ["step-0000003"]
 
 
 def test_resume_refuses_a_checkpoint_of_another_model_data_or_optimisation(tmp_path):
