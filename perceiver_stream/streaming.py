@@ -61,7 +61,7 @@ class StreamingConfig:
     num_latents, latent_channels: the latent array ``M x C``.
     modality_latents: modality -> number of extra latents of its own, appended to the ``num_latents``
                      shared ones, that attend to that modality's tokens alone in the encoder: a
-                     pathway that a crowded modality (256 video tokens) cannot take from it.
+                     pathway that another modality's tokens cannot crowd out.
     cross_heads, cross_widening: encoder cross-attention heads and MLP widening.
     self_heads, self_widening, self_attends_per_block, num_blocks: the latent tower; its
                      ``self_attends_per_block`` layers are applied ``num_blocks`` times (shared weights).
@@ -335,7 +335,8 @@ class StreamingPerceiverIO(nn.Module):
                 ends.append(ends[-1] + config.modality_latents[k])
         # The latent groups that label queries read: all latents, or each group on its own.
         self.label_slices = list(zip([0, *ends[:-1]], ends)) if config.label_groups else [(0, m)]
-        self.label_group_modality = [None] + [k for k in names if config.modality_latents.get(k, 0)]
+        self.label_group_modality = [None] + ([k for k in names if config.modality_latents.get(k, 0)]
+                                              if config.label_groups else [])
         if config.num_classes:
             self.label_query = nn.Parameter(0.02 * torch.randn(1, len(self.label_slices), c))
             self.label_decoder = CrossAttention(c, c, num_heads=config.label_heads, widening_factor=1)
@@ -437,12 +438,6 @@ class StreamingPerceiverIO(nn.Module):
                 for g, (a, b) in enumerate(self.label_slices)]
         return torch.stack(read, dim=1)
 
-    def decode_labels(self, z: torch.Tensor) -> torch.Tensor:
-        """Class logits ``B x num_classes`` (``B x 0`` without a label decoder)."""
-        if not self.config.num_classes:
-            return z.new_zeros(z.shape[0], 0)
-        return self.label_head(self.label_terms(z).sum(dim=1))
-
     def embed(self, z: torch.Tensor) -> torch.Tensor:
         """The window embedding ``B x C``: mean over latents of ``LayerNorm(z)`` (not L2-normalised)."""
         return self.final_norm(z).mean(dim=1)
@@ -477,9 +472,9 @@ class StreamingPerceiverIO(nn.Module):
     def _present(self, batch: Batch, modality: str | None) -> torch.Tensor:
         """``B`` bool: rows where ``modality`` is present (every row for None, the shared latents)."""
         b, device = len(batch), self.latents.device
-        m = batch.modalities.get(modality) if modality is not None else None
         if modality is None:
             return torch.ones(b, dtype=torch.bool, device=device)
+        m = batch.modalities.get(modality)
         return torch.zeros(b, dtype=torch.bool, device=device) if m is None else m.present.to(device)
 
     def modality_gates(self) -> dict[str, torch.Tensor]:
