@@ -332,6 +332,48 @@ def test_points_neighbour_offsets_tell_flat_from_curved_and_ignore_padding():
         build_adapter({"kind": "points", "global_pool": True})
 
 
+def test_points_curvature_channels_are_a_histogram_that_tells_a_sphere_from_a_cube():
+    from perceiver_stream.adapters.points import soft_bins, surface_variation
+
+    g = torch.Generator().manual_seed(0)
+    d = torch.randn(1, 400, 3, generator=g)
+    sphere = d / d.norm(dim=-1, keepdim=True)
+    # a cube's surface: one coordinate pushed to a face
+    cube = torch.rand(1, 400, 3, generator=g) * 2 - 1
+    axis = torch.randint(0, 3, (1, 400, 1), generator=g)
+    cube.scatter_(2, axis, torch.sign(torch.gather(d, 2, axis)))
+    mask = torch.ones(1, 400, dtype=torch.bool)
+    sv_sphere, sv_cube = surface_variation(sphere, mask, 8), surface_variation(cube, mask, 8)
+    assert bool((sv_sphere >= 0).all()) and bool((sv_sphere <= 1 / 3 + 1e-6).all())
+    # a face is flat: most of a cube's points have (near) zero variation, a sphere's have none
+    assert float((sv_cube < 1e-4).float().mean()) > 0.4 and float((sv_sphere < 1e-4).float().mean()) < 0.05
+    # scale-free, and padding neither counts as a neighbour nor gets a value
+    torch.testing.assert_close(surface_variation(sphere * 0.01, mask, 8), sv_sphere, atol=1e-4, rtol=1e-3)
+    padded = torch.cat([sphere, torch.zeros(1, 5, 3)], 1)
+    pmask = torch.cat([mask, torch.zeros(1, 5, dtype=torch.bool)], 1)
+    sv_p = surface_variation(padded, pmask, 8)
+    torch.testing.assert_close(sv_p[:, :400], sv_sphere)
+    assert torch.all(sv_p[:, 400:] == 0)
+    # soft bins: weights sum to 1, interpolate between neighbouring centres, clamp at the ends
+    w = soft_bins(torch.tensor([-1.0, 0.0, 0.25, 2.0]), 5, 0.0, 1.0)
+    torch.testing.assert_close(w.sum(-1), torch.ones(4))
+    torch.testing.assert_close(w[2], torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0]))
+    assert w[0, 0] == 1 and w[3, 4] == 1
+    # the adapter's channels: 6 bins after the time code, zeros on padding, different means
+    adapter = build_adapter({"kind": "points", "curvature_k": 8, "curvature_bins": 6})
+    assert adapter.out_channels == build_adapter({"kind": "points"}).out_channels + 6
+    values = torch.cat([torch.cat([padded, torch.cat([cube, torch.zeros(1, 5, 3)], 1)]), torch.ones(2, 405, 1)], -1)
+    m = ModalityBatch(values=values, times=torch.zeros(2, 405, dtype=torch.float64), mask=pmask.repeat(2, 1),
+                      present=torch.ones(2, dtype=torch.bool))
+    tokens, _ = adapter(m, torch.zeros(2, dtype=torch.float64))
+    hist = tokens[:, :400, -6:].mean(1)
+    torch.testing.assert_close(hist.sum(-1), torch.ones(2))
+    assert torch.all(tokens[:, 400:, -6:] == 0)
+    assert float((hist[0] - hist[1]).abs().sum()) > 0.5
+    with pytest.raises(ValueError, match="curvature_k"):
+        build_adapter({"kind": "points", "curvature_k": -1})
+
+
 def test_points_last_scans_keeps_the_latest_scans_of_each_row():
     from perceiver_stream.adapters.points import last_scans
 

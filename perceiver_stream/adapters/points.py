@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +64,12 @@ class PointsAdapterConfig:
     global_pool:     also append to every point the maximum of each local feature over the window's
                      points (PointNet's global feature): what one object's surface looks like reaches
                      every token.
+    curvature_k:     with k > 0, ``curvature_bins`` more channels: the point's surface variation over
+                     its k nearest neighbours (`surface_variation`) as a soft one-hot over log-spaced
+                     bins from 1e-3 to 1/3, so
+                     that the encoder's attention-weighted mean of tokens is a histogram of the
+                     window's curvature (a flat face and a sphere differ there). 0 = off.
+    curvature_bins:  bins of that histogram.
     """
 
     kind: str = "points"
@@ -75,6 +82,8 @@ class PointsAdapterConfig:
     local_k: int = 0
     local_channels: int = 32
     global_pool: bool = False
+    curvature_k: int = 0
+    curvature_bins: int = 8
     time_bands: int = 8
     time_period: float = 2.0**17
     time_max_freq: float = 16.0
@@ -82,9 +91,9 @@ class PointsAdapterConfig:
     def __post_init__(self) -> None:
         if self.extent <= 0:
             raise ValueError("points adapter: extent must be positive")
-        if min(self.pos_bands, self.max_resolution, self.max_points, self.time_bands, self.local_channels) < 1 or min(
-                self.feature_channels, self.local_k) < 0:
-            raise ValueError("points adapter: sizes must be at least 1 (feature_channels, local_k at least 0)")
+        if min(self.pos_bands, self.max_resolution, self.max_points, self.time_bands, self.local_channels,
+               self.curvature_bins) < 1 or min(self.feature_channels, self.local_k, self.curvature_k) < 0:
+            raise ValueError("points adapter: sizes must be at least 1 (feature_channels, local_k, curvature_k at least 0)")
         if self.scans is not None and self.scans < 1:
             raise ValueError("points adapter: scans must be at least 1 (or null for all scans)")
         if self.global_pool and not self.local_k:
@@ -108,6 +117,37 @@ def neighbour_offsets(xyz: torch.Tensor, mask: torch.Tensor, k: int) -> tuple[to
     scale = torch.where(valid, dist, 0.0).sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)
     off = (nbr - xyz[:, :, None]) / (scale[..., None] + 1e-6)
     return torch.where(valid[..., None], off, 0.0), valid
+
+
+def surface_variation(xyz: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
+    """Each point's surface variation (Pauly et al. 2002) over itself and its ``k`` nearest valid
+    neighbours: ``l0 / (l0 + l1 + l2)`` for the eigenvalues ``l0 <= l1 <= l2`` of their covariance.
+
+    ``B x P x 3`` -> ``B x P`` in ``[0, 1/3]``: 0 on a plane, growing with curvature relative to the
+    neighbourhood's size (so independent of scale); 0 for padding and points without neighbours.
+    """
+    b, p, _ = xyz.shape
+    k = max(min(k, p - 1), 0)
+    d = torch.cdist(xyz, xyz).masked_fill(~mask[:, None, :], float("inf"))
+    dist, idx = d.topk(k + 1, dim=-1, largest=False)  # the point itself comes first
+    valid = torch.isfinite(dist)[..., None]
+    nbr = torch.gather(xyz[:, None].expand(b, p, p, 3), 2, idx[..., None].expand(b, p, k + 1, 3))
+    n = valid.sum(2, keepdim=True).clamp(min=1)
+    centred = torch.where(valid, nbr - (torch.where(valid, nbr, 0.0).sum(2, keepdim=True) / n), 0.0)
+    cov = centred.transpose(-1, -2) @ centred / n
+    # a tiny isotropic term keeps eigvalsh well-conditioned on repeated points
+    eig = torch.linalg.eigvalsh(cov.double() + 1e-12 * torch.eye(3, dtype=torch.float64, device=xyz.device))
+    var = (eig[..., 0] / eig.sum(-1)).float()
+    return torch.where(mask & (n[..., 0, 0] > 2), var, 0.0)
+
+
+def soft_bins(x: torch.Tensor, bins: int, low: float, high: float) -> torch.Tensor:
+    """``x`` as ``bins`` triangular weights summing to 1: linear interpolation between the two
+    nearest bin centres ``linspace(low, high, bins)``, values outside clamped to the end bins
+    (``... -> ... x bins``)."""
+    pos = ((x - low) / (high - low)).clamp(0, 1) * (bins - 1)
+    centres = torch.arange(bins, device=x.device, dtype=x.dtype)
+    return (1 - (pos[..., None] - centres).abs()).clamp(min=0)
 
 
 class EdgeFeatures(nn.Module):
@@ -134,8 +174,9 @@ class EdgeFeatures(nn.Module):
 
 class PointsAdapter(Adapter):
     """Points ``B x P x C`` (x, y, z, features...) -> ``B x P' x out_channels`` tokens:
-    ``[Fourier(xyz / extent), features, time code of the point's scan]``, then with ``local_k`` the
-    `EdgeFeatures` of each point (and with ``global_pool`` their maxima over the window)."""
+    ``[Fourier(xyz / extent), features, time code of the point's scan]``, then with ``curvature_k``
+    its binned `surface_variation`, then with ``local_k`` the `EdgeFeatures` of each point (and with
+    ``global_pool`` their maxima over the window)."""
 
     def __init__(self, config: PointsAdapterConfig) -> None:
         super().__init__()
@@ -143,6 +184,7 @@ class PointsAdapter(Adapter):
         self.out_channels = (
             fourier_channels(3, config.pos_bands) + config.feature_channels + time_channels(config.time_bands)
             + (config.local_channels * (2 if config.global_pool else 1) if config.local_k else 0)
+            + (config.curvature_bins if config.curvature_k else 0)
         )
         self.local = EdgeFeatures(config.local_k, config.local_channels) if config.local_k else None
 
@@ -162,8 +204,13 @@ class PointsAdapter(Adapter):
         pos = fourier_features(values[..., :3] / cfg.extent, cfg.pos_bands, (cfg.max_resolution,) * 3)
         tcode = time_features(times, t_ref, bands=cfg.time_bands, period=cfg.time_period, max_freq=cfg.time_max_freq)
         parts = [pos, values[..., 3:], tcode]
+        xyz = torch.where(mask[..., None], values[..., :3], 0.0)  # padding / NaN rows must not reach cdist
+        if cfg.curvature_k:
+            # log scale: a face's points sit near 1e-3, a sphere's near 1e-2, an edge's near 1e-1
+            var = torch.log10(surface_variation(xyz, mask, cfg.curvature_k).clamp(min=1e-3))
+            curv = soft_bins(var, cfg.curvature_bins, -3.0, math.log10(1.0 / 3.0))
+            parts.append(torch.where(mask[..., None], curv, 0.0))
         if self.local is not None:
-            xyz = torch.where(mask[..., None], values[..., :3], 0.0)  # padding / NaN rows must not reach cdist
             local = self.local(xyz, mask)
             parts.append(local)
             if cfg.global_pool:
