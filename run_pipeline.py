@@ -288,7 +288,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--seed", type=_seed, required=True, help="synthetic rig to evaluate on (not a training seed)")
     p.add_argument(
-        "--drop", metavar="MODALITY", help=f"remove one modality from every window ({', '.join(MODALITIES)})"
+        "--drop", metavar="MODALITY", help=f"remove a modality from every window ({', '.join(MODALITIES)}; "
+        "several separated by commas, e.g. video,audio to score the points alone)"
     )
     p.add_argument(
         "--checkpoint", type=Path, help="model checkpoint folder (default: model.checkpoint of configs/default.yaml)"

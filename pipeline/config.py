@@ -145,6 +145,10 @@ class DistillConfig(_Section):
     ``label_weight * KL`` of label scores at ``temperature`` + ``flow_weight * L1`` to the
     teacher's flow. A step is taken on every ``every_windows``-th batch; a student checkpoint is
     written to ``<output>/_checkpoints/`` every ``checkpoint_every`` steps and at the end.
+    With ``modality_dropout`` p > 0 the student sees each modality of a stream dropped with
+    probability p, drawn per stream for ``dropout_windows`` windows at a time (its state reset at
+    each new draw), and still learns the teacher's outputs on the whole window: the student then
+    answers when a sensor is missing, as the teacher, trained with modality dropout, does.
     """
 
     enabled: bool = False
@@ -156,6 +160,8 @@ class DistillConfig(_Section):
     embedding_weight: float = Field(1.0, ge=0)
     label_weight: float = Field(1.0, ge=0)
     flow_weight: float = Field(0.2, ge=0)
+    modality_dropout: float = Field(0.0, ge=0, lt=1)
+    dropout_windows: int = Field(8, ge=1)
 
 
 class TrainConfig(_Section):

@@ -14,7 +14,7 @@ steps and at the end it calls ``save(student_checkpoint_path(output_dir))``.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import torch
 
 from perceiver_stream.batch import Batch
 from perceiver_stream.checkpoint import load_checkpoint, save_checkpoint
+from perceiver_stream.multimodal import drop_modalities
 from perceiver_stream.outputs import ModelOutput
 from perceiver_stream.streaming import StreamingPerceiverIO, StreamStates
 from perceiver_stream.student import distill_losses, embedding_cosine, init_from_teacher, student_config
@@ -84,6 +85,8 @@ class Distiller:
         self.states = StreamStates()
         self.steps = 0
         self.windows = 0
+        self._generator = torch.Generator().manual_seed(seed)
+        self._draws: dict[str, tuple[dict[str, float], int]] = {}  # stream -> (draw per modality, windows left)
 
     def resume(self, path: str | Path) -> None:
         """Continue from a student checkpoint this distiller wrote (same student config)."""
@@ -100,7 +103,7 @@ class Distiller:
         model = self.student
         model.train()
         device = next(model.parameters()).device
-        batch = batch.to(device)
+        batch = self._dropout(batch).to(device)
         state = None
         if model.config.state:
             batch, state = self.states.gather(batch, strict=False)
@@ -122,9 +125,28 @@ class Distiller:
         losses["cosine_to_teacher"] = float(cosine.mean())
         return DistillStep(losses, out.embedding.detach().float().cpu(), cosine)
 
+    def _dropout(self, batch: Batch) -> Batch:
+        """``batch`` as the student sees it under ``modality_dropout``: each stream keeps its draws
+        for ``dropout_windows`` windows; a row with new draws starts from a reset state, so no
+        state carries evidence of a modality its window lacks."""
+        p, names = self.settings.modality_dropout, list(batch.modalities)
+        if p == 0.0 or len(names) < 2:
+            return batch
+        reset = batch.reset.clone()
+        rows = []
+        for i, sid in enumerate(batch.stream_ids):
+            draws, left = self._draws.get(sid, ({}, 0))
+            if left <= 0 or set(draws) != set(names):
+                draws, left = {k: float(torch.rand((), generator=self._generator)) for k in names}, self.settings.dropout_windows
+                reset[i] = True
+            self._draws[sid] = (draws, left - 1)
+            rows.append([draws[k] for k in names])
+        return replace(drop_modalities(batch, p, draws=torch.tensor(rows)), reset=reset)
+
     def forget(self, stream_id: str) -> None:
         """Drop a finished stream's student state."""
         self.states.forget(stream_id)
+        self._draws.pop(stream_id, None)
 
     def save(self, path: str | Path) -> Path:
         """Write the student checkpoint (safetensors + config JSON, metadata: steps, windows and

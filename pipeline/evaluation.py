@@ -10,8 +10,8 @@ returns::
 ``label_chance`` is the accuracy of always answering the stream's most frequent label;
 ``flow_epe`` is the mean end-point error (px of the flow grid) over the windows with truth flow,
 ``flow_epe_zero`` the same for predicting no motion; both are None when video is dropped.
-``drop`` removes one modality from every window, so the model sees the others only. With a
-``student`` checkpoint the result also holds ``cosine_to_teacher`` (mean cosine of the student's
+``drop`` removes a modality (or several, comma-separated) from every window, so the model sees
+the others only. With a ``student`` checkpoint the result also holds ``cosine_to_teacher`` (mean cosine of the student's
 and the checkpoint's embeddings) and the student's own metrics under ``"student"``. A seed the
 model (or the student) was trained on is refused.
 
@@ -81,13 +81,26 @@ def _rendered(data_json: str, seed: int, n: int, video_frames: int | None) -> tu
     return tuple(windows[:n])
 
 
+def dropped(drop: str | None) -> tuple[str, ...]:
+    """The modalities that ``--drop`` names: one, or several separated by commas (``"video,audio"``
+    leaves the points alone). Raises ConfigError for an unknown name or for all of them."""
+    names = tuple(n.strip() for n in drop.split(",")) if drop else ()
+    unknown = [n for n in names if n not in MODALITIES]
+    if unknown:
+        raise ConfigError(f"--drop {drop!r}: {unknown} not a modality; choose from {list(MODALITIES)}")
+    if set(names) >= set(MODALITIES):
+        raise ConfigError(f"--drop {drop!r}: at least one modality must remain")
+    return names
+
+
 def _without(window: Window, drop: str | None) -> Window:
-    if drop == "video":
-        return replace(window, video=None, video_t=None)
-    if drop == "audio":
-        return replace(window, audio=None, audio_rate=None, audio_t0=None)
-    if drop == "points":
-        return replace(window, points=None, points_t=None)
+    for name in dropped(drop):
+        if name == "video":
+            window = replace(window, video=None, video_t=None)
+        elif name == "audio":
+            window = replace(window, audio=None, audio_rate=None, audio_t0=None)
+        else:
+            window = replace(window, points=None, points_t=None)
     return window
 
 
@@ -137,19 +150,18 @@ def evaluate_model(
     student: StreamingPerceiverIO | None = None,
 ) -> dict[str, Any]:
     """Metrics (see the module docstring) of ``model`` (and ``student``) on one stream's windows."""
-    if drop is not None and drop not in MODALITIES:
-        raise ConfigError(f"--drop {drop!r}: not a modality; choose one of {list(MODALITIES)}")
+    no_video = "video" in dropped(drop)
     windows = [_without(w, drop) for w in windows]
     model.eval()
     outs = run_stream(model, windows)
     result: dict[str, Any] = {"windows": len(windows), "drop": drop}
-    result.update(_metrics(outs, windows, with_flow=drop != "video"))
+    result.update(_metrics(outs, windows, with_flow=not no_video))
     if student is not None:
         student.eval()
         s_outs = run_stream(student, windows)
         cos = embedding_cosine(torch.cat([o.embedding for o in s_outs]), torch.cat([o.embedding for o in outs]))
         result["cosine_to_teacher"] = round(float(cos.mean()), 4)
-        result["student"] = _metrics(s_outs, windows, with_flow=drop != "video")
+        result["student"] = _metrics(s_outs, windows, with_flow=not no_video)
     return result
 
 
@@ -175,8 +187,7 @@ def evaluate(
     """
     if windows < MIN_WINDOWS:
         raise ConfigError(f"--windows {windows}: evaluation needs at least {MIN_WINDOWS} windows")
-    if drop is not None and drop not in MODALITIES:
-        raise ConfigError(f"--drop {drop!r}: not a modality; choose one of {list(MODALITIES)}")
+    dropped(drop)
     model, meta = _load(checkpoint, "checkpoint")
     _refuse_trained_seed(seed, meta, checkpoint)
     s_model = None

@@ -101,6 +101,32 @@ def test_distill_steps_raise_cosine_to_teacher(batch):
     assert distiller.steps == 25 and distiller.windows == 25 * len(batch)
 
 
+def test_distill_modality_dropout_holds_per_stream_and_resets_the_student_state(batch):
+    from dataclasses import replace
+
+    teacher = _teacher()
+    rows = replace(batch, stream_ids=[f"s{i}" for i in range(len(batch))], reset=torch.zeros(len(batch), dtype=torch.bool))
+    distiller = Distiller(teacher, DistillConfig(student={"num_latents": 4}, modality_dropout=0.6, dropout_windows=2))
+    names = list(rows.modalities)
+
+    def present(b):
+        return torch.stack([b.modalities[k].present for k in names], dim=1)
+
+    first, second, third = (distiller._dropout(rows) for _ in range(3))
+    assert bool((~present(first)).any())  # something is dropped at p = 0.6
+    assert bool(present(first).any(dim=1).all())  # never every modality of a row
+    assert torch.equal(present(second), present(first))  # a stream keeps its draws for 2 windows
+    assert bool(first.reset.all()) and not bool(second.reset.any())  # new draws start from a reset state
+    assert bool(third.reset.all())
+    assert torch.equal(present(rows), torch.ones_like(present(rows)))  # the caller's batch is untouched
+    off = Distiller(teacher, DistillConfig(student={"num_latents": 4}))
+    assert off._dropout(rows) is rows
+    with torch.no_grad():
+        t_out = teacher(rows)
+    step = distiller.step(rows, t_out)
+    assert set(step.losses) >= {"embedding", "labels"} and step.cosine.shape == (len(rows),)
+
+
 def test_student_checkpoint_round_trip(batch, tmp_path):
     teacher = _teacher()
     with torch.no_grad():

@@ -57,6 +57,29 @@ def test_dropping_video_gives_no_flow_and_changes_the_labels_input(checkpoints):
     assert 0.0 <= out["label_accuracy"] <= 1.0
     points = evaluate(teacher, 5, drop="points")
     assert points["flow_epe"] is not None
+    # several at once, comma-separated: the model sees the one left
+    only_points = evaluate(teacher, 5, drop="video, audio")
+    assert only_points["drop"] == "video, audio" and only_points["flow_epe"] is None
+    only_video = evaluate(teacher, 5, drop="audio,points")
+    assert only_video["flow_epe"] is not None and only_video["flow_epe_zero"] == points["flow_epe_zero"]
+
+
+def test_several_drops_strip_each_named_modality_and_keep_the_rest():
+    from pipeline.evaluation import _without, dropped
+
+    import numpy as np
+
+    from pipeline.window import Window
+
+    w = Window(stream_id="s0", window_id=0, t_start=0.0, t_end=1.0, gap=False)
+    w.video, w.video_t = np.zeros((3, 8, 8, 3), np.uint8), np.arange(3) / 25.0
+    w.audio, w.audio_rate, w.audio_t0 = np.zeros((160, 1), np.float32), 160, 0.0
+    w.points, w.points_t = [np.zeros((5, 4), np.float32)], np.zeros(1)
+    assert dropped("video, audio") == ("video", "audio") and dropped(None) == ()
+    left = _without(w, "video,audio")
+    assert left.video is None and left.video_t is None and left.audio is None and left.audio_rate is None
+    assert left.points is w.points and left.points_t is w.points_t
+    assert _without(w, None) is w
 
 
 def test_training_seeds_and_bad_arguments_are_refused(checkpoints, tmp_path):
@@ -69,6 +92,10 @@ def test_training_seeds_and_bad_arguments_are_refused(checkpoints, tmp_path):
         evaluate(teacher, 5, windows=50)
     with pytest.raises(ConfigError, match="not a modality"):
         evaluate(teacher, 5, drop="lidar")
+    with pytest.raises(ConfigError, match="lidar.*not a modality"):
+        evaluate(teacher, 5, drop="video,lidar")
+    with pytest.raises(ConfigError, match="at least one modality must remain"):
+        evaluate(teacher, 5, drop="video,audio,points")
     with pytest.raises(CheckpointError, match="no config.json"):
         evaluate(tmp_path, 5)
 
@@ -98,3 +125,11 @@ def test_shipped_checkpoint_meets_the_label_targets_on_unseen_seeds():
         for drop in ("video", "audio", "points"):
             out = evaluate(ckpt, seed, drop=drop)
             assert out["label_accuracy"] >= 0.75, (seed, drop, out)
+
+@pytest.mark.slow
+def test_shipped_checkpoint_reads_each_modality_alone_at_twice_chance():
+    ckpt = _shipped_checkpoint()
+    for seed in (500, 501):
+        for only in ("video", "audio", "points"):
+            out = evaluate(ckpt, seed, drop=",".join(m for m in ("video", "audio", "points") if m != only))
+            assert out["label_accuracy"] >= 2 * out["label_chance"], (seed, only, out)
