@@ -172,16 +172,23 @@ def model_only(cfg: Config, streams: dict[str, list[Window]]) -> tuple[float, in
         held: list[tuple[str, int, bool]] = []  # windows the bounds allow, not yet sent
         size = cfg.model.batch_size
         while len(done) < total:
-            for sid, windows in streams.items():
-                while (
-                    next_seq[sid] < len(windows)
-                    and per_stream[sid] < cfg.runtime.max_in_flight_per_stream
-                    and in_flight < cfg.runtime.max_in_flight
-                ):
-                    held.append((sid, next_seq[sid], False))
-                    next_seq[sid] += 1
-                    per_stream[sid] += 1
-                    in_flight += 1
+            # One window of each stream in turn, as sources that decode at the same pace deliver
+            # them: filling one stream to its bound first would leave the others none of the
+            # shared bound, and the model batches of the few streams that have windows.
+            added = True
+            while added:
+                added = False
+                for sid, windows in streams.items():
+                    if (
+                        next_seq[sid] < len(windows)
+                        and per_stream[sid] < cfg.runtime.max_in_flight_per_stream
+                        and in_flight < cfg.runtime.max_in_flight
+                    ):
+                        held.append((sid, next_seq[sid], False))
+                        next_seq[sid] += 1
+                        per_stream[sid] += 1
+                        in_flight += 1
+                        added = True
             # The pipeline driver's rule (`send_now`), in calls of at most a batch.
             if send_now(len(held), sum(len(v) for v in outstanding.values()), size):
                 held.sort()
