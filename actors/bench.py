@@ -132,6 +132,25 @@ def prebuilt_windows(cfg: Config, max_windows: int | None) -> dict[str, list[Win
     return streams
 
 
+def round_robin(lengths: dict[str, int], next_seq: dict[str, int], in_flight: dict[str, int],
+                per_stream: int, room: int) -> list[str]:
+    """The streams to take one more window from, in order, one stream at a time in turn (as the
+    pipeline driver tops up its sources): at most ``room`` windows, none from a stream with
+    ``per_stream`` in flight or no windows left. Filling one stream to its bound first would leave
+    the others none of the shared bound, and the model would batch the few streams that have any."""
+    taken = {sid: 0 for sid in lengths}
+    order: list[str] = []
+    while len(order) < room:
+        ready = [sid for sid in lengths
+                 if next_seq[sid] + taken[sid] < lengths[sid] and in_flight[sid] + taken[sid] < per_stream]
+        if not ready:
+            break
+        for sid in ready[: room - len(order)]:
+            taken[sid] += 1
+            order.append(sid)
+    return order
+
+
 def model_only(cfg: Config, streams: dict[str, list[Window]]) -> tuple[float, int, dict[str, float | None]]:
     """Steady-state windows/s of a ModelActor fed the pre-built windows, how many it ran, and the
     CPU ms per window of the model actor, this driver and the raylet over the same span.
@@ -172,23 +191,12 @@ def model_only(cfg: Config, streams: dict[str, list[Window]]) -> tuple[float, in
         held: list[tuple[str, int, bool]] = []  # windows the bounds allow, not yet sent
         size = cfg.model.batch_size
         while len(done) < total:
-            # One window of each stream in turn, as sources that decode at the same pace deliver
-            # them: filling one stream to its bound first would leave the others none of the
-            # shared bound, and the model batches of the few streams that have windows.
-            added = True
-            while added:
-                added = False
-                for sid, windows in streams.items():
-                    if (
-                        next_seq[sid] < len(windows)
-                        and per_stream[sid] < cfg.runtime.max_in_flight_per_stream
-                        and in_flight < cfg.runtime.max_in_flight
-                    ):
-                        held.append((sid, next_seq[sid], False))
-                        next_seq[sid] += 1
-                        per_stream[sid] += 1
-                        in_flight += 1
-                        added = True
+            for sid in round_robin({s: len(w) for s, w in streams.items()}, next_seq, per_stream,
+                                   cfg.runtime.max_in_flight_per_stream, cfg.runtime.max_in_flight - in_flight):
+                held.append((sid, next_seq[sid], False))
+                next_seq[sid] += 1
+                per_stream[sid] += 1
+                in_flight += 1
             # The pipeline driver's rule (`send_now`), in calls of at most a batch.
             if send_now(len(held), sum(len(v) for v in outstanding.values()), size):
                 held.sort()
