@@ -229,18 +229,6 @@ def test_video_conv_stem_adds_features_that_see_beyond_one_patch():
     assert diff[0, 0] == 0 and diff[0, 1] > 0 and diff[0, 2] > 0
     with pytest.raises(ValueError, match="conv"):
         build_adapter({"kind": "video", "conv": -1})
-    # conv_pool: every token of a frame group also carries the group's maximum of each stem feature
-    pooled = build_adapter({"kind": "video", "patch": 4, "frames": 4, "stack": 2, "conv": 6, "conv_pool": True,
-                            "pos_bands": 2, "time_bands": 2})
-    pooled.stem.load_state_dict(a.stem.state_dict())
-    assert pooled.out_channels == a.out_channels + 6
-    ptok, _ = pooled(m, t_ref)
-    torch.testing.assert_close(ptok[..., :102], tokens[..., :102])
-    for g in range(2):  # the two frame groups of each row
-        group = ptok[:, g * n : (g + 1) * n]
-        torch.testing.assert_close(group[..., 102:108], group[..., 96:102].amax(dim=1, keepdim=True).expand(-1, n, -1))
-    with pytest.raises(ValueError, match="conv_pool"):
-        build_adapter({"kind": "video", "conv_pool": True})
 
 
 def test_local_correlation_peaks_at_the_shift():

@@ -45,9 +45,6 @@ class VideoAdapterConfig:
                  on the token grid; GELU between): a silhouette's corners and curvature span
                  several patches, which a linear map of one patch's pixels cannot see (as
                  DeepMind's ``prep_type='conv'``, smaller).
-    conv_pool:   also append to every token the maximum of each stem feature over its group's
-                 patches (a global max-pool, as a CNN classifier ends): whether a corner is seen
-                 anywhere reaches every token.
     pos_bands:   Fourier bands of the (y, x) patch position (DeepMind form, max resolution = grid).
     time_*:      the media-time code (see ``fourier.time_fourier_features``).
     """
@@ -57,7 +54,6 @@ class VideoAdapterConfig:
     frames: int | None = 2
     stack: int = 1
     conv: int = 0
-    conv_pool: bool = False
     pos_bands: int = 8
     time_bands: int = 8
     time_period: float = 2.0**17
@@ -68,8 +64,6 @@ class VideoAdapterConfig:
             raise ValueError("video adapter: patch, stack, pos_bands and time_bands must be at least 1")
         if self.conv < 0:
             raise ValueError("video adapter: conv must be >= 0 (0 = no convolutional stem)")
-        if self.conv_pool and not self.conv:
-            raise ValueError("video adapter: conv_pool needs the convolutional stem (conv > 0)")
         if self.frames is not None and (self.frames < 1 or self.frames % self.stack):
             raise ValueError("video adapter: frames must be a positive multiple of stack (or null for all frames)")
 
@@ -92,7 +86,7 @@ class VideoAdapter(Adapter):
         ) if c else None
         self.out_channels = (
             config.stack * p * p * 3
-            + c * (2 if config.conv_pool else 1)
+            + c
             + fourier_channels(2, config.pos_bands)
             + time_channels(config.time_bands)
         )
@@ -120,8 +114,6 @@ class VideoAdapter(Adapter):
         if self.stem is not None:
             groups = frames.view(b * t, k, h, w, 3).permute(0, 1, 4, 2, 3).reshape(b * t, k * 3, h, w)
             feats = self.stem(groups).flatten(2).transpose(1, 2)  # (B*T) x P x conv, row-major as pix
-            if cfg.conv_pool:
-                feats = torch.cat([feats, feats.amax(dim=1, keepdim=True).expand_as(feats)], dim=-1)
             pix = torch.cat([pix, feats.reshape(b, t, n, -1)], dim=-1)
         pos = grid_fourier_features((h // cfg.patch, w // cfg.patch), cfg.pos_bands, device=pix.device)
         tcode = time_features(
