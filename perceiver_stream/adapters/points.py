@@ -66,9 +66,9 @@ class PointsAdapterConfig:
                      every token.
     curvature_k:     with k > 0, ``curvature_bins`` more channels: the point's surface variation over
                      its k nearest neighbours (`surface_variation`) as a soft one-hot over log-spaced
-                     bins from 1e-3 to 1/3, so
-                     that the encoder's attention-weighted mean of tokens is a histogram of the
-                     window's curvature (a flat face and a sphere differ there). 0 = off.
+                     bins from 1e-3 to 1/3, so that the encoder's attention-weighted mean of tokens
+                     is a histogram of the window's curvature (a flat face and a sphere differ
+                     there). 0 = off.
     curvature_bins:  bins of that histogram.
     """
 
@@ -126,14 +126,11 @@ def surface_variation(xyz: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Te
     ``B x P x 3`` -> ``B x P`` in ``[0, 1/3]``: 0 on a plane, growing with curvature relative to the
     neighbourhood's size (so independent of scale); 0 for padding and points without neighbours.
     """
-    b, p, _ = xyz.shape
-    k = max(min(k, p - 1), 0)
-    d = torch.cdist(xyz, xyz).masked_fill(~mask[:, None, :], float("inf"))
-    dist, idx = d.topk(k + 1, dim=-1, largest=False)  # the point itself comes first
-    valid = torch.isfinite(dist)[..., None]
-    nbr = torch.gather(xyz[:, None].expand(b, p, p, 3), 2, idx[..., None].expand(b, p, k + 1, 3))
-    n = valid.sum(2, keepdim=True).clamp(min=1)
-    centred = torch.where(valid, nbr - (torch.where(valid, nbr, 0.0).sum(2, keepdim=True) / n), 0.0)
+    off, valid = neighbour_offsets(xyz, mask, k)  # the ratio does not depend on their scale
+    pts = torch.cat([torch.zeros_like(off[:, :, :1]), off], dim=2)  # the point itself: offset 0
+    ok = torch.cat([mask[..., None], valid], dim=2)[..., None]
+    n = ok.sum(2, keepdim=True).clamp(min=1)
+    centred = torch.where(ok, pts - pts.sum(2, keepdim=True) / n, 0.0)  # invalid offsets are 0
     cov = centred.transpose(-1, -2) @ centred / n
     # a tiny isotropic term keeps eigvalsh well-conditioned on repeated points
     eig = torch.linalg.eigvalsh(cov.double() + 1e-12 * torch.eye(3, dtype=torch.float64, device=xyz.device))
