@@ -11,9 +11,9 @@ returns::
 ``flow_epe`` is the mean end-point error (px of the flow grid) over the windows with truth flow,
 ``flow_epe_zero`` the same for predicting no motion; both are None when video is dropped.
 ``drop`` removes a modality (or several, comma-separated) from every window, so the model sees
-the others only. With a ``student`` checkpoint the result also holds ``cosine_to_teacher`` (mean cosine of the student's
-and the checkpoint's embeddings) and the student's own metrics under ``"student"``. A seed the
-model (or the student) was trained on is refused.
+the others only. With a ``student`` checkpoint the result also holds ``cosine_to_teacher`` (mean
+cosine of the student's and the checkpoint's embeddings) and the student's own metrics under
+``"student"``. A seed the model (or the student) was trained on is refused.
 
 `photo_flow(checkpoint)` is the real-texture check: a photograph that scikit-image ships, panned
 by a known motion, encoded as H.264 with PyAV, read back through `pipeline.read_windows` and run
