@@ -137,7 +137,8 @@ class Distiller:
         for i, sid in enumerate(batch.stream_ids):
             draws, left = self._draws.get(sid, ({}, 0))
             if left <= 0 or set(draws) != set(names):
-                draws, left = {k: float(torch.rand((), generator=self._generator)) for k in names}, self.settings.dropout_windows
+                draws = {k: float(torch.rand((), generator=self._generator)) for k in names}
+                left = self.settings.dropout_windows
                 reset[i] = True
             self._draws[sid] = (draws, left - 1)
             rows.append([draws[k] for k in names])

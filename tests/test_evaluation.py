@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from perceiver_stream.checkpoint import save_checkpoint
 from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO
 from pipeline.errors import CheckpointError, ConfigError
-from pipeline.evaluation import MIN_WINDOWS, evaluate
+from pipeline.evaluation import MIN_WINDOWS, MODALITIES, _without, dropped, evaluate
 from pipeline.sources.synthetic import CLASSES
+from pipeline.window import Window
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = {"window": {"seconds": 1.0, "hop": 0.5}, "video": {"size": [32, 32], "fps": None},
@@ -65,12 +67,6 @@ def test_dropping_video_gives_no_flow_and_changes_the_labels_input(checkpoints):
 
 
 def test_several_drops_strip_each_named_modality_and_keep_the_rest():
-    from pipeline.evaluation import _without, dropped
-
-    import numpy as np
-
-    from pipeline.window import Window
-
     w = Window(stream_id="s0", window_id=0, t_start=0.0, t_end=1.0, gap=False)
     w.video, w.video_t = np.zeros((3, 8, 8, 3), np.uint8), np.arange(3) / 25.0
     w.audio, w.audio_rate, w.audio_t0 = np.zeros((160, 1), np.float32), 160, 0.0
@@ -126,10 +122,11 @@ def test_shipped_checkpoint_meets_the_label_targets_on_unseen_seeds():
             out = evaluate(ckpt, seed, drop=drop)
             assert out["label_accuracy"] >= 0.75, (seed, drop, out)
 
+
 @pytest.mark.slow
 def test_shipped_checkpoint_reads_each_modality_alone_at_twice_chance():
     ckpt = _shipped_checkpoint()
     for seed in (500, 501):
-        for only in ("video", "audio", "points"):
-            out = evaluate(ckpt, seed, drop=",".join(m for m in ("video", "audio", "points") if m != only))
+        for only in MODALITIES:
+            out = evaluate(ckpt, seed, drop=",".join(m for m in MODALITIES if m != only))
             assert out["label_accuracy"] >= 2 * out["label_chance"], (seed, only, out)
