@@ -8,7 +8,8 @@ adapters come in a dict keyed by name, and a batch's modalities are looked up in
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -25,11 +26,14 @@ class Tokens:
     tokens:   ``B x N x D`` float, zero wherever ``mask`` is False.
     mask:     ``B x N`` bool, True where the token is real (its modality present in that row).
     modality: ``N`` int64, index into ``MultimodalPreprocessor.names`` of each token's modality.
+    pooled:   modality -> ``(B x n x c features, B x n mask)``: the adapter's `pool_channels` of the
+              ``pool`` modalities, as the adapter made them (before MLPs, norms and padding).
     """
 
     tokens: torch.Tensor
     mask: torch.Tensor
     modality: torch.Tensor
+    pooled: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 class TokenMLP(nn.Module):
@@ -65,7 +69,8 @@ class MultimodalPreprocessor(nn.Module):
     LayerNorm is shared by all). With ``own_channels``, each modality's channels sit in a slice of
     the token of its own (the rest zero, plus a learned per-modality vector over the whole width),
     so the encoder's key/value weights for one modality's features get no gradient from another's
-    tokens. Batch modalities without an adapter are ignored.
+    tokens. ``pool`` names modalities whose adapter's `pool_channels` are also returned on their own
+    (``Tokens.pooled``). Batch modalities without an adapter are ignored.
     """
 
     def __init__(
@@ -77,6 +82,7 @@ class MultimodalPreprocessor(nn.Module):
         token_mlps: dict[str, int] | None = None,
         norms: bool = False,
         own_channels: bool = False,
+        pool: Sequence[str] = (),
     ) -> None:
         super().__init__()
         if not adapters:
@@ -89,6 +95,10 @@ class MultimodalPreprocessor(nn.Module):
         unknown = sorted(set(token_mlps) - set(adapters))
         if unknown:
             raise ValueError(f"token_mlps names modalities without an adapter: {unknown}")
+        unpoolable = [k for k in pool if k not in adapters or adapters[k].pool_channels is None]
+        if unpoolable:
+            raise ValueError(f"pool names modalities without an adapter or without poolable channels: {unpoolable}")
+        self.pool = tuple(pool)
         self.names: list[str] = list(adapters)
         self.adapters = nn.ModuleDict(adapters)
         widths = [a.out_channels for a in adapters.values()]
@@ -116,12 +126,16 @@ class MultimodalPreprocessor(nn.Module):
         """Tokens of every modality of ``batch`` that has an adapter and is present somewhere."""
         t_ref = batch.t_end
         parts, masks, kinds = [], [], []
+        pooled: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         device = None
         for i, name in enumerate(self.names):
             m = batch.modalities.get(name)
             if m is None or not bool(m.present.any()):
                 continue
             x, mask = self.adapters[name](m, t_ref)
+            if name in self.pool:
+                a, z = self.adapters[name].pool_channels
+                pooled[name] = (x[..., a:z], mask & m.present[:, None])
             if name in self.token_mlps:
                 x = self.token_mlps[name](x)
             if self.norms is not None:
@@ -149,7 +163,7 @@ class MultimodalPreprocessor(nn.Module):
                 torch.zeros(b, 0, dtype=torch.bool, device=dev),
                 torch.zeros(0, dtype=torch.long, device=dev),
             )
-        return Tokens(torch.cat(parts, dim=1), torch.cat(masks, dim=1), torch.cat(kinds))
+        return Tokens(torch.cat(parts, dim=1), torch.cat(masks, dim=1), torch.cat(kinds), pooled)
 
 
 def drop_modalities(

@@ -36,7 +36,7 @@ from perceiver_stream.adapters import FlowInputAdapter, adapter_spec, build_adap
 from perceiver_stream.attention import MLP, CrossAttention, MultiHeadAttention, SelfAttention
 from perceiver_stream.batch import Batch
 from perceiver_stream.fourier import fourier_channels, grid_fourier_features
-from perceiver_stream.multimodal import MultimodalPreprocessor
+from perceiver_stream.multimodal import MultimodalPreprocessor, Tokens
 from perceiver_stream.outputs import ModelOutput
 
 
@@ -74,6 +74,14 @@ class StreamingConfig:
                      every modality's latents must carry the labels it can see, where a modality
                      that alone gives them (audio: hue and material) otherwise leaves another
                      (points: material) unread.
+    label_pool:      modalities whose label read also takes, over that modality's tokens, the maximum of
+                     a learned projection (LayerNorm, Linear) of each token's content channels (its
+                     adapter's ``pool_channels``, e.g. the video's conv stem; no position or time
+                     code, with which a max names a training scene): a CNN classifier's global
+                     max-pool, which tells whether a local cue (a box's corner) is seen anywhere,
+                     where attention's weighted mean blurs it. A pooled read is added to
+                     the label terms where its modality is present (zero where it is not) and,
+                     with ``label_groups``, is a group of its own, supervised where present.
     labels_from_encoder: the label decoder reads the encoder's latents instead of the tower's output
                      (trained on points alone, shape reached the labels this way and not through
                      the tower).
@@ -114,6 +122,7 @@ class StreamingConfig:
     num_blocks: int = 2
     label_heads: int = 1
     label_groups: bool = False
+    label_pool: tuple[str, ...] = ()
     labels_from_encoder: bool = False
     state: bool = True
     state_gate_init: float = -1.0
@@ -136,6 +145,11 @@ class StreamingConfig:
         self.modalities = {str(k): adapter_spec(dict(v)) for k, v in self.modalities.items()}
         self.flow_size = tuple(int(x) for x in self.flow_size)  # type: ignore[assignment]
         self.class_names = tuple(str(c) for c in self.class_names)
+        self.label_pool = tuple(str(k) for k in self.label_pool)
+        unknown = [k for k in self.label_pool if k not in self.modalities]
+        if unknown:
+            raise ValueError(f"model config: label_pool names {unknown}, which are not modalities "
+                             f"(modalities: {sorted(self.modalities)})")
         self.mask_probs = {str(k): float(v) for k, v in self.mask_probs.items()}
         self.token_mlps = {str(k): int(v) for k, v in self.token_mlps.items()}
         self.modality_latents = {str(k): int(v) for k, v in self.modality_latents.items()}
@@ -309,6 +323,7 @@ class StreamingPerceiverIO(nn.Module):
             token_mlps=config.token_mlps,
             norms=config.modality_norms,
             own_channels=config.own_channels,
+            pool=config.label_pool,
         )
         self.latents = nn.Parameter(0.02 * torch.randn(m, c))
         names = self.preprocess.names
@@ -341,6 +356,12 @@ class StreamingPerceiverIO(nn.Module):
             self.label_query = nn.Parameter(0.02 * torch.randn(1, len(self.label_slices), c))
             self.label_decoder = CrossAttention(c, c, num_heads=config.label_heads, widening_factor=1)
             self.label_head = nn.Linear(c, config.num_classes)
+            adapters = self.preprocess.adapters
+            self.label_pools = nn.ModuleDict({
+                k: nn.Sequential(nn.LayerNorm(n), nn.Linear(n, c))
+                for k in config.label_pool
+                for n in [adapters[k].pool_channels[1] - adapters[k].pool_channels[0]]
+            })
         if config.flow_modality is not None:
             fc = config.flow_channels
             self.flow_input = FlowInputAdapter(config.flow_size, config.flow_corr_radius, config.flow_corr_stride)
@@ -373,9 +394,11 @@ class StreamingPerceiverIO(nn.Module):
     def encode(self, batch: Batch, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The encoder's latents and the tower's output ``z``, the latents that end each window
         (both ``B x M x C``)."""
-        tok = self.preprocess(batch)
+        return self._encode(self.preprocess(batch), batch.reset, state)
+
+    def _encode(self, tok: Tokens, reset: torch.Tensor, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         own = self.latent_modality if self.config.modality_latents else None
-        latents = self.initial_latents(state, batch.reset)
+        latents = self.initial_latents(state, reset)
         if latents is None:
             q = self._cache.get(
                 "latent_q", [self.latents, *self.encoder.q_norm.parameters(), *self.encoder.attn.q.parameters()],
@@ -438,6 +461,20 @@ class StreamingPerceiverIO(nn.Module):
                 for g, (a, b) in enumerate(self.label_slices)]
         return torch.stack(read, dim=1)
 
+    def pooled_terms(self, tok: Tokens) -> torch.Tensor:
+        """Each ``label_pool`` modality's max-pooled read ``B x P x C`` (zero in rows without its tokens)."""
+        b, c = tok.mask.shape[0], self.config.latent_channels
+        reads = []
+        for k in self.config.label_pool:
+            if k not in tok.pooled:  # absent from the whole batch
+                reads.append(self.latents.new_zeros(b, c))
+                continue
+            feats, mask = tok.pooled[k]
+            x = self.label_pools[k](feats)  # B x n x C
+            pooled = torch.where(mask[..., None], x, float("-inf")).amax(dim=1)
+            reads.append(torch.where(mask.any(dim=1, keepdim=True), pooled, 0.0))
+        return torch.stack(reads, dim=1)
+
     def embed(self, z: torch.Tensor) -> torch.Tensor:
         """The window embedding ``B x C``: mean over latents of ``LayerNorm(z)`` (not L2-normalised)."""
         return self.final_norm(z).mean(dim=1)
@@ -447,7 +484,8 @@ class StreamingPerceiverIO(nn.Module):
     def forward(self, batch: Batch, state: torch.Tensor | None = None) -> ModelOutput:
         """Outputs for ``batch``; ``state`` (``B x M x C``, from the previous window of each row's
         stream, e.g. ``StreamStates.gather``) seeds the latents where ``batch.reset`` is False."""
-        encoded, z = self.encode(batch, state)
+        tok = self.preprocess(batch)
+        encoded, z = self._encode(tok, batch.reset, state)
         flow, flow_valid = self.decode_flow(batch, z)
         read = encoded if self.config.labels_from_encoder else z
         group_logits = group_valid = None
@@ -455,10 +493,14 @@ class StreamingPerceiverIO(nn.Module):
             logits = z.new_zeros(z.shape[0], 0)
         else:
             terms = self.label_terms(read)
+            sources = self.label_group_modality
+            if self.config.label_pool:
+                terms = torch.cat([terms, self.pooled_terms(tok)], dim=1)
+                sources = sources + list(self.config.label_pool)
             logits = self.label_head(terms.sum(dim=1))
             if self.config.label_groups:
                 group_logits = self.label_head(terms).float()
-                group_valid = torch.stack([self._present(batch, k) for k in self.label_group_modality], dim=1)
+                group_valid = torch.stack([self._present(batch, k) for k in sources], dim=1)
         return ModelOutput(
             embedding=self.embed(z).float(),
             label_logits=logits.float(),

@@ -220,15 +220,17 @@ def test_video_conv_stem_adds_features_that_see_beyond_one_patch():
     ref, _ = plain(m, t_ref)
     torch.testing.assert_close(tokens[..., :96], ref[..., :96])  # pixels, then the stem's channels
     torch.testing.assert_close(tokens[..., 102:], ref[..., 96:])
-    # A pixel change two patches away from token (0, 0) reaches it only through the stem's 3x3
-    # conv on the token grid: the neighbouring token (0, 1) sees it, token (0, 0) does not.
+    # A pixel change two patches away from token (0, 0) reaches it only through the stem: its
+    # receptive field is 18 px, so tokens (0, 1) and (0, 2) see it and token (0, 0) does not.
     changed = m.values.clone()
-    changed[0, 3, 0, 9] = 255 - changed[0, 3, 0, 9]  # row 0, column 9: inside token (0, 2)
+    changed[0, 3, 0, 12] = 255 - changed[0, 3, 0, 12]  # row 0, column 12: inside token (0, 3)
     moved, _ = a(ModalityBatch(changed, m.times, m.mask, m.present), t_ref)
     diff = (moved - tokens)[0, n:, 96:102].abs().sum(-1).view(4, 4)
     assert diff[0, 0] == 0 and diff[0, 1] > 0 and diff[0, 2] > 0
     with pytest.raises(ValueError, match="conv"):
         build_adapter({"kind": "video", "conv": -1})
+    with pytest.raises(ValueError, match="power-of-two"):
+        build_adapter({"kind": "video", "patch": 6, "conv": 8})
 
 
 def test_local_correlation_peaks_at_the_shift():

@@ -219,6 +219,46 @@ def test_label_groups_read_each_modality_s_latents_and_are_supervised_where_pres
 
 
 @torch.no_grad()
+def test_label_pool_reads_the_max_of_a_modality_s_tokens_and_leaves_no_trace_where_absent():
+    torch.manual_seed(0)
+    video_spec = {"kind": "video", "patch": 4, "frames": 2, "conv": 6, "pos_bands": 4, "time_bands": 4}
+    mods = {**small_config().modalities, "video": video_spec}
+    m = StreamingPerceiverIO(small_config(modalities=mods, label_groups=True, modality_latents={"points": 2},
+                                          label_pool=("video",))).eval()
+    assert m.preprocess.adapters["video"].pool_channels == (48, 54)  # the stem's channels, after the pixels
+    batch = make_batch(b=3)
+    video = batch.modalities["video"]
+    batch = replace(batch, modalities={**batch.modalities, "video": replace(video, present=torch.tensor([True, False, True]))})
+    out = m(batch)
+    # groups: the shared latents, the points' latents, then the video's pooled read
+    assert out.group_logits.shape == (3, 3, 3)
+    assert out.group_valid.tolist() == [[True, True, True], [True, True, False], [True, True, True]]
+    tok = m.preprocess(batch)
+    pooled = m.pooled_terms(tok)
+    raw, _ = m.preprocess.adapters["video"](batch.modalities["video"], batch.t_end)
+    proj = m.label_pools["video"](raw[..., 48:54])
+    torch.testing.assert_close(pooled[0, 0], proj[0].amax(dim=0))  # a max over the row's video tokens
+    assert proj[0].argmax(dim=0).unique().numel() > 1  # (different tokens win different channels)
+    assert torch.all(pooled[1] == 0)  # no video in row 1: nothing pooled
+    terms = torch.cat([m.label_terms(m.encode(batch)[1]), pooled], 1)
+    torch.testing.assert_close(out.label_logits, m.label_head(terms.sum(1)))
+    torch.testing.assert_close(out.group_logits, m.label_head(terms))
+    # a row without video gets the same labels as a batch that never had video
+    none = m(replace(batch, modalities={k: v for k, v in batch.modalities.items() if k != "video"}))
+    torch.testing.assert_close(out.label_logits[1], none.label_logits[1])
+    # a box's corner anywhere moves the pooled read: one token's change reaches it through the max
+    changed = video.values.clone()
+    changed[0, :, :4, :4] = 255 - changed[0, :, :4, :4]
+    moved = m.pooled_terms(m.preprocess(replace(batch, modalities={**batch.modalities, "video": replace(
+        batch.modalities["video"], values=changed)})))
+    assert not torch.allclose(moved[0], pooled[0]) and torch.equal(moved[2], pooled[2])
+    with pytest.raises(ValueError, match="label_pool"):
+        small_config(label_pool=("lidar",))
+    with pytest.raises(ValueError, match="poolable"):
+        StreamingPerceiverIO(small_config(label_pool=("points",)))
+
+
+@torch.no_grad()
 def test_shapes_and_flow_validity(model):
     batch = make_batch(b=3, frames=[4, 1, 2])
     out = model(batch)

@@ -37,6 +37,9 @@ class Adapter(nn.Module):
     """
 
     out_channels: int
+    pool_channels: tuple[int, int] | None = None
+    """The slice of token channels that describe what is at a token's place, without its position
+    or time code: what a max-pool over the tokens may read (None = not poolable)."""
 
     def forward(self, m: ModalityBatch, t_ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: D102
         raise NotImplementedError
