@@ -252,6 +252,13 @@ def test_label_pool_reads_the_max_of_a_modality_s_tokens_and_leaves_no_trace_whe
     moved = m.pooled_terms(m.preprocess(replace(batch, modalities={**batch.modalities, "video": replace(
         batch.modalities["video"], values=changed)})))
     assert not torch.allclose(moved[0], pooled[0]) and torch.equal(moved[2], pooled[2])
+    # the stem is trained by the pooled read alone: the flow (through the tokens) gives it no gradient
+    with torch.enable_grad():
+        m(batch).flow.sum().backward()
+        stem = m.preprocess.adapters["video"].stem[0].weight
+        assert stem.grad is None or torch.all(stem.grad == 0)
+        m(batch).group_logits[:, -1].sum().backward()
+        assert stem.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="label_pool"):
         small_config(label_pool=("lidar",))
     with pytest.raises(ValueError, match="poolable"):
