@@ -187,13 +187,17 @@ def test_modality_latents_attend_to_their_own_modality_alone():
         small_config(modality_latents={"lidar": 2})
 
 
+def absent_in_row_1(batch: Batch, name: str) -> Batch:
+    """``batch`` (3 rows) with modality ``name`` absent from its second row."""
+    m = batch.modalities[name]
+    return replace(batch, modalities={**batch.modalities, name: replace(m, present=torch.tensor([True, False, True]))})
+
+
 def test_label_groups_read_each_modality_s_latents_and_are_supervised_where_present():
     torch.manual_seed(0)
     m = StreamingPerceiverIO(small_config(label_groups=True, modality_latents={"points": 2, "audio": 3})).eval()
     assert m.label_slices == [(0, 8), (8, 11), (11, 13)] and m.label_group_modality == [None, "audio", "points"]
-    batch = make_batch(b=3)
-    pts = batch.modalities["points"]
-    batch = replace(batch, modalities={**batch.modalities, "points": replace(pts, present=torch.tensor([True, False, True]))})
+    batch = absent_in_row_1(make_batch(b=3), "points")
     out = m(batch)
     assert out.group_logits.shape == (3, 3, 3)
     assert out.group_valid.tolist() == [[True, True, True], [True, True, False], [True, True, True]]
@@ -226,9 +230,8 @@ def test_label_pool_reads_the_max_of_a_modality_s_tokens_and_leaves_no_trace_whe
     m = StreamingPerceiverIO(small_config(modalities=mods, label_groups=True, modality_latents={"points": 2},
                                           label_pool=("video",))).eval()
     assert m.preprocess.adapters["video"].pool_channels == (48, 54)  # the stem's channels, after the pixels
-    batch = make_batch(b=3)
+    batch = absent_in_row_1(make_batch(b=3), "video")
     video = batch.modalities["video"]
-    batch = replace(batch, modalities={**batch.modalities, "video": replace(video, present=torch.tensor([True, False, True]))})
     out = m(batch)
     # groups: the shared latents, the points' latents, then the video's pooled read
     assert out.group_logits.shape == (3, 3, 3)
