@@ -70,7 +70,8 @@ class MultimodalPreprocessor(nn.Module):
     the token of its own (the rest zero, plus a learned per-modality vector over the whole width),
     so the encoder's key/value weights for one modality's features get no gradient from another's
     tokens. ``pool`` names modalities whose adapter's `pool_channels` are also returned on their own
-    (``Tokens.pooled``); in the tokens those channels are detached, so only the pooled read trains them. Batch modalities without an adapter are ignored.
+    (``Tokens.pooled``); in the tokens those channels are detached, so only the pooled read trains
+    them. Batch modalities without an adapter are ignored.
     """
 
     def __init__(
@@ -134,9 +135,8 @@ class MultimodalPreprocessor(nn.Module):
                 continue
             x, mask = self.adapters[name](m, t_ref)
             if name in self.pool:
-                # The pooled channels are learned by the pooled read alone: in the fused model the
-                # flow loss, ten times the label loss, otherwise drowned what the read needs
-                # (trained so, the video's read stayed at chance on shape).
+                # Trained by the pooled read alone: the flow loss (ten times the label loss in the
+                # shipped recipe) does not reach them through the tokens.
                 a, z = self.adapters[name].pool_channels
                 pooled[name] = (x[..., a:z], mask & m.present[:, None])
                 x = torch.cat([x[..., :a], x[..., a:z].detach(), x[..., z:]], dim=-1)

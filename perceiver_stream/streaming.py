@@ -356,12 +356,10 @@ class StreamingPerceiverIO(nn.Module):
             self.label_query = nn.Parameter(0.02 * torch.randn(1, len(self.label_slices), c))
             self.label_decoder = CrossAttention(c, c, num_heads=config.label_heads, widening_factor=1)
             self.label_head = nn.Linear(c, config.num_classes)
-            adapters = self.preprocess.adapters
-            self.label_pools = nn.ModuleDict({
-                k: nn.Sequential(nn.LayerNorm(n), nn.Linear(n, c))
-                for k in config.label_pool
-                for n in [adapters[k].pool_channels[1] - adapters[k].pool_channels[0]]
-            })
+            self.label_pools = nn.ModuleDict()
+            for k in config.label_pool:
+                a, b = self.preprocess.adapters[k].pool_channels
+                self.label_pools[k] = nn.Sequential(nn.LayerNorm(b - a), nn.Linear(b - a, c))
         if config.flow_modality is not None:
             fc = config.flow_channels
             self.flow_input = FlowInputAdapter(config.flow_size, config.flow_corr_radius, config.flow_corr_stride)
@@ -396,7 +394,9 @@ class StreamingPerceiverIO(nn.Module):
         (both ``B x M x C``)."""
         return self._encode(self.preprocess(batch), batch.reset, state)
 
-    def _encode(self, tok: Tokens, reset: torch.Tensor, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode(
+        self, tok: Tokens, reset: torch.Tensor, state: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         own = self.latent_modality if self.config.modality_latents else None
         latents = self.initial_latents(state, reset)
         if latents is None:
