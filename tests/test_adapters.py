@@ -220,8 +220,8 @@ def test_video_conv_stem_adds_features_that_see_beyond_one_patch():
     ref, _ = plain(m, t_ref)
     torch.testing.assert_close(tokens[..., :96], ref[..., :96])  # pixels, then the stem's channels
     torch.testing.assert_close(tokens[..., 102:], ref[..., 96:])
-    # A pixel change two patches away from token (0, 0) reaches it only through the stem: its
-    # receptive field is 18 px, so tokens (0, 1) and (0, 2) see it and token (0, 0) does not.
+    # A pixel change inside token (0, 3) reaches other tokens only through the stem, whose receptive
+    # field is 18 px: tokens (0, 1) and (0, 2) see it, token (0, 0) does not.
     changed = m.values.clone()
     changed[0, 3, 0, 12] = 255 - changed[0, 3, 0, 12]  # row 0, column 12: inside token (0, 3)
     moved, _ = a(ModalityBatch(changed, m.times, m.mask, m.present), t_ref)
