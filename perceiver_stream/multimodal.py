@@ -28,6 +28,7 @@ class Tokens:
     modality: ``N`` int64, index into ``MultimodalPreprocessor.names`` of each token's modality.
     pooled:   modality -> ``(B x n x c features, B x n mask)``: the adapter's `pool_channels` of the
               ``pool`` modalities, as the adapter made them (before MLPs, norms and padding).
+              An adapter's `private_channels` appear only here, never in ``tokens``.
     """
 
     tokens: torch.Tensor
@@ -71,7 +72,8 @@ class MultimodalPreprocessor(nn.Module):
     so the encoder's key/value weights for one modality's features get no gradient from another's
     tokens. ``pool`` names modalities whose adapter's `pool_channels` are also returned on their own
     (``Tokens.pooled``); in the tokens those channels are detached, so only the pooled read trains
-    them. Batch modalities without an adapter are ignored.
+    them; an adapter's ``private_channels`` are cut off the tokens (such an adapter must be pooled).
+    Batch modalities without an adapter are ignored.
     """
 
     def __init__(
@@ -99,6 +101,10 @@ class MultimodalPreprocessor(nn.Module):
         unpoolable = [k for k in pool if k not in adapters or adapters[k].pool_channels is None]
         if unpoolable:
             raise ValueError(f"pool names modalities without an adapter or without poolable channels: {unpoolable}")
+        unread = [k for k, a in adapters.items() if a.private_channels and k not in pool]
+        if unread:
+            raise ValueError(f"adapters of {unread} make channels for a pooled read alone, but pool does not "
+                             "name them: pool them, or put those channels in the tokens")
         self.pool = tuple(pool)
         self.names: list[str] = list(adapters)
         self.adapters = nn.ModuleDict(adapters)
@@ -140,6 +146,7 @@ class MultimodalPreprocessor(nn.Module):
                 a, z = self.adapters[name].pool_channels
                 pooled[name] = (x[..., a:z], mask & m.present[:, None])
                 x = torch.cat([x[..., :a], x[..., a:z].detach(), x[..., z:]], dim=-1)
+                x = x[..., : self.adapters[name].out_channels]
             if name in self.token_mlps:
                 x = self.token_mlps[name](x)
             if self.norms is not None:

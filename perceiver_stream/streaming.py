@@ -80,8 +80,13 @@ class StreamingConfig:
                      code, with which a max names a training scene): a CNN classifier's global
                      max-pool, which tells whether a local cue (a box's corner) is seen anywhere,
                      where attention's weighted mean blurs it. A pooled read is added to
-                     the label terms where its modality is present (zero where it is not) and,
-                     with ``label_groups``, is a group of its own, supervised where present.
+                     the label terms where its modality is present (zero where it is not). A
+                     gate that starts at zero scales it, so a model's outputs are unchanged by adding one;
+                     training fits it afterwards with the rest of the model frozen
+                     (`pool_parameters`, ``train.pool_steps``), to supply what the other reads
+                     lack. (Trained with the rest, or on its own group's labels, it read shape
+                     on held-out rigs at chance: the other reads already explained the labels,
+                     and a read of all the labels from video alone fitted the training scenes.)
     labels_from_encoder: the label decoder reads the encoder's latents instead of the tower's output
                      (trained on points alone, shape reached the labels this way and not through
                      the tower).
@@ -360,6 +365,11 @@ class StreamingPerceiverIO(nn.Module):
             for k in config.label_pool:
                 a, b = self.preprocess.adapters[k].pool_channels
                 self.label_pools[k] = nn.Sequential(nn.LayerNorm(b - a), nn.Linear(b - a, c))
+            # Each pooled read is scaled by a gate that starts shut: a model's outputs are unchanged
+            # by adding one. (A zero projection instead ties every token in the max, and the
+            # read did not learn: held-out shape at chance after 2000 pool steps.)
+            if config.label_pool:
+                self.pool_gates = nn.Parameter(torch.zeros(len(config.label_pool)))
         if config.flow_modality is not None:
             fc = config.flow_channels
             self.flow_input = FlowInputAdapter(config.flow_size, config.flow_corr_radius, config.flow_corr_stride)
@@ -397,6 +407,11 @@ class StreamingPerceiverIO(nn.Module):
     def _encode(
         self, tok: Tokens, reset: torch.Tensor, state: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        encoded = self._cross(tok, reset, state)
+        return encoded, self._tower(encoded)
+
+    def _cross(self, tok: Tokens, reset: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
+        """The encoder's latents ``B x M x C`` (the cross-attention onto the tokens)."""
         own = self.latent_modality if self.config.modality_latents else None
         latents = self.initial_latents(state, reset)
         if latents is None:
@@ -404,14 +419,14 @@ class StreamingPerceiverIO(nn.Module):
                 "latent_q", [self.latents, *self.encoder.q_norm.parameters(), *self.encoder.attn.q.parameters()],
                 self.latents.device, lambda: self.encoder.query_heads(self.latents[None]),
             )
-            z = self.encoder(self.latents[None], tok.tokens, tok.mask, tok.modality, q_heads=q, query_source=own)
-        else:
-            z = self.encoder(latents, tok.tokens, tok.mask, tok.modality, query_source=own)
-        encoded = z
+            return self.encoder(self.latents[None], tok.tokens, tok.mask, tok.modality, q_heads=q, query_source=own)
+        return self.encoder(latents, tok.tokens, tok.mask, tok.modality, query_source=own)
+
+    def _tower(self, z: torch.Tensor) -> torch.Tensor:
         for _ in range(self.config.num_blocks):
             for layer in self.tower:
                 z = layer(z)
-        return encoded, z
+        return z
 
     def _flow_pos(self, device: torch.device) -> torch.Tensor:
         cfg = self.config
@@ -473,7 +488,15 @@ class StreamingPerceiverIO(nn.Module):
             x = self.label_pools[k](feats)  # B x n x C
             pooled = torch.where(mask[..., None], x, float("-inf")).amax(dim=1)
             reads.append(torch.where(mask.any(dim=1, keepdim=True), pooled, 0.0))
-        return torch.stack(reads, dim=1)
+        return torch.stack(reads, dim=1) * self.pool_gates[:, None]
+
+    def pool_parameters(self) -> list[nn.Parameter]:
+        """The parameters of the ``label_pool`` reads (their projections and the adapters' layers
+        that make the pooled channels): what ``train.pool_steps`` trains, and only that."""
+        params = [p for k in self.config.label_pool for p in self.preprocess.adapters[k].pool_parameters()]
+        if self.config.num_classes and self.config.label_pool:
+            params += [*self.label_pools.parameters(), self.pool_gates]
+        return params
 
     def embed(self, z: torch.Tensor) -> torch.Tensor:
         """The window embedding ``B x C``: mean over latents of ``LayerNorm(z)`` (not L2-normalised)."""
@@ -487,20 +510,18 @@ class StreamingPerceiverIO(nn.Module):
         tok = self.preprocess(batch)
         encoded, z = self._encode(tok, batch.reset, state)
         flow, flow_valid = self.decode_flow(batch, z)
-        read = encoded if self.config.labels_from_encoder else z
         group_logits = group_valid = None
         if not self.config.num_classes:
             logits = z.new_zeros(z.shape[0], 0)
         else:
-            terms = self.label_terms(read)
-            sources = self.label_group_modality
+            terms = self.label_terms(encoded if self.config.labels_from_encoder else z)
+            read = terms.sum(dim=1)
             if self.config.label_pool:
-                terms = torch.cat([terms, self.pooled_terms(tok)], dim=1)
-                sources = sources + list(self.config.label_pool)
-            logits = self.label_head(terms.sum(dim=1))
+                read = read + self.pooled_terms(tok).sum(dim=1)
+            logits = self.label_head(read)
             if self.config.label_groups:
                 group_logits = self.label_head(terms).float()
-                group_valid = torch.stack([self._present(batch, k) for k in sources], dim=1)
+                group_valid = torch.stack([self._present(batch, k) for k in self.label_group_modality], dim=1)
         return ModelOutput(
             embedding=self.embed(z).float(),
             label_logits=logits.float(),
@@ -510,6 +531,20 @@ class StreamingPerceiverIO(nn.Module):
             group_logits=group_logits,
             group_valid=group_valid,
         )
+
+    def latent_label_read(self, batch: Batch, state: torch.Tensor | None = None) -> torch.Tensor:
+        """The latent groups' summed label read ``B x C`` (no flow decoded). ``label_head`` of it
+        plus `pooled_label_read` gives ``forward(batch, state).label_logits``."""
+        tok = self.preprocess(batch)
+        read = self._cross(tok, batch.reset, state)
+        if not self.config.labels_from_encoder:
+            read = self._tower(read)
+        return self.label_terms(read).sum(dim=1)
+
+    def pooled_label_read(self, batch: Batch) -> torch.Tensor:
+        """The ``label_pool`` reads' sum ``B x C`` (from those modalities' adapters alone)."""
+        pooled = {k: m for k, m in batch.modalities.items() if k in self.config.label_pool}
+        return self.pooled_terms(self.preprocess(replace(batch, modalities=pooled))).sum(dim=1)
 
     def _present(self, batch: Batch, modality: str | None) -> torch.Tensor:
         """``B`` bool: rows where ``modality`` is present (every row for None, the shared latents)."""

@@ -178,6 +178,8 @@ class TrainConfig(_Section):
     ``label_start``: the label loss joins the flow loss from this step on (0 = from the start).
     ``chain`` is how many consecutive windows a batch lane walks (carrying the latent state when
     ``carry_state``) before it jumps to a random window of another stream.
+    ``pool_steps``: after ``steps``, this many steps train the model's ``label_pool`` reads alone
+    (the rest frozen) on the label loss, on single windows that each lack one other modality.
     """
 
     seeds: list[int] = Field(default_factory=lambda: list(range(16)))
@@ -194,6 +196,7 @@ class TrainConfig(_Section):
     label_start: int = Field(0, ge=0)
     carry_state: bool = True
     chain: int = Field(4, ge=1)
+    pool_steps: int = Field(0, ge=0)
     checkpoint_every: int = Field(500, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     eval_windows: int = Field(200, ge=200)

@@ -182,6 +182,8 @@ def _check_resumable(path: Path, config: StreamingConfig, meta: dict[str, Any]) 
     # A run resumed under another optimisation would be neither run; only its length may change.
     saved_train = saved_meta.get("train", {})
     diffs += [f"train.{k}" for k in _RESUME_FIXED if k in saved_train and saved_train[k] != meta["train"][k]]
+    if saved_meta.get("step", 0) > saved_train.get("steps", 0) and saved_train.get("steps") != meta["train"]["steps"]:
+        diffs.append("train.steps (the pool phase has begun)")
     if diffs:
         raise ConfigError(
             f"checkpoint {path} was trained with different {diffs}; train into a new output.dir "
@@ -255,7 +257,10 @@ def train_job(cfg: Config, *, resume: bool = True, progress: bool = True) -> dic
 
     torch.manual_seed(0)
     model = StreamingPerceiverIO(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    if tc.pool_steps and not model.pool_parameters():
+        raise ConfigError("train.pool_steps trains the model's label_pool reads, but train.model has none; "
+                          "set train.model.label_pool or train.pool_steps: 0")
+    total = tc.steps + tc.pool_steps
     start = 0
     if not resume:
         # A fresh run's checkpoints replace an earlier run's: left there, a longer earlier run's
@@ -266,9 +271,10 @@ def train_job(cfg: Config, *, resume: bool = True, progress: bool = True) -> dic
     if latest is not None:
         _check_resumable(latest, config, meta)
         model, saved = load_checkpoint(latest)
-        opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-        opt.load_state_dict(torch.load(latest / OPTIMIZER, weights_only=True))
         start = int(saved["step"])
+    opt = _optimizer(model, tc, pool_phase=start >= tc.steps)
+    if latest is not None and start != tc.steps:  # (at ``steps`` the pool phase starts afresh)
+        opt.load_state_dict(torch.load(latest / OPTIMIZER, weights_only=True))
 
     t0 = time.perf_counter()
     frames = video_frames_needed(config)
@@ -276,43 +282,58 @@ def train_job(cfg: Config, *, resume: bool = True, progress: bool = True) -> dic
     streams = [synthetic_stream(cfg, s, tc.seconds, video_frames=frames) for s in seeds]
     render_s = time.perf_counter() - t0
     plan = lane_plan([len(s) for s in streams], tc.batch_size, seed=tc.seeds[0], chain=tc.chain)
-    for _ in range(start):
+    for _ in range(min(start, tc.steps)):
         next(plan)
+    pool: PoolPhase | None = None
 
     generator = torch.Generator().manual_seed(start)
     states = StreamStates()
     carry = tc.carry_state and config.state
     history: list[dict[str, float]] = []
-    bar = tqdm(total=tc.steps, initial=start, desc="training", unit="step", disable=not progress)
+    bar = tqdm(total=total, initial=start, desc="training", unit="step", disable=not progress)
     t1, cpu1 = time.perf_counter(), time.process_time()
     model.train()
     dropout = ChainDropout(tc.modality_dropout, generator)
-    for step in range(start, tc.steps):
-        places = next(plan)
-        batch = collate([streams[s][t] for s, t in places], video_frames=frames)
-        for group in opt.param_groups:
-            group["lr"] = tc.lr * _schedule(step, tc.steps, tc.warmup_steps)
-        batch = dropout(batch, places)
-        state = None
-        if carry:
-            batch, state = states.gather(batch, strict=False)
-        output = model(batch, state)
-        parts = losses(output, batch.targets)
-        zero = output.embedding.sum() * 0.0
-        label_weight = tc.label_weight if step >= tc.label_start else 0.0
-        loss = tc.flow_weight * parts.get("flow_epe", zero) + label_weight * label_loss(parts, zero)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if tc.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        opt.step()
-        if carry:
-            states.update(batch, output.state)
+    for step in range(start, total):
+        if step == tc.steps and step > start:
+            opt = _optimizer(model, tc, pool_phase=True)
+        if step >= tc.steps:
+            if pool is None:
+                pool = PoolPhase(model, [w for s in streams for w in s], frames, progress=progress)
+                model.train()
+            for group in opt.param_groups:
+                group["lr"] = tc.lr * _schedule(step - tc.steps, tc.pool_steps, 0)
+            parts = {"pool_ce": pool.loss(tc.batch_size, generator)}
+            loss = parts["pool_ce"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        else:
+            places = next(plan)
+            batch = collate([streams[s][t] for s, t in places], video_frames=frames)
+            for group in opt.param_groups:
+                group["lr"] = tc.lr * _schedule(step, tc.steps, tc.warmup_steps)
+            batch = dropout(batch, places)
+            state = None
+            if carry:
+                batch, state = states.gather(batch, strict=False)
+            output = model(batch, state)
+            parts = losses(output, batch.targets)
+            zero = output.embedding.sum() * 0.0
+            label_weight = tc.label_weight if step >= tc.label_start else 0.0
+            loss = tc.flow_weight * parts.get("flow_epe", zero) + label_weight * label_loss(parts, zero)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            opt.step()
+            if carry:
+                states.update(batch, output.state)
         history.append({"loss": loss.item(), **{k: v.item() for k, v in parts.items()}})
         bar.update(1)
         bar.set_postfix({k: f"{np.mean([h.get(k, np.nan) for h in history[-20:]]):.3f}" for k in history[-1]})
         done = step + 1
-        if done % tc.checkpoint_every == 0 or done == tc.steps:
+        if done % tc.checkpoint_every == 0 or done in (tc.steps, total):
             model.eval()
             _save(ckpt_dir / f"step-{done:07d}", model, opt, {**meta, "step": done, "recent": _recent(history)})
             for old in sorted(ckpt_dir.glob("step-*"))[: -tc.keep_checkpoints]:
@@ -322,7 +343,7 @@ def train_job(cfg: Config, *, resume: bool = True, progress: bool = True) -> dic
     model.eval()
     train_s, train_cpu_s = time.perf_counter() - t1, time.process_time() - cpu1
 
-    final_meta = {**meta, "step": tc.steps}
+    final_meta = {**meta, "step": total}
     save_checkpoint(final_path, model, final_meta)
     results: dict[str, Any] = {}
     for seed in tqdm(eval_seeds(cfg) if tc.final_eval else [], desc="evaluating", unit="seed", disable=not progress):
@@ -333,13 +354,13 @@ def train_job(cfg: Config, *, resume: bool = True, progress: bool = True) -> dic
                 results[str(seed)][f"drop_{name}"] = evaluate_model(model, windows, drop=name)
     summary = {
         "checkpoint": str(final_path),
-        "steps": tc.steps,
+        "steps": total,
         "resumed_from": start,
         "params": sum(p.numel() for p in model.parameters()),
         "render_s": round(render_s, 1),
         "train_s": round(train_s, 1),
-        "s_per_step": round(train_s / max(1, tc.steps - start), 4),
-        "cpu_s_per_step": round(train_cpu_s / max(1, tc.steps - start), 4),
+        "s_per_step": round(train_s / max(1, total - start), 4),
+        "cpu_s_per_step": round(train_cpu_s / max(1, total - start), 4),
         "first_loss": _recent(history[:20]),
         "last_loss": _recent(history),
         "eval": results,
@@ -347,6 +368,70 @@ def train_job(cfg: Config, *, resume: bool = True, progress: bool = True) -> dic
     if results:
         save_checkpoint(final_path, model, {**final_meta, "eval": results})
     return summary
+
+
+def _optimizer(model: StreamingPerceiverIO, tc: Any, *, pool_phase: bool) -> torch.optim.Optimizer:
+    """AdamW over the parameters a phase trains: all but the ``label_pool`` reads (which stay at
+    their zero start), or in the pool phase those reads alone (the rest frozen)."""
+    pool = {id(p) for p in model.pool_parameters()}
+    params = [p for p in model.parameters() if (id(p) in pool) == pool_phase]
+    for p in model.parameters():
+        p.requires_grad_(not pool_phase or id(p) in pool)
+    return torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+
+
+class PoolPhase:
+    """The pool phase's data (``train.pool_steps``): each training window's latent label read
+    (`StreamingPerceiverIO.latent_label_read`, frozen, without state) computed once for each
+    modality that no ``label_pool`` read takes, with that modality dropped. A step then draws
+    windows and, for each, which modality it lacks, and runs only the pooled reads: the loss is
+    the label cross-entropy of ``label_head(cached read + pooled read)``, exactly the model's
+    labels for that window without that modality. So the pooled reads learn what the dropped
+    modality would have told (with rows that lacked every other modality, or none, they were asked
+    for what they cannot see or for nothing, and on the rig did not learn at all), at the cost of
+    the pooled modalities' adapters alone: about 25 ms a step where a full forward took 300.
+    """
+
+    def __init__(
+        self, model: StreamingPerceiverIO, windows: list[Window], video_frames: int | None, *,
+        progress: bool = True, chunk: int = 64,
+    ) -> None:
+        from tqdm import tqdm
+
+        self.model, self.windows, self.video_frames = model, windows, video_frames
+        self.others = [k for k in model.config.modalities if k not in model.config.label_pool]
+        if not self.others:
+            raise ConfigError("train.pool_steps: the pool phase needs a modality that no label_pool read takes")
+        reads, labels = [], []
+        model.eval()
+        with torch.no_grad():
+            for i in tqdm(range(0, len(windows), chunk), desc="pool phase: reading windows", unit="chunk",
+                          disable=not progress):
+                batch = collate(windows[i : i + chunk], video_frames=video_frames)
+                reads.append(torch.stack([model.latent_label_read(_drop(batch, k)) for k in self.others], dim=1))
+                labels.append(batch.targets.label.cpu())
+        self.reads = torch.cat(reads)  # windows x others x C
+        self.labels = torch.cat(labels)
+        self.labelled = (self.labels >= 0).nonzero().squeeze(1)
+        if self.labelled.numel() == 0:
+            raise ConfigError("train.pool_steps: the training windows carry no labels")
+
+    def loss(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        """The label cross-entropy of ``batch_size`` drawn (window, dropped modality) pairs."""
+        rows = self.labelled[torch.randint(self.labelled.numel(), (batch_size,), generator=generator)]
+        lack = torch.randint(len(self.others), (batch_size,), generator=generator)
+        batch = collate([self.windows[i] for i in rows.tolist()], video_frames=self.video_frames)
+        pooled = self.model.pooled_label_read(batch)
+        logits = self.model.label_head(self.reads[rows, lack].to(pooled.device) + pooled)
+        return torch.nn.functional.cross_entropy(logits.float(), self.labels[rows].to(logits.device))
+
+
+def _drop(batch: Batch, name: str) -> Batch:
+    """``batch`` with modality ``name`` absent from every row."""
+    if name not in batch.modalities:
+        return batch
+    m = batch.modalities[name]
+    return replace(batch, modalities={**batch.modalities, name: replace(m, present=torch.zeros_like(m.present))})
 
 
 def _recent(history: list[dict[str, float]], n: int = 20) -> dict[str, float]:

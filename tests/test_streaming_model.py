@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from perceiver_stream.adapters.video import normalise_frames
 from perceiver_stream.batch import Batch, ModalityBatch, Targets
 from perceiver_stream.checkpoint import load_checkpoint, read_config, save_checkpoint
 from perceiver_stream.multimodal import drop_modalities
@@ -160,6 +161,7 @@ def test_labels_from_encoder_read_the_latents_before_the_tower():
         p.add_(0.5 * torch.randn_like(p))
     after = m(batch)
     torch.testing.assert_close(after.label_logits, before.label_logits)  # the tower is not on their path
+    torch.testing.assert_close(m.label_head(m.latent_label_read(batch)), after.label_logits)  # (nor on this one)
     assert not torch.allclose(after.embedding, before.embedding)  # flow, embedding, state still read z
     assert not torch.allclose(after.flow, before.flow)
     m.config = replace(m.config, labels_from_encoder=False)  # the default: labels read z too
@@ -232,10 +234,13 @@ def test_label_pool_reads_the_max_of_a_modality_s_tokens_and_leaves_no_trace_whe
     assert m.preprocess.adapters["video"].pool_channels == (48, 54)  # the stem's channels, after the pixels
     batch = absent_in_row_1(make_batch(b=3), "video")
     video = batch.modalities["video"]
+    # the pooled read's gate starts shut: the labels are those of the model without it
+    assert torch.all(m.pooled_terms(m.preprocess(batch)) == 0)
+    torch.testing.assert_close(m(batch).label_logits, m.label_head(m.label_terms(m.encode(batch)[1]).sum(1)))
+    m.pool_gates.fill_(1.0)
     out = m(batch)
-    # groups: the shared latents, the points' latents, then the video's pooled read
-    assert out.group_logits.shape == (3, 3, 3)
-    assert out.group_valid.tolist() == [[True, True, True], [True, True, False], [True, True, True]]
+    # groups: the shared latents and the points' latents (the pooled read is not a group)
+    assert out.group_logits.shape == (3, 2, 3) and out.group_valid.all()
     tok = m.preprocess(batch)
     pooled = m.pooled_terms(tok)
     raw, _ = m.preprocess.adapters["video"](batch.modalities["video"], batch.t_end)
@@ -243,9 +248,11 @@ def test_label_pool_reads_the_max_of_a_modality_s_tokens_and_leaves_no_trace_whe
     torch.testing.assert_close(pooled[0, 0], proj[0].amax(dim=0))  # a max over the row's video tokens
     assert proj[0].argmax(dim=0).unique().numel() > 1  # (different tokens win different channels)
     assert torch.all(pooled[1] == 0)  # no video in row 1: nothing pooled
-    terms = torch.cat([m.label_terms(m.encode(batch)[1]), pooled], 1)
-    torch.testing.assert_close(out.label_logits, m.label_head(terms.sum(1)))
+    terms = m.label_terms(m.encode(batch)[1])
+    torch.testing.assert_close(out.label_logits, m.label_head(terms.sum(1) + pooled.sum(1)))
     torch.testing.assert_close(out.group_logits, m.label_head(terms))
+    # the same from the two reads, without decoding flow
+    torch.testing.assert_close(m.label_head(m.latent_label_read(batch) + m.pooled_label_read(batch)), out.label_logits)
     # a row without video gets the same labels as a batch that never had video
     none = m(replace(batch, modalities={k: v for k, v in batch.modalities.items() if k != "video"}))
     torch.testing.assert_close(out.label_logits[1], none.label_logits[1])
@@ -260,12 +267,48 @@ def test_label_pool_reads_the_max_of_a_modality_s_tokens_and_leaves_no_trace_whe
         m(batch).flow.sum().backward()
         stem = m.preprocess.adapters["video"].stem[0].weight
         assert stem.grad is None or torch.all(stem.grad == 0)
-        m(batch).group_logits[:, -1].sum().backward()
+        m(batch).label_logits.sum().backward()
         assert stem.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="label_pool"):
         small_config(label_pool=("lidar",))
     with pytest.raises(ValueError, match="poolable"):
         StreamingPerceiverIO(small_config(label_pool=("points",)))
+
+
+@torch.no_grad()
+def test_private_stem_channels_feed_the_pooled_read_alone():
+    torch.manual_seed(0)
+    plain = {"kind": "video", "patch": 4, "frames": 2, "pos_bands": 4, "time_bands": 4}
+    base = StreamingPerceiverIO(small_config(modalities={**small_config().modalities, "video": plain},
+                                             label_groups=True)).eval()
+    private = {**plain, "conv": 6, "conv_tokens": False}
+    m = StreamingPerceiverIO(small_config(modalities={**small_config().modalities, "video": private},
+                                          label_groups=True, label_pool=("video",))).eval()
+    video = m.preprocess.adapters["video"]
+    assert (video.out_channels, video.private_channels) == (base.preprocess.adapters["video"].out_channels, 6)
+    assert video.pool_channels == (video.out_channels, video.out_channels + 6)
+    assert m.preprocess.width == base.preprocess.width
+    # a trained model given a private stem: only the stem and the pooled read are new weights...
+    missing, unexpected = m.load_state_dict(base.state_dict(), strict=False)
+    assert unexpected == [] and {k.split(".")[0] for k in missing} == {"preprocess", "label_pools", "pool_gates"}
+    assert all(".stem." in k for k in missing if k.startswith("preprocess"))
+    batch = make_batch(b=3)
+    out, before = m(batch), base(batch)
+    # ...its outputs are the model's own until the pooled read is trained; then only the labels move
+    for field in ("flow", "embedding", "state", "label_logits"):
+        torch.testing.assert_close(getattr(out, field), getattr(before, field))
+    m.pool_gates.fill_(1.0)
+    out = m(batch)
+    tok = m.preprocess(batch)
+    torch.testing.assert_close(tok.tokens, base.preprocess(batch).tokens)
+    for field in ("flow", "embedding", "state"):
+        torch.testing.assert_close(getattr(out, field), getattr(before, field))
+    assert not torch.allclose(out.label_logits, before.label_logits)
+    stem = video.stem(normalise_frames(batch.modalities["video"].values[:, -1]).permute(0, 3, 1, 2))
+    last = stem.flatten(2).transpose(1, 2)  # the last frame's tokens come last
+    torch.testing.assert_close(tok.pooled["video"][0][:, -last.shape[1]:], last)
+    with pytest.raises(ValueError, match="pooled read alone"):
+        StreamingPerceiverIO(small_config(modalities={**small_config().modalities, "video": private}))
 
 
 @torch.no_grad()

@@ -127,3 +127,28 @@ def test_modality_dropout_is_drawn_once_per_chain():
     assert same > 800 and changed > 100  # new chains do draw anew
     dropped = torch.stack([k for _, k in steps]).float().mean(dim=(0, 1))
     assert torch.all((dropped > 0.45) & (dropped < 0.8))  # about 1 - 0.4, a little more for the kept one
+
+
+def test_pool_phase_trains_the_pooled_read_alone_and_resumes_into_it(tmp_path):
+    pooled = ["train.final_eval=false", "train.seconds=4", "train.seeds=[0, 1]", "train.checkpoint_every=3",
+              "train.steps=3", "train.model.label_pool=[video]",
+              "train.model.modalities.video={kind: video, patch: 8, conv: 4, conv_tokens: false}"]
+    summary = train_job(_cfg(tmp_path, *pooled, "train.pool_steps=3"), progress=False)
+    assert summary["steps"] == 6 and summary["last_loss"].keys() >= {"pool_ce"}
+    folder = tmp_path / "out" / "_checkpoints" / "train"
+    main, _ = load_checkpoint(folder / "step-0000003")
+    final, meta = load_checkpoint(tmp_path / "final")
+    assert meta["step"] == 6
+    pool = {n for n, p in final.named_parameters() if any(p is q for q in final.pool_parameters())}
+    assert "pool_gates" in pool and all(".stem." in n or n.startswith(("label_pools.", "pool_gates")) for n in pool)
+    before, after = main.state_dict(), final.state_dict()
+    # the main phase leaves the pooled read shut; the pool phase trains it and nothing else
+    assert torch.all(before["pool_gates"] == 0) and torch.all(after["pool_gates"] != 0)
+    assert all(torch.equal(before[n], after[n]) for n in before if n not in pool)
+    assert not torch.equal(before["label_pools.video.1.weight"], after["label_pools.video.1.weight"])
+    longer = train_job(_cfg(tmp_path, *pooled, "train.pool_steps=5"), progress=False)
+    assert longer["resumed_from"] == 6 and load_checkpoint(tmp_path / "final")[1]["step"] == 8
+    with pytest.raises(ConfigError, match="pool phase has begun"):
+        train_job(_cfg(tmp_path, *pooled[:4], "train.steps=4", *pooled[5:], "train.pool_steps=5"), progress=False)
+    with pytest.raises(ConfigError, match="label_pool"):
+        train_job(_cfg(tmp_path, *pooled[:4], "train.pool_steps=2"), resume=False, progress=False)

@@ -31,18 +31,25 @@ def time_features(
 class Adapter(nn.Module):
     """Turns one modality of a batch into tokens on the model's device.
 
-    ``forward(m, t_ref)`` returns ``(tokens B x N x out_channels float32, mask B x N bool)``;
-    ``mask`` is True where the token is real. Rows where ``m.present`` is False may hold anything:
+    ``forward(m, t_ref)`` returns ``(tokens B x N x (out_channels + private_channels) float32,
+    mask B x N bool)``; ``mask`` is True where the token is real. Rows where ``m.present`` is False may hold anything:
     the multimodal preprocessor masks them out.
     """
 
     out_channels: int
     pool_channels: tuple[int, int] | None = None
-    """The slice of token channels that describe what is at a token's place, without its position
-    or time code: what a max-pool over the tokens may read (None = not poolable)."""
+    """The slice of ``forward``'s channels that describe what is at a token's place, without its
+    position or time code: what a max-pool over the tokens may read (None = not poolable)."""
+    private_channels: int = 0
+    """Channels ``forward`` appends after the ``out_channels`` token channels for pooled reads
+    alone: the multimodal preprocessor cuts them off the tokens."""
 
     def forward(self, m: ModalityBatch, t_ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: D102
         raise NotImplementedError
+
+    def pool_parameters(self) -> list[nn.Parameter]:
+        """The layers' parameters that make the ``pool_channels`` (none where those are raw input)."""
+        return []
 
 
 def gather_last(values: torch.Tensor, mask: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -48,6 +48,10 @@ class VideoAdapterConfig:
                  of a 3x3 conv and one stride-``patch`` conv read the rig's shapes less well; over
                  two stacked frames, the stem fitted the training scenes' motion and read shape on
                  held-out ones at chance, where over one frame it reads it at 0.9.)
+    conv_tokens: False keeps the stem's channels out of the tokens: they feed only a pooled label
+                 read (``label_pool``), as ``private_channels``. (In the tokens, even with the flow's
+                 gradient kept off them, they cost the fused model's flow: a training EPE of 0.71-0.74
+                 px where the recipe without a stem reaches 0.44.)
     pos_bands:   Fourier bands of the (y, x) patch position (DeepMind form, max resolution = grid).
     time_*:      the media-time code (see ``fourier.time_fourier_features``).
     """
@@ -57,6 +61,7 @@ class VideoAdapterConfig:
     frames: int | None = 2
     stack: int = 1
     conv: int = 0
+    conv_tokens: bool = True
     pos_bands: int = 8
     time_bands: int = 8
     time_period: float = 2.0**17
@@ -77,7 +82,8 @@ class VideoAdapter(Adapter):
     """Video ``B x T x H x W x 3`` uint8 -> one token per patch of each used frame (group).
 
     Token channels: ``[pixels (stack*p*p*3, oldest frame first), conv stem (``conv``, if any),
-    Fourier(y, x), time code of the group's last frame]``.
+    Fourier(y, x), time code of the group's last frame]``; with ``conv_tokens`` False the stem's
+    channels come last instead, as private channels.
     """
 
     def __init__(self, config: VideoAdapterConfig) -> None:
@@ -91,18 +97,21 @@ class VideoAdapter(Adapter):
                 layers += [nn.MaxPool2d(2), nn.Conv2d(c, c, 3, padding=1), nn.GELU()]
             self.stem = nn.Sequential(*layers)
         pixels = config.stack * p * p * 3
+        codes = fourier_channels(2, config.pos_bands) + time_channels(config.time_bands)
+        shared = c if config.conv_tokens else 0
+        self.out_channels = pixels + shared + codes
+        self.private_channels = c - shared
         # Pooled reads take the stem's features alone: a max over pixels and position codes can
         # name a training scene instead of a shape.
-        self.pool_channels = (pixels, pixels + c) if c else (0, pixels)
-        self.out_channels = (
-            pixels
-            + c
-            + fourier_channels(2, config.pos_bands)
-            + time_channels(config.time_bands)
-        )
+        start = pixels if config.conv_tokens else self.out_channels
+        self.pool_channels = (start, start + c) if c else (0, pixels)
+
+    def pool_parameters(self) -> list[nn.Parameter]:
+        """The conv stem's parameters (the pooled channels are the stem's, with one)."""
+        return [] if self.stem is None else list(self.stem.parameters())
 
     def forward(self, m: ModalityBatch, t_ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens ``B x (T' * patches) x out_channels`` and their mask."""
+        """Tokens ``B x (T' * patches) x (out_channels + private_channels)`` and their mask."""
         cfg = self.config
         values, times, mask = m.values, m.times, m.mask
         k = cfg.stack
@@ -121,16 +130,20 @@ class VideoAdapter(Adapter):
         if k > 1:
             t = t // k
             pix = pix.view(b, t, k, n, -1).transpose(2, 3).reshape(b, t, n, -1)
+        stem = []
         if self.stem is not None:
             last = frames.view(b, t, k, h, w, 3)[:, :, -1].reshape(b * t, h, w, 3).permute(0, 3, 1, 2)
             feats = self.stem(last).flatten(2).transpose(1, 2)  # (B*T) x P x conv, row-major as pix
-            pix = torch.cat([pix, feats.reshape(b, t, n, -1)], dim=-1)
+            stem = [feats.reshape(b, t, n, -1)]
+        if cfg.conv_tokens:
+            pix, stem = torch.cat([pix, *stem], dim=-1), []
         pos = grid_fourier_features((h // cfg.patch, w // cfg.patch), cfg.pos_bands, device=pix.device)
         tcode = time_features(
             times, t_ref, bands=cfg.time_bands, period=cfg.time_period, max_freq=cfg.time_max_freq
         )  # B x T x Ct
         tokens = torch.cat(
-            [pix, pos.expand(b, t, n, pos.shape[-1]), tcode[:, :, None, :].expand(b, t, n, tcode.shape[-1])], dim=-1
+            [pix, pos.expand(b, t, n, pos.shape[-1]), tcode[:, :, None, :].expand(b, t, n, tcode.shape[-1]), *stem],
+            dim=-1,
         )
         return tokens.reshape(b, t * n, -1), mask[:, :, None].expand(b, t, n).reshape(b, t * n)
 
