@@ -16,6 +16,8 @@ window without truth flow gets zeros with ``flow_valid = False``.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import numpy as np
 import torch
 
@@ -23,11 +25,14 @@ from perceiver_stream.batch import Batch, ModalityBatch, Targets
 from pipeline.window import Window
 
 
-def collate(windows: list[Window], *, video_frames: int | None = None) -> Batch:
+def collate(
+    windows: list[Window], *, video_frames: int | None = None, only: Collection[str] | None = None
+) -> Batch:
     """Pad and stack ``windows`` into a `Batch` (see the module docstring).
 
     video_frames: keep only each window's last ``video_frames`` frames (None = all), so callers
         whose model looks at the last few frames do not move the rest.
+    only: collate just these modalities (None = all), for callers that read no others.
     Raises ValueError when windows cannot share a tensor: different frame sizes, audio rates or
     channel counts, or point channel counts.
     """
@@ -36,11 +41,12 @@ def collate(windows: list[Window], *, video_frames: int | None = None) -> Batch:
     if video_frames is not None and video_frames < 1:
         raise ValueError(f"video_frames must be >= 1 or None, got {video_frames}")
     modalities: dict[str, ModalityBatch] = {}
-    if any(w.has_video for w in windows):
+    wanted = {"video", "audio", "points"} if only is None else set(only)
+    if "video" in wanted and any(w.has_video for w in windows):
         modalities["video"] = _video(windows, video_frames)
-    if any(w.has_audio for w in windows):
+    if "audio" in wanted and any(w.has_audio for w in windows):
         modalities["audio"] = _audio(windows)
-    if any(w.has_points for w in windows):
+    if "points" in wanted and any(w.has_points for w in windows):
         modalities["points"] = _points(windows)
     return Batch(
         stream_ids=[w.stream_id for w in windows],

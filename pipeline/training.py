@@ -300,10 +300,12 @@ def train_job(cfg: Config, *, resume: bool = True, progress: bool = True) -> dic
         if step >= tc.steps:
             if pool is None:
                 pool = PoolPhase(model, [w for s in streams for w in s], frames, progress=progress)
+                # Its own draws, seeded by where it starts: a run resumed at ``steps`` repeats a fresh one.
+                generator = torch.Generator().manual_seed(step)
                 model.train()
             for group in opt.param_groups:
                 group["lr"] = tc.lr * _schedule(step - tc.steps, tc.pool_steps, 0)
-            parts = {"pool_ce": pool.loss(tc.batch_size, generator)}
+            parts = {"pool_ce": pool.loss(tc.pool_batch_size, generator)}
             loss = parts["pool_ce"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -386,10 +388,9 @@ class PoolPhase:
     modality that no ``label_pool`` read takes, with that modality dropped. A step then draws
     windows and, for each, which modality it lacks, and runs only the pooled reads: the loss is
     the label cross-entropy of ``label_head(cached read + pooled read)``, exactly the model's
-    labels for that window without that modality. So the pooled reads learn what the dropped
-    modality would have told (with rows that lacked every other modality, or none, they were asked
-    for what they cannot see or for nothing, and on the rig did not learn at all), at the cost of
-    the pooled modalities' adapters alone: about 25 ms a step where a full forward took 300.
+    labels for that window without that modality (`eval --drop`'s case). So the pooled reads
+    learn what one missing modality would have told the others, at the cost of the pooled
+    modalities' adapters alone: the frozen model runs once per window and modality, not per step.
     """
 
     def __init__(
@@ -420,7 +421,8 @@ class PoolPhase:
         """The label cross-entropy of ``batch_size`` drawn (window, dropped modality) pairs."""
         rows = self.labelled[torch.randint(self.labelled.numel(), (batch_size,), generator=generator)]
         lack = torch.randint(len(self.others), (batch_size,), generator=generator)
-        batch = collate([self.windows[i] for i in rows.tolist()], video_frames=self.video_frames)
+        batch = collate([self.windows[i] for i in rows.tolist()], video_frames=self.video_frames,
+                        only=self.model.config.label_pool)
         pooled = self.model.pooled_label_read(batch)
         logits = self.model.label_head(self.reads[rows, lack].to(pooled.device) + pooled)
         return torch.nn.functional.cross_entropy(logits.float(), self.labels[rows].to(logits.device))

@@ -124,3 +124,9 @@ def test_synthetic_windows_collate_to_their_truth():
         # audio sample times on the window's own grid
         assert b.modalities["audio"].times[i, 0].item() == pytest.approx(w.t_start, abs=1e-9)
     assert b.targets.flow_valid.all()
+    # only= collates the named modalities alone, with the same values and targets
+    video = collate(ws, only=["video"])
+    assert set(video.modalities) == {"video"}
+    assert torch.equal(video.modalities["video"].values, b.modalities["video"].values)
+    assert torch.equal(video.targets.label, b.targets.label)
+    assert set(collate(ws, only=["audio", "points"]).modalities) == {"audio", "points"}

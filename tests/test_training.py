@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,9 @@ from perceiver_stream.checkpoint import load_checkpoint, read_config
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.sources.synthetic import CLASSES
-from pipeline.training import ChainDropout, lane_plan, train_job
+from perceiver_stream.streaming import StreamingPerceiverIO
+from pipeline.collate import collate
+from pipeline.training import ChainDropout, PoolPhase, build_model_config, lane_plan, synthetic_stream, train_job
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -152,3 +155,23 @@ def test_pool_phase_trains_the_pooled_read_alone_and_resumes_into_it(tmp_path):
         train_job(_cfg(tmp_path, *pooled[:4], "train.steps=4", *pooled[5:], "train.pool_steps=5"), progress=False)
     with pytest.raises(ConfigError, match="label_pool"):
         train_job(_cfg(tmp_path, *pooled[:4], "train.pool_steps=2"), resume=False, progress=False)
+
+
+@torch.no_grad()
+def test_pool_phase_reads_are_the_model_s_own_without_each_other_modality(tmp_path):
+    cfg = _cfg(tmp_path, "train.model.label_pool=[video]",
+               "train.model.modalities.video={kind: video, patch: 8, conv: 4, conv_tokens: false}")
+    torch.manual_seed(0)
+    model = StreamingPerceiverIO(build_model_config(cfg)).eval()
+    model.pool_gates.fill_(1.0)
+    windows = synthetic_stream(cfg, 0, 3.0, video_frames=2)
+    pool = PoolPhase(model, windows, 2, progress=False, chunk=2)
+    assert pool.others == ["audio", "points"] and pool.reads.shape == (len(windows), 2, 32)
+    assert torch.equal(pool.labels, collate(windows).targets.label)
+    batch = collate(windows, video_frames=2)
+    for i, name in enumerate(pool.others):
+        lacking = replace(batch, modalities={k: m for k, m in batch.modalities.items() if k != name})
+        expect = model(lacking).label_logits
+        torch.testing.assert_close(model.label_head(pool.reads[:, i] + model.pooled_label_read(batch)), expect)
+    loss = pool.loss(8, torch.Generator().manual_seed(0))
+    assert loss.ndim == 0 and torch.isfinite(loss)
