@@ -272,7 +272,7 @@ def train_job(cfg: Config, *, resume: bool = True, progress: bool = True) -> dic
         _check_resumable(latest, config, meta)
         model, saved = load_checkpoint(latest)
         start = int(saved["step"])
-    opt = _optimizer(model, tc, pool_phase=start >= tc.steps)
+    opt = _optimizer(model, tc, pool_phase=tc.pool_steps > 0 and start >= tc.steps)
     if latest is not None and start != tc.steps:  # (at ``steps`` the pool phase starts afresh)
         opt.load_state_dict(torch.load(latest / OPTIMIZER, weights_only=True))
 
