@@ -22,6 +22,9 @@ stream at a time made consecutive batches so alike that flow barely trained (a t
 in 400). The order is a function of ``(step, train seeds)``, so a resumed run sees the batches
 the interrupted one would have seen.
 
+After ``train.steps``, ``train.pool_steps`` more train the model's ``label_pool`` reads alone, the
+rest frozen (`PoolPhase`); the main steps never touch them, so their gates stay shut until then.
+
 Checkpoints: every ``checkpoint_every`` steps to ``<output>/_checkpoints/train/step-NNNNNNN/``
 (safetensors + config JSON, plus the optimiser state); a new run of the same config resumes from
 the latest, and refuses one whose model, seeds or data settings differ; a run without resume
@@ -373,8 +376,8 @@ def train_job(cfg: Config, *, resume: bool = True, progress: bool = True) -> dic
 
 
 def _optimizer(model: StreamingPerceiverIO, tc: Any, *, pool_phase: bool) -> torch.optim.Optimizer:
-    """AdamW over the parameters a phase trains: all but the ``label_pool`` reads (which stay at
-    their zero start), or in the pool phase those reads alone (the rest frozen)."""
+    """AdamW over the parameters a phase trains: all but the ``label_pool`` reads (whose gates
+    stay shut), or in the pool phase those reads alone (the rest frozen)."""
     pool = {id(p) for p in model.pool_parameters()}
     params = [p for p in model.parameters() if (id(p) in pool) == pool_phase]
     for p in model.parameters():
