@@ -143,10 +143,13 @@ class MultimodalPreprocessor(nn.Module):
             if name in self.pool:
                 # Trained by the pooled read alone: the flow loss (ten times the label loss in the
                 # shipped recipe) does not reach them through the tokens.
-                a, z = self.adapters[name].pool_channels
+                adapter = self.adapters[name]
+                a, z = adapter.pool_channels
                 pooled[name] = (x[..., a:z], mask & m.present[:, None])
-                x = torch.cat([x[..., :a], x[..., a:z].detach(), x[..., z:]], dim=-1)
-                x = x[..., : self.adapters[name].out_channels]
+                if adapter.private_channels:
+                    x = x[..., : adapter.out_channels]  # (the pooled channels are the private ones)
+                else:
+                    x = torch.cat([x[..., :a], x[..., a:z].detach(), x[..., z:]], dim=-1)
             if name in self.token_mlps:
                 x = self.token_mlps[name](x)
             if self.norms is not None:

@@ -367,7 +367,7 @@ class StreamingPerceiverIO(nn.Module):
                 self.label_pools[k] = nn.Sequential(nn.LayerNorm(b - a), nn.Linear(b - a, c))
             # Each pooled read is scaled by a gate that starts shut: a model's outputs are unchanged
             # by adding one. (A zero projection instead ties every token in the max, and the
-            # read did not learn: held-out shape at chance after 2000 pool steps.)
+            # read did not learn: held-out shape at chance after 1000 pool steps.)
             if config.label_pool:
                 self.pool_gates = nn.Parameter(torch.zeros(len(config.label_pool)))
         if config.flow_modality is not None:
@@ -491,8 +491,8 @@ class StreamingPerceiverIO(nn.Module):
         return torch.stack(reads, dim=1) * self.pool_gates[:, None]
 
     def pool_parameters(self) -> list[nn.Parameter]:
-        """The parameters of the ``label_pool`` reads (their projections and the adapters' layers
-        that make the pooled channels): what ``train.pool_steps`` trains, and only that."""
+        """The parameters of the ``label_pool`` reads (their projections, their gates and the
+        adapters' layers that make the pooled channels): what ``train.pool_steps`` trains, and only that."""
         params = [p for k in self.config.label_pool for p in self.preprocess.adapters[k].pool_parameters()]
         if self.config.num_classes and self.config.label_pool:
             params += [*self.label_pools.parameters(), self.pool_gates]

@@ -32,8 +32,8 @@ class Adapter(nn.Module):
     """Turns one modality of a batch into tokens on the model's device.
 
     ``forward(m, t_ref)`` returns ``(tokens B x N x (out_channels + private_channels) float32,
-    mask B x N bool)``; ``mask`` is True where the token is real. Rows where ``m.present`` is False may hold anything:
-    the multimodal preprocessor masks them out.
+    mask B x N bool)``; ``mask`` is True where the token is real. Rows where ``m.present`` is
+    False may hold anything: the multimodal preprocessor masks them out.
     """
 
     out_channels: int
@@ -42,7 +42,7 @@ class Adapter(nn.Module):
     position or time code: what a max-pool over the tokens may read (None = not poolable)."""
     private_channels: int = 0
     """Channels ``forward`` appends after the ``out_channels`` token channels for pooled reads
-    alone: the multimodal preprocessor cuts them off the tokens."""
+    alone (the ``pool_channels`` are then these): the multimodal preprocessor cuts them off the tokens."""
 
     def forward(self, m: ModalityBatch, t_ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: D102
         raise NotImplementedError
