@@ -1,0 +1,42 @@
+"""The shipped checkpoints load from their recorded config.json files and give bit-identical outputs
+on the recorded batch (tests/fixtures/record_checkpoints.py wrote both from the code they shipped with)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from perceiver_stream import Batch, ModalityBatch, load_checkpoint
+
+FIXTURES = Path(__file__).parent / "fixtures"
+ROOT = Path(__file__).parent.parent
+
+
+def _batch(d: dict) -> Batch:
+    mods = {k: ModalityBatch(m["values"], m["times"], m["mask"], m["present"], m["rate"])
+            for k, m in d["modalities"].items()}
+    return Batch(d["stream_ids"], d["window_ids"], d["t_start"], d["t_end"], d["reset"], mods)
+
+
+@pytest.mark.parametrize("name", ["default", "student"])
+def test_shipped_checkpoint_gives_recorded_outputs_from_recorded_config(name, tmp_path):
+    doc = torch.load(FIXTURES / "checkpoints.pt", weights_only=True)
+    folder = tmp_path / name
+    folder.mkdir()
+    shutil.copy(ROOT / "checkpoints" / name / "model.safetensors", folder / "model.safetensors")
+    shutil.copy(FIXTURES / f"{name}_config_v1.json", folder / "config.json")
+    model, _ = load_checkpoint(folder)
+    torch.set_num_threads(2)
+    state = None
+    with torch.no_grad():
+        for raw, expected in zip(doc["batches"], doc["outputs"][name]):
+            out = model(_batch(raw), state)
+            state = out.state
+            for field, want in expected.items():
+                got = getattr(out, field)
+                assert got is not None, field
+                assert got.dtype == want.dtype and got.shape == want.shape, field
+                assert torch.equal(got, want), f"{name}: {field} differs by {(got.float() - want.float()).abs().max()}"
