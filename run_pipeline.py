@@ -24,6 +24,7 @@ import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import NoReturn
 
@@ -390,6 +391,14 @@ SUBCOMMANDS: dict[str, Subcommand] = {
 }
 
 
+def package_version() -> str:
+    """The installed distribution's version ("unknown" when run from a tree that was never installed)."""
+    try:
+        return version("perceiver-stream")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser with one sub-parser per entry of ``SUBCOMMANDS``."""
     parser = _Parser(
@@ -398,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"perceiver-stream {package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
     for name, sc in SUBCOMMANDS.items():
         sc.add_arguments(
@@ -411,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default: ``sys.argv[1:]``), run the subcommand, return its exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
+    if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help", "--version")):
         argv.insert(0, "run")
     try:
         args = build_parser().parse_args(argv)

@@ -226,6 +226,24 @@ class StreamingConfig:
         return self.num_latents + sum(self.modality_latents.values())
 
     @property
+    def video_frames(self) -> int | None:
+        """How many trailing frames of a window the model reads (None = all of them)."""
+        flow = 2 if self.flow_modality is not None else 1
+        spec = self.modalities.get("video")
+        if spec is None:
+            return flow if self.flow_modality is not None else None
+        return None if spec.get("frames") is None else max(int(spec["frames"]), flow)
+
+    @property
+    def points(self) -> tuple[int | None, int] | None:
+        """``(scans, max_points)`` the model's points adapter reads of a window: at most ``max_points``
+        points of its last ``scans`` scans (None = all scans); None without a points adapter."""
+        spec = self.modalities.get("points")
+        if spec is None or spec.get("kind") != "points":
+            return None
+        return spec.get("scans"), int(spec["max_points"])
+
+    @property
     def num_classes(self) -> int:
         """Number of label classes (0 = no label decoder)."""
         return len(self.class_names)
