@@ -275,7 +275,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train per the config's ``train`` section; prints the summary JSON."""
-    from pipeline.training import train_job
+    from jobs.train import train_job
 
     result = train_job(load(args), resume=not args.no_resume, progress=True)
     print(json.dumps(result, indent=2))
@@ -285,7 +285,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 # -- eval ----------------------------------------------------------------------------------------
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``eval``."""
-    from pipeline.evaluation import MIN_WINDOWS, MODALITIES
+    from jobs.evaluate import MIN_WINDOWS, MODALITIES
 
     p.add_argument("--seed", type=_seed, required=True, help="synthetic rig to evaluate on (not a training seed)")
     p.add_argument(
@@ -314,7 +314,7 @@ def default_checkpoint() -> str:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a checkpoint on a held-out seed; prints the metrics JSON."""
     from pipeline.errors import PipelineError
-    from pipeline.evaluation import evaluate
+    from jobs.evaluate import evaluate
 
     checkpoint = args.checkpoint if args.checkpoint is not None else default_checkpoint()
     try:
@@ -333,7 +333,7 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     """Distil a student from ``model.checkpoint`` on the config's streams, without Ray; prints JSON."""
-    from pipeline.distill import distill_job
+    from jobs.distill import distill_job
     from pipeline.errors import PipelineError
 
     try:
@@ -353,7 +353,7 @@ def add_inspect_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Print one summary line per stream and write the pictures under ``OUTPUT_DIR/_inspect/``."""
     from pipeline.errors import PipelineError
-    from pipeline.inspect import summarize, write_pictures
+    from jobs.inspect import summarize, write_pictures
 
     if not args.output_dir.is_dir():
         raise UsageError(f"{args.output_dir} is not a folder")

@@ -1,6 +1,6 @@
 """DistillActor: trains a student on the running model's outputs while the pipeline runs.
 
-A thin Ray wrapper around `pipeline.distill.Distiller`. The model actor offers it every
+A thin Ray wrapper around `jobs.distill.Distiller`. The model actor offers it every
 ``distill.every_windows``-th batch it ran: the batch it already collated (CPU tensors, the
 windows' raw samples are not shipped again) and the teacher's outputs for it (embedding, label
 scores, flow; float32 on the CPU, without the latent state). Each offered batch is one optimiser
@@ -29,7 +29,7 @@ from actors.metrics import Metrics
 from perceiver_stream.batch import Batch
 from perceiver_stream.outputs import ModelOutput
 from pipeline.config import Config
-from pipeline.distill import Distiller, student_checkpoint_path
+from jobs.distill import Distiller, student_checkpoint_path
 from pipeline.parquet import StudentRow
 
 MAX_PENDING = 2  # offered batches the model actor lets wait for the student before it drops

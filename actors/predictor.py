@@ -12,7 +12,6 @@ from perceiver_stream.outputs import ModelOutput
 from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO
 from pipeline.config import Config
 from pipeline.errors import CheckpointError
-from pipeline.training import points_needed, video_frames_needed
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +24,8 @@ class TorchPredictor:
         self.name = name
         self.device = device
         self.class_names = list(model.config.class_names)
-        self.video_frames = video_frames_needed(model.config)
-        self.points = points_needed(model.config)
+        self.video_frames = model.config.video_frames
+        self.points = model.config.points
 
     def __call__(self, batch: Batch, state: torch.Tensor | None) -> ModelOutput:
         return self.model(batch, state)
@@ -48,13 +47,13 @@ def _model_config(cfg: Config) -> StreamingConfig:
 def model_video_frames(cfg: Config) -> int | None:
     """Trailing frames per window the configured model reads (None = all), from its checkpoint's
     config alone (no weights loaded)."""
-    return video_frames_needed(_model_config(cfg))
+    return _model_config(cfg).video_frames
 
 
 def model_points(cfg: Config) -> tuple[int | None, int] | None:
     """``(scans, max_points)`` the configured model's points adapter reads (None: no such adapter),
     from its checkpoint's config alone."""
-    return points_needed(_model_config(cfg))
+    return _model_config(cfg).points
 
 
 def load_predictor(cfg: Config, device: torch.device) -> TorchPredictor:

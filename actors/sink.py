@@ -145,7 +145,7 @@ def _flow_row(r: WindowResult) -> FlowRow:
 
 
 def _png(image: np.ndarray) -> bytes:
-    """PNG bytes of an ``H x W x 3`` uint8 frame (for `pipeline.inspect`'s pictures)."""
+    """PNG bytes of an ``H x W x 3`` uint8 frame (for `jobs.inspect`'s pictures)."""
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG", compress_level=1)  # fast: a preview, not an archive
     return buf.getvalue()

@@ -24,9 +24,9 @@ def main() -> None:
     from perceiver_stream.streaming import StreamingPerceiverIO
     from perceiver_stream.student import student_config
     from pipeline.collate import collate
-    from pipeline.distill import per_window_seconds
+    from jobs.distill import per_window_seconds
     from pipeline.read import read_windows
-    from pipeline.training import video_frames_needed
+    from jobs.train import video_frames_needed
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teacher", default=str(ROOT / "checkpoints" / "default"))

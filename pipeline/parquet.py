@@ -91,7 +91,7 @@ class FlowRow:
     """One ``flow`` row: ``H x W x 2`` forward flow of the window's last two frames.
 
     ``t`` is the later frame's time; ``frame`` optionally the earlier frame as PNG bytes (for
-    `pipeline.inspect`).
+    `jobs.inspect`).
     """
 
     window_id: int

@@ -10,7 +10,7 @@ from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO
 from perceiver_stream.student import distill_losses, embedding_cosine, init_from_teacher, student_config
 from pipeline.collate import collate
 from pipeline.config import DistillConfig
-from pipeline.distill import Distiller, student_checkpoint_path
+from jobs.distill import Distiller, student_checkpoint_path
 from pipeline.read import read_windows
 from pipeline.sources.synthetic import CLASSES
 
@@ -151,7 +151,7 @@ def test_student_checkpoint_round_trip(batch, tmp_path):
 def test_distill_job_reads_streams_in_lockstep_and_saves_the_student(tmp_path):
     from perceiver_stream.checkpoint import save_checkpoint
     from pipeline.config import parse_config
-    from pipeline.distill import distill_job
+    from jobs.distill import distill_job
     from pipeline.errors import ConfigError
 
     teacher = save_checkpoint(tmp_path / "teacher", _teacher(), {"train_seeds": [0]})
@@ -178,7 +178,7 @@ def test_distill_job_reads_streams_in_lockstep_and_saves_the_student(tmp_path):
 def test_shipped_student_tracks_the_teacher_on_an_unseen_seed():
     from pathlib import Path
 
-    from pipeline.evaluation import evaluate
+    from jobs.evaluate import evaluate
 
     root = Path(__file__).resolve().parents[1] / "checkpoints"
     out = evaluate(root / "default", 502, student=root / "student")

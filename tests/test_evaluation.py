@@ -1,4 +1,4 @@
-"""`pipeline.evaluation.evaluate`: JSON keys and ranges, held-out seeds only, dropped modalities."""
+"""`jobs.evaluate.evaluate`: JSON keys and ranges, held-out seeds only, dropped modalities."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from perceiver_stream.checkpoint import save_checkpoint
 from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO
 from pipeline.errors import CheckpointError, ConfigError
-from pipeline.evaluation import MIN_WINDOWS, MODALITIES, _without, dropped, evaluate
+from jobs.evaluate import MIN_WINDOWS, MODALITIES, _without, dropped, evaluate
 from pipeline.sources.synthetic import CLASSES
 from pipeline.window import Window
 

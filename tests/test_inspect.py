@@ -1,4 +1,4 @@
-"""pipeline.inspect: the per-stream summary and the pictures it writes."""
+"""jobs.inspect: the per-stream summary and the pictures it writes."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import PipelineError, SourceOpenError
-from pipeline.flowviz import color_wheel, flow_to_rgb
-from pipeline.inspect import summarize, write_pictures
+from jobs.flowviz import color_wheel, flow_to_rgb
+from jobs.inspect import summarize, write_pictures
 from pipeline.parquet import ErrorRow, FlowRow, OutputWriter, WindowRow
 
 

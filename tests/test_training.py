@@ -1,4 +1,4 @@
-"""`pipeline.training.train_job`: the smoke config's loss falls, resume continues, mismatches are refused."""
+"""`jobs.train.train_job`: the smoke config's loss falls, resume continues, mismatches are refused."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pipeline.errors import ConfigError
 from pipeline.sources.synthetic import CLASSES
 from perceiver_stream.streaming import StreamingPerceiverIO
 from pipeline.collate import collate
-from pipeline.training import ChainDropout, PoolPhase, build_model_config, lane_plan, synthetic_stream, train_job
+from jobs.train import ChainDropout, PoolPhase, build_model_config, lane_plan, synthetic_stream, train_job
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

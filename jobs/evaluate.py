@@ -38,7 +38,7 @@ from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO, St
 from perceiver_stream.student import embedding_cosine
 from pipeline.collate import collate
 from pipeline.errors import CheckpointError, ConfigError
-from pipeline.training import video_frames_needed
+from jobs.train import video_frames_needed
 from pipeline.window import Window
 
 MIN_WINDOWS = 200
@@ -71,7 +71,7 @@ def heldout_windows(data: dict[str, Any], seed: int, n: int, *, video_frames: in
 
 @functools.lru_cache(maxsize=2)
 def _rendered(data_json: str, seed: int, n: int, video_frames: int | None) -> tuple[Window, ...]:
-    from pipeline.training import settings_config, synthetic_stream
+    from jobs.train import settings_config, synthetic_stream
 
     data = json.loads(data_json)
     win = data["window"]

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from pipeline.errors import PipelineError
-from pipeline.flowviz import flow_to_rgb
+from jobs.flowviz import flow_to_rgb
 
 
 @dataclass

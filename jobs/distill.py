@@ -190,7 +190,7 @@ def distill_job(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     from tqdm import tqdm
 
     from pipeline.read import open_stream
-    from pipeline.training import compact, video_frames_needed
+    from jobs.train import compact, video_frames_needed
 
     teacher, t_meta = _teacher(cfg)
     seeds = [s.synthetic.seed for s in cfg.streams if s.synthetic is not None]

@@ -238,7 +238,7 @@ def train_job(cfg: Config, *, resume: bool = True, progress: bool = True) -> dic
     final checkpoint path, losses, timings and the final evaluation of each held-out stream."""
     from tqdm import tqdm
 
-    from pipeline.evaluation import evaluate_model, heldout_windows
+    from jobs.evaluate import evaluate_model, heldout_windows
 
     tc = cfg.train
     overlap = sorted(set(eval_seeds(cfg)) & set(tc.seeds))

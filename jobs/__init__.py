@@ -1,0 +1,1 @@
+"""jobs: offline work without Ray (datasets, train, evaluate, offline distill, inspect)."""
