@@ -1,6 +1,6 @@
 """DistillActor: trains a student on the running model's outputs while the pipeline runs.
 
-A thin Ray wrapper around `jobs.distill.Distiller`. The model actor offers it every
+A thin Ray wrapper around `perceiver_stream.distill.Distiller`. The model actor offers it every
 ``distill.every_windows``-th batch it ran: the batch it already collated (CPU tensors, the
 windows' raw samples are not shipped again) and the teacher's outputs for it (embedding, label
 scores, flow; float32 on the CPU, without the latent state). Each offered batch is one optimiser
@@ -28,8 +28,9 @@ import torch
 from actors.metrics import Metrics
 from perceiver_stream.batch import Batch
 from perceiver_stream.outputs import ModelOutput
-from pipeline.config import Config
-from jobs.distill import Distiller, student_checkpoint_path
+from perceiver_stream.distill import Distiller
+from pipeline.config import Config, student_checkpoint_path
+from pipeline.errors import CheckpointError, ConfigError
 from pipeline.parquet import StudentRow
 
 MAX_PENDING = 2  # offered batches the model actor lets wait for the student before it drops
@@ -68,12 +69,18 @@ class DistillActor:
             t_meta = read_config(cfg.model.checkpoint)[1]
             meta.update({k: t_meta[k] for k in ("train_seeds", "data", "class_names") if k in t_meta})
         meta["distill_seeds"] = [s.synthetic.seed for s in cfg.streams if s.synthetic is not None]
-        self._distiller = Distiller(teacher, cfg.distill, metadata=meta)
+        try:
+            self._distiller = Distiller(teacher, cfg.distill, metadata=meta)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"distill.student: {e}") from None
         del teacher  # the student holds what it needs
         self._path = student_checkpoint_path(output)
         self._resumed = (self._path / "config.json").is_file()
         if self._resumed:
-            self._distiller.resume(self._path)
+            try:
+                self._distiller.resume(self._path)
+            except ValueError as e:
+                raise CheckpointError(f"{e}; remove it or use a new output folder", source=str(self._path)) from None
         self._checkpoint_every = cfg.distill.checkpoint_every
         self._sink = sink
         self._writes: list[ray.ObjectRef] = []

@@ -26,6 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from perceiver_stream.convert import load_pretrained
+
 FLOW_CONFIG = dict(
     num_latents=2048,
     d_latents=512,
@@ -56,19 +61,17 @@ def _peak_rss_mb() -> float:
 
 
 def worker(args: argparse.Namespace) -> None:
-    import torch
-
+    """One implementation's timed forwards in this process; prints its JSON line."""
     torch.set_num_threads(args.threads)
     folder = Path(args.dir)
     device = torch.device(args.device)
     if args.impl == "transformers":
+        # transformers (a test extra) loads only where it runs: our worker's memory must not count it.
         from transformers import PerceiverForOpticalFlow
 
         model = PerceiverForOpticalFlow.from_pretrained(folder / "model").eval().to(device)
         run = lambda x: model(inputs=x).logits  # noqa: E731
     else:
-        from perceiver_stream.convert import load_pretrained
-
         model = load_pretrained(folder / "model").to(device)
         run = lambda x: model(x, query_chunk=args.query_chunk)  # noqa: E731
     x = torch.load(folder / "input.pt").to(device)
@@ -94,8 +97,6 @@ def worker(args: argparse.Namespace) -> None:
     if device.type == "cuda":
         result["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
     if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-
         with torch.no_grad(), autocast, profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             run(x)
         rows = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)[:12]
@@ -144,7 +145,7 @@ def main() -> None:
         worker(args)
         return
 
-    import torch
+    # transformers (a test extra) loads only where it runs: our worker's memory must not count it.
     from transformers import PerceiverConfig, PerceiverForOpticalFlow
 
     with tempfile.TemporaryDirectory() as folder:

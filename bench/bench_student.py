@@ -16,18 +16,18 @@ from pathlib import Path
 
 import torch
 
+from jobs.distill import per_window_seconds
+from perceiver_stream.checkpoint import load_checkpoint
+from perceiver_stream.streaming import StreamingPerceiverIO
+from perceiver_stream.student import student_config
+from pipeline.collate import collate
+from pipeline.read import read_windows
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    from perceiver_stream.checkpoint import load_checkpoint
-    from perceiver_stream.streaming import StreamingPerceiverIO
-    from perceiver_stream.student import student_config
-    from pipeline.collate import collate
-    from jobs.distill import per_window_seconds
-    from pipeline.read import read_windows
-    from jobs.train import video_frames_needed
-
+    """Parse the arguments, time both models, print the JSON."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teacher", default=str(ROOT / "checkpoints" / "default"))
     p.add_argument("--student", default=None, help="student checkpoint (default: an untrained default student)")
@@ -44,7 +44,7 @@ def main() -> None:
     size = list(teacher.config.flow_size)
     windows = list(read_windows({"id": "b", "synthetic": {"seed": 999, "seconds": args.batch / 2 + 1}},
                                 video={"size": size}))[: args.batch]
-    batch = collate(windows, video_frames=video_frames_needed(teacher.config))
+    batch = collate(windows, video_frames=teacher.config.video_frames)
     t = per_window_seconds(teacher, batch, args.repeats)
     s = per_window_seconds(student, batch, args.repeats)
     print(json.dumps({

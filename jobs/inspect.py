@@ -11,14 +11,17 @@ Reads only the committed Parquet (any Arrow reader would see the same rows) and 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
+from matplotlib.figure import Figure
+from PIL import Image
 
-from pipeline.errors import PipelineError
 from jobs.flowviz import flow_to_rgb
+from pipeline.errors import PipelineError
 
 
 @dataclass
@@ -106,20 +109,11 @@ def summarize(output_dir: str | Path) -> list[StreamSummary]:
 
 
 def _decode_png(data: bytes) -> np.ndarray:
-    from io import BytesIO
-
-    from PIL import Image
-
     return np.asarray(Image.open(BytesIO(data)).convert("RGB"))
 
 
 def write_pictures(output_dir: str | Path, *, flows_per_stream: int = 6) -> list[Path]:
     """Write the flow and label pictures under ``<output_dir>/_inspect/``; returns their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     root = Path(output_dir)
     windows = _table(root, "windows")
     if windows is None:
@@ -132,7 +126,8 @@ def write_pictures(output_dir: str | Path, *, flows_per_stream: int = 6) -> list
         names = [r["labels"][0]["label"] if r["labels"] else "" for r in rows]
         scores = [r["labels"][0]["score"] if r["labels"] else 0.0 for r in rows]
         classes = sorted(set(names))
-        fig, ax = plt.subplots(figsize=(10, 3))
+        fig = Figure(figsize=(10, 3))
+        ax = fig.subplots()
         ax.scatter([r["t_start"] for r in rows], [classes.index(n) for n in names], c=scores, cmap="viridis",
                    vmin=0, vmax=1, s=18)
         ax.set_yticks(range(len(classes)), classes)
@@ -141,7 +136,6 @@ def write_pictures(output_dir: str | Path, *, flows_per_stream: int = 6) -> list
         fig.tight_layout()
         written.append(dest / f"labels_{sid}.png")
         fig.savefig(written[-1], dpi=100)
-        plt.close(fig)
     flow = _table(root, "flow")
     has_frame = flow is not None and "frame" in flow.column_names
     cols = ["window_id", "t", "height", "width", "flow"] + (["frame"] if has_frame else [])
@@ -149,7 +143,8 @@ def write_pictures(output_dir: str | Path, *, flows_per_stream: int = 6) -> list
         rows.sort(key=lambda r: r["window_id"])
         pick = [rows[i] for i in sorted(set(np.linspace(0, len(rows) - 1, flows_per_stream).round().astype(int)))]
         ncol = 2 if has_frame else 1
-        fig, axes = plt.subplots(len(pick), ncol, figsize=(3 * ncol, 3 * len(pick)), squeeze=False)
+        fig = Figure(figsize=(3 * ncol, 3 * len(pick)))
+        axes = fig.subplots(len(pick), ncol, squeeze=False)
         for i, r in enumerate(pick):
             field_ = np.asarray(r["flow"], dtype=np.float32).reshape(r["height"], r["width"], 2)
             mag = float(np.hypot(field_[..., 0], field_[..., 1]).max())
@@ -163,5 +158,4 @@ def write_pictures(output_dir: str | Path, *, flows_per_stream: int = 6) -> list
         fig.tight_layout()
         written.append(dest / f"flow_{sid}.png")
         fig.savefig(written[-1], dpi=100)
-        plt.close(fig)
     return written

@@ -1,41 +1,29 @@
 """`run_pipeline.py train`: train the fused model on the synthetic rig, with checkpoints and resume.
 
-`train_job(cfg)` renders one synthetic stream per seed of ``cfg.train.seeds`` through the same
-windower as the pipeline (`pipeline.read.open_stream`), keeps each window's last frames, audio,
-points and truth in memory (rendering costs about a second per 30 s stream, far less than
-training on it, so nothing is written to disk), and trains with `perceiver_stream.train.losses`
-(flow EPE + label cross-entropy) under modality dropout. The label loss can join late
-(``train.label_start``): trained together from the first step, the labels' gradients kept the
-shared latents from ever learning the camera's pan (held-out background EPE stuck near 0.4 px),
-while 400 flow-only steps first brought it to 0.12 px within 200 steps of the labels joining.
+`train_job(cfg)` renders one synthetic stream per seed of ``train.seeds`` through the pipeline's
+windower and keeps its windows in memory (rendering costs far less than training on them), then
+drives the library's loop (`perceiver_stream.train.fit`) through two phases:
 
-Batches are ``batch_size`` *lanes*: each lane walks a chain of ``train.chain`` consecutive windows
-of one stream, so batch ``t+1`` holds the successors of most of batch ``t``'s windows and the
-latent state is carried as in the pipeline (one-step truncated backpropagation through time),
-then jumps to a random window of another stream (a new chain, the state reset). Modality
-dropout is drawn once per chain, so a modality dropped from a chain is missing from all of its
-windows, as from a stream without that sensor (what `eval --drop` measures): drawn per window,
-the state carried from the window before still held the dropped modality's evidence. Short chains
-keep a batch's windows from many streams and times: walking the same 16 streams for a whole
-stream at a time made consecutive batches so alike that flow barely trained (a training EPE of
-0.80-0.86 px after 2750 steps, where a trial on independent windows reached a held-out 0.61 px
-in 400). The order is a function of ``(step, train seeds)``, so a resumed run sees the batches
-the interrupted one would have seen.
+* main, ``train.steps`` steps: flow EPE + label cross-entropy (the label loss from step
+  ``train.label_start`` on) under modality dropout, on every parameter but the ``label_pool``
+  reads (their gates stay shut). A batch is ``batch_size`` *lanes*: each lane walks ``train.chain``
+  consecutive windows of one stream, the latent state carried as in the pipeline, then jumps to a
+  random window of another stream (`lane_plan`); modality dropout is drawn once per chain
+  (`ChainDropout`), as a stream without a sensor lacks it in every window. Short chains keep a
+  batch's windows from many streams and times.
+* pool, ``train.pool_steps`` steps: the ``label_pool`` reads alone, the rest frozen (`PoolPhase`).
 
-After ``train.steps``, ``train.pool_steps`` more train the model's ``label_pool`` reads alone, the
-rest frozen (`PoolPhase`); the main steps never touch them, so their gates stay shut until then.
-
-Checkpoints: every ``checkpoint_every`` steps to ``<output>/_checkpoints/train/step-NNNNNNN/``
-(safetensors + config JSON, plus the optimiser state); a new run of the same config resumes from
-the latest, and refuses one whose model, seeds or data settings differ; a run without resume
-deletes the earlier run's periodic checkpoints first. At the end the model is
-written to ``train.checkpoint`` with the training seeds, class names and data settings in its
-metadata, then evaluated on the config's (held-out) synthetic streams.
+The batch order is a function of ``(step, train seeds)``, so a resumed run sees the batches the
+interrupted one would have seen. Checkpoints: every ``checkpoint_every`` steps and at the end of
+each phase to ``<output>/_checkpoints/train/step-NNNNNNN/`` (safetensors + config JSON + optimiser
+state); a run of the same config resumes from the latest and refuses one whose model, seeds, data
+or optimisation settings differ; a run without resume first deletes the earlier run's. At the end
+the model goes to ``train.checkpoint`` (metadata: seeds, class names, data settings) and is
+evaluated on the config's held-out synthetic streams.
 """
 
 from __future__ import annotations
 
-import math
 import shutil
 import time
 from collections.abc import Iterator
@@ -45,78 +33,34 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from jobs.datasets import data_settings, heldout_windows, synthetic_stream
+from jobs.evaluate import evaluate_model
 from perceiver_stream.batch import Batch
 from perceiver_stream.checkpoint import load_checkpoint, read_config, save_checkpoint
 from perceiver_stream.multimodal import drop_modalities
-from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO, StreamStates
-from perceiver_stream.train import label_loss, losses
+from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO
+from perceiver_stream.train import Phase, PooledBatch, PooledLabelObjective, SupervisedObjective, fit
 from pipeline.collate import collate
-from pipeline.config import Config, StreamConfig, SyntheticConfig
+from pipeline.config import Config, TrainConfig
 from pipeline.errors import ConfigError
-from pipeline.read import open_stream
+from pipeline.sources.synthetic import CLASSES
 from pipeline.window import Window
 
 TRAIN_CHECKPOINTS = Path("_checkpoints") / "train"
 OPTIMIZER = "optimizer.pt"
 
 
-# ---- data -------------------------------------------------------------------------------------
-
-
-def data_settings(cfg: Config) -> dict[str, Any]:
-    """What shapes the windows a model sees (stored in checkpoints so evaluation can match it)."""
-    return {
-        "window": cfg.window.model_dump(mode="json"),
-        "video": {"size": list(cfg.video.size or (64, 64)), "fps": cfg.video.fps},
-        "audio": cfg.audio.model_dump(mode="json"),
-    }
-
-
-def settings_config(data: dict[str, Any], streams: list[dict[str, Any]]) -> Config:
-    """A `Config` with ``data``'s window / video / audio settings and ``streams``."""
-    return Config.model_validate({"streams": streams, **data})
-
-
-def video_frames_needed(config: StreamingConfig) -> int | None:
-    """How many trailing frames of a window the model reads (None = all of them)."""
-    spec = config.modalities.get("video")
-    flow = 2 if config.flow_modality is not None else 1
-    if spec is None:
-        return flow if config.flow_modality is not None else None
-    return None if spec.get("frames") is None else max(int(spec["frames"]), flow)
-
-
-def points_needed(config: StreamingConfig) -> tuple[int | None, int] | None:
-    """``(scans, max_points)`` of the model's ``points`` adapter: it reads at most ``max_points``
-    points of each window's last ``scans`` scans (None = all scans); None without one."""
-    spec = config.modalities.get("points")
-    if spec is None or spec.get("kind") != "points":
-        return None
-    return spec.get("scans"), int(spec["max_points"])
-
-
-def compact(window: Window, video_frames: int | None) -> Window:
-    """``window`` keeping only its last ``video_frames`` frames, copied out of the windower's slabs."""
-    if window.video is None or video_frames is None:
-        return window
-    return replace(window, video=window.video[-video_frames:].copy(), video_t=window.video_t[-video_frames:].copy())
-
-
-def synthetic_stream(
-    cfg: Config, seed: int, seconds: float, *, video_frames: int | None, stream_id: str | None = None
-) -> list[Window]:
-    """Every window of the synthetic rig ``seed`` (``seconds`` long) under ``cfg``'s settings."""
-    spec = StreamConfig(id=stream_id or f"seed{seed}", synthetic=SyntheticConfig(seed=seed, seconds=seconds))
-    return [compact(w, video_frames) for w in open_stream(spec, cfg)]
+# ---- the main phase's batches -----------------------------------------------------------------
 
 
 def lane_plan(lengths: list[int], batch_size: int, seed: int, chain: int) -> Iterator[list[tuple[int, int]]]:
-    """Endless ``[(stream, window index), ...]`` batches of ``batch_size`` *lanes*: each lane walks
-    ``chain`` consecutive windows of one stream from a random start (fewer at the stream's end),
-    then draws a new stream and start (see the module docstring). No two lanes hold the same
-    stream while there are enough streams, and the lanes' first chains are cut short by different
-    amounts so that their restarts spread evenly over the steps."""
+    """Endless ``[(stream, window index), ...]`` batches of ``batch_size`` lanes over streams of
+    ``lengths`` windows: each lane walks ``chain`` consecutive windows of one stream from a random
+    start (fewer at the stream's end), then draws a new stream and start. No two lanes hold the
+    same stream while there are enough streams; the lanes' first chains are cut short by
+    different amounts so that their restarts spread evenly over the steps."""
     rng = np.random.default_rng([seed, 1])
     lanes: list[list[int]] = []  # [stream, window index, windows left in the chain]
 
@@ -140,11 +84,12 @@ def lane_plan(lengths: list[int], batch_size: int, seed: int, chain: int) -> Ite
 
 
 class ChainDropout:
-    """Modality dropout drawn once per lane chain (see the module docstring).
+    """Modality dropout with probability ``p``, drawn once per lane chain.
 
     ``dropout(batch, places)`` drops modalities from ``batch``, whose row ``i`` is window
     ``places[i] = (stream, window index)`` of lane ``i``: a lane that goes on to the next window of
-    its stream keeps its draws, a lane that starts a new chain gets new ones.
+    its stream keeps its draws (the carried state holds no evidence of a dropped modality), a lane
+    that starts a new chain gets new ones.
     """
 
     def __init__(self, p: float, generator: torch.Generator) -> None:
@@ -164,6 +109,109 @@ class ChainDropout:
         self._places = list(places)
         draws = torch.stack([self._draws[k] for k in batch.modalities], dim=1)
         return drop_modalities(batch, self.p, draws=draws)
+
+
+def lane_batches(
+    streams: list[list[Window]], tc: TrainConfig, video_frames: int | None, start: int
+) -> Iterator[Batch]:
+    """The main phase's collated batches from step ``start`` on, under `ChainDropout` (its draws
+    seeded by ``start``)."""
+    plan = lane_plan([len(s) for s in streams], tc.batch_size, seed=tc.seeds[0], chain=tc.chain)
+    for _ in range(start):
+        next(plan)
+    dropout = ChainDropout(tc.modality_dropout, torch.Generator().manual_seed(start))
+    for places in plan:
+        yield dropout(collate([streams[s][t] for s, t in places], video_frames=video_frames), places)
+
+
+# ---- the pool phase ---------------------------------------------------------------------------
+
+
+class PoolPhase:
+    """The pool phase's data: each training window's latent label read
+    (`StreamingPerceiverIO.latent_label_read` of the frozen model, without state), computed once
+    for each modality that no ``label_pool`` read takes, with that modality dropped.
+
+    ``reads`` is ``windows x len(others) x C``, ``labels`` ``windows``. `batches` then draws
+    windows and which modality each lacks; `PooledLabelObjective` runs only the pooled reads on
+    them, so the frozen model runs once per window and modality, not once per step.
+    """
+
+    def __init__(
+        self, model: StreamingPerceiverIO, windows: list[Window], video_frames: int | None, *,
+        progress: bool = True, chunk: int = 64,
+    ) -> None:
+        self.windows, self.video_frames = windows, video_frames
+        self.pooled = list(model.config.label_pool)
+        self.others = [k for k in model.config.modalities if k not in self.pooled]
+        if not self.others:
+            raise ConfigError("train.pool_steps: the pool phase needs a modality that no label_pool read takes")
+        reads, labels = [], []
+        model.eval()
+        with torch.no_grad():
+            for i in tqdm(range(0, len(windows), chunk), desc="pool phase: reading windows", unit="chunk",
+                          disable=not progress):
+                batch = collate(windows[i : i + chunk], video_frames=video_frames)
+                reads.append(torch.stack([model.latent_label_read(_drop(batch, k)) for k in self.others], dim=1))
+                labels.append(batch.targets.label.cpu())
+        self.reads = torch.cat(reads)
+        self.labels = torch.cat(labels)
+        self.labelled = (self.labels >= 0).nonzero().squeeze(1)
+        if self.labelled.numel() == 0:
+            raise ConfigError("train.pool_steps: the training windows carry no labels")
+
+    def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[PooledBatch]:
+        """Endless batches of ``batch_size`` drawn (labelled window, lacking modality) pairs."""
+        while True:
+            rows = self.labelled[torch.randint(self.labelled.numel(), (batch_size,), generator=generator)]
+            lack = torch.randint(len(self.others), (batch_size,), generator=generator)
+            batch = collate([self.windows[i] for i in rows.tolist()], video_frames=self.video_frames,
+                            only=self.pooled)
+            yield PooledBatch(batch, self.reads[rows, lack], self.labels[rows])
+
+
+def _drop(batch: Batch, name: str) -> Batch:
+    """``batch`` with modality ``name`` absent from every row."""
+    if name not in batch.modalities:
+        return batch
+    m = batch.modalities[name]
+    return replace(batch, modalities={**batch.modalities, name: replace(m, present=torch.zeros_like(m.present))})
+
+
+def _optimizer(model: StreamingPerceiverIO, tc: TrainConfig, *, pool_phase: bool) -> torch.optim.Optimizer:
+    """AdamW over the parameters a phase trains: all but the ``label_pool`` reads, or in the pool
+    phase those reads alone (the rest frozen)."""
+    pool = {id(p) for p in model.pool_parameters()}
+    params = [p for p in model.parameters() if (id(p) in pool) == pool_phase]
+    for p in model.parameters():
+        p.requires_grad_(not pool_phase or id(p) in pool)
+    return torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+
+
+def phases(
+    model: StreamingPerceiverIO, tc: TrainConfig, streams: list[list[Window]], video_frames: int | None,
+    *, start: int, resumed: Path | None, progress: bool,
+) -> Iterator[Phase]:
+    """The phases left from step ``start`` on, each built when the one before has ended (the pool
+    phase reads the windows with the main phase's weights). ``resumed``: the checkpoint whose
+    optimiser state continues (a pool phase resumed at its first step starts afresh)."""
+    if start < tc.steps:
+        opt = _optimizer(model, tc, pool_phase=False)
+        if resumed is not None:
+            opt.load_state_dict(torch.load(resumed / OPTIMIZER, weights_only=True))
+        objective = SupervisedObjective(model, flow_weight=tc.flow_weight, label_weight=tc.label_weight,
+                                        label_start=tc.label_start, carry_state=tc.carry_state)
+        yield Phase("main", 0, tc.steps, lane_batches(streams, tc, video_frames, start), objective, opt, tc.lr,
+                    warmup_steps=tc.warmup_steps, grad_clip=tc.grad_clip)
+    if tc.pool_steps and start < tc.steps + tc.pool_steps:
+        opt = _optimizer(model, tc, pool_phase=True)
+        if resumed is not None and start > tc.steps:
+            opt.load_state_dict(torch.load(resumed / OPTIMIZER, weights_only=True))
+        pool = PoolPhase(model, [w for s in streams for w in s], video_frames, progress=progress)
+        # Its own draws, seeded by where it starts: a run resumed at ``steps`` repeats a fresh one.
+        generator = torch.Generator().manual_seed(max(start, tc.steps))
+        yield Phase("pool", tc.steps, tc.pool_steps, pool.batches(tc.pool_batch_size, generator),
+                    PooledLabelObjective(model), opt, tc.lr)
 
 
 # ---- checkpoints ------------------------------------------------------------------------------
@@ -209,8 +257,6 @@ def _save(path: Path, model: StreamingPerceiverIO, opt: torch.optim.Optimizer, m
 
 def build_model_config(cfg: Config) -> StreamingConfig:
     """The model to train: ``train.model`` overrides, flow grid = ``video.size``, the rig's classes."""
-    from pipeline.sources.synthetic import CLASSES
-
     overrides = dict(cfg.train.model)
     overrides.setdefault("flow_size", list(cfg.video.size or (64, 64)))
     overrides["class_names"] = list(CLASSES)
@@ -220,26 +266,16 @@ def build_model_config(cfg: Config) -> StreamingConfig:
         raise ConfigError(f"train.model: {e}") from None
 
 
-def _schedule(step: int, steps: int, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 10% (the library loop's schedule, resumable at ``step``)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 def eval_seeds(cfg: Config) -> list[int]:
     """The seeds of the config's synthetic streams (the held-out streams of the final evaluation)."""
     return [s.synthetic.seed for s in cfg.streams if s.synthetic is not None]
 
 
 def train_job(cfg: Config, *, resume: bool = True, progress: bool = True) -> dict[str, Any]:
-    """Train per ``cfg.train`` (see the module docstring); returns a JSON-ready summary with the
-    final checkpoint path, losses, timings and the final evaluation of each held-out stream."""
-    from tqdm import tqdm
-
-    from jobs.evaluate import evaluate_model, heldout_windows
-
+    """Train per ``cfg.train`` (see the module docstring); returns a JSON-ready summary: the final
+    checkpoint path, steps, the step resumed from, timings, mean losses of the first and last 20
+    steps and the final evaluation of each held-out stream. Raises ConfigError for held-out seeds
+    that are also training seeds, a pool phase without pooled reads, a checkpoint it cannot resume."""
     tc = cfg.train
     overlap = sorted(set(eval_seeds(cfg)) & set(tc.seeds))
     if overlap:
@@ -275,77 +311,30 @@ def train_job(cfg: Config, *, resume: bool = True, progress: bool = True) -> dic
         _check_resumable(latest, config, meta)
         model, saved = load_checkpoint(latest)
         start = int(saved["step"])
-    opt = _optimizer(model, tc, pool_phase=tc.pool_steps > 0 and start >= tc.steps)
-    if latest is not None and start != tc.steps:  # (at ``steps`` the pool phase starts afresh)
-        opt.load_state_dict(torch.load(latest / OPTIMIZER, weights_only=True))
 
     t0 = time.perf_counter()
-    frames = video_frames_needed(config)
+    frames = config.video_frames
     seeds = tqdm(tc.seeds, desc="rendering synthetic streams", unit="stream", disable=not progress)
     streams = [synthetic_stream(cfg, s, tc.seconds, video_frames=frames) for s in seeds]
     render_s = time.perf_counter() - t0
-    plan = lane_plan([len(s) for s in streams], tc.batch_size, seed=tc.seeds[0], chain=tc.chain)
-    for _ in range(min(start, tc.steps)):
-        next(plan)
-    pool: PoolPhase | None = None
 
-    generator = torch.Generator().manual_seed(start)
-    states = StreamStates()
-    carry = tc.carry_state and config.state
     history: list[dict[str, float]] = []
     bar = tqdm(total=total, initial=start, desc="training", unit="step", disable=not progress)
-    t1, cpu1 = time.perf_counter(), time.process_time()
-    model.train()
-    dropout = ChainDropout(tc.modality_dropout, generator)
-    for step in range(start, total):
-        if step == tc.steps and step > start:
-            opt = _optimizer(model, tc, pool_phase=True)
-        if step >= tc.steps:
-            if pool is None:
-                pool = PoolPhase(model, [w for s in streams for w in s], frames, progress=progress)
-                # Its own draws, seeded by where it starts: a run resumed at ``steps`` repeats a fresh one.
-                generator = torch.Generator().manual_seed(step)
-                model.train()
-            for group in opt.param_groups:
-                group["lr"] = tc.lr * _schedule(step - tc.steps, tc.pool_steps, 0)
-            parts = {"pool_ce": pool.loss(tc.pool_batch_size, generator)}
-            loss = parts["pool_ce"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        else:
-            places = next(plan)
-            batch = collate([streams[s][t] for s, t in places], video_frames=frames)
-            for group in opt.param_groups:
-                group["lr"] = tc.lr * _schedule(step, tc.steps, tc.warmup_steps)
-            batch = dropout(batch, places)
-            state = None
-            if carry:
-                batch, state = states.gather(batch, strict=False)
-            output = model(batch, state)
-            parts = losses(output, batch.targets)
-            zero = output.embedding.sum() * 0.0
-            label_weight = tc.label_weight if step >= tc.label_start else 0.0
-            loss = tc.flow_weight * parts.get("flow_epe", zero) + label_weight * label_loss(parts, zero)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if tc.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            opt.step()
-            if carry:
-                states.update(batch, output.state)
-        history.append({"loss": loss.item(), **{k: v.item() for k, v in parts.items()}})
+
+    def on_step(step: int, metrics: dict[str, float]) -> None:
+        history.append({k: v for k, v in metrics.items() if k != "lr"})
         bar.update(1)
         bar.set_postfix({k: f"{np.mean([h.get(k, np.nan) for h in history[-20:]]):.3f}" for k in history[-1]})
-        done = step + 1
-        if done % tc.checkpoint_every == 0 or done in (tc.steps, total):
-            model.eval()
-            _save(ckpt_dir / f"step-{done:07d}", model, opt, {**meta, "step": done, "recent": _recent(history)})
-            for old in sorted(ckpt_dir.glob("step-*"))[: -tc.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-            model.train()
+
+    def checkpoint(step: int, phase: Phase) -> None:
+        _save(ckpt_dir / f"step-{step:07d}", model, phase.optimizer, {**meta, "step": step, "recent": _recent(history)})
+        for old in sorted(ckpt_dir.glob("step-*"))[: -tc.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    t1, cpu1 = time.perf_counter(), time.process_time()
+    run = phases(model, tc, streams, frames, start=start, resumed=latest, progress=progress)
+    fit(model, run, start=start, callback=on_step, checkpoint=checkpoint, checkpoint_every=tc.checkpoint_every)
     bar.close()
-    model.eval()
     train_s, train_cpu_s = time.perf_counter() - t1, time.process_time() - cpu1
 
     final_meta = {**meta, "step": total}
@@ -373,70 +362,6 @@ def train_job(cfg: Config, *, resume: bool = True, progress: bool = True) -> dic
     if results:
         save_checkpoint(final_path, model, {**final_meta, "eval": results})
     return summary
-
-
-def _optimizer(model: StreamingPerceiverIO, tc: Any, *, pool_phase: bool) -> torch.optim.Optimizer:
-    """AdamW over the parameters a phase trains: all but the ``label_pool`` reads (whose gates
-    stay shut), or in the pool phase those reads alone (the rest frozen)."""
-    pool = {id(p) for p in model.pool_parameters()}
-    params = [p for p in model.parameters() if (id(p) in pool) == pool_phase]
-    for p in model.parameters():
-        p.requires_grad_(not pool_phase or id(p) in pool)
-    return torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-
-
-class PoolPhase:
-    """The pool phase's data (``train.pool_steps``): each training window's latent label read
-    (`StreamingPerceiverIO.latent_label_read`, frozen, without state) computed once for each
-    modality that no ``label_pool`` read takes, with that modality dropped. A step then draws
-    windows and, for each, which modality it lacks, and runs only the pooled reads: the loss is
-    the label cross-entropy of ``label_head(cached read + pooled read)``, exactly the model's
-    labels for that window without that modality (`eval --drop`'s case). So the pooled reads
-    learn what one missing modality would have told the others, at the cost of the pooled
-    modalities' adapters alone: the frozen model runs once per window and modality, not per step.
-    """
-
-    def __init__(
-        self, model: StreamingPerceiverIO, windows: list[Window], video_frames: int | None, *,
-        progress: bool = True, chunk: int = 64,
-    ) -> None:
-        from tqdm import tqdm
-
-        self.model, self.windows, self.video_frames = model, windows, video_frames
-        self.others = [k for k in model.config.modalities if k not in model.config.label_pool]
-        if not self.others:
-            raise ConfigError("train.pool_steps: the pool phase needs a modality that no label_pool read takes")
-        reads, labels = [], []
-        model.eval()
-        with torch.no_grad():
-            for i in tqdm(range(0, len(windows), chunk), desc="pool phase: reading windows", unit="chunk",
-                          disable=not progress):
-                batch = collate(windows[i : i + chunk], video_frames=video_frames)
-                reads.append(torch.stack([model.latent_label_read(_drop(batch, k)) for k in self.others], dim=1))
-                labels.append(batch.targets.label.cpu())
-        self.reads = torch.cat(reads)  # windows x others x C
-        self.labels = torch.cat(labels)
-        self.labelled = (self.labels >= 0).nonzero().squeeze(1)
-        if self.labelled.numel() == 0:
-            raise ConfigError("train.pool_steps: the training windows carry no labels")
-
-    def loss(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        """The label cross-entropy of ``batch_size`` drawn (window, dropped modality) pairs."""
-        rows = self.labelled[torch.randint(self.labelled.numel(), (batch_size,), generator=generator)]
-        lack = torch.randint(len(self.others), (batch_size,), generator=generator)
-        batch = collate([self.windows[i] for i in rows.tolist()], video_frames=self.video_frames,
-                        only=self.model.config.label_pool)
-        pooled = self.model.pooled_label_read(batch)
-        logits = self.model.label_head(self.reads[rows, lack].to(pooled.device) + pooled)
-        return torch.nn.functional.cross_entropy(logits.float(), self.labels[rows].to(logits.device))
-
-
-def _drop(batch: Batch, name: str) -> Batch:
-    """``batch`` with modality ``name`` absent from every row."""
-    if name not in batch.modalities:
-        return batch
-    m = batch.modalities[name]
-    return replace(batch, modalities={**batch.modalities, name: replace(m, present=torch.zeros_like(m.present))})
 
 
 def _recent(history: list[dict[str, float]], n: int = 20) -> dict[str, float]:

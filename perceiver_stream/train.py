@@ -1,16 +1,25 @@
-"""A training loop for ``StreamingPerceiverIO`` over any iterable of ``Batch``es.
+"""The training loop for ``StreamingPerceiverIO``: phases of optimiser steps over batches.
 
-Loss = ``flow_weight * EPE`` (mean end-point error in pixels over the windows with ground-truth
-flow, where the model also has two frames) ``+ label_weight * cross-entropy`` (windows with a
-label >= 0). Latent state is carried between consecutive windows of a stream (detached: one-step
-truncated backpropagation through time) unless ``carry_state`` is False. Progress goes to
-``callback(step, metrics)``; the library draws no progress bar.
+A run is a sequence of `Phase`s (e.g. the main phase, then one that trains the pooled label reads
+alone). Each step of a phase takes its next batch, runs the phase's objective (forward and losses:
+the total and its parts), then backward, gradient clipping, the optimiser's step, at the learning
+rate ``lr * schedule(i, steps, warmup_steps)`` of the phase's i-th step. `fit` runs the phases
+from any step (to resume), calling ``callback(step, metrics)`` after every step and
+``checkpoint(step, phase)`` every ``checkpoint_every`` steps and when a phase ends. `train` is
+the one-phase run over any iterable of `Batch`es. The library draws no progress bar.
+
+The supervised objective is ``flow_weight * EPE`` (mean end-point error in pixels over the
+windows with ground-truth flow where the model also has two frames) ``+ label_weight *
+cross-entropy`` (windows with a label >= 0), latent state carried between consecutive windows of
+a stream (detached: one-step truncated backpropagation through time).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +28,9 @@ from perceiver_stream.batch import Batch, Targets
 from perceiver_stream.multimodal import drop_modalities
 from perceiver_stream.outputs import ModelOutput
 from perceiver_stream.streaming import StreamingPerceiverIO, StreamStates
+
+Parts = dict[str, torch.Tensor]
+Objective = Callable[[int, Any], tuple[torch.Tensor, Parts]]  # (step, batch) -> (loss, its parts)
 
 
 def flow_epe(pred: torch.Tensor, truth: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -29,11 +41,11 @@ def flow_epe(pred: torch.Tensor, truth: torch.Tensor, valid: torch.Tensor) -> to
     return torch.sqrt(diff.square().sum(dim=-1) + 1e-12).mean()
 
 
-def losses(output: ModelOutput, targets: Targets) -> dict[str, torch.Tensor]:
+def losses(output: ModelOutput, targets: Targets) -> Parts:
     """``flow_epe``, ``label_ce`` and ``group_ce`` of ``output`` against ``targets`` (each present only
     if supervised). ``group_ce`` is the mean cross-entropy of ``output.group_logits`` over the
     (row, group) pairs whose group's modality is present; training adds it to the label loss."""
-    out: dict[str, torch.Tensor] = {}
+    out: Parts = {}
     if output.flow is not None:
         valid = targets.flow_valid.to(output.flow_valid.device) & output.flow_valid
         if bool(valid.any()):
@@ -50,9 +62,156 @@ def losses(output: ModelOutput, targets: Targets) -> dict[str, torch.Tensor]:
     return out
 
 
-def label_loss(parts: dict[str, torch.Tensor], zero: torch.Tensor) -> torch.Tensor:
+def label_loss(parts: Parts, zero: torch.Tensor) -> torch.Tensor:
     """The label objective of ``losses``' parts: ``label_ce`` plus ``group_ce`` where there is one."""
     return parts.get("label_ce", zero) + parts.get("group_ce", zero)
+
+
+def cosine_schedule(step: int, steps: int, warmup_steps: int) -> float:
+    """The learning-rate factor at ``step`` (from 0) of ``steps``: linear warm-up over
+    ``warmup_steps``, then cosine decay to 0.1."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class SupervisedObjective:
+    """The supervised objective (see the module docstring) of ``model`` on a `Batch`.
+
+    ``label_weight`` applies from step ``label_start`` on (0 before). With ``carry_state`` (and a
+    model with state) each stream's latent state is carried from its previous window, detached.
+    """
+
+    def __init__(
+        self,
+        model: StreamingPerceiverIO,
+        *,
+        flow_weight: float = 1.0,
+        label_weight: float = 1.0,
+        label_start: int = 0,
+        carry_state: bool = True,
+    ) -> None:
+        self.model = model
+        self.flow_weight, self.label_weight, self.label_start = flow_weight, label_weight, label_start
+        self.carry = carry_state and model.config.state
+        self.states = StreamStates()
+
+    def __call__(self, step: int, batch: Batch) -> tuple[torch.Tensor, Parts]:
+        if batch.targets is None:
+            raise ValueError(f"training batch of step {step} has no targets (collate windows that carry truth)")
+        batch = batch.to(next(self.model.parameters()).device)
+        state = None
+        if self.carry:
+            batch, state = self.states.gather(batch, strict=False)
+        output = self.model(batch, state)
+        if self.carry:
+            self.states.update(batch, output.state)
+        parts = losses(output, batch.targets)
+        zero = output.embedding.sum() * 0.0
+        label_weight = self.label_weight if step >= self.label_start else 0.0
+        return self.flow_weight * parts.get("flow_epe", zero) + label_weight * label_loss(parts, zero), parts
+
+
+@dataclass
+class PooledBatch:
+    """A pool-phase batch: windows with only the ``label_pool`` modalities (``batch``), each one's
+    latent label read computed without one other modality (``reads``, ``B x C``) and its label
+    (``labels``, ``B`` int64)."""
+
+    batch: Batch
+    reads: torch.Tensor
+    labels: torch.Tensor
+
+
+class PooledLabelObjective:
+    """The pool phase's objective: label cross-entropy of ``label_head(read + pooled read)``, which
+    is the model's label logits for a window lacking the modality its cached read left out."""
+
+    def __init__(self, model: StreamingPerceiverIO) -> None:
+        self.model = model
+
+    def __call__(self, step: int, item: PooledBatch) -> tuple[torch.Tensor, Parts]:
+        pooled = self.model.pooled_label_read(item.batch)
+        logits = self.model.label_head(item.reads.to(pooled.device) + pooled)
+        loss = F.cross_entropy(logits.float(), item.labels.to(logits.device))
+        return loss, {"pool_ce": loss}
+
+
+@dataclass
+class Phase:
+    """A run of ``steps`` optimiser steps from global step ``first``.
+
+    ``batches`` yields the batch of each step from the step `fit` starts the phase at on;
+    ``objective(step, batch)`` gives the loss and its parts; ``optimizer`` holds the parameters
+    the phase trains, at ``lr * schedule(step - first, steps, warmup_steps)``; gradients are
+    clipped to norm ``grad_clip`` (None: not clipped).
+    """
+
+    name: str
+    first: int
+    steps: int
+    batches: Iterator[Any]
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    lr: float
+    warmup_steps: int = 0
+    grad_clip: float | None = None
+    schedule: Callable[[int, int, int], float] = cosine_schedule
+
+    @property
+    def end(self) -> int:
+        """The global step after the phase's last."""
+        return self.first + self.steps
+
+
+def fit(
+    model: StreamingPerceiverIO,
+    phases: Iterable[Phase],
+    *,
+    start: int = 0,
+    callback: Callable[[int, dict[str, float]], None] | None = None,
+    checkpoint: Callable[[int, Phase], None] | None = None,
+    checkpoint_every: int | None = None,
+) -> list[dict[str, float]]:
+    """Run each phase's steps from global step ``start`` on (a phase that ends by then is skipped:
+    ``phases`` may build each one lazily, when the one before has ended).
+
+    A phase also ends when its batches run out. After step ``s`` (counted from 1)
+    ``callback(s, metrics)`` gets ``{"loss", "lr", <the objective's parts>}``; ``checkpoint(s,
+    phase)`` is called, with the model in eval mode, when ``s`` is a multiple of
+    ``checkpoint_every`` or the phase's last step. Returns every step's metrics; the model is
+    left in eval mode.
+    """
+    history: list[dict[str, float]] = []
+    for phase in phases:
+        if phase.end <= start:
+            continue
+        model.train()
+        opt = phase.optimizer
+        for step in range(max(start, phase.first), phase.end):
+            batch = next(phase.batches, None)
+            if batch is None:
+                break
+            for group in opt.param_groups:
+                group["lr"] = phase.lr * phase.schedule(step - phase.first, phase.steps, phase.warmup_steps)
+            loss, parts = phase.objective(step, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if phase.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), phase.grad_clip)
+            opt.step()
+            metrics = {"loss": loss.item(), "lr": opt.param_groups[0]["lr"], **{k: v.item() for k, v in parts.items()}}
+            history.append(metrics)
+            if callback is not None:
+                callback(step + 1, metrics)
+            if checkpoint is not None and ((checkpoint_every and (step + 1) % checkpoint_every == 0)
+                                           or step + 1 == phase.end):
+                model.eval()
+                checkpoint(step + 1, phase)
+                model.train()
+    model.eval()
+    return history
 
 
 def _cycle(batches: Iterable[Batch]) -> Iterator[Batch]:
@@ -84,55 +243,21 @@ def train(
     optimizer: torch.optim.Optimizer | None = None,
     callback: Callable[[int, dict[str, float]], None] | None = None,
 ) -> list[float]:
-    """Train ``model`` in place for ``steps`` steps (fewer if a one-shot iterator runs out).
-
-    AdamW with linear warm-up over ``warmup_steps`` then cosine decay to 10% of ``lr``. Each batch
-    gets modality dropout with probability ``modality_dropout`` (never all of a window's
-    modalities). ``optimizer`` resumes a previous run's AdamW state (pass the same object back).
-    ``callback(step, {"loss", "flow_epe", "label_ce", "lr"})`` is called after every step
-    (``step`` counts from 1). Returns the total loss of every step.
+    """Train ``model`` in place for ``steps`` steps (fewer if a one-shot iterator runs out): one
+    `Phase` of the supervised objective over every parameter, AdamW (``optimizer`` resumes a
+    previous run's), `cosine_schedule`. Each batch gets modality dropout with probability
+    ``modality_dropout`` (never all of a window's modalities). ``callback`` as in `fit`.
+    Returns the total loss of every step.
     """
     if steps < 1 or lr <= 0:
         raise ValueError(f"train needs steps >= 1 and lr > 0, got steps={steps}, lr={lr}")
-    device = next(model.parameters()).device
-    opt = optimizer or torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, steps - warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
     generator = torch.Generator().manual_seed(seed)
-    states = StreamStates()
-    history: list[float] = []
-    model.train()
-    for step, batch in enumerate(_cycle(batches)):
-        if step >= steps:
-            break
-        if batch.targets is None:
-            raise ValueError(f"training batch {step} has no targets (collate windows that carry truth)")
-        for group in opt.param_groups:
-            group["lr"] = lr * factor(step)
-        batch = drop_modalities(batch.to(device), modality_dropout, generator)
-        state = None
-        if carry_state and model.config.state:
-            batch, state = states.gather(batch, strict=False)
-        output = model(batch, state)
-        parts = losses(output, batch.targets)
-        loss = flow_weight * parts.get("flow_epe", output.embedding.sum() * 0.0)
-        loss = loss + label_weight * label_loss(parts, output.embedding.sum() * 0.0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
-        if carry_state and model.config.state:
-            states.update(batch, output.state)
-        history.append(loss.item())
-        if callback is not None:
-            metrics = {"loss": history[-1], "lr": opt.param_groups[0]["lr"]}
-            metrics.update({k: v.item() for k, v in parts.items()})
-            callback(step + 1, metrics)
-    model.eval()
-    return history
+    phase = Phase(
+        "main", 0, steps,
+        batches=(drop_modalities(b, modality_dropout, generator) for b in _cycle(batches)),
+        objective=SupervisedObjective(model, flow_weight=flow_weight, label_weight=label_weight,
+                                      carry_state=carry_state),
+        optimizer=optimizer or torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay),
+        lr=lr, warmup_steps=warmup_steps, grad_clip=grad_clip,
+    )
+    return [m["loss"] for m in fit(model, [phase], callback=callback)]

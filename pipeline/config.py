@@ -137,7 +137,7 @@ class RuntimeConfig(_Section):
 
 
 class DistillConfig(_Section):
-    """Online distillation of a smaller student from the running model (`jobs.distill`).
+    """Online distillation of a smaller student from the running model (`perceiver_stream.distill`).
 
     ``student`` holds overrides of the teacher's model config (fewer latents / layers; empty =
     `perceiver_stream.student.student_config`'s defaults), checked by the model library when the
@@ -162,6 +162,12 @@ class DistillConfig(_Section):
     flow_weight: float = Field(0.2, ge=0)
     modality_dropout: float = Field(0.0, ge=0, lt=1)
     dropout_windows: int = Field(8, ge=1)
+
+
+def student_checkpoint_path(output_dir: str | Path) -> Path:
+    """Where a run keeps its latest distilled student: ``<output>/_checkpoints/student`` (readers of
+    the output tables skip underscore names)."""
+    return Path(output_dir) / "_checkpoints" / "student"
 
 
 class TrainConfig(_Section):

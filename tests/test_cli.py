@@ -123,7 +123,7 @@ def test_train_writes_a_checkpoint_and_prints_its_summary(trained, capsys):
 def test_eval_prints_the_metrics_of_a_checkpoint_and_its_student(trained, tmp_path, capsys):
     from perceiver_stream.checkpoint import load_checkpoint
     from pipeline.config import DistillConfig
-    from jobs.distill import Distiller
+    from perceiver_stream.distill import Distiller
 
     teacher, meta = load_checkpoint(trained / "checkpoint")
     student = Distiller(teacher, DistillConfig(), metadata={"train_seeds": meta["train_seeds"]}).save(tmp_path / "s")

@@ -9,8 +9,8 @@ from perceiver_stream.checkpoint import load_checkpoint
 from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO
 from perceiver_stream.student import distill_losses, embedding_cosine, init_from_teacher, student_config
 from pipeline.collate import collate
-from pipeline.config import DistillConfig
-from jobs.distill import Distiller, student_checkpoint_path
+from pipeline.config import DistillConfig, student_checkpoint_path
+from perceiver_stream.distill import Distiller
 from pipeline.read import read_windows
 from pipeline.sources.synthetic import CLASSES
 

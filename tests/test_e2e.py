@@ -222,7 +222,7 @@ def test_sigterm_drains_then_resume_completes_without_gaps_or_repeats(ray_sessio
 def test_distilling_run_writes_student_rows_and_a_student_the_pipeline_can_run_on(
     ray_session, tiny_checkpoint, tmp_path
 ):
-    from jobs.distill import student_checkpoint_path
+    from pipeline.config import student_checkpoint_path
 
     data = config_data(tiny_checkpoint, [synthetic("a", 1), synthetic("b", 2)])
     data["distill"] = {"enabled": True, "checkpoint_every": 2, "student": {"num_latents": 4}}

@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("skimage")
 
 from perceiver_stream.checkpoint import save_checkpoint  # noqa: E402
-from jobs.evaluate import panned_photo_clip, photo_flow  # noqa: E402
+from jobs.photo import panned_photo_clip, photo_flow  # noqa: E402
 from pipeline.read import read_windows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

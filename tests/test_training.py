@@ -17,7 +17,9 @@ from pipeline.errors import ConfigError
 from pipeline.sources.synthetic import CLASSES
 from perceiver_stream.streaming import StreamingPerceiverIO
 from pipeline.collate import collate
-from jobs.train import ChainDropout, PoolPhase, build_model_config, lane_plan, synthetic_stream, train_job
+from jobs.datasets import synthetic_stream
+from jobs.train import ChainDropout, PoolPhase, build_model_config, lane_plan, train_job
+from perceiver_stream.train import PooledLabelObjective
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -173,5 +175,7 @@ def test_pool_phase_reads_are_the_model_s_own_without_each_other_modality(tmp_pa
         lacking = replace(batch, modalities={k: m for k, m in batch.modalities.items() if k != name})
         expect = model(lacking).label_logits
         torch.testing.assert_close(model.label_head(pool.reads[:, i] + model.pooled_label_read(batch)), expect)
-    loss = pool.loss(8, torch.Generator().manual_seed(0))
-    assert loss.ndim == 0 and torch.isfinite(loss)
+    item = next(pool.batches(8, torch.Generator().manual_seed(0)))
+    assert set(item.batch.modalities) == {"video"} and item.reads.shape == (8, 32) and item.labels.shape == (8,)
+    loss, parts = PooledLabelObjective(model)(0, item)
+    assert loss.ndim == 0 and torch.isfinite(loss) and parts == {"pool_ce": loss}
