@@ -186,9 +186,7 @@ class TrainConfig(_Section):
     ``carry_state``) before it jumps to a random window of another stream.
     ``pool_steps``: after ``steps``, this many steps of ``pool_batch_size`` windows train the model's
     ``label_pool`` reads alone (the rest frozen) on the label loss, each window lacking one other
-    modality (`jobs.train.PoolPhase`). (At 32 windows a step, two of five initialisations of
-    the rig's video read were still at chance after 1000-2000 steps; at 128 the first of them read
-    shape within 500.)
+    modality (`jobs.train.PoolPhase`).
     """
 
     seeds: list[int] = Field(default_factory=lambda: list(range(16)))
