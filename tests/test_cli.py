@@ -14,6 +14,10 @@ import torch
 from PIL import Image
 
 import run_pipeline
+from perceiver_stream.checkpoint import load_checkpoint, read_config
+from perceiver_stream.distill import Distiller
+from pipeline.config import DistillConfig
+from pipeline.parquet import FlowRow, OutputWriter, WindowRow
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,8 +108,6 @@ def trained(tmp_path_factory) -> Path:
 
 
 def test_train_writes_a_checkpoint_and_prints_its_summary(trained, capsys):
-    from perceiver_stream.checkpoint import read_config
-
     assert (trained / "checkpoint" / "config.json").is_file()
     assert sorted(p.name for p in (trained / "_checkpoints" / "train").iterdir()) == ["step-0000002", "step-0000004"]
     _, meta = read_config(trained / "checkpoint")
@@ -121,10 +123,6 @@ def test_train_writes_a_checkpoint_and_prints_its_summary(trained, capsys):
 
 
 def test_eval_prints_the_metrics_of_a_checkpoint_and_its_student(trained, tmp_path, capsys):
-    from perceiver_stream.checkpoint import load_checkpoint
-    from pipeline.config import DistillConfig
-    from perceiver_stream.distill import Distiller
-
     teacher, meta = load_checkpoint(trained / "checkpoint")
     student = Distiller(teacher, DistillConfig(), metadata={"train_seeds": meta["train_seeds"]}).save(tmp_path / "s")
     argv = ["eval", "--seed", "77", "--checkpoint", str(trained / "checkpoint"), "--student", str(student)]
@@ -163,8 +161,6 @@ def test_eval_of_a_missing_checkpoint_is_one_line_exit_2(tmp_path, capsys):
 
 
 def test_inspect_prints_a_line_per_stream_and_writes_its_pictures(tmp_path, capsys):
-    from pipeline.parquet import FlowRow, OutputWriter, WindowRow
-
     rng = np.random.default_rng(0)
     with OutputWriter(tmp_path, model_name="m", config_hash="h") as w:
         for sid in ("cam0", "cam1"):

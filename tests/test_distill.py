@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 import torch
 
-from perceiver_stream.checkpoint import load_checkpoint
+from jobs.distill import distill_job
+from jobs.evaluate import evaluate
+from perceiver_stream.checkpoint import load_checkpoint, save_checkpoint
+from perceiver_stream.distill import Distiller
 from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO
 from perceiver_stream.student import distill_losses, embedding_cosine, init_from_teacher, student_config
 from pipeline.collate import collate
-from pipeline.config import DistillConfig, student_checkpoint_path
-from perceiver_stream.distill import Distiller
+from pipeline.config import DistillConfig, parse_config, student_checkpoint_path
+from pipeline.errors import ConfigError
 from pipeline.read import read_windows
 from pipeline.sources.synthetic import CLASSES
 
@@ -102,8 +108,6 @@ def test_distill_steps_raise_cosine_to_teacher(batch):
 
 
 def test_distill_modality_dropout_holds_per_stream_and_resets_the_student_state(batch):
-    from dataclasses import replace
-
     teacher = _teacher()
     rows = replace(batch, stream_ids=[f"s{i}" for i in range(len(batch))], reset=torch.zeros(len(batch), dtype=torch.bool))
     distiller = Distiller(teacher, DistillConfig(student={"num_latents": 4}, modality_dropout=0.6, dropout_windows=2))
@@ -149,11 +153,6 @@ def test_student_checkpoint_round_trip(batch, tmp_path):
 
 
 def test_distill_job_reads_streams_in_lockstep_and_saves_the_student(tmp_path):
-    from perceiver_stream.checkpoint import save_checkpoint
-    from pipeline.config import parse_config
-    from jobs.distill import distill_job
-    from pipeline.errors import ConfigError
-
     teacher = save_checkpoint(tmp_path / "teacher", _teacher(), {"train_seeds": [0]})
     data = {
         "streams": [{"id": "a", "synthetic": {"seed": 11, "seconds": 3}},
@@ -176,10 +175,6 @@ def test_distill_job_reads_streams_in_lockstep_and_saves_the_student(tmp_path):
 
 @pytest.mark.slow
 def test_shipped_student_tracks_the_teacher_on_an_unseen_seed():
-    from pathlib import Path
-
-    from jobs.evaluate import evaluate
-
     root = Path(__file__).resolve().parents[1] / "checkpoints"
     out = evaluate(root / "default", 502, student=root / "student")
     assert out["cosine_to_teacher"] >= 0.9

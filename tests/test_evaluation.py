@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from jobs.evaluate import MIN_WINDOWS, MODALITIES, _without, dropped, evaluate
 from perceiver_stream.checkpoint import save_checkpoint
 from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO
+from pipeline.config import load_config
 from pipeline.errors import CheckpointError, ConfigError
-from jobs.evaluate import MIN_WINDOWS, MODALITIES, _without, dropped, evaluate
 from pipeline.sources.synthetic import CLASSES
 from pipeline.window import Window
 
@@ -97,8 +98,6 @@ def test_training_seeds_and_bad_arguments_are_refused(checkpoints, tmp_path):
 
 
 def _shipped_checkpoint() -> str:
-    from pipeline.config import load_config
-
     ckpt = load_config(ROOT / "configs" / "default.yaml").model.checkpoint
     assert ckpt is not None, "configs/default.yaml must name the shipped checkpoint"
     return ckpt

@@ -9,17 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from jobs.datasets import synthetic_stream
+from jobs.train import ChainDropout, PoolPhase, build_model_config, lane_plan, train_job
 from perceiver_stream.batch import Batch, ModalityBatch
-
 from perceiver_stream.checkpoint import load_checkpoint, read_config
+from perceiver_stream.streaming import StreamingPerceiverIO
+from perceiver_stream.train import PooledLabelObjective
+from pipeline.collate import collate
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.sources.synthetic import CLASSES
-from perceiver_stream.streaming import StreamingPerceiverIO
-from pipeline.collate import collate
-from jobs.datasets import synthetic_stream
-from jobs.train import ChainDropout, PoolPhase, build_model_config, lane_plan, train_job
-from perceiver_stream.train import PooledLabelObjective
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
