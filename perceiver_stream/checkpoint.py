@@ -4,6 +4,10 @@
 metadata is free-form JSON (training seeds, steps, losses...). The class names live in the model
 config itself. Loading rebuilds the model from the config and refuses weights that do not fit it,
 with a ValueError naming every missing, unexpected or mis-shaped tensor.
+
+Files of the previous format (``perceiver-stream/streaming-v1``: flat model config keys) still load:
+`read_config` moves each key to its nested place; an option since removed is accepted only at the
+value whose behaviour the model now always has.
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO
+from perceiver_stream.config import MOVED, REMOVED, StreamingConfig
+from perceiver_stream.streaming import StreamingPerceiverIO
 
-FORMAT = "perceiver-stream/streaming-v1"
+FORMAT = "perceiver-stream/streaming-v2"
+V1 = "perceiver-stream/streaming-v1"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
@@ -53,13 +59,47 @@ def read_config(path: str | os.PathLike) -> tuple[StreamingConfig, dict[str, Any
     if not file.is_file():
         raise FileNotFoundError(f"{path} is not a perceiver-stream checkpoint: no {CONFIG}")
     doc = json.loads(file.read_text())
-    if doc.get("format") != FORMAT:
-        raise ValueError(f"{file}: format {doc.get('format')!r} is not {FORMAT!r}")
+    if doc.get("format") not in (FORMAT, V1):
+        raise ValueError(f"{file}: format {doc.get('format')!r} is not {FORMAT!r} (or {V1!r})")
     try:
-        config = StreamingConfig.from_dict(doc["model"])
+        model = doc["model"] if doc["format"] == FORMAT else nested_from_v1(doc["model"])
+        config = StreamingConfig.from_dict(model)
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{file}: invalid model config: {e}") from e
     return config, doc.get("metadata", {})
+
+
+def nested_from_v1(flat: dict[str, Any]) -> dict[str, Any]:
+    """A ``streaming-v1`` model config (flat keys) in the nested form ``StreamingConfig.from_dict`` reads.
+
+    Raises ValueError where the file sets a removed option (or adapter kind) to anything but the
+    behaviour the model now always has.
+    """
+    flat = dict(flat)
+    for key, (fixed, now) in REMOVED.items():
+        if key in flat and flat.pop(key) != fixed:
+            raise ValueError(f"option {key!r} was removed: {now}, which a v1 config gets with {key}: "
+                             f"{json.dumps(fixed)}; this model was made otherwise and cannot be loaded")
+    modalities = {}
+    for name, spec in dict(flat.pop("modalities", {})).items():
+        spec = dict(spec)
+        if spec.get("kind") in ("audio_samples", "labels"):
+            raise ValueError(f"modalities.{name}: the {spec['kind']!r} adapter kind was removed")
+        if spec.get("kind") == "video" and spec.pop("conv_tokens", True) and spec.get("conv", 0):
+            raise ValueError(f"modalities.{name}: option 'conv_tokens' was removed: the conv stem's "
+                             "channels feed the pooled label read alone (conv_tokens: false)")
+        modalities[name] = spec
+    nested: dict[str, Any] = {"modalities": modalities} if modalities else {}
+    if "flow_modality" in flat and flat["flow_modality"] is None:
+        nested["flow"] = None
+        flat = {k: v for k, v in flat.items() if not k.startswith("flow_")}
+    for key, value in flat.items():
+        if key not in MOVED:
+            nested[key] = value  # (from_dict names it as unknown)
+            continue
+        section, option = MOVED[key].split(".")
+        nested.setdefault(section, {})[option] = value
+    return nested
 
 
 def load_checkpoint(

@@ -44,6 +44,15 @@ class Tokens:
     without_pos: Any = None
     sizes: dict[str, int] | None = None
 
+    def span(self, name: str) -> slice:
+        """Where group ``name``'s tokens lie along ``N`` (from ``sizes``)."""
+        start = 0
+        for key, n in (self.sizes or {}).items():
+            if key == name:
+                return slice(start, start + n)
+            start += n
+        raise KeyError(f"no token group {name!r}; groups: {list(self.sizes or {})}")
+
 
 @dataclass
 class EncoderConfig:
