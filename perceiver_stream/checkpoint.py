@@ -26,6 +26,25 @@ from perceiver_stream.streaming import StreamingPerceiverIO
 
 FORMAT = "perceiver-stream/streaming-v2"
 V1 = "perceiver-stream/streaming-v1"
+
+# Weight names of v1 files -> today's module paths (the first matching entry wins; a name matches
+# an entry equal to it or starting with it and a dot).
+V1_WEIGHTS: list[tuple[str, str]] = [
+    ("latents", "encoder.latents"),
+    ("encoder.gate", "modality_gate"),
+    ("encoder", "encoder.cross_attends.0"),
+    ("tower", "encoder.self_attends"),
+    ("label_query", "labels.query"),
+    ("label_decoder", "labels.attend"),
+    ("label_head", "labels.head"),
+    ("label_pools", "labels.pools"),
+    ("pool_gates", "labels.pool_gates"),
+    ("flow_decoder", "flow.attend.layer"),
+    ("flow_head", "flow.attend.proj"),
+    ("flow_patch_proj", "flow.patch_proj"),
+    ("flow_pos_proj", "flow.pos_proj"),
+    ("flow_query_conv", "flow.query_conv"),
+]
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
@@ -102,6 +121,14 @@ def nested_from_v1(flat: dict[str, Any]) -> dict[str, Any]:
     return nested
 
 
+def weight_name_from_v1(name: str) -> str:
+    """Today's name of a ``streaming-v1`` weight (see `V1_WEIGHTS`)."""
+    for old, new in V1_WEIGHTS:
+        if name == old or name.startswith(old + "."):
+            return new + name[len(old):]
+    return name
+
+
 def load_checkpoint(
     path: str | os.PathLike, *, device: torch.device | str = "cpu"
 ) -> tuple[StreamingPerceiverIO, dict[str, Any]]:
@@ -117,6 +144,8 @@ def load_checkpoint(
         raise FileNotFoundError(f"{path}: no {WEIGHTS}")
     with safe_open(str(file), framework="pt") as f:
         saved = {k: f.get_tensor(k) for k in f.keys()}
+        if (f.metadata() or {}).get("format") == V1:
+            saved = {weight_name_from_v1(k): v for k, v in saved.items()}
     missing = sorted(set(expected) - set(saved))
     unexpected = sorted(set(saved) - set(expected))
     shapes = [

@@ -61,7 +61,7 @@ def init_from_teacher(student: StreamingPerceiverIO, teacher: StreamingPerceiver
     left = []
     for name, value in student.state_dict().items():
         src = theirs.get(name)
-        if name == "latents" and src is not None and src.shape[1] == value.shape[1]:
+        if name == "encoder.latents" and src is not None and src.shape[1] == value.shape[1]:
             for group in student.latent_modality.unique().tolist():
                 mine = (student.latent_modality == group).nonzero().squeeze(1)
                 pool = (teacher.latent_modality == group).nonzero().squeeze(1)

@@ -403,7 +403,7 @@ class PoolPhase:
     (`StreamingPerceiverIO.latent_label_read`, frozen, without state) computed once for each
     modality that no ``labels.pool`` read takes, with that modality dropped. A step then draws
     windows and, for each, which modality it lacks, and runs only the pooled reads: the loss is
-    the label cross-entropy of ``label_head(cached read + pooled read)``, exactly the model's
+    the label cross-entropy of ``labels.head(cached read + pooled read)``, exactly the model's
     labels for that window without that modality (`eval --drop`'s case). So the pooled reads
     learn what one missing modality would have told the others, at the cost of the pooled
     modalities' adapters alone: the frozen model runs once per window and modality, not per step.
@@ -440,7 +440,7 @@ class PoolPhase:
         batch = collate([self.windows[i] for i in rows.tolist()], video_frames=self.video_frames,
                         only=self.model.config.labels.pool)
         pooled = self.model.pooled_label_read(batch)
-        logits = self.model.label_head(self.reads[rows, lack].to(pooled.device) + pooled)
+        logits = self.model.labels.head(self.reads[rows, lack].to(pooled.device) + pooled)
         return torch.nn.functional.cross_entropy(logits.float(), self.labels[rows].to(logits.device))
 
 

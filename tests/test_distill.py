@@ -61,9 +61,10 @@ def test_init_from_teacher_copies_what_fits(batch):
     teacher = _teacher()
     student = StreamingPerceiverIO(student_config(teacher.config))
     left = init_from_teacher(student, teacher)
-    assert left and all(name.startswith("flow_") for name in left)  # only the narrower flow decoder
-    assert torch.equal(student.encoder.attn.q.weight, teacher.encoder.attn.q.weight)
-    assert torch.equal(student.latents[0], teacher.latents[0]) and torch.equal(student.latents[-1], teacher.latents[-1])
+    assert left and all(name.startswith("flow.") for name in left)  # only the narrower flow decoder
+    assert torch.equal(student.encoder.cross_attends[0].attn.q.weight, teacher.encoder.cross_attends[0].attn.q.weight)
+    t, s = teacher.encoder.latents, student.encoder.latents
+    assert torch.equal(s[0], t[0]) and torch.equal(s[-1], t[-1])
 
 
 def test_init_from_teacher_takes_each_latent_group_from_the_same_group():
@@ -73,7 +74,7 @@ def test_init_from_teacher_takes_each_latent_group_from_the_same_group():
     student = StreamingPerceiverIO(student_config(
         cfg, {"encoder": {"num_latents": 4, "modality_latents": {"points": 2, "audio": 3}}}))
     init_from_teacher(student, teacher)
-    t, s = teacher.latents, student.latents
+    t, s = teacher.encoder.latents, student.encoder.latents
     assert torch.equal(s[:4], t[[0, 4, 7, 11]])  # shared from shared, evenly strided
     assert torch.equal(s[4:7], t[12:15])  # audio's own: all three
     assert torch.equal(s[7:9], t[[15, 20]])  # points' own: the first and the last

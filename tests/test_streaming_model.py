@@ -152,11 +152,11 @@ def test_labels_read_the_latents_before_the_tower():
     m = StreamingPerceiverIO(small_config()).eval()
     batch = make_batch(b=2)
     before = m(batch)
-    for p in m.tower.parameters():
+    for p in m.encoder.self_attends.parameters():
         p.add_(0.5 * torch.randn_like(p))
     after = m(batch)
     torch.testing.assert_close(after.label_logits, before.label_logits)  # the tower is not on their path
-    torch.testing.assert_close(m.label_head(m.latent_label_read(batch)), after.label_logits)  # (nor on this one)
+    torch.testing.assert_close(m.labels.head(m.latent_label_read(batch)), after.label_logits)  # (nor on this one)
     assert not torch.allclose(after.embedding, before.embedding)  # flow, embedding, state still read z
     assert not torch.allclose(after.flow, before.flow)
 
@@ -165,7 +165,7 @@ def test_labels_read_the_latents_before_the_tower():
 def test_modality_latents_attend_to_their_own_modality_alone():
     torch.manual_seed(0)
     m = StreamingPerceiverIO(small_config(encoder={"modality_latents": {"points": 3, "audio": 0}})).eval()
-    assert m.latents.shape == (8 + 3, 32) and m.config.total_latents == 11
+    assert m.encoder.latents.shape == (8 + 3, 32) and m.config.total_latents == 11
     assert m.latent_modality.tolist() == [-1] * 8 + [2] * 3
     batch = make_batch(b=2)
     encoded, z = m.encode(batch)
@@ -191,20 +191,20 @@ def absent_in_row_1(batch: Batch, name: str) -> Batch:
 def test_label_groups_read_each_modality_s_latents_and_are_supervised_where_present():
     torch.manual_seed(0)
     m = StreamingPerceiverIO(small_config(encoder={"modality_latents": {"points": 2, "audio": 3}})).eval()
-    assert m.label_slices == [(0, 8), (8, 11), (11, 13)] and m.label_group_modality == [None, "audio", "points"]
+    assert m.labels.groups == [(0, 8), (8, 11), (11, 13)] and m.group_modality == [None, "audio", "points"]
     batch = absent_in_row_1(make_batch(b=3), "points")
     out = m(batch)
     assert out.group_logits.shape == (3, 3, 3)
     assert out.group_valid.tolist() == [[True, True, True], [True, True, False], [True, True, True]]
     # the labels are the head of the groups' summed reads; each group's logits its read alone
     encoded, _ = m.encode(batch)
-    terms = m.label_terms(encoded)  # (the encoder's latents, before the tower)
-    torch.testing.assert_close(out.label_logits, m.label_head(terms.sum(1)))
-    torch.testing.assert_close(out.group_logits, m.label_head(terms))
+    terms = m.labels.group_reads(encoded)  # (the encoder's latents, before the tower)
+    torch.testing.assert_close(out.label_logits, m.labels.head(terms.sum(1)))
+    torch.testing.assert_close(out.group_logits, m.labels.head(terms))
     # a group reads its own latents alone: changing the points' latents moves only the points' read
     z2 = encoded.clone()
     z2[:, 11:] += 1.0
-    moved = (m.label_terms(z2) - terms).abs().amax(dim=(0, 2))
+    moved = (m.labels.group_reads(z2) - terms).abs().amax(dim=(0, 2))
     assert moved[:2].tolist() == [0.0, 0.0] and moved[2] > 0
     # the per-group loss counts present groups only: row 1's points scores do not matter
     parts = losses(out, batch.targets)
@@ -230,31 +230,31 @@ def test_label_pool_reads_the_max_of_a_modality_s_tokens_and_leaves_no_trace_whe
     batch = absent_in_row_1(make_batch(b=3), "video")
     video = batch.modalities["video"]
     # the pooled read's gate starts shut: the labels are those of the model without it
-    assert torch.all(m.pooled_terms(m.preprocess(batch)) == 0)
-    torch.testing.assert_close(m(batch).label_logits, m.label_head(m.label_terms(m.encode(batch)[0]).sum(1)))
-    m.pool_gates.fill_(1.0)
+    assert torch.all(m.labels.pooled_reads(m.preprocess(batch)) == 0)
+    torch.testing.assert_close(m(batch).label_logits, m.labels.head(m.labels.group_reads(m.encode(batch)[0]).sum(1)))
+    m.labels.pool_gates.fill_(1.0)
     out = m(batch)
     # groups: the shared latents and the points' latents (the pooled read is not a group)
     assert out.group_logits.shape == (3, 2, 3) and out.group_valid.all()
     tok = m.preprocess(batch)
-    pooled = m.pooled_terms(tok)
+    pooled = m.labels.pooled_reads(tok)
     raw, _ = m.preprocess.adapters["video"](batch.modalities["video"], batch.t_end)
-    proj = m.label_pools["video"](raw[..., a:z])
+    proj = m.labels.pools["video"](raw[..., a:z])
     torch.testing.assert_close(pooled[0, 0], proj[0].amax(dim=0))  # a max over the row's video tokens
     assert proj[0].argmax(dim=0).unique().numel() > 1  # (different tokens win different channels)
     assert torch.all(pooled[1] == 0)  # no video in row 1: nothing pooled
-    terms = m.label_terms(m.encode(batch)[0])
-    torch.testing.assert_close(out.label_logits, m.label_head(terms.sum(1) + pooled.sum(1)))
-    torch.testing.assert_close(out.group_logits, m.label_head(terms))
+    terms = m.labels.group_reads(m.encode(batch)[0])
+    torch.testing.assert_close(out.label_logits, m.labels.head(terms.sum(1) + pooled.sum(1)))
+    torch.testing.assert_close(out.group_logits, m.labels.head(terms))
     # the same from the two reads, without decoding flow
-    torch.testing.assert_close(m.label_head(m.latent_label_read(batch) + m.pooled_label_read(batch)), out.label_logits)
+    torch.testing.assert_close(m.labels.head(m.latent_label_read(batch) + m.pooled_label_read(batch)), out.label_logits)
     # a row without video gets the same labels as a batch that never had video
     none = m(replace(batch, modalities={k: v for k, v in batch.modalities.items() if k != "video"}))
     torch.testing.assert_close(out.label_logits[1], none.label_logits[1])
     # a box's corner anywhere moves the pooled read: one token's change reaches it through the max
     changed = video.values.clone()
     changed[0, :, :4, :4] = 255 - changed[0, :, :4, :4]
-    moved = m.pooled_terms(m.preprocess(replace(batch, modalities={**batch.modalities, "video": replace(
+    moved = m.labels.pooled_reads(m.preprocess(replace(batch, modalities={**batch.modalities, "video": replace(
         batch.modalities["video"], values=changed)})))
     assert not torch.allclose(moved[0], pooled[0]) and torch.equal(moved[2], pooled[2])
     # the stem is trained by the pooled read alone: the flow (through the tokens) gives it no gradient
@@ -283,14 +283,15 @@ def test_private_stem_channels_feed_the_pooled_read_alone():
     assert m.preprocess.width == base.preprocess.width
     # a trained model given a private stem: only the stem and the pooled read are new weights...
     missing, unexpected = m.load_state_dict(base.state_dict(), strict=False)
-    assert unexpected == [] and {k.split(".")[0] for k in missing} == {"preprocess", "label_pools", "pool_gates"}
+    assert unexpected == [] and {k.split(".")[0] for k in missing} == {"preprocess", "labels"}
+    assert {k.split(".")[1] for k in missing if k.startswith("labels")} == {"pools", "pool_gates"}
     assert all(".stem." in k for k in missing if k.startswith("preprocess"))
     batch = make_batch(b=3)
     out, before = m(batch), base(batch)
     # ...its outputs are the model's own until the pooled read is trained; then only the labels move
     for field in ("flow", "embedding", "state", "label_logits"):
         torch.testing.assert_close(getattr(out, field), getattr(before, field))
-    m.pool_gates.fill_(1.0)
+    m.labels.pool_gates.fill_(1.0)
     out = m(batch)
     tok = m.preprocess(batch)
     torch.testing.assert_close(tok.tokens, base.preprocess(batch).tokens)
@@ -419,7 +420,7 @@ def test_modality_gates():
     assert all(torch.allclose(g, torch.tensor(0.5)) for g in gates.values())
     batch = make_batch(b=2)
     before = m(batch).embedding
-    m.encoder.gate.data[2] = -8.0  # points nearly shut out
+    m.modality_gate.data[2] = -8.0  # points nearly shut out
     shut = m(batch).embedding
     assert not torch.allclose(before, shut, atol=1e-4)
     assert m.modality_gates()["points"].max() < 1e-3
@@ -470,8 +471,8 @@ def test_cache_follows_weight_updates(model):
     batch = make_batch(b=1)
     with torch.no_grad():
         first = m(batch).flow
-        m.flow_pos_proj.weight.add_(0.5)
-        m.latents.add_(0.5)
+        m.flow.pos_proj.weight.add_(0.5)
+        m.encoder.latents.add_(0.5)
         second = m(batch)
     fresh = StreamingPerceiverIO(model.config).eval()
     fresh.load_state_dict(m.state_dict())
@@ -497,7 +498,7 @@ def test_config_validation_and_round_trip():
         small_config(encoder={"latent_channels": 30, "self_heads": 4})
     with pytest.raises(ValueError, match="labels.heads"):
         small_config(labels={"heads": 3})
-    heads = StreamingPerceiverIO(small_config(labels={"heads": 4})).label_decoder.attn.num_heads
+    heads = StreamingPerceiverIO(small_config(labels={"heads": 4})).labels.attend.attn.num_heads
     assert heads == 4
     student = cfg.merged({"encoder": {"num_latents": 4, "num_blocks": 1}})
     assert student.encoder.num_latents == 4 and student.encoder.num_blocks == 1
@@ -566,7 +567,7 @@ def test_checkpoint_round_trip_and_mismatch(model, tmp_path):
     doc["model"]["encoder"]["num_latents"] = 8
     doc["model"]["labels"]["class_names"] = []
     (tmp_path / "ck" / "config.json").write_text(json.dumps(doc))
-    with pytest.raises(ValueError, match="unexpected weights.*label_head"):
+    with pytest.raises(ValueError, match=r"unexpected weights.*labels\.head"):
         load_checkpoint(tmp_path / "ck")
 
 

@@ -143,12 +143,13 @@ def test_pool_phase_trains_the_pooled_read_alone_and_resumes_into_it(tmp_path):
     final, meta = load_checkpoint(tmp_path / "final")
     assert meta["step"] == 6
     pool = {n for n, p in final.named_parameters() if any(p is q for q in final.pool_parameters())}
-    assert "pool_gates" in pool and all(".stem." in n or n.startswith(("label_pools.", "pool_gates")) for n in pool)
+    assert "labels.pool_gates" in pool
+    assert all(".stem." in n or n.startswith(("labels.pools.", "labels.pool_gates")) for n in pool)
     before, after = main.state_dict(), final.state_dict()
     # the main phase leaves the pooled read shut; the pool phase trains it and nothing else
-    assert torch.all(before["pool_gates"] == 0) and torch.all(after["pool_gates"] != 0)
+    assert torch.all(before["labels.pool_gates"] == 0) and torch.all(after["labels.pool_gates"] != 0)
     assert all(torch.equal(before[n], after[n]) for n in before if n not in pool)
-    assert not torch.equal(before["label_pools.video.1.weight"], after["label_pools.video.1.weight"])
+    assert not torch.equal(before["labels.pools.video.1.weight"], after["labels.pools.video.1.weight"])
     longer = train_job(_cfg(tmp_path, *pooled, "train.pool_steps=5"), progress=False)
     assert longer["resumed_from"] == 6 and load_checkpoint(tmp_path / "final")[1]["step"] == 8
     with pytest.raises(ConfigError, match="pool phase has begun"):
@@ -163,7 +164,7 @@ def test_pool_phase_reads_are_the_model_s_own_without_each_other_modality(tmp_pa
                "train.model.modalities.video={kind: video, patch: 8, conv: 4}")
     torch.manual_seed(0)
     model = StreamingPerceiverIO(build_model_config(cfg)).eval()
-    model.pool_gates.fill_(1.0)
+    model.labels.pool_gates.fill_(1.0)
     windows = synthetic_stream(cfg, 0, 3.0, video_frames=2)
     pool = PoolPhase(model, windows, 2, progress=False, chunk=2)
     assert pool.others == ["audio", "points"] and pool.reads.shape == (len(windows), 2, 32)
@@ -172,6 +173,6 @@ def test_pool_phase_reads_are_the_model_s_own_without_each_other_modality(tmp_pa
     for i, name in enumerate(pool.others):
         lacking = replace(batch, modalities={k: m for k, m in batch.modalities.items() if k != name})
         expect = model(lacking).label_logits
-        torch.testing.assert_close(model.label_head(pool.reads[:, i] + model.pooled_label_read(batch)), expect)
+        torch.testing.assert_close(model.labels.head(pool.reads[:, i] + model.pooled_label_read(batch)), expect)
     loss = pool.loss(8, torch.Generator().manual_seed(0))
     assert loss.ndim == 0 and torch.isfinite(loss)
