@@ -1,9 +1,8 @@
-"""The multimodal preprocessor: every modality's tokens padded to one width and concatenated.
+"""The multimodal preprocessor: every modality's tokens brought to one width and concatenated.
 
-Perceiver IO's multimodal trick: each modality's tokens are padded to a common width with a
-learned per-modality vector (which also tells the encoder which modality a token comes from),
-then all tokens are concatenated with a key mask. Nothing here knows modality names: the
-adapters come in a dict keyed by name, and a batch's modalities are looked up in it.
+After Perceiver IO's multimodal trick (a learned per-modality vector tells the encoder which
+modality a token comes from), with a slice of channels per modality. Nothing here knows modality
+names: the adapters come in a dict keyed by name, and a batch's modalities are looked up in it.
 """
 
 from __future__ import annotations
@@ -67,8 +66,8 @@ class MultimodalPreprocessor(nn.Module):
                 continue
             x, mask = self.adapters[name](m, t_ref)
             if name in self.pool:
-                # Trained by the pooled read alone: the flow loss (ten times the label loss in the
-                # shipped recipe) does not reach them through the tokens.
+                # Detached in the tokens: only the pooled read trains these channels, not the
+                # (much larger) flow loss.
                 adapter = self.adapters[name]
                 a, z = adapter.pool_channels
                 pooled[name] = x[..., a:z]

@@ -33,8 +33,8 @@ class Tokens:
     ``tokens``: ``B x N x C`` byte array (features and position codes).
     ``mask``: ``B x N`` bool, True where a token is real (None: all real).
     ``grid``: the index shape the ``N`` tokens were flattened from, when they lie on a grid.
-    ``without_pos``: the features before position codes were attached (a dict per group for
-    multimodal inputs), for decoders that query with input features.
+    ``without_pos``: the features without position or time codes (a dict per group for multimodal
+    inputs: ``B x n x c`` each), for decoders that query with input features and pooled reads.
     ``sizes``: token count per named group, in token order, for multimodal inputs.
     """
 
