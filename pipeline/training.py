@@ -80,20 +80,13 @@ def settings_config(data: dict[str, Any], streams: list[dict[str, Any]]) -> Conf
 
 def video_frames_needed(config: StreamingConfig) -> int | None:
     """How many trailing frames of a window the model reads (None = all of them)."""
-    spec = config.modalities.get("video")
-    flow = 2 if config.flow is not None else 1
-    if spec is None:
-        return flow if config.flow is not None else None
-    return None if spec.get("frames") is None else max(int(spec["frames"]), flow)
+    return config.video_frames
 
 
 def points_needed(config: StreamingConfig) -> tuple[int | None, int] | None:
     """``(scans, max_points)`` of the model's ``points`` adapter: it reads at most ``max_points``
     points of each window's last ``scans`` scans (None = all scans); None without one."""
-    spec = config.modalities.get("points")
-    if spec is None or spec.get("kind") != "points":
-        return None
-    return spec.get("scans"), int(spec["max_points"])
+    return config.points
 
 
 def compact(window: Window, video_frames: int | None) -> Window:
@@ -180,14 +173,9 @@ _RESUME_FIXED = ("batch_size", "lr", "weight_decay", "warmup_steps", "grad_clip"
 
 def _differences(new: dict[str, Any], old: dict[str, Any], prefix: str = "") -> list[str]:
     """Dotted names of the options that differ between two nested config dicts."""
-    out = []
-    for k in sorted(new.keys() | old.keys()):
-        a, b = new.get(k), old.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(prefix + k)
-    return out
+    nested = [k for k in new if isinstance(new[k], dict) and isinstance(old.get(k), dict)]
+    return sorted([d for k in nested for d in _differences(new[k], old[k], f"{prefix}{k}.")]
+                  + [prefix + k for k in new.keys() | old.keys() if k not in nested and new.get(k) != old.get(k)])
 
 
 def _check_resumable(path: Path, config: StreamingConfig, meta: dict[str, Any]) -> None:
