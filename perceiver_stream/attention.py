@@ -7,9 +7,10 @@ optional residual to the raw queries, separate qk and v channel counts, then
 
 Key-padding masks are ``B x N`` bool, True where a token is real, or ``B x Nq x N`` to give each
 query its own keys. A ``H x N`` float ``key_bias`` is added to every query's logits in each head
-(e.g. a learned per-source gate). A query whose keys are all masked gets zeros, never NaN. Large query sets can be processed in chunks (``query_chunk``):
-keys and values are projected once and each chunk attends to them, which gives the same result
-as one pass because every query is independent of the others.
+(e.g. a learned per-source gate). A query whose keys are all masked gets zeros, never NaN. Large
+query sets can be processed in chunks (``query_chunk``): keys and values are projected once and
+each chunk attends to them, which gives the same result as one pass because every query is
+independent of the others.
 """
 
 from __future__ import annotations

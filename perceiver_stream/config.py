@@ -199,8 +199,11 @@ def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any
         if key == "modalities" and isinstance(old, dict) and isinstance(value, dict):
             for name, spec in value.items():
                 prior = old.get(name)
-                same = isinstance(prior, dict) and isinstance(spec, dict) and spec.get("kind", prior.get("kind")) == prior.get("kind")
-                old[name] = deep_merge(prior, spec) if same else copy.deepcopy(spec)
+                same = isinstance(prior, dict) and isinstance(spec, dict)
+                if same and spec.get("kind", prior.get("kind")) == prior.get("kind"):
+                    old[name] = deep_merge(prior, spec)
+                else:
+                    old[name] = copy.deepcopy(spec)
         elif isinstance(old, dict) and isinstance(value, dict):
             out[key] = deep_merge(old, value)
         else:

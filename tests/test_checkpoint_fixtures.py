@@ -28,8 +28,9 @@ def test_shipped_checkpoint_gives_recorded_outputs_from_recorded_config(name, co
     folder = tmp_path / name
     folder.mkdir()
     shutil.copy(ROOT / "checkpoints" / name / "model.safetensors", folder / "model.safetensors")
-    source = FIXTURES / f"{name}_config_v1.json" if config == "recorded v1" else ROOT / "checkpoints" / name / "config.json"
-    shutil.copy(source, folder / "config.json")
+    recorded = FIXTURES / f"{name}_config_v1.json"
+    shutil.copy(recorded if config == "recorded v1" else ROOT / "checkpoints" / name / "config.json",
+                folder / "config.json")
     model, _ = load_checkpoint(folder)
     torch.set_num_threads(2)
     state = None

@@ -115,7 +115,8 @@ def test_distill_modality_dropout_holds_per_stream_and_resets_the_student_state(
 
     teacher = _teacher()
     rows = replace(batch, stream_ids=[f"s{i}" for i in range(len(batch))], reset=torch.zeros(len(batch), dtype=torch.bool))
-    distiller = Distiller(teacher, DistillConfig(student={"encoder": {"num_latents": 4}}, modality_dropout=0.6, dropout_windows=2))
+    distiller = Distiller(teacher, DistillConfig(student={"encoder": {"num_latents": 4}}, modality_dropout=0.6,
+                                                 dropout_windows=2))
     names = list(rows.modalities)
 
     def present(b):
