@@ -319,6 +319,15 @@ def test_shapes_and_flow_validity(model):
 
 
 @torch.no_grad()
+def test_model_without_a_flow_decoder():
+    torch.manual_seed(0)
+    m = StreamingPerceiverIO(StreamingConfig.from_dict({**small_config().to_dict(), "flow": None})).eval()
+    assert m.flow is None and not any(k.startswith("flow") for k in m.state_dict())
+    out = m(make_batch(b=2))
+    assert out.flow is None and out.flow_valid.tolist() == [False, False] and out.label_logits.shape == (2, 3)
+
+
+@torch.no_grad()
 def test_no_flow_without_two_frames(model):
     out = model(make_batch(b=2, frames=[1, 1]))
     assert out.flow is None and not out.flow_valid.any()
