@@ -120,6 +120,8 @@ class Scene:
         yy, xx = np.mgrid[0 : self.size[0], 0 : self.size[1]]
         self._xs, self._ys = xx.ravel().astype(np.float64), yy.ravel().astype(np.float64)
 
+    # ---- segments and labels -----------------------------------------------------------------
+
     def segment_index(self, t: float) -> int:
         """The segment holding media time ``t`` (times past the end belong to the last one)."""
         return min(self._raw_segment(t), len(self.segments) - 1)
@@ -195,6 +197,8 @@ class Scene:
             pan = pan + segments[-1].pan_vel * (t1 - t0) * self.fps
         return segments
 
+    # ---- where things are --------------------------------------------------------------------
+
     def _positions(self, seg: Segment, t: np.ndarray) -> np.ndarray:
         """Object centres (``len(t) x n x 2``, px) at times ``t``: straight lines folded at the borders."""
         h, w = self.size
@@ -232,6 +236,8 @@ class Scene:
     def _grid(self) -> tuple[np.ndarray, np.ndarray]:
         """Pixel centres ``x, y`` (row-major), the same arrays on every call (renderers cache by identity)."""
         return self._xs, self._ys
+
+    # ---- ground truth ------------------------------------------------------------------------
 
     def flow(self, t1: float, t2: float) -> np.ndarray | None:
         """Exact forward flow (``H x W x 2`` float32, dx, dy px) from the frame at ``t1`` to the one
