@@ -137,7 +137,7 @@ class RuntimeConfig(_Section):
 
 
 class DistillConfig(_Section):
-    """Online distillation of a smaller student from the running model (the distill actor and job).
+    """Online distillation of a smaller student from the running model (`actors.distill.DistillActor`).
 
     ``student`` holds overrides of the teacher's model config (fewer latents / layers; empty =
     `perceiver_stream.student.student_config`'s defaults), checked by the model library when the
@@ -179,8 +179,8 @@ class TrainConfig(_Section):
     ``chain`` is how many consecutive windows a batch lane walks (carrying the latent state when
     ``carry_state``) before it jumps to a random window of another stream.
     ``pool_steps``: after ``steps``, this many steps of ``pool_batch_size`` windows train the model's
-    pooled label reads (``labels.pool``) alone (the rest frozen) on the label loss, each window
-    lacking one other modality (the train job's pool phase).
+    ``labels.pool`` reads alone (the rest frozen) on the label loss, each window lacking one other
+    modality (`jobs.train.PoolPhase`).
     """
 
     seeds: list[int] = Field(default_factory=lambda: list(range(16)))
