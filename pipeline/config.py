@@ -137,7 +137,7 @@ class RuntimeConfig(_Section):
 
 
 class DistillConfig(_Section):
-    """Online distillation of a smaller student from the running model (`pipeline.distill`).
+    """Online distillation of a smaller student from the running model (`actors.distill.DistillActor`).
 
     ``student`` holds overrides of the teacher's model config (fewer latents / layers; empty =
     `perceiver_stream.student.student_config`'s defaults), checked by the model library when the
@@ -180,9 +180,7 @@ class TrainConfig(_Section):
     ``carry_state``) before it jumps to a random window of another stream.
     ``pool_steps``: after ``steps``, this many steps of ``pool_batch_size`` windows train the model's
     ``labels.pool`` reads alone (the rest frozen) on the label loss, each window lacking one other
-    modality (`pipeline.training.PoolPhase`). (At 32 windows a step, two of five initialisations of
-    the rig's video read were still at chance after 1000-2000 steps; at 128 the first of them read
-    shape within 500.)
+    modality (`jobs.train.PoolPhase`).
     """
 
     seeds: list[int] = Field(default_factory=lambda: list(range(16)))
