@@ -23,7 +23,7 @@ class TorchPredictor:
         self.model = model.to(device).eval()
         self.name = name
         self.device = device
-        self.class_names = list(model.config.class_names)
+        self.class_names = list(model.config.labels.class_names)
         self.video_frames = model.config.video_frames
         self.points = model.config.points
 
@@ -34,7 +34,7 @@ class TorchPredictor:
 def _model_config(cfg: Config) -> StreamingConfig:
     path = cfg.model.student or cfg.model.checkpoint
     if path is None:
-        return StreamingConfig(state=cfg.model.state)
+        return StreamingConfig.from_dict({"state": {"carry": cfg.model.state}})
     from perceiver_stream.checkpoint import read_config
 
     try:
@@ -68,7 +68,8 @@ def load_predictor(cfg: Config, device: torch.device) -> TorchPredictor:
 
         log.warning("model.checkpoint is not set: running an untrained model, its outputs mean nothing")
         torch.manual_seed(0)
-        model = StreamingPerceiverIO(StreamingConfig(class_names=CLASSES, state=cfg.model.state))
+        model = StreamingPerceiverIO(StreamingConfig.from_dict(
+            {"labels": {"class_names": CLASSES}, "state": {"carry": cfg.model.state}}))
         return TorchPredictor(model, "untrained", device)
     from perceiver_stream.checkpoint import load_checkpoint
 

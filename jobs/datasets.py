@@ -13,7 +13,7 @@ import json
 from dataclasses import replace
 from typing import Any
 
-from perceiver_stream.streaming import StreamingConfig
+from perceiver_stream.config import StreamingConfig
 from pipeline.config import Config, StreamConfig, SyntheticConfig
 from pipeline.read import open_stream
 from pipeline.window import Window
@@ -34,7 +34,7 @@ def default_data_settings(config: StreamingConfig) -> dict[str, Any]:
     audio = next((s for s in config.modalities.values() if s["kind"].startswith("audio")), {})
     return {
         "window": {"seconds": 1.0, "hop": 0.5},
-        "video": {"size": list(config.flow_size), "fps": None},
+        "video": {"size": list(config.flow.size), "fps": None},
         "audio": {"rate": int(audio.get("sample_rate", 16000)), "channels": int(audio.get("channels", 1))},
     }
 

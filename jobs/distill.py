@@ -85,7 +85,7 @@ def distill_job(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
             break
         batch = collate(windows, video_frames=frames)
         with torch.no_grad():
-            batch, state = states.gather(batch, strict=False) if teacher.config.state else (batch, None)
+            batch, state = states.gather(batch, strict=False) if teacher.config.state.carry else (batch, None)
             t_out = teacher(batch, state)
             states.update(batch, t_out.state)
         batch_no += 1

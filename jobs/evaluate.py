@@ -73,12 +73,12 @@ def _without(window: Window, drop: str | None) -> Window:
 def run_stream(model: StreamingPerceiverIO, windows: list[Window], *, batch_size: int = 1) -> list[ModelOutput]:
     """The model's outputs for consecutive windows of one stream, state carried window to window
     (``batch_size`` > 1 only for models without state: it batches the windows)."""
-    step = 1 if model.config.state else batch_size
+    step = 1 if model.config.state.carry else batch_size
     states = StreamStates()
     outs = []
     for i in range(0, len(windows), step):
         batch = collate(windows[i : i + step])
-        batch, state = states.gather(batch) if model.config.state else (batch, None)
+        batch, state = states.gather(batch) if model.config.state.carry else (batch, None)
         out = model(batch, state)
         states.update(batch, out.state)
         outs.append(out)

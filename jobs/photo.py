@@ -84,7 +84,7 @@ def photo_flow(checkpoint: str | Path, *, image: str = "astronaut", seconds: flo
     ``seconds`` long clip of ``image``: EPE (px of the flow grid) over every window with two frames."""
     model, meta = load_model(checkpoint, "checkpoint")
     data = meta.get("data") or default_data_settings(model.config)
-    size = tuple(model.config.flow_size)
+    size = tuple(model.config.flow.size)
     fps = 25
     with tempfile.TemporaryDirectory() as tmp:
         clip = Path(tmp) / f"{image}.mp4"

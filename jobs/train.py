@@ -5,13 +5,13 @@ windower and keeps its windows in memory (rendering costs far less than training
 drives the library's loop (`perceiver_stream.train.fit`) through two phases:
 
 * main, ``train.steps`` steps: flow EPE + label cross-entropy (the label loss from step
-  ``train.label_start`` on) under modality dropout, on every parameter but the ``label_pool``
+  ``train.label_start`` on) under modality dropout, on every parameter but the ``labels.pool``
   reads (their gates stay shut). A batch is ``batch_size`` *lanes*: each lane walks ``train.chain``
   consecutive windows of one stream, the latent state carried as in the pipeline, then jumps to a
   random window of another stream (`lane_plan`); modality dropout is drawn once per chain
   (`ChainDropout`), as a stream without a sensor lacks it in every window. Short chains keep a
   batch's windows from many streams and times.
-* pool, ``train.pool_steps`` steps: the ``label_pool`` reads alone, the rest frozen (`PoolPhase`).
+* pool, ``train.pool_steps`` steps: the ``labels.pool`` reads alone, the rest frozen (`PoolPhase`).
 
 The batch order is a function of ``(step, train seeds)``, so a resumed run sees the batches the
 interrupted one would have seen. Checkpoints: every ``checkpoint_every`` steps and at the end of
@@ -39,8 +39,9 @@ from jobs.datasets import data_settings, heldout_windows, synthetic_stream
 from jobs.evaluate import evaluate_model
 from perceiver_stream.batch import Batch
 from perceiver_stream.checkpoint import load_checkpoint, read_config, save_checkpoint
+from perceiver_stream.config import StreamingConfig
 from perceiver_stream.multimodal import drop_modalities
-from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO
+from perceiver_stream.streaming import StreamingPerceiverIO
 from perceiver_stream.train import Phase, PooledBatch, PooledLabelObjective, SupervisedObjective, fit
 from pipeline.collate import collate
 from pipeline.config import Config, TrainConfig
@@ -130,7 +131,7 @@ def lane_batches(
 class PoolPhase:
     """The pool phase's data: each training window's latent label read
     (`StreamingPerceiverIO.latent_label_read` of the frozen model, without state), computed once
-    for each modality that no ``label_pool`` read takes, with that modality dropped.
+    for each modality that no ``labels.pool`` read takes, with that modality dropped.
 
     ``reads`` is ``windows x len(others) x C``, ``labels`` ``windows``. `batches` then draws
     windows and which modality each lacks; `PooledLabelObjective` runs only the pooled reads on
@@ -142,10 +143,10 @@ class PoolPhase:
         progress: bool = True, chunk: int = 64,
     ) -> None:
         self.windows, self.video_frames = windows, video_frames
-        self.pooled = list(model.config.label_pool)
+        self.pooled = list(model.config.labels.pool)
         self.others = [k for k in model.config.modalities if k not in self.pooled]
         if not self.others:
-            raise ConfigError("train.pool_steps: the pool phase needs a modality that no label_pool read takes")
+            raise ConfigError("train.pool_steps: the pool phase needs a modality that no labels.pool read takes")
         reads, labels = [], []
         model.eval()
         with torch.no_grad():
@@ -179,7 +180,7 @@ def _drop(batch: Batch, name: str) -> Batch:
 
 
 def _optimizer(model: StreamingPerceiverIO, tc: TrainConfig, *, pool_phase: bool) -> torch.optim.Optimizer:
-    """AdamW over the parameters a phase trains: all but the ``label_pool`` reads, or in the pool
+    """AdamW over the parameters a phase trains: all but the ``labels.pool`` reads, or in the pool
     phase those reads alone (the rest frozen)."""
     pool = {id(p) for p in model.pool_parameters()}
     params = [p for p in model.parameters() if (id(p) in pool) == pool_phase]
@@ -226,9 +227,16 @@ _RESUME_FIXED = ("batch_size", "lr", "weight_decay", "warmup_steps", "grad_clip"
                  "flow_weight", "label_weight", "label_start", "carry_state", "chain")
 
 
+def _differences(new: dict[str, Any], old: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the options that differ between two nested config dicts."""
+    nested = [k for k in new if isinstance(new[k], dict) and isinstance(old.get(k), dict)]
+    return sorted([d for k in nested for d in _differences(new[k], old[k], f"{prefix}{k}.")]
+                  + [prefix + k for k in new.keys() | old.keys() if k not in nested and new.get(k) != old.get(k)])
+
+
 def _check_resumable(path: Path, config: StreamingConfig, meta: dict[str, Any]) -> None:
     saved, saved_meta = read_config(path)
-    diffs = [k for k, v in config.to_dict().items() if saved.to_dict().get(k) != v]
+    diffs = _differences(config.to_dict(), saved.to_dict())
     diffs += [k for k in ("train_seeds", "seconds", "data") if saved_meta.get(k) != meta[k]]
     # A run resumed under another optimisation would be neither run; only its length may change.
     saved_train = saved_meta.get("train", {})
@@ -258,8 +266,9 @@ def _save(path: Path, model: StreamingPerceiverIO, opt: torch.optim.Optimizer, m
 def build_model_config(cfg: Config) -> StreamingConfig:
     """The model to train: ``train.model`` overrides, flow grid = ``video.size``, the rig's classes."""
     overrides = dict(cfg.train.model)
-    overrides.setdefault("flow_size", list(cfg.video.size or (64, 64)))
-    overrides["class_names"] = list(CLASSES)
+    if isinstance(overrides.get("flow", {}), dict):
+        overrides["flow"] = {"size": list(cfg.video.size or (64, 64)), **overrides.get("flow", {})}
+    overrides["labels"] = {**overrides.get("labels", {}), "class_names": list(CLASSES)}
     try:
         return StreamingConfig.from_dict(overrides)
     except (TypeError, ValueError) as e:
@@ -290,15 +299,15 @@ def train_job(cfg: Config, *, resume: bool = True, progress: bool = True) -> dic
         "train_seeds": list(tc.seeds),
         "seconds": tc.seconds,
         "data": data_settings(cfg),
-        "class_names": list(config.class_names),
+        "class_names": list(config.labels.class_names),
         "train": tc.model_dump(mode="json", exclude={"checkpoint"}),
     }
 
     torch.manual_seed(0)
     model = StreamingPerceiverIO(config)
     if tc.pool_steps and not model.pool_parameters():
-        raise ConfigError("train.pool_steps trains the model's label_pool reads, but train.model has none; "
-                          "set train.model.label_pool or train.pool_steps: 0")
+        raise ConfigError("train.pool_steps trains the model's labels.pool reads, but train.model has none; "
+                          "set train.model.labels.pool or train.pool_steps: 0")
     total = tc.steps + tc.pool_steps
     start = 0
     if not resume:

@@ -104,7 +104,7 @@ class Distiller:
         device = next(model.parameters()).device
         batch = self._dropout(batch).to(device)
         state = None
-        if model.config.state:
+        if model.config.state.carry:
             batch, state = self.states.gather(batch, strict=False)
         out = model(batch, state)
         parts = distill_losses(out, teacher, temperature=s.temperature)
@@ -115,7 +115,7 @@ class Distiller:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         self.optimizer.step()
         model.eval()
-        if model.config.state:
+        if model.config.state.carry:
             self.states.update(batch, out.state)
         self.steps += 1
         self.windows += len(batch)

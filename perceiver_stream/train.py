@@ -94,7 +94,7 @@ class SupervisedObjective:
     ) -> None:
         self.model = model
         self.flow_weight, self.label_weight, self.label_start = flow_weight, label_weight, label_start
-        self.carry = carry_state and model.config.state
+        self.carry = carry_state and model.config.state.carry
         self.states = StreamStates()
 
     def __call__(self, step: int, batch: Batch) -> tuple[torch.Tensor, Parts]:
@@ -115,7 +115,7 @@ class SupervisedObjective:
 
 @dataclass
 class PooledBatch:
-    """A pool-phase batch: windows with only the ``label_pool`` modalities (``batch``), each one's
+    """A pool-phase batch: windows with only the ``labels.pool`` modalities (``batch``), each one's
     latent label read computed without one other modality (``reads``, ``B x C``) and its label
     (``labels``, ``B`` int64)."""
 
@@ -125,7 +125,7 @@ class PooledBatch:
 
 
 class PooledLabelObjective:
-    """The pool phase's objective: label cross-entropy of ``label_head(read + pooled read)``, which
+    """The pool phase's objective: label cross-entropy of ``labels.head(read + pooled read)``, which
     is the model's label logits for a window lacking the modality its cached read left out."""
 
     def __init__(self, model: StreamingPerceiverIO) -> None:
@@ -133,7 +133,7 @@ class PooledLabelObjective:
 
     def __call__(self, step: int, item: PooledBatch) -> tuple[torch.Tensor, Parts]:
         pooled = self.model.pooled_label_read(item.batch)
-        logits = self.model.label_head(item.reads.to(pooled.device) + pooled)
+        logits = self.model.labels.head(item.reads.to(pooled.device) + pooled)
         loss = F.cross_entropy(logits.float(), item.labels.to(logits.device))
         return loss, {"pool_ce": loss}
 
