@@ -116,8 +116,7 @@ def start_ray(args: argparse.Namespace, num_cpus: int | None = None) -> bool:
     Returns False, starting nothing, when this process has already joined a Ray (a notebook, a
     test): the run uses it and leaves it running.
     """
-    # Ray loads here, not at the top: it adds ~0.7 s to every start, and only run and bench need it.
-    import ray
+    import ray  # local import: Ray adds ~0.7 s to every start (--help, train, eval); only run and bench need it
 
     if ray.is_initialized():
         return False
@@ -194,10 +193,9 @@ class _SignalDrain:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the pipeline; returns the exit code."""
-    # Ray and the actors load here, not at the top: ~0.9 s of start-up that only run and bench need.
-    import ray
-    from actors import RunFailed, run
-    from actors.display import ProgressDisplay, print_summary
+    import ray  # local import: Ray adds ~0.7 s to every start (--help, train, eval); only run and bench need it
+    from actors import RunFailed, run  # local import: the actors import Ray
+    from actors.display import ProgressDisplay, print_summary  # local import: the actors import Ray
 
     cfg = load(args)
     output = str(args.output.resolve()) if args.output else cfg.output.dir
@@ -249,9 +247,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Print the bench JSON; returns the exit code."""
-    # Ray and the actors load here, not at the top: ~0.9 s of start-up that only run and bench need.
-    import ray
-    from actors.bench import bench
+    import ray  # local import: Ray adds ~0.7 s to every start (--help, train, eval); only run and bench need it
+    from actors.bench import bench  # local import: the actors import Ray
 
     cfg = load(args)
     if args.student is not None and not (args.student / "config.json").is_file():

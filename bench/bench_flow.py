@@ -66,7 +66,7 @@ def worker(args: argparse.Namespace) -> None:
     folder = Path(args.dir)
     device = torch.device(args.device)
     if args.impl == "transformers":
-        # transformers (a test extra) loads only where it runs: our worker's memory must not count it.
+        # local import: transformers (a test extra) loads only where it runs; our worker's memory must not count it
         from transformers import PerceiverForOpticalFlow
 
         model = PerceiverForOpticalFlow.from_pretrained(folder / "model").eval().to(device)
@@ -145,7 +145,7 @@ def main() -> None:
         worker(args)
         return
 
-    # transformers (a test extra) loads only where it runs: our worker's memory must not count it.
+    # local import: transformers (a test extra) loads only where it runs; our worker's memory must not count it
     from transformers import PerceiverConfig, PerceiverForOpticalFlow
 
     with tempfile.TemporaryDirectory() as folder:
