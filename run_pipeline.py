@@ -193,8 +193,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Run the pipeline; returns the exit code."""
     import ray
 
-    from actors import RunFailed, run
     from actors.display import ProgressDisplay, print_summary
+    from actors.runner import RunFailed, run
 
     cfg = load(args)
     output = str(args.output.resolve()) if args.output else cfg.output.dir

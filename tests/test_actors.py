@@ -5,17 +5,24 @@ model actor on Ray with a fake model."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 
 import numpy as np
 import pytest
+import ray
 import torch
+from ray import cloudpickle
 
+from actors.distill import MAX_PENDING
 from actors.model import ModelActor
-from actors.runner import plan_actors, shipped_frames
+from actors.plan import plan_actors, shipped_frames
+from actors.predictor import TorchPredictor
+from actors.sink import SinkActor
 from actors.source import SourceActor
 from perceiver_stream.outputs import ModelOutput
+from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO
 from pipeline.config import parse_config
 from pipeline.read import open_stream
 from pipeline.errors import ConfigError, DecodeError, SourceReconnected
@@ -46,7 +53,6 @@ class FakePredictor:
     class_names = ["a", "b", "c"]
     device = torch.device("cpu")
     video_frames = 2
-    points = None
 
     def __init__(self, fail_on: int | None = None) -> None:
         self.batches: list[list[tuple[str, int]]] = []
@@ -208,9 +214,6 @@ def test_infer_many_returns_each_windows_outcome_and_result_and_isolates_a_failu
 
 
 def test_model_actor_on_ray_with_a_fake_model(ray_session):
-    import ray
-    from ray import cloudpickle
-
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     cfg = make_cfg(2, batch_size=4, max_wait_ms=5)
     actor = ray.remote(ModelActor).options(num_cpus=0, max_concurrency=16).remote(cfg, build=_fake_build)
@@ -344,10 +347,6 @@ def test_plan_actors_makes_room_for_the_distill_actor():
 
 
 def test_model_actor_offers_every_nth_batch_to_the_distiller_and_drops_while_it_is_busy(ray_session):
-    import ray
-
-    from actors.distill import MAX_PENDING
-
     @ray.remote
     class SlowDistiller:
         def __init__(self):
@@ -380,9 +379,6 @@ def test_model_actor_offers_every_nth_batch_to_the_distiller_and_drops_while_it_
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_model_actor_runs_a_real_model_on_cuda_under_bf16_autocast():
-    from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO
-    from actors.predictor import TorchPredictor
-
     model = StreamingPerceiverIO(
         StreamingConfig(
             num_latents=8, latent_channels=16, self_heads=2, flow_size=(8, 8), flow_channels=16, class_names=("x", "y")
@@ -397,12 +393,6 @@ def test_model_actor_runs_a_real_model_on_cuda_under_bf16_autocast():
 
 
 def test_helpers_lower_their_cpu_priority_as_configured(ray_session, tmp_path):
-    import os
-
-    import ray
-
-    from actors.sink import SinkActor
-
     def niceness(_actor) -> int:
         return os.nice(0)
 
