@@ -100,6 +100,38 @@ def test_windows_of_a_stream_run_in_chain_order_with_state_carried():
     assert [r.row.state_reset for r in sorted(res, key=lambda r: r.window_id)] == [True, False, False]
 
 
+def test_the_model_actor_orders_windows_that_arrive_out_of_order_over_several_calls():
+    # The runner sends windows as they are decoded, unsorted: the model actor alone orders them.
+    actor, pred = make_actor(make_cfg(2, max_wait_ms=1))
+    actor.set_open_streams(["s0", "s1"])
+
+    async def go():
+        late = asyncio.ensure_future(
+            actor.infer_many([(2, False), (1, False), (1, False)], window("s0", 12), window("s0", 11), window("s1", 21))
+        )
+        await asyncio.sleep(0.05)  # the later windows wait for their chain's start
+        assert pred.batches == []
+        first = await actor.infer_many([(0, True), (0, True)], window("s1", 20), window("s0", 10))
+        return first, await late
+
+    (first_ids, *_), (late_ids, *late) = asyncio.run(go())
+    assert first_ids == [20, 10] and late_ids == [12, 11, 21]
+    assert [w for b in pred.batches for sid, w in b if sid == "s0"] == [10, 11, 12]
+    assert [w for b in pred.batches for sid, w in b if sid == "s1"] == [20, 21]
+    assert [r.row.embedding[1] for r in late] == [3.0, 2.0, 2.0]  # state carried in seq order
+
+
+def test_a_chain_started_after_a_restart_runs_from_its_first_window_in_seq_order():
+    # After a restart the runner resends from each stream's lowest window without a result (seq 4).
+    actor, pred = make_actor(make_cfg(1, max_wait_ms=1))
+    actor.set_open_streams(["s0"])
+    res = gather(actor, [(6, False, window("s0", 6)), (5, False, window("s0", 5)), (4, True, window("s0", 4))])
+    assert pred.batches == [[("s0", 4)], [("s0", 5)], [("s0", 6)]]
+    assert [(r.window_id, r.row.state_reset, r.row.embedding[1]) for r in res] == [
+        (6, False, 3.0), (5, False, 2.0), (4, True, 1.0)
+    ]
+
+
 def test_a_resent_window_supersedes_the_one_waiting_for_its_chain():
     actor, pred = make_actor(make_cfg(1, max_wait_ms=1))
     actor.set_open_streams(["s0"])
