@@ -25,7 +25,7 @@ class TorchPredictor:
         self.model = model.to(device).eval()
         self.name = name
         self.device = device
-        self.class_names = list(model.config.class_names)
+        self.class_names = list(model.config.labels.class_names)
         self.video_frames = model.config.video_frames
 
     def __call__(self, batch: Batch, state: torch.Tensor | None) -> ModelOutput:
@@ -37,7 +37,7 @@ def model_config(cfg: Config) -> StreamingConfig:
     its weights; an untrained model's without either."""
     path = cfg.model.student or cfg.model.checkpoint
     if path is None:
-        return StreamingConfig(state=cfg.model.state)
+        return StreamingConfig.from_dict({"state": {"carry": cfg.model.state}})
     try:
         config, _ = read_config(path)
     except (OSError, ValueError) as exc:
@@ -55,7 +55,8 @@ def load_predictor(cfg: Config, device: torch.device) -> TorchPredictor:
     if path is None:
         log.warning("model.checkpoint is not set: running an untrained model, its outputs mean nothing")
         torch.manual_seed(0)
-        model = StreamingPerceiverIO(StreamingConfig(class_names=CLASSES, state=cfg.model.state))
+        model = StreamingPerceiverIO(StreamingConfig.from_dict(
+            {"labels": {"class_names": CLASSES}, "state": {"carry": cfg.model.state}}))
         return TorchPredictor(model, "untrained", device)
     try:
         model, _ = load_checkpoint(path, device=device)

@@ -41,7 +41,7 @@ def main() -> None:
         student, _ = load_checkpoint(args.student)
     else:
         student = StreamingPerceiverIO(student_config(teacher.config)).eval()
-    size = list(teacher.config.flow_size)
+    size = list(teacher.config.flow.size)
     windows = list(read_windows({"id": "b", "synthetic": {"seed": 999, "seconds": args.batch / 2 + 1}},
                                 video={"size": size}))[: args.batch]
     batch = collate(windows, video_frames=video_frames_needed(teacher.config))

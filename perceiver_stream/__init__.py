@@ -2,6 +2,7 @@
 
 from perceiver_stream.batch import Batch, ModalityBatch, Targets
 from perceiver_stream.checkpoint import load_checkpoint, read_config, save_checkpoint
+from perceiver_stream.config import StreamingConfig
 from perceiver_stream.convert import from_transformers, load_pretrained
 from perceiver_stream.flow import estimate_flow
 from perceiver_stream.multimodal import MultimodalPreprocessor, drop_modalities
@@ -9,7 +10,7 @@ from perceiver_stream.outputs import ModelOutput
 from perceiver_stream.perceiver import EncoderConfig, PerceiverEncoder, PerceiverIO, Tokens
 from perceiver_stream.resampler import PerceiverResampler
 from perceiver_stream.set_transformer import ISAB, MAB, PMA, SAB
-from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO, StreamStates
+from perceiver_stream.streaming import StreamingPerceiverIO, StreamStates
 from perceiver_stream.train import train
 
 __all__ = [

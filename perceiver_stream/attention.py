@@ -5,10 +5,12 @@ one to one: pre-LayerNorm with separate query and key/value norms for cross-atte
 optional residual to the raw queries, separate qk and v channel counts, then
 ``x + MLP(LayerNorm(x))`` with a widening factor and exact GELU.
 
-Key-padding masks are ``B x N`` bool, True where a token is real. A query whose keys are all
-masked gets zeros, never NaN. Large query sets can be processed in chunks (``query_chunk``):
-keys and values are projected once and each chunk attends to them, which gives the same result
-as one pass because every query is independent of the others.
+Key-padding masks are ``B x N`` bool, True where a token is real, or ``B x Nq x N`` to give each
+query its own keys. A ``H x N`` float ``key_bias`` is added to every query's logits in each head
+(e.g. a learned per-source gate). A query whose keys are all masked gets zeros, never NaN. Large
+query sets can be processed in chunks (``query_chunk``): keys and values are projected once and
+each chunk attends to them, which gives the same result as one pass because every query is
+independent of the others.
 """
 
 from __future__ import annotations
@@ -21,27 +23,51 @@ from torch import nn
 
 
 def masked_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    key_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """SDPA over ``B x H x N x D`` heads with an optional ``B x Nk`` key mask (True = attend).
+    """SDPA over ``B x H x N x D`` heads with an optional key mask (True = attend: ``B x Nk``, or
+    ``B x Nq x Nk`` per query) and an optional ``H x Nk`` logit bias.
 
-    Batch rows with no valid key return zeros instead of the NaN a fully masked softmax gives.
+    Queries with no valid key return zeros instead of the NaN a fully masked softmax gives.
     """
-    return _masked_sdpa(q, k, v, key_mask, None)
+    return _masked_sdpa(q, k, v, key_mask, None, key_bias)
 
 
 def _masked_sdpa(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, scale: float | None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    scale: float | None,
+    key_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    if k.shape[2] == 0:  # no keys at all: every query gets zeros
+        return q.new_zeros(*q.shape[:-1], v.shape[-1])
+    if key_bias is None and (key_mask is None or key_mask.ndim == 2):
+        if key_mask is None:
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        empty = ~key_mask.any(dim=-1)  # B
+        # Let empty rows attend to everything (finite), then zero them.
+        attend = (key_mask | empty[:, None])[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, scale=scale)
+        if bool(empty.any()):
+            out = out.masked_fill(empty[:, None, None, None], 0.0)
+        return out
+    # A float mask: the bias where a key is attended, -inf where not.
     if key_mask is None:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    empty = ~key_mask.any(dim=-1)  # B
-    # Let empty rows attend to everything (finite), then zero them.
-    attend = (key_mask | empty[:, None])[:, None, None, :]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, scale=scale)
-    if bool(empty.any()):
-        out = out.masked_fill(empty[:, None, None, None], 0.0)
-    return out
+        key_mask = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
+    mask = key_mask[:, None, :] if key_mask.ndim == 2 else key_mask  # B x 1|Nq x Nk
+    empty = ~mask.any(dim=-1)  # B x 1|Nq
+    attend = mask | empty[..., None]
+    bias = q.new_zeros(1, k.shape[2]) if key_bias is None else key_bias.to(q.dtype)  # H|1 x Nk
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=torch.where(attend[:, None], bias[None, :, None, :], float("-inf")), scale=scale
+    )
+    return torch.where(empty[:, None, :, None], 0.0, out)
 
 
 class MLP(nn.Module):
@@ -81,14 +107,19 @@ class MultiHeadAttention(nn.Module):
         return self._heads(self.k(kv)), self._heads(self.v(kv))
 
     def attend(
-        self, q_in: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None
+        self,
+        q_in: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_mask: torch.Tensor | None = None,
+        key_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attention of (normalised) queries ``B x Nq x q_dim`` to projected keys/values."""
         q = self._heads(self.q(q_in))
         if q.shape[0] != k.shape[0]:
             # Input-independent queries (learned latents) arrive with batch 1.
             q = q.expand(k.shape[0], -1, -1, -1)
-        o = masked_attention(q, k, v, key_mask)
+        o = masked_attention(q, k, v, key_mask, key_bias)
         b, h, n, d = o.shape
         return self.out(o.transpose(1, 2).reshape(b, n, h * d))
 
@@ -139,7 +170,8 @@ class CrossAttention(nn.Module):
       ``P (LN(x) Wv + bv) = (P LN(x)) Wv + bv`` (rows of P sum to one), so the inputs are never projected.
 
     ``fold`` picks the arrangement: ``"auto"`` (the cheapest by a FLOP count), ``"never"``,
-    ``"keys"`` or ``"queries"``. All give the same outputs up to float rounding.
+    ``"keys"`` or ``"queries"``. All give the same outputs up to float rounding. A ``key_bias`` or a
+    per-query key mask always takes the standard arrangement.
     """
 
     def __init__(
@@ -184,9 +216,12 @@ class CrossAttention(nn.Module):
         }
         return min(cost, key=cost.get)
 
-    def project_inputs(self, inputs: torch.Tensor, num_queries: int | None = None) -> ProjectedInputs:
-        """Prepare ``inputs`` (``B x N x kv_dim``) for attention by ``num_queries`` queries (chunks reuse it)."""
-        mode = self._mode(inputs.shape[1], num_queries or inputs.shape[1])
+    def project_inputs(
+        self, inputs: torch.Tensor, num_queries: int | None = None, *, standard: bool = False
+    ) -> ProjectedInputs:
+        """Prepare ``inputs`` (``B x N x kv_dim``) for attention by ``num_queries`` queries (chunks
+        reuse it); ``standard`` forces the unfolded arrangement."""
+        mode = "standard" if standard else self._mode(inputs.shape[1], num_queries or inputs.shape[1])
         x = self.kv_norm(inputs)
         if mode == "standard":
             return ProjectedInputs(mode, *self.attn.project_kv(x))
@@ -200,10 +235,14 @@ class CrossAttention(nn.Module):
         width = _round_up(max(k_fold.shape[-1], v_fold.shape[-1]))
         return ProjectedInputs(mode, _pad_to(k_fold, width)[:, None], _pad_to(v_fold, width)[:, None])
 
-    def _attention(self, q_in: torch.Tensor, kv: ProjectedInputs, key_mask: torch.Tensor | None) -> torch.Tensor:
+    def _attention(
+        self, q_in: torch.Tensor, kv: ProjectedInputs, key_mask: torch.Tensor | None, key_bias: torch.Tensor | None
+    ) -> torch.Tensor:
         a = self.attn
         if kv.mode == "standard":
-            return a.attend(q_in, kv.k, kv.v, key_mask)
+            return a.attend(q_in, kv.k, kv.v, key_mask, key_bias)
+        if key_bias is not None or (key_mask is not None and key_mask.ndim == 3):
+            raise ValueError("a key bias or a per-query key mask needs inputs projected with standard=True")
         scale = a.q.out_features**-0.5
         batch = kv.k.shape[0]
         if kv.mode == "fold_keys":
@@ -223,9 +262,15 @@ class CrossAttention(nn.Module):
             o = o * key_mask.any(dim=-1).to(o.dtype)[:, None, None]
         return a.out(o)
 
-    def attend(self, queries: torch.Tensor, kv: ProjectedInputs, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def attend(
+        self,
+        queries: torch.Tensor,
+        kv: ProjectedInputs,
+        key_mask: torch.Tensor | None = None,
+        key_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The layer for ``queries`` given inputs prepared by :meth:`project_inputs`."""
-        x = self._attention(self.q_norm(queries), kv, key_mask)
+        x = self._attention(self.q_norm(queries), kv, key_mask, key_bias)
         if self.use_query_residual:
             x = x + queries
         return x + self.mlp(self.mlp_norm(x))
@@ -236,13 +281,18 @@ class CrossAttention(nn.Module):
         inputs: torch.Tensor,
         key_mask: torch.Tensor | None = None,
         *,
+        key_bias: torch.Tensor | None = None,
         query_chunk: int | None = None,
     ) -> torch.Tensor:
-        """``queries``: ``B x Nq x q_dim`` (or ``1 x Nq x q_dim``); ``inputs``: ``B x Nk x kv_dim``."""
-        kv = self.project_inputs(inputs, queries.shape[1])
+        """``queries``: ``B x Nq x q_dim`` (or ``1 x Nq x q_dim``); ``inputs``: ``B x Nk x kv_dim``;
+        ``key_mask``: ``B x Nk`` or ``B x Nq x Nk`` bool; ``key_bias``: ``H x Nk`` logit bias."""
+        per_query = key_mask is not None and key_mask.ndim == 3
+        kv = self.project_inputs(inputs, queries.shape[1], standard=key_bias is not None or per_query)
         if query_chunk is None or queries.shape[1] <= query_chunk:
-            return self.attend(queries, kv, key_mask)
-        return torch.cat([self.attend(q, kv, key_mask) for q in queries.split(query_chunk, dim=1)], dim=1)
+            return self.attend(queries, kv, key_mask, key_bias)
+        if per_query:
+            raise ValueError("query_chunk cannot split a per-query key mask")
+        return torch.cat([self.attend(q, kv, key_mask, key_bias) for q in queries.split(query_chunk, dim=1)], dim=1)
 
 
 class SelfAttention(nn.Module):

@@ -4,6 +4,10 @@
 metadata is free-form JSON (training seeds, steps, losses...). The class names live in the model
 config itself. Loading rebuilds the model from the config and refuses weights that do not fit it,
 with a ValueError naming every missing, unexpected or mis-shaped tensor.
+
+Files of the previous format (``perceiver-stream/streaming-v1``: flat model config keys) still load:
+`read_config` moves each key to its nested place; an option since removed is accepted only at the
+value whose behaviour the model now always has.
 """
 
 from __future__ import annotations
@@ -17,9 +21,30 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO
+from perceiver_stream.config import MOVED, REMOVED, StreamingConfig
+from perceiver_stream.streaming import StreamingPerceiverIO
 
-FORMAT = "perceiver-stream/streaming-v1"
+FORMAT = "perceiver-stream/streaming-v2"
+V1 = "perceiver-stream/streaming-v1"
+
+# Weight names of v1 files -> today's module paths (the first matching entry wins; a name matches
+# an entry equal to it or starting with it and a dot).
+V1_WEIGHTS: list[tuple[str, str]] = [
+    ("latents", "encoder.latents"),
+    ("encoder.gate", "modality_gate"),
+    ("encoder", "encoder.cross_attends.0"),
+    ("tower", "encoder.self_attends"),
+    ("label_query", "labels.query"),
+    ("label_decoder", "labels.attend"),
+    ("label_head", "labels.head"),
+    ("label_pools", "labels.pools"),
+    ("pool_gates", "labels.pool_gates"),
+    ("flow_decoder", "flow.attend.layer"),
+    ("flow_head", "flow.attend.proj"),
+    ("flow_patch_proj", "flow.patch_proj"),
+    ("flow_pos_proj", "flow.pos_proj"),
+    ("flow_query_conv", "flow.query_conv"),
+]
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
@@ -53,13 +78,55 @@ def read_config(path: str | os.PathLike) -> tuple[StreamingConfig, dict[str, Any
     if not file.is_file():
         raise FileNotFoundError(f"{path} is not a perceiver-stream checkpoint: no {CONFIG}")
     doc = json.loads(file.read_text())
-    if doc.get("format") != FORMAT:
-        raise ValueError(f"{file}: format {doc.get('format')!r} is not {FORMAT!r}")
+    if doc.get("format") not in (FORMAT, V1):
+        raise ValueError(f"{file}: format {doc.get('format')!r} is not {FORMAT!r} (or {V1!r})")
     try:
-        config = StreamingConfig.from_dict(doc["model"])
+        model = doc["model"] if doc["format"] == FORMAT else nested_from_v1(doc["model"])
+        config = StreamingConfig.from_dict(model)
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{file}: invalid model config: {e}") from e
     return config, doc.get("metadata", {})
+
+
+def nested_from_v1(flat: dict[str, Any]) -> dict[str, Any]:
+    """A ``streaming-v1`` model config (flat keys) in the nested form ``StreamingConfig.from_dict`` reads.
+
+    Raises ValueError where the file sets a removed option (or adapter kind) to anything but the
+    behaviour the model now always has.
+    """
+    flat = dict(flat)
+    for key, (fixed, now) in REMOVED.items():
+        if key in flat and flat.pop(key) != fixed:
+            raise ValueError(f"option {key!r} was removed: {now}, which a v1 config gets with {key}: "
+                             f"{json.dumps(fixed)}; this model was made otherwise and cannot be loaded")
+    modalities = {}
+    for name, spec in dict(flat.pop("modalities", {})).items():
+        spec = dict(spec)
+        if spec.get("kind") in ("audio_samples", "labels"):
+            raise ValueError(f"modalities.{name}: the {spec['kind']!r} adapter kind was removed")
+        if spec.get("kind") == "video" and spec.pop("conv_tokens", True) and spec.get("conv", 0):
+            raise ValueError(f"modalities.{name}: option 'conv_tokens' was removed: the conv stem's "
+                             "channels feed the pooled label read alone (conv_tokens: false)")
+        modalities[name] = spec
+    nested: dict[str, Any] = {"modalities": modalities} if modalities else {}
+    if "flow_modality" in flat and flat["flow_modality"] is None:
+        nested["flow"] = None
+        flat = {k: v for k, v in flat.items() if not k.startswith("flow_")}
+    for key, value in flat.items():
+        if key not in MOVED:
+            nested[key] = value  # (from_dict names it as unknown)
+            continue
+        section, option = MOVED[key].split(".")
+        nested.setdefault(section, {})[option] = value
+    return nested
+
+
+def weight_name_from_v1(name: str) -> str:
+    """Today's name of a ``streaming-v1`` weight (see `V1_WEIGHTS`)."""
+    for old, new in V1_WEIGHTS:
+        if name == old or name.startswith(old + "."):
+            return new + name[len(old):]
+    return name
 
 
 def load_checkpoint(
@@ -77,6 +144,8 @@ def load_checkpoint(
         raise FileNotFoundError(f"{path}: no {WEIGHTS}")
     with safe_open(str(file), framework="pt") as f:
         saved = {k: f.get_tensor(k) for k in f.keys()}
+        if (f.metadata() or {}).get("format") == V1:
+            saved = {weight_name_from_v1(k): v for k, v in saved.items()}
     missing = sorted(set(expected) - set(saved))
     unexpected = sorted(set(saved) - set(expected))
     shapes = [

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from perceiver_stream.deepmind.models import PRESETS
@@ -117,8 +118,6 @@ def from_transformers(model: nn.Module) -> PerceiverIO:
 
 
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     if (folder / "model.safetensors").exists():
         return load_file(folder / "model.safetensors")
     index = folder / "model.safetensors.index.json"

@@ -17,8 +17,9 @@ class ModelOutput:
                   of the decoded grid (dx right, dy down), or None when no window has two frames.
     flow_valid:   ``B`` bool, False where the window had fewer than two frames (no flow row).
     state:        ``B x M x C`` latents that end each window, to seed the stream's next window.
-    group_logits: ``B x G x K`` class scores that each latent group's label read alone gives (models
-                  with ``label_groups`` only; the training's per-group auxiliary loss), else None.
+    group_logits: ``B x G x K`` class scores that each latent group's label read alone gives (the
+                  shared latents, then each modality's own; training supervises them too), or None
+                  without a label decoder.
     group_valid:  ``B x G`` bool, False where a group's modality is absent from the window.
     """
 

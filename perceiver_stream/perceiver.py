@@ -33,8 +33,8 @@ class Tokens:
     ``tokens``: ``B x N x C`` byte array (features and position codes).
     ``mask``: ``B x N`` bool, True where a token is real (None: all real).
     ``grid``: the index shape the ``N`` tokens were flattened from, when they lie on a grid.
-    ``without_pos``: the features before position codes were attached (a dict per group for
-    multimodal inputs), for decoders that query with input features.
+    ``without_pos``: the features without position or time codes (a dict per group for multimodal
+    inputs: ``B x n x c`` each), for decoders that query with input features and pooled reads.
     ``sizes``: token count per named group, in token order, for multimodal inputs.
     """
 
@@ -43,6 +43,15 @@ class Tokens:
     grid: tuple[int, ...] | None = None
     without_pos: Any = None
     sizes: dict[str, int] | None = None
+
+    def span(self, name: str) -> slice:
+        """Where group ``name``'s tokens lie along ``N`` (from ``sizes``)."""
+        start = 0
+        for key, n in (self.sizes or {}).items():
+            if key == name:
+                return slice(start, start + n)
+            start += n
+        raise KeyError(f"no token group {name!r}; groups: {list(self.sizes or {})}")
 
 
 @dataclass
@@ -125,19 +134,50 @@ class PerceiverEncoder(nn.Module):
         return self.latents[None]
 
     def forward(
-        self, inputs: torch.Tensor, mask: torch.Tensor | None = None, latents: torch.Tensor | None = None
+        self,
+        inputs: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        latents: torch.Tensor | None = None,
+        *,
+        key_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Encode ``inputs`` (``B x N x C``, ``mask`` ``B x N`` True = real) into ``B x M x D`` latents.
 
         ``latents`` overrides the learned initial latents (a streaming model seeds a window with the
-        latents that ended the previous one).
+        latents that ended the previous one); ``mask`` may also be ``B x M x N`` (each latent its own
+        inputs) and ``key_bias`` (``H x N``) is added to the cross-attention logits.
         """
+        z = self.attend_inputs(inputs, mask, latents, key_bias=key_bias)
+        return self.refine(z, inputs, mask, key_bias=key_bias)
+
+    def attend_inputs(
+        self,
+        inputs: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        latents: torch.Tensor | None = None,
+        *,
+        key_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The first cross-attention's output ``B x M x D``: the latents after reading the inputs."""
         z = self.initial_latents() if latents is None else latents
+        z = self.cross_attends[0](z, inputs, mask, key_bias=key_bias)
+        return z.expand(inputs.shape[0], -1, -1) if z.shape[0] != inputs.shape[0] else z
+
+    def refine(
+        self,
+        z: torch.Tensor,
+        inputs: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        *,
+        key_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The rest of the encoder after `attend_inputs`: ``num_blocks`` passes through the tower
+        (re-reading ``inputs`` before each later one with ``cross_attend_every_block``)."""
         for block in range(self.config.num_blocks):
-            if block == 0 or self.config.cross_attend_every_block:
-                z = self.cross_attends[min(block, len(self.cross_attends) - 1)](z, inputs, mask)
-            if z.shape[0] != inputs.shape[0]:
-                z = z.expand(inputs.shape[0], -1, -1)
+            if block and self.config.cross_attend_every_block:
+                if inputs is None:
+                    raise ValueError("an encoder that cross-attends every block needs the inputs to refine")
+                z = self.cross_attends[-1](z, inputs, mask, key_bias=key_bias)
             for layer in self.self_attends:
                 z = layer(z)
         return z

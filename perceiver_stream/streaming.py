@@ -1,408 +1,92 @@
-"""The streaming Perceiver IO: many modalities in, flow / labels / embedding out, latents carried.
+"""The streaming Perceiver IO: many modalities in; flow, labels and an embedding out; latents carried.
 
-    batch --(multimodal preprocessor)--> tokens  B x N x D
-          --(gated cross-attention from M latents; a modality's own latents see its tokens only)--> B x M x C
-          --(latent self-attention tower, weights shared across blocks)--> z
-          --> flow:      one query per pixel of the flow grid (3x3 patches of the last two frames +
-                         Fourier position), cross-attends to z, in chunks -> B x H x W x 2 px
-          --> labels:    one learned query (one per latent group with ``label_groups``, reads
-                         summed) -> num_classes logits (reading the encoder's latents instead of z
-                         with ``labels_from_encoder``)
-          --> embedding: mean over latents of LayerNorm(z)  (not L2-normalised; compare with cosine)
+    batch --(MultimodalPreprocessor: adapters, one slice of channels per modality)--> tokens B x N x D
+          --(PerceiverEncoder: cross-attention from M latents, a modality's gate as a logit bias;
+             a modality's own latents see its tokens alone)--> read  B x M x C
+          --(the encoder's self-attention tower)--> z  B x M x C
+          --> flow:      FrameFlowDecoder(z)                     B x H x W x 2 px
+          --> labels:    LabelDecoder(read, pooled token reads)   B x K logits
+          --> embedding: mean over latents of LayerNorm(z)        B x C (compare with cosine)
 
-Streaming state: the latents ``z`` that end window t seed window t+1 of the same stream,
+Streaming state: ``z`` of window t seeds window t+1 of the same stream,
 ``latents0 = learned + sigmoid(state_gate) * Linear(LayerNorm(z_prev))``, except where
-``batch.reset`` is True or no state is given. With ``config.state = False`` the state is ignored
-and every window is processed on its own.
+``batch.reset`` is True, no state is given or ``config.state.carry`` is False.
 
-Modality gating: each modality has a learned gate per encoder head, added to the encoder's
-attention logits as ``logsigmoid(gate)`` (it scales that modality's share of attention). A modality
-absent from a row is masked out of the keys, so it leaves no trace (its own latents, with no key
-to attend to, get a zero attention output); ``drop_modalities`` (in ``perceiver_stream.multimodal``)
-trains the model to cope with any non-empty subset.
+Modality gating: each modality has a learned gate per encoder head, added to the cross-attention
+logits of its tokens as ``logsigmoid(gate)`` (it scales that modality's share of attention). A
+modality absent from a row is masked out of the keys, so it leaves no trace (its own latents, with
+no key to attend to, get a zero attention output); ``multimodal.drop_modalities`` trains the model
+to cope with any non-empty subset.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from perceiver_stream.adapters import FlowInputAdapter, adapter_spec, build_adapter, normalise_frames
-from perceiver_stream.attention import MLP, CrossAttention, MultiHeadAttention, SelfAttention
+from perceiver_stream.adapters import build_adapter
 from perceiver_stream.batch import Batch
-from perceiver_stream.fourier import fourier_channels, grid_fourier_features
-from perceiver_stream.multimodal import MultimodalPreprocessor, Tokens
+from perceiver_stream.config import StreamingConfig
+from perceiver_stream.multimodal import MultimodalPreprocessor
 from perceiver_stream.outputs import ModelOutput
-
-
-def _default_modalities() -> dict[str, dict[str, Any]]:
-    return {"video": {"kind": "video"}, "audio": {"kind": "audio_mel"}, "points": {"kind": "points"}}
-
-
-@dataclass
-class StreamingConfig:
-    """Everything that determines a ``StreamingPerceiverIO``'s architecture (saved in checkpoints).
-
-    modalities:      modality name -> adapter spec ``{"kind": ..., **options}`` (see
-                     ``perceiver_stream.adapters.ADAPTERS``); completed with defaults on creation.
-    min_padding:     learned padding channels every modality gets at least (the modality's identity).
-    mask_probs:      per-modality probability of replacing a token by a learned mask token (training only).
-    token_mlps:      modality -> hidden width of a per-token residual MLP applied to its tokens before
-                     the encoder (``multimodal.TokenMLP``; empty = tokens go in as the adapters make them).
-    modality_norms:  a LayerNorm per modality on its tokens before they are padded and concatenated
-                     (``MultimodalPreprocessor``'s ``norms``).
-    own_channels:    each modality's token channels in a slice of its own (``MultimodalPreprocessor``'s
-                     ``own_channels``): no encoder key/value weight is shared between modalities.
-    num_latents, latent_channels: the latent array ``M x C``.
-    modality_latents: modality -> number of extra latents of its own, appended to the ``num_latents``
-                     shared ones, that attend to that modality's tokens alone in the encoder: a
-                     pathway that another modality's tokens cannot crowd out.
-    cross_heads, cross_widening: encoder cross-attention heads and MLP widening.
-    self_heads, self_widening, self_attends_per_block, num_blocks: the latent tower; its
-                     ``self_attends_per_block`` layers are applied ``num_blocks`` times (shared weights).
-    label_heads:     heads of the label decoder's cross-attention (several let one query read hue,
-                     shape and material from the latents of different modalities at once).
-    label_groups:    one label query per latent group (the shared latents, then each modality's own
-                     latents of ``modality_latents``), each attending to its group alone; their
-                     outputs are summed before the head, and each group's output through the head
-                     alone gives ``ModelOutput.group_logits``, which training supervises too: so
-                     every modality's latents must carry the labels it can see, where a modality
-                     that alone gives them (audio: hue and material) otherwise leaves another
-                     (points: material) unread.
-    label_pool:      modalities whose label read also takes, over that modality's tokens, the maximum of
-                     a learned projection (LayerNorm, Linear) of each token's content channels (its
-                     adapter's ``pool_channels``, e.g. the video's conv stem; no position or time
-                     code, with which a max names a training scene): a CNN classifier's global
-                     max-pool, which tells whether a local cue (a box's corner) is seen anywhere,
-                     where attention's weighted mean blurs it. A pooled read is added to
-                     the label terms where its modality is present (zero where it is not). A
-                     gate that starts at zero scales it, so a model's outputs are unchanged by adding one;
-                     training fits it afterwards with the rest of the model frozen
-                     (`pool_parameters`, ``train.pool_steps``), to supply what the other reads
-                     lack. (Trained with the rest, or on its own group's labels, it read shape
-                     on held-out rigs at chance: the other reads already explained the labels,
-                     and a read of all the labels from video alone fitted the training scenes.)
-    labels_from_encoder: the label decoder reads the encoder's latents instead of the tower's output
-                     (trained on points alone, shape reached the labels this way and not through
-                     the tower).
-    state:           carry latents between windows of a stream (False = every window on its own).
-    state_gate_init: initial value of the per-channel state gate (before the sigmoid).
-    flow_modality:   the modality whose last two frames give flow (None = no flow decoder).
-    flow_size:       the flow grid ``(H, W)``; frames of another size are resized to it.
-    flow_pos_bands, flow_channels, flow_widening, flow_chunk, flow_scale: pixel-position Fourier bands,
-                     query width, the decoder MLP's widening, queries per chunk (None = all at once),
-                     multiplier from decoder output to pixels.
-    flow_corr_radius: add a local correlation volume of this radius (px) to the flow queries
-                     (0 = 3x3 patches only, as DeepMind's flow model).
-    flow_corr_stride: compute that volume on a grid this many times coarser (displacements in steps of
-                     it; must divide the radius and the flow grid): about stride**4 times cheaper.
-    flow_query_hidden: with h > 0, the flow queries also get a two-layer 3x3 convolution of the frame
-                     pair (6 -> h -> flow_channels, GELU between): per-pixel motion evidence (products
-                     of temporal and spatial differences) that a linear map of the patches cannot give.
-    flow_stride:     decode flow on the frames averaged over ``s x s`` blocks (a grid ``s`` times coarser,
-                     ``s**2`` times fewer queries) and upsample it bilinearly to ``flow_size``: a cheaper
-                     decoder, e.g. for a student. Must divide ``flow_size``.
-    class_names:     the label decoder's classes, in index order (empty = no label decoder).
-    """
-
-    modalities: dict[str, dict[str, Any]] = field(default_factory=_default_modalities)
-    min_padding: int = 4
-    mask_probs: dict[str, float] = field(default_factory=dict)
-    token_mlps: dict[str, int] = field(default_factory=dict)
-    modality_norms: bool = False
-    own_channels: bool = False
-    num_latents: int = 64
-    modality_latents: dict[str, int] = field(default_factory=dict)
-    latent_channels: int = 128
-    cross_heads: int = 1
-    cross_widening: int = 1
-    self_heads: int = 4
-    self_widening: int = 2
-    self_attends_per_block: int = 2
-    num_blocks: int = 2
-    label_heads: int = 1
-    label_groups: bool = False
-    label_pool: tuple[str, ...] = ()
-    labels_from_encoder: bool = False
-    state: bool = True
-    state_gate_init: float = -1.0
-    flow_modality: str | None = "video"
-    flow_size: tuple[int, int] = (64, 64)
-    flow_pos_bands: int = 16
-    flow_channels: int = 64
-    flow_widening: int = 1
-    flow_chunk: int | None = 8192
-    flow_scale: float = 1.0
-    flow_corr_radius: int = 0
-    flow_corr_stride: int = 1
-    flow_query_hidden: int = 0
-    flow_stride: int = 1
-    class_names: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if not self.modalities:
-            raise ValueError("model config: needs at least one modality")
-        self.modalities = {str(k): adapter_spec(dict(v)) for k, v in self.modalities.items()}
-        self.flow_size = tuple(int(x) for x in self.flow_size)  # type: ignore[assignment]
-        self.class_names = tuple(str(c) for c in self.class_names)
-        self.label_pool = tuple(str(k) for k in self.label_pool)
-        unknown = [k for k in self.label_pool if k not in self.modalities]
-        if unknown:
-            raise ValueError(f"model config: label_pool names {unknown}, which are not modalities "
-                             f"(modalities: {sorted(self.modalities)})")
-        self.mask_probs = {str(k): float(v) for k, v in self.mask_probs.items()}
-        self.token_mlps = {str(k): int(v) for k, v in self.token_mlps.items()}
-        self.modality_latents = {str(k): int(v) for k, v in self.modality_latents.items()}
-        positive = ("num_latents", "latent_channels", "cross_heads", "cross_widening", "self_heads",
-                    "self_widening", "self_attends_per_block", "num_blocks", "label_heads", "flow_pos_bands", "flow_channels",
-                    "flow_widening")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"model config: {name} must be at least 1, got {getattr(self, name)}")
-        if self.min_padding < 0:
-            raise ValueError("model config: min_padding must be >= 0")
-        for name, heads in (("cross_heads", self.cross_heads), ("self_heads", self.self_heads),
-                            ("label_heads", self.label_heads)):
-            if self.latent_channels % heads:
-                raise ValueError(f"model config: latent_channels ({self.latent_channels}) not divisible by {name}")
-        if len(self.flow_size) != 2 or min(self.flow_size) < 1:
-            raise ValueError(f"model config: flow_size must be [H, W] positive, got {list(self.flow_size)}")
-        if self.flow_corr_radius < 0 or self.flow_query_hidden < 0:
-            raise ValueError("model config: flow_corr_radius and flow_query_hidden must be >= 0")
-        if self.flow_corr_stride < 1 or self.flow_corr_radius % self.flow_corr_stride or any(
-                n % self.flow_corr_stride for n in self.flow_size):
-            raise ValueError(f"model config: flow_corr_stride ({self.flow_corr_stride}) must be >= 1 and divide "
-                             f"flow_corr_radius ({self.flow_corr_radius}) and flow_size {list(self.flow_size)}")
-        if self.flow_stride < 1 or any(n % self.flow_stride for n in self.flow_size):
-            raise ValueError(f"model config: flow_stride ({self.flow_stride}) must be >= 1 and divide flow_size "
-                             f"{list(self.flow_size)}")
-        if self.flow_chunk is not None and self.flow_chunk < 1:
-            raise ValueError("model config: flow_chunk must be positive or null")
-        if self.flow_modality is not None:
-            spec = self.modalities.get(self.flow_modality)
-            if spec is None or spec["kind"] != "video":
-                raise ValueError(f"model config: flow_modality {self.flow_modality!r} is not a video modality "
-                                 f"of modalities {sorted(self.modalities)}")
-        for k, p in self.mask_probs.items():
-            if k not in self.modalities or not 0.0 <= p < 1.0:
-                raise ValueError(f"model config: mask_probs[{k!r}] must name a modality and lie in [0, 1)")
-        for k, hidden in self.token_mlps.items():
-            if k not in self.modalities or hidden < 1:
-                raise ValueError(f"model config: token_mlps[{k!r}] must name a modality and be a width >= 1")
-        for k, n in self.modality_latents.items():
-            if k not in self.modalities or n < 0:
-                raise ValueError(f"model config: modality_latents[{k!r}] must name a modality and be >= 0")
-        if len(set(self.class_names)) != len(self.class_names):
-            raise ValueError("model config: class_names must be distinct")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> StreamingConfig:
-        """Build from a (JSON / YAML) dict; unknown keys raise ValueError naming them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"model config has no option(s) {unknown}; options: {sorted(known)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly dict (tuples as lists) that ``from_dict`` turns back into an equal config."""
-        d = asdict(self)
-        d["flow_size"] = list(self.flow_size)
-        d["class_names"] = list(self.class_names)
-        return d
-
-    def replace(self, **overrides: Any) -> StreamingConfig:
-        """A validated copy with ``overrides`` (e.g. a student's fewer latents / layers)."""
-        return StreamingConfig.from_dict({**self.to_dict(), **overrides})
-
-    @property
-    def total_latents(self) -> int:
-        """The shared latents plus every modality's own."""
-        return self.num_latents + sum(self.modality_latents.values())
-
-    @property
-    def video_frames(self) -> int | None:
-        """How many trailing frames of a window the model reads (None = all of them)."""
-        flow = 2 if self.flow_modality is not None else 1
-        spec = self.modalities.get("video")
-        if spec is None:
-            return flow if self.flow_modality is not None else None
-        return None if spec.get("frames") is None else max(int(spec["frames"]), flow)
-
-    @property
-    def points(self) -> tuple[int | None, int] | None:
-        """``(scans, max_points)`` the model's points adapter reads of a window: at most ``max_points``
-        points of its last ``scans`` scans (None = all scans); None without a points adapter."""
-        spec = self.modalities.get("points")
-        if spec is None or spec.get("kind") != "points":
-            return None
-        return spec.get("scans"), int(spec["max_points"])
-
-    @property
-    def num_classes(self) -> int:
-        """Number of label classes (0 = no label decoder)."""
-        return len(self.class_names)
-
-
-class GatedCrossAttention(nn.Module):
-    """Perceiver IO encoder cross-attention whose keys carry a learned per-source logit gate.
-
-    Same layer as ``attention.CrossAttention`` (pre-LN on queries and keys, query residual, MLP),
-    plus ``gate``: ``num_sources x num_heads``; a key from source ``s`` gets ``logsigmoid(gate[s, h])``
-    added to its logit in head ``h``. Masked keys get no weight; a row without keys gets zeros from
-    the attention (then the output projection's bias, as in ``attention.masked_attention``).
-    """
-
-    def __init__(self, q_dim: int, kv_dim: int, num_sources: int, *, num_heads: int, widening_factor: int) -> None:
-        super().__init__()
-        self.q_norm = nn.LayerNorm(q_dim)
-        self.kv_norm = nn.LayerNorm(kv_dim)
-        self.attn = MultiHeadAttention(
-            q_dim, kv_dim, qk_channels=q_dim, v_channels=q_dim, num_heads=num_heads, out_dim=q_dim
-        )
-        self.mlp_norm = nn.LayerNorm(q_dim)
-        self.mlp = MLP(q_dim, widening_factor)
-        self.gate = nn.Parameter(torch.zeros(num_sources, num_heads))
-
-    def query_heads(self, queries: torch.Tensor) -> torch.Tensor:
-        """Projected queries ``B x H x M x d`` (input-independent for learned latents: cacheable)."""
-        q = self.attn.q(self.q_norm(queries))
-        b, m, c = q.shape
-        h = self.attn.num_heads
-        return q.view(b, m, h, c // h).transpose(1, 2)
-
-    def forward(
-        self,
-        queries: torch.Tensor,
-        tokens: torch.Tensor,
-        mask: torch.Tensor,
-        source: torch.Tensor,
-        q_heads: torch.Tensor | None = None,
-        query_source: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """``queries`` ``B|1 x M x C``, ``tokens`` ``B x N x D``, ``mask`` ``B x N``, ``source`` ``N``;
-        ``query_source`` ``M`` (optional): the one source each query may attend to, -1 for any."""
-        b = tokens.shape[0]
-        q = self.query_heads(queries) if q_heads is None else q_heads
-        q = q.expand(b, -1, -1, -1)
-        h, m, d = q.shape[1:]
-        if tokens.shape[1] == 0:
-            o = q.new_zeros(b, h, m, d)
-        else:
-            k, v = self.attn.project_kv(self.kv_norm(tokens))
-            attend = mask[:, None, :]  # B x 1|M x N
-            if query_source is not None:
-                own = (query_source[:, None] < 0) | (query_source[:, None] == source[None, :])
-                attend = attend & own[None]
-            empty = ~attend.any(dim=-1)  # B x 1|M
-            attend = attend | empty[..., None]
-            bias = F.logsigmoid(self.gate)[source].transpose(0, 1).to(q.dtype)  # H x N
-            logits_bias = torch.where(attend[:, None], bias[None, :, None, :], float("-inf"))
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=logits_bias)
-            o = torch.where(empty[:, None, :, None], 0.0, o)
-        x = self.attn.out(o.transpose(1, 2).reshape(b, m, h * d)) + queries
-        return x + self.mlp(self.mlp_norm(x))
-
-
-class _Cache:
-    """Results of input-independent projections, reused while their parameters are unchanged.
-
-    Used only when autograd is off (inference): the key holds each parameter's storage and version
-    counter, so an optimiser step, ``load_state_dict`` or ``.to()`` invalidates it.
-    """
-
-    def __init__(self) -> None:
-        self._entries: dict[str, tuple[tuple, torch.Tensor]] = {}
-
-    def get(self, name: str, params: Sequence[torch.Tensor], device: torch.device,
-            compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        if torch.is_grad_enabled():
-            return compute()
-        key = (device.type, torch.is_autocast_enabled(device.type), *((p.data_ptr(), p._version) for p in params))
-        hit = self._entries.get(name)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        value = compute()
-        self._entries[name] = (key, value)
-        return value
+from perceiver_stream.perceiver import EncoderConfig, PerceiverEncoder, Tokens
+from perceiver_stream.stream_decoders import FrameFlowDecoder, LabelDecoder
 
 
 class StreamingPerceiverIO(nn.Module):
-    """The fused multimodal streaming model (see the module docstring); built from a ``StreamingConfig``."""
+    """The fused multimodal streaming model (see the module docstring), built from a `StreamingConfig`.
+
+    Modules: ``preprocess`` (adapters to tokens), ``encoder`` (latents, cross-attention, tower),
+    ``modality_gate`` (``modalities x cross_heads``), ``state_norm`` / ``state_proj`` /
+    ``state_gate`` (the carried state), ``final_norm`` (the embedding), ``labels`` and ``flow``
+    (the decoders; None where the config has none).
+    """
 
     def __init__(self, config: StreamingConfig) -> None:
         super().__init__()
         self.config = config
-        c, m = config.latent_channels, config.total_latents
+        enc = config.encoder
+        c = enc.latent_channels
         self.preprocess = MultimodalPreprocessor(
             {k: build_adapter(spec) for k, spec in config.modalities.items()},
-            min_padding=config.min_padding,
-            mask_probs=config.mask_probs,
-            token_mlps=config.token_mlps,
-            norms=config.modality_norms,
-            own_channels=config.own_channels,
-            pool=config.label_pool,
+            min_padding=enc.min_padding,
+            pool=config.labels.pool,
         )
-        self.latents = nn.Parameter(0.02 * torch.randn(m, c))
         names = self.preprocess.names
-        own = [-1] * config.num_latents + [
-            names.index(k) for k in names for _ in range(config.modality_latents.get(k, 0))
-        ]
+        self.encoder = PerceiverEncoder(EncoderConfig(
+            input_channels=self.preprocess.width,
+            num_latents=config.total_latents,
+            d_latents=c,
+            num_blocks=enc.num_blocks,
+            num_self_attends_per_block=enc.self_attends_per_block,
+            num_self_attention_heads=enc.self_heads,
+            num_cross_attention_heads=enc.cross_heads,
+            cross_attention_shape_for_attention="q",
+            self_attention_widening_factor=enc.self_widening,
+            cross_attention_widening_factor=enc.cross_widening,
+        ))
+        self.modality_gate = nn.Parameter(torch.zeros(len(names), enc.cross_heads))
+        own = [-1] * enc.num_latents + [names.index(k) for k in names for _ in range(enc.modality_latents.get(k, 0))]
         # Which modality each latent may attend to in the encoder (-1: any); derived from the config.
         self.register_buffer("latent_modality", torch.tensor(own, dtype=torch.long), persistent=False)
-        self.encoder = GatedCrossAttention(
-            c, self.preprocess.width, len(self.preprocess.names),
-            num_heads=config.cross_heads, widening_factor=config.cross_widening,
-        )
-        self.tower = nn.ModuleList(
-            SelfAttention(c, num_heads=config.self_heads, widening_factor=config.self_widening)
-            for _ in range(config.self_attends_per_block)
-        )
         self.state_norm = nn.LayerNorm(c)
         self.state_proj = nn.Linear(c, c)
-        self.state_gate = nn.Parameter(torch.full((c,), float(config.state_gate_init)))
+        self.state_gate = nn.Parameter(torch.full((c,), float(config.state.gate_init)))
         self.final_norm = nn.LayerNorm(c)
-        ends = [config.num_latents]
-        for k in names:
-            if config.modality_latents.get(k, 0):
-                ends.append(ends[-1] + config.modality_latents[k])
-        # The latent groups that label queries read: all latents, or each group on its own.
-        self.label_slices = list(zip([0, *ends[:-1]], ends)) if config.label_groups else [(0, m)]
-        self.label_group_modality = [None] + ([k for k in names if config.modality_latents.get(k, 0)]
-                                              if config.label_groups else [])
-        if config.num_classes:
-            self.label_query = nn.Parameter(0.02 * torch.randn(1, len(self.label_slices), c))
-            self.label_decoder = CrossAttention(c, c, num_heads=config.label_heads, widening_factor=1)
-            self.label_head = nn.Linear(c, config.num_classes)
-            self.label_pools = nn.ModuleDict()
-            for k in config.label_pool:
-                a, b = self.preprocess.adapters[k].pool_channels
-                self.label_pools[k] = nn.Sequential(nn.LayerNorm(b - a), nn.Linear(b - a, c))
-            # Each pooled read is scaled by a gate that starts shut: a model's outputs are unchanged
-            # by adding one. (A zero projection instead ties every token in the max, and the
-            # read did not learn: held-out shape at chance after 1000 pool steps.)
-            if config.label_pool:
-                self.pool_gates = nn.Parameter(torch.zeros(len(config.label_pool)))
-        if config.flow_modality is not None:
-            fc = config.flow_channels
-            self.flow_input = FlowInputAdapter(config.flow_size, config.flow_corr_radius, config.flow_corr_stride)
-            # Linear(concat(patch, pos)) split in two so the position half is computed once.
-            self.flow_patch_proj = nn.Linear(self.flow_input.out_channels, fc)
-            self.flow_pos_proj = nn.Linear(fourier_channels(2, config.flow_pos_bands), fc, bias=False)
-            hq = config.flow_query_hidden
-            self.flow_query_conv = nn.Sequential(
-                nn.Conv2d(6, hq, 3, padding=1), nn.GELU(), nn.Conv2d(hq, fc, 3, padding=1)
-            ) if hq else None
-            self.flow_decoder = CrossAttention(
-                fc, c, qk_channels=fc, v_channels=fc, num_heads=1, widening_factor=config.flow_widening
-            )
-            self.flow_head = nn.Linear(fc, 2)
-        self._cache = _Cache()
+        # The latent groups (the shared latents, then each modality's own) and the modality of each.
+        self.group_modality: list[str | None] = [None] + [k for k in names if enc.modality_latents.get(k, 0)]
+        ends = [enc.num_latents]
+        for k in self.group_modality[1:]:
+            ends.append(ends[-1] + enc.modality_latents[k])
+        self.labels = LabelDecoder(
+            c, config.num_classes, heads=config.labels.heads, groups=list(zip([0, *ends[:-1]], ends)),
+            pool={k: self.preprocess.adapters[k].pool_channels[1] - self.preprocess.adapters[k].pool_channels[0]
+                  for k in config.labels.pool},
+        ) if config.num_classes else None
+        self.flow = FrameFlowDecoder(config.flow, c) if config.flow is not None else None
 
     # -- pieces -------------------------------------------------------------------------------
 
@@ -411,114 +95,39 @@ class StreamingPerceiverIO(nn.Module):
 
         Rows with ``reset`` True start from the learned latents alone.
         """
-        if state is None or not self.config.state or bool(reset.all()):
+        if state is None or not self.config.state.carry or bool(reset.all()):
             return None
         carry = (~reset).to(state.device)[:, None, None]
         seed = torch.sigmoid(self.state_gate) * self.state_proj(self.state_norm(state))
-        return self.latents[None] + torch.where(carry, seed, 0.0)
+        return self.encoder.latents[None] + torch.where(carry, seed, 0.0)
+
+    def _read(self, tok: Tokens, reset: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
+        """The encoder's cross-attention output ``B x M x C`` (the latents after reading the tokens)."""
+        source = self.preprocess.token_modality(tok)  # N
+        mask = tok.mask
+        if self.config.encoder.modality_latents:
+            own = self.latent_modality
+            mask = mask[:, None, :] & ((own[:, None] < 0) | (own[:, None] == source[None, :]))[None]
+        bias = F.logsigmoid(self.modality_gate)[source].transpose(0, 1)  # H x N
+        return self.encoder.attend_inputs(tok.tokens, mask, self.initial_latents(state, reset), key_bias=bias)
 
     def encode(self, batch: Batch, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The encoder's latents and the tower's output ``z``, the latents that end each window
-        (both ``B x M x C``)."""
-        return self._encode(self.preprocess(batch), batch.reset, state)
-
-    def _encode(
-        self, tok: Tokens, reset: torch.Tensor, state: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        encoded = self._cross(tok, reset, state)
-        return encoded, self._tower(encoded)
-
-    def _cross(self, tok: Tokens, reset: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
-        """The encoder's latents ``B x M x C`` (the cross-attention onto the tokens)."""
-        own = self.latent_modality if self.config.modality_latents else None
-        latents = self.initial_latents(state, reset)
-        if latents is None:
-            q = self._cache.get(
-                "latent_q", [self.latents, *self.encoder.q_norm.parameters(), *self.encoder.attn.q.parameters()],
-                self.latents.device, lambda: self.encoder.query_heads(self.latents[None]),
-            )
-            return self.encoder(self.latents[None], tok.tokens, tok.mask, tok.modality, q_heads=q, query_source=own)
-        return self.encoder(latents, tok.tokens, tok.mask, tok.modality, query_source=own)
-
-    def _tower(self, z: torch.Tensor) -> torch.Tensor:
-        for _ in range(self.config.num_blocks):
-            for layer in self.tower:
-                z = layer(z)
-        return z
-
-    def _flow_pos(self, device: torch.device) -> torch.Tensor:
-        cfg = self.config
-        size = (cfg.flow_size[0] // cfg.flow_stride, cfg.flow_size[1] // cfg.flow_stride)
-        return self._cache.get(
-            "flow_pos", [self.flow_pos_proj.weight], device,
-            lambda: self.flow_pos_proj(grid_fourier_features(size, cfg.flow_pos_bands, device=device)),
-        )
-
-    def decode_flow(self, batch: Batch, z: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Flow ``B x H x W x 2`` (px, dx right, dy down; zeros where invalid) and ``B`` validity."""
-        b = z.shape[0]
-        cfg = self.config
-        m = None if cfg.flow_modality is None else batch.modalities.get(cfg.flow_modality)
-        if m is None or not bool(m.present.any()):
-            return None, torch.zeros(b, dtype=torch.bool, device=z.device)
-        frames, valid = self.flow_input.last_frames(m)
-        valid, frames = valid.to(z.device), frames.to(z.device)
-        # Rows without two frames are left out of the decoder (no gather / scatter when all have them).
-        rows = None if bool(valid.all()) else valid.nonzero().squeeze(1)
-        if rows is not None:
-            if rows.numel() == 0:
-                return None, valid
-            frames, z = frames[rows], z[rows]
-        n = z.shape[0]
-        s = cfg.flow_stride
-        if s > 1:
-            x = F.avg_pool2d(frames.flatten(0, 1).permute(0, 3, 1, 2).float(), s)
-            frames = x.permute(0, 2, 3, 1).reshape(n, 2, *x.shape[2:], 3)
-        h, w = frames.shape[2:4]
-        queries = self.flow_input.project(frames, self.flow_patch_proj)
-        if self.flow_query_conv is not None:
-            pair = normalise_frames(frames).permute(0, 1, 4, 2, 3).reshape(n, 6, h, w)
-            queries = queries + self.flow_query_conv(pair).permute(0, 2, 3, 1)
-        queries = queries.reshape(n, h * w, -1) + self._flow_pos(z.device)
-        out = self.flow_head(self.flow_decoder(queries, z, query_chunk=cfg.flow_chunk)) * cfg.flow_scale
-        out = out.reshape(n, h, w, 2)
-        if s > 1:
-            out = F.interpolate(out.permute(0, 3, 1, 2), scale_factor=s, mode="bilinear", align_corners=False)
-            out = out.permute(0, 2, 3, 1)
-        flow = out if rows is None else out.new_zeros(b, *out.shape[1:]).index_copy(0, rows, out)
-        return flow, valid
-
-    def label_terms(self, z: torch.Tensor) -> torch.Tensor:
-        """Each latent group's label read ``B x G x C`` (one group, all latents, without ``label_groups``)."""
-        read = [self.label_decoder(self.label_query[:, g : g + 1], z[:, a:b])[:, 0]
-                for g, (a, b) in enumerate(self.label_slices)]
-        return torch.stack(read, dim=1)
-
-    def pooled_terms(self, tok: Tokens) -> torch.Tensor:
-        """Each ``label_pool`` modality's max-pooled read ``B x P x C`` (zero in rows without its tokens)."""
-        b, c = tok.mask.shape[0], self.config.latent_channels
-        reads = []
-        for k in self.config.label_pool:
-            if k not in tok.pooled:  # absent from the whole batch
-                reads.append(self.latents.new_zeros(b, c))
-                continue
-            feats, mask = tok.pooled[k]
-            x = self.label_pools[k](feats)  # B x n x C
-            pooled = torch.where(mask[..., None], x, float("-inf")).amax(dim=1)
-            reads.append(torch.where(mask.any(dim=1, keepdim=True), pooled, 0.0))
-        return torch.stack(reads, dim=1) * self.pool_gates[:, None]
-
-    def pool_parameters(self) -> list[nn.Parameter]:
-        """The parameters of the ``label_pool`` reads (their projections, their gates and the
-        adapters' layers that make the pooled channels): what ``train.pool_steps`` trains, and only that."""
-        params = [p for k in self.config.label_pool for p in self.preprocess.adapters[k].pool_parameters()]
-        if self.config.num_classes and self.config.label_pool:
-            params += [*self.label_pools.parameters(), self.pool_gates]
-        return params
+        """The encoder's cross-attention output (what the labels read) and the tower's output ``z``,
+        the latents that end each window (both ``B x M x C``)."""
+        read = self._read(self.preprocess(batch), batch.reset, state)
+        return read, self.encoder.refine(read)
 
     def embed(self, z: torch.Tensor) -> torch.Tensor:
         """The window embedding ``B x C``: mean over latents of ``LayerNorm(z)`` (not L2-normalised)."""
         return self.final_norm(z).mean(dim=1)
+
+    def pool_parameters(self) -> list[nn.Parameter]:
+        """The parameters of the pooled label reads (their projections and gates, and the adapters'
+        layers that make the pooled channels): what the pool phase of training trains, and only that."""
+        params = [p for k in self.config.labels.pool for p in self.preprocess.adapters[k].pool_parameters()]
+        if self.labels is not None and self.labels.pools:
+            params += [*self.labels.pools.parameters(), self.labels.pool_gates]
+        return params
 
     # -- the model ----------------------------------------------------------------------------
 
@@ -526,20 +135,19 @@ class StreamingPerceiverIO(nn.Module):
         """Outputs for ``batch``; ``state`` (``B x M x C``, from the previous window of each row's
         stream, e.g. ``StreamStates.gather``) seeds the latents where ``batch.reset`` is False."""
         tok = self.preprocess(batch)
-        encoded, z = self._encode(tok, batch.reset, state)
-        flow, flow_valid = self.decode_flow(batch, z)
+        read = self._read(tok, batch.reset, state)
+        z = self.encoder.refine(read)
+        if self.flow is None:
+            flow, flow_valid = None, torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
+        else:
+            flow, flow_valid = self.flow(batch.modalities.get(self.config.flow.modality), z)
         group_logits = group_valid = None
-        if not self.config.num_classes:
+        if self.labels is None:
             logits = z.new_zeros(z.shape[0], 0)
         else:
-            terms = self.label_terms(encoded if self.config.labels_from_encoder else z)
-            read = terms.sum(dim=1)
-            if self.config.label_pool:
-                read = read + self.pooled_terms(tok).sum(dim=1)
-            logits = self.label_head(read)
-            if self.config.label_groups:
-                group_logits = self.label_head(terms).float()
-                group_valid = torch.stack([self._present(batch, k) for k in self.label_group_modality], dim=1)
+            logits, group_logits = self.labels(read, tok)
+            group_logits = group_logits.float()
+            group_valid = torch.stack([self._present(batch, k) for k in self.group_modality], dim=1)
         return ModelOutput(
             embedding=self.embed(z).float(),
             label_logits=logits.float(),
@@ -551,22 +159,18 @@ class StreamingPerceiverIO(nn.Module):
         )
 
     def latent_label_read(self, batch: Batch, state: torch.Tensor | None = None) -> torch.Tensor:
-        """The latent groups' summed label read ``B x C`` (no flow decoded). ``label_head`` of it
+        """The latent groups' summed label read ``B x C`` (no tower, no flow). ``labels.head`` of it
         plus `pooled_label_read` gives ``forward(batch, state).label_logits``."""
-        tok = self.preprocess(batch)
-        read = self._cross(tok, batch.reset, state)
-        if not self.config.labels_from_encoder:
-            read = self._tower(read)
-        return self.label_terms(read).sum(dim=1)
+        return self.labels.group_reads(self._read(self.preprocess(batch), batch.reset, state)).sum(dim=1)
 
     def pooled_label_read(self, batch: Batch) -> torch.Tensor:
-        """The ``label_pool`` reads' sum ``B x C`` (from those modalities' adapters alone)."""
-        pooled = {k: m for k, m in batch.modalities.items() if k in self.config.label_pool}
-        return self.pooled_terms(self.preprocess(replace(batch, modalities=pooled))).sum(dim=1)
+        """The pooled reads' sum ``B x C`` (from the pooled modalities' adapters alone)."""
+        pooled = {k: m for k, m in batch.modalities.items() if k in self.config.labels.pool}
+        return self.labels.pooled_reads(self.preprocess(replace(batch, modalities=pooled))).sum(dim=1)
 
     def _present(self, batch: Batch, modality: str | None) -> torch.Tensor:
         """``B`` bool: rows where ``modality`` is present (every row for None, the shared latents)."""
-        b, device = len(batch), self.latents.device
+        b, device = len(batch), self.latent_modality.device
         if modality is None:
             return torch.ones(b, dtype=torch.bool, device=device)
         m = batch.modalities.get(modality)
@@ -574,7 +178,7 @@ class StreamingPerceiverIO(nn.Module):
 
     def modality_gates(self) -> dict[str, torch.Tensor]:
         """Each modality's encoder gate, ``sigmoid(gate)`` per head (1 = full share of attention)."""
-        g = torch.sigmoid(self.encoder.gate.detach())
+        g = torch.sigmoid(self.modality_gate.detach())
         return {name: g[i] for i, name in enumerate(self.preprocess.names)}
 
 

@@ -21,35 +21,29 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from perceiver_stream.config import StreamingConfig, deep_merge
 from perceiver_stream.outputs import ModelOutput
-from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO
+from perceiver_stream.streaming import StreamingPerceiverIO
 
 
 def student_config(teacher: StreamingConfig, overrides: dict[str, Any] | None = None) -> StreamingConfig:
-    """The student's config: ``teacher`` with ``overrides`` (defaults: a quarter of the latents,
-    one self-attention layer applied once, half the flow channels). ``overrides["modalities"]``
-    changes adapter options per modality (``{"points": {"max_points": 128}}``: merged into the
-    teacher's spec unless it names another kind); the modalities themselves, the latent width, flow
-    grid and classes stay the teacher's so outputs are comparable. Raises ValueError on an invalid
-    override or one that changes ``latent_channels`` / ``class_names`` / ``flow_size`` / the
-    modality names."""
-    defaults = {
-        "num_latents": max(8, teacher.num_latents // 4),
-        "self_attends_per_block": 1,
-        "num_blocks": 1,
-        "flow_channels": max(16, teacher.flow_channels // 2),
-        "mask_probs": {},
-    }
-    overrides = dict(overrides or {})
-    if "modalities" in overrides:
-        merged = dict(teacher.modalities)
-        for name, spec in dict(overrides["modalities"]).items():
-            base = teacher.modalities.get(name, {})
-            same_kind = spec.get("kind", base.get("kind")) == base.get("kind")
-            merged[name] = {**base, **spec} if same_kind else dict(spec)
-        overrides["modalities"] = merged
-    config = teacher.replace(**{**defaults, **overrides})
-    changed = [k for k in ("latent_channels", "class_names", "flow_size") if getattr(config, k) != getattr(teacher, k)]
+    """The student's config: ``teacher`` with nested ``overrides`` deep-merged in (`config.deep_merge`:
+    ``{"encoder": {"num_latents": 8}, "modalities": {"points": {"max_points": 128}}}``). Defaults:
+    a quarter of the latents, one self-attention layer applied once, half the flow channels. The
+    modalities, the latent width, the flow grid and the classes stay the teacher's, so outputs are
+    comparable: an override that changes them raises ValueError, as does an invalid one."""
+    defaults: dict[str, Any] = {"encoder": {"num_latents": max(8, teacher.encoder.num_latents // 4),
+                                            "self_attends_per_block": 1, "num_blocks": 1}}
+    if teacher.flow is not None:
+        defaults["flow"] = {"channels": max(16, teacher.flow.channels // 2)}
+    config = teacher.merged(deep_merge(defaults, dict(overrides or {})))
+    changed = []
+    if config.encoder.latent_channels != teacher.encoder.latent_channels:
+        changed.append("encoder.latent_channels")
+    if config.labels.class_names != teacher.labels.class_names:
+        changed.append("labels.class_names")
+    if config.flow is not None and teacher.flow is not None and config.flow.size != teacher.flow.size:
+        changed.append("flow.size")
     if set(config.modalities) != set(teacher.modalities):
         changed.append("modalities (names)")
     if changed:
@@ -67,7 +61,7 @@ def init_from_teacher(student: StreamingPerceiverIO, teacher: StreamingPerceiver
     left = []
     for name, value in student.state_dict().items():
         src = theirs.get(name)
-        if name == "latents" and src is not None and src.shape[1] == value.shape[1]:
+        if name == "encoder.latents" and src is not None and src.shape[1] == value.shape[1]:
             for group in student.latent_modality.unique().tolist():
                 mine = (student.latent_modality == group).nonzero().squeeze(1)
                 pool = (teacher.latent_modality == group).nonzero().squeeze(1)

@@ -116,7 +116,7 @@ def train(
             group["lr"] = lr * factor(step)
         batch = drop_modalities(batch.to(device), modality_dropout, generator)
         state = None
-        if carry_state and model.config.state:
+        if carry_state and model.config.state.carry:
             batch, state = states.gather(batch, strict=False)
         output = model(batch, state)
         parts = losses(output, batch.targets)
@@ -127,7 +127,7 @@ def train(
         if grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
-        if carry_state and model.config.state:
+        if carry_state and model.config.state.carry:
             states.update(batch, output.state)
         history.append(loss.item())
         if callback is not None:

@@ -137,7 +137,7 @@ class RuntimeConfig(_Section):
 
 
 class DistillConfig(_Section):
-    """Online distillation of a smaller student from the running model (`pipeline.distill`).
+    """Online distillation of a smaller student from the running model (`actors.distill.DistillActor`).
 
     ``student`` holds overrides of the teacher's model config (fewer latents / layers; empty =
     `perceiver_stream.student.student_config`'s defaults), checked by the model library when the
@@ -169,7 +169,7 @@ class TrainConfig(_Section):
 
     ``seeds`` are the synthetic rigs trained on (``seconds`` long each); the config's synthetic
     ``streams`` are the held-out streams of the final evaluation (they must not share a seed).
-    ``model`` holds overrides of the model library's config (validated there; ``flow_size``
+    ``model`` holds overrides of the model library's config (validated there; ``flow.size``
     defaults to ``video.size``, the class names are the rig's). ``checkpoint`` is where the
     trained checkpoint is written (default ``<output>/checkpoint``); periodic checkpoints with
     optimiser state go to ``<output>/_checkpoints/train/`` and a new run resumes from the latest
@@ -179,10 +179,8 @@ class TrainConfig(_Section):
     ``chain`` is how many consecutive windows a batch lane walks (carrying the latent state when
     ``carry_state``) before it jumps to a random window of another stream.
     ``pool_steps``: after ``steps``, this many steps of ``pool_batch_size`` windows train the model's
-    ``label_pool`` reads alone (the rest frozen) on the label loss, each window lacking one other
-    modality (`pipeline.training.PoolPhase`). (At 32 windows a step, two of five initialisations of
-    the rig's video read were still at chance after 1000-2000 steps; at 128 the first of them read
-    shape within 500.)
+    ``labels.pool`` reads alone (the rest frozen) on the label loss, each window lacking one other
+    modality (`jobs.train.PoolPhase`).
     """
 
     seeds: list[int] = Field(default_factory=lambda: list(range(16)))

@@ -51,7 +51,7 @@ def default_data_settings(config: StreamingConfig) -> dict[str, Any]:
     audio = next((s for s in config.modalities.values() if s["kind"].startswith("audio")), {})
     return {
         "window": {"seconds": 1.0, "hop": 0.5},
-        "video": {"size": list(config.flow_size), "fps": None},
+        "video": {"size": list(config.flow.size), "fps": None},
         "audio": {"rate": int(audio.get("sample_rate", 16000)), "channels": int(audio.get("channels", 1))},
     }
 
@@ -273,7 +273,7 @@ def photo_flow(checkpoint: str | Path, *, image: str = "astronaut", seconds: flo
 
     model, meta = _load(checkpoint, "checkpoint")
     data = meta.get("data") or default_data_settings(model.config)
-    size = tuple(model.config.flow_size)
+    size = tuple(model.config.flow.size)
     fps = 25
     with tempfile.TemporaryDirectory() as tmp:
         clip = Path(tmp) / f"{image}.mp4"

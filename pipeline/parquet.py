@@ -1,5 +1,7 @@
 """The Parquet output writer: hive-partitioned tables, atomic part files and a commit manifest.
 
+The rows and their schemas are in `pipeline.tables` (re-exported here: a caller writes both).
+
 Layout under the output folder (DESIGN "Outputs")::
 
     <out>/windows/stream_id=<id>/part-<seq>-<token>.parquet
@@ -47,18 +49,14 @@ import re
 import threading
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import PipelineError
+from pipeline.tables import SCHEMA_VERSION, TABLES, ErrorRow, FlowRow, StudentRow, WindowRow, to_arrow
 
-SCHEMA_VERSION = "1"
-TABLES = ("windows", "flow", "student", "errors")
 MANIFEST_DIR = "_manifest"
 META_SCHEMA_VERSION = b"perceiver_stream.schema_version"
 META_MODEL = b"perceiver_stream.model"
@@ -66,195 +64,6 @@ META_CONFIG_HASH = b"perceiver_stream.config_hash"
 _PART = re.compile(r"^part-\d{8}-[0-9a-f]{8}\.parquet$")
 _TMP = re.compile(r"^\.part-\d{8}-[0-9a-f]{8}\.parquet\.tmp$")
 _STREAM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-
-LABEL_TYPE = pa.struct([("label", pa.string()), ("score", pa.float32())])
-
-
-@dataclass
-class WindowRow:
-    """One ``windows`` row: a window's identity, presence flags, top-k labels and embedding."""
-
-    window_id: int
-    t_start: float
-    t_end: float
-    has_video: bool
-    has_audio: bool
-    has_points: bool
-    state_reset: bool
-    labels: list[tuple[str, float]]  # top-k (label, score), best first
-    embedding: np.ndarray  # D float32
-    model: str
-
-
-@dataclass
-class FlowRow:
-    """One ``flow`` row: ``H x W x 2`` forward flow of the window's last two frames.
-
-    ``t`` is the later frame's time; ``frame`` optionally the earlier frame as PNG bytes (for
-    `pipeline.inspect`).
-    """
-
-    window_id: int
-    t: float
-    flow: np.ndarray
-    frame: bytes | None = None
-
-
-@dataclass
-class StudentRow:
-    """One ``student`` row: the distilled student's embedding and its cosine to the teacher's."""
-
-    window_id: int
-    embedding: np.ndarray
-    cosine_to_teacher: float
-
-
-@dataclass
-class ErrorRow:
-    """One ``errors`` row; ``kind`` is the `PipelineError` class name."""
-
-    kind: str
-    message: str
-    window_id: int | None = None
-    t_wall: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
-
-    @classmethod
-    def from_error(cls, error: BaseException, *, t_wall: datetime | None = None) -> "ErrorRow":
-        """The row for an exception (its class name, message and window id when it has one)."""
-        kind = error.kind if isinstance(error, PipelineError) else type(error).__name__
-        row = cls(kind=kind, message=str(error), window_id=getattr(error, "window_id", None))
-        if t_wall is not None:
-            row.t_wall = t_wall
-        return row
-
-
-def table_schema(table: str, *, embedding_dim: int | None = None) -> pa.Schema:
-    """The Arrow schema of one table (without the ``stream_id`` partition column).
-
-    ``windows`` and ``student`` need ``embedding_dim`` for their fixed-size embedding column.
-    """
-    if table in ("windows", "student") and embedding_dim is None:
-        raise ValueError(f"the {table} schema needs embedding_dim")
-    wid = pa.field("window_id", pa.int64(), nullable=False)
-    if table == "windows":
-        return pa.schema(
-            [
-                wid,
-                pa.field("t_start", pa.float64(), nullable=False),
-                pa.field("t_end", pa.float64(), nullable=False),
-                pa.field("has_video", pa.bool_(), nullable=False),
-                pa.field("has_audio", pa.bool_(), nullable=False),
-                pa.field("has_points", pa.bool_(), nullable=False),
-                pa.field("state_reset", pa.bool_(), nullable=False),
-                pa.field("labels", pa.list_(LABEL_TYPE), nullable=False),
-                pa.field("embedding", pa.list_(pa.float32(), embedding_dim), nullable=False),
-                pa.field("model", pa.string(), nullable=False),
-            ]
-        )
-    if table == "flow":
-        return pa.schema(
-            [
-                wid,
-                pa.field("t", pa.float64(), nullable=False),
-                pa.field("height", pa.int32(), nullable=False),
-                pa.field("width", pa.int32(), nullable=False),
-                pa.field("flow", pa.list_(pa.float32()), nullable=False),
-                pa.field("frame", pa.binary()),
-            ]
-        )
-    if table == "student":
-        emb = pa.field("embedding", pa.list_(pa.float32(), embedding_dim), nullable=False)
-        return pa.schema([wid, emb, pa.field("cosine_to_teacher", pa.float32(), nullable=False)])
-    if table == "errors":
-        return pa.schema(
-            [
-                pa.field("window_id", pa.int64()),
-                pa.field("t_wall", pa.timestamp("us", tz="UTC"), nullable=False),
-                pa.field("kind", pa.string(), nullable=False),
-                pa.field("message", pa.string(), nullable=False),
-            ]
-        )
-    raise ValueError(f"unknown table {table!r}; expected one of {TABLES}")
-
-
-def _embeddings(rows: Sequence[WindowRow | StudentRow]) -> pa.FixedSizeListArray:
-    emb = np.stack([np.asarray(r.embedding, dtype=np.float32).reshape(-1) for r in rows])
-    return pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), type=pa.float32()), emb.shape[1])
-
-
-def _embedding_dim(rows: Sequence[WindowRow | StudentRow], table: str) -> int:
-    dims = {int(np.asarray(r.embedding).size) for r in rows}
-    if len(dims) != 1:
-        raise ValueError(f"{table} rows have embeddings of different sizes {sorted(dims)}")
-    return dims.pop()
-
-
-def _windows_table(rows: Sequence[WindowRow]) -> pa.Table:
-    labels = pa.array(
-        [[{"label": str(k), "score": float(s)} for k, s in r.labels] for r in rows], type=pa.list_(LABEL_TYPE)
-    )
-    schema = table_schema("windows", embedding_dim=_embedding_dim(rows, "windows"))
-    return pa.Table.from_arrays(
-        [
-            pa.array([r.window_id for r in rows], pa.int64()),
-            pa.array([r.t_start for r in rows], pa.float64()),
-            pa.array([r.t_end for r in rows], pa.float64()),
-            pa.array([r.has_video for r in rows], pa.bool_()),
-            pa.array([r.has_audio for r in rows], pa.bool_()),
-            pa.array([r.has_points for r in rows], pa.bool_()),
-            pa.array([r.state_reset for r in rows], pa.bool_()),
-            labels,
-            _embeddings(rows),
-            pa.array([r.model for r in rows], pa.string()),
-        ],
-        schema=schema,
-    )
-
-
-def _flow_table(rows: Sequence[FlowRow]) -> pa.Table:
-    flows = [np.asarray(r.flow, dtype=np.float32) for r in rows]
-    for r, f in zip(rows, flows):
-        if f.ndim != 3 or f.shape[2] != 2:
-            raise ValueError(f"flow of window {r.window_id} must be H x W x 2, got shape {f.shape}")
-    offsets = np.concatenate([[0], np.cumsum([f.size for f in flows])]).astype(np.int32)
-    values = pa.array(np.concatenate([f.reshape(-1) for f in flows]), type=pa.float32())
-    return pa.Table.from_arrays(
-        [
-            pa.array([r.window_id for r in rows], pa.int64()),
-            pa.array([r.t for r in rows], pa.float64()),
-            pa.array([f.shape[0] for f in flows], pa.int32()),
-            pa.array([f.shape[1] for f in flows], pa.int32()),
-            pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values),
-            pa.array([r.frame for r in rows], pa.binary()),
-        ],
-        schema=table_schema("flow"),
-    )
-
-
-def _student_table(rows: Sequence[StudentRow]) -> pa.Table:
-    return pa.Table.from_arrays(
-        [
-            pa.array([r.window_id for r in rows], pa.int64()),
-            _embeddings(rows),
-            pa.array([r.cosine_to_teacher for r in rows], pa.float32()),
-        ],
-        schema=table_schema("student", embedding_dim=_embedding_dim(rows, "student")),
-    )
-
-
-def _errors_table(rows: Sequence[ErrorRow]) -> pa.Table:
-    def utc(t: datetime) -> datetime:
-        return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
-
-    return pa.Table.from_arrays(
-        [
-            pa.array([r.window_id for r in rows], pa.int64()),
-            pa.array([utc(r.t_wall) for r in rows], pa.timestamp("us", tz="UTC")),
-            pa.array([r.kind for r in rows], pa.string()),
-            pa.array([r.message for r in rows], pa.string()),
-        ],
-        schema=table_schema("errors"),
-    )
 
 
 class OutputWriter:
@@ -381,10 +190,9 @@ class OutputWriter:
                 "flow": _new_rows(flow, done["flow"]),
                 "student": _new_rows(student, done["student"]),
             }
-            builders = {"windows": _windows_table, "flow": _flow_table, "student": _student_table}
-            tables = {name: builders[name](rows) for name, rows in fresh.items() if rows}
+            tables = {name: to_arrow(name, rows) for name, rows in fresh.items() if rows}
             if errors:
-                tables["errors"] = _errors_table(errors)
+                tables["errors"] = to_arrow("errors", errors)
             if not tables:
                 return []
             seq = self._seq.get(stream_id, 0)
@@ -514,3 +322,6 @@ def read_file_metadata(path: str | Path) -> dict[str, str]:
         "model": meta.get(META_MODEL, b"").decode(),
         "config_hash": meta.get(META_CONFIG_HASH, b"").decode(),
     }
+
+
+__all__ = ["SCHEMA_VERSION", "ErrorRow", "FlowRow", "OutputWriter", "StudentRow", "WindowRow", "read_file_metadata"]

@@ -24,6 +24,8 @@ from pipeline.config import Config, StreamConfig, parse_config
 from pipeline.errors import PipelineError
 from pipeline.sources.audio import AudioDecoder, audio_chunks
 from pipeline.sources.live import MediaReader
+from pipeline.sources.points import read_point_scans
+from pipeline.sources.synthetic import SyntheticRig
 from pipeline.sources.video import VideoDecoder, decimate
 from pipeline.window import Window
 from pipeline.windowing import EPS, windows
@@ -55,8 +57,6 @@ def open_stream(
     sid = stream_cfg.id
     truth_of = None
     if stream_cfg.synthetic is not None:
-        from pipeline.sources.synthetic import SyntheticRig
-
         syn = stream_cfg.synthetic
         rig = SyntheticRig(
             syn.seed,
@@ -95,8 +95,6 @@ def open_stream(
                 on_error=on_error,
             )
         if stream_cfg.points is not None:
-            from pipeline.sources.points import read_point_scans
-
             sources["points"] = read_point_scans(stream_cfg.points, stream_id=sid, on_error=on_error)
     out = windows(
         sid,

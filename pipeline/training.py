@@ -22,7 +22,7 @@ stream at a time made consecutive batches so alike that flow barely trained (a t
 in 400). The order is a function of ``(step, train seeds)``, so a resumed run sees the batches
 the interrupted one would have seen.
 
-After ``train.steps``, ``train.pool_steps`` more train the model's ``label_pool`` reads alone, the
+After ``train.steps``, ``train.pool_steps`` more train the model's ``labels.pool`` reads alone, the
 rest frozen (`PoolPhase`); the main steps never touch them, so their gates stay shut until then.
 
 Checkpoints: every ``checkpoint_every`` steps to ``<output>/_checkpoints/train/step-NNNNNNN/``
@@ -80,20 +80,13 @@ def settings_config(data: dict[str, Any], streams: list[dict[str, Any]]) -> Conf
 
 def video_frames_needed(config: StreamingConfig) -> int | None:
     """How many trailing frames of a window the model reads (None = all of them)."""
-    spec = config.modalities.get("video")
-    flow = 2 if config.flow_modality is not None else 1
-    if spec is None:
-        return flow if config.flow_modality is not None else None
-    return None if spec.get("frames") is None else max(int(spec["frames"]), flow)
+    return config.video_frames
 
 
 def points_needed(config: StreamingConfig) -> tuple[int | None, int] | None:
     """``(scans, max_points)`` of the model's ``points`` adapter: it reads at most ``max_points``
     points of each window's last ``scans`` scans (None = all scans); None without one."""
-    spec = config.modalities.get("points")
-    if spec is None or spec.get("kind") != "points":
-        return None
-    return spec.get("scans"), int(spec["max_points"])
+    return config.points
 
 
 def compact(window: Window, video_frames: int | None) -> Window:
@@ -178,9 +171,16 @@ _RESUME_FIXED = ("batch_size", "lr", "weight_decay", "warmup_steps", "grad_clip"
                  "flow_weight", "label_weight", "label_start", "carry_state", "chain")
 
 
+def _differences(new: dict[str, Any], old: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the options that differ between two nested config dicts."""
+    nested = [k for k in new if isinstance(new[k], dict) and isinstance(old.get(k), dict)]
+    return sorted([d for k in nested for d in _differences(new[k], old[k], f"{prefix}{k}.")]
+                  + [prefix + k for k in new.keys() | old.keys() if k not in nested and new.get(k) != old.get(k)])
+
+
 def _check_resumable(path: Path, config: StreamingConfig, meta: dict[str, Any]) -> None:
     saved, saved_meta = read_config(path)
-    diffs = [k for k, v in config.to_dict().items() if saved.to_dict().get(k) != v]
+    diffs = _differences(config.to_dict(), saved.to_dict())
     diffs += [k for k in ("train_seeds", "seconds", "data") if saved_meta.get(k) != meta[k]]
     # A run resumed under another optimisation would be neither run; only its length may change.
     saved_train = saved_meta.get("train", {})
@@ -212,8 +212,9 @@ def build_model_config(cfg: Config) -> StreamingConfig:
     from pipeline.sources.synthetic import CLASSES
 
     overrides = dict(cfg.train.model)
-    overrides.setdefault("flow_size", list(cfg.video.size or (64, 64)))
-    overrides["class_names"] = list(CLASSES)
+    if isinstance(overrides.get("flow", {}), dict):
+        overrides["flow"] = {"size": list(cfg.video.size or (64, 64)), **overrides.get("flow", {})}
+    overrides["labels"] = {**overrides.get("labels", {}), "class_names": list(CLASSES)}
     try:
         return StreamingConfig.from_dict(overrides)
     except (TypeError, ValueError) as e:
@@ -254,15 +255,15 @@ def train_job(cfg: Config, *, resume: bool = True, progress: bool = True) -> dic
         "train_seeds": list(tc.seeds),
         "seconds": tc.seconds,
         "data": data_settings(cfg),
-        "class_names": list(config.class_names),
+        "class_names": list(config.labels.class_names),
         "train": tc.model_dump(mode="json", exclude={"checkpoint"}),
     }
 
     torch.manual_seed(0)
     model = StreamingPerceiverIO(config)
     if tc.pool_steps and not model.pool_parameters():
-        raise ConfigError("train.pool_steps trains the model's label_pool reads, but train.model has none; "
-                          "set train.model.label_pool or train.pool_steps: 0")
+        raise ConfigError("train.pool_steps trains the model's labels.pool reads, but train.model has none; "
+                          "set train.model.labels.pool or train.pool_steps: 0")
     total = tc.steps + tc.pool_steps
     start = 0
     if not resume:
@@ -376,7 +377,7 @@ def train_job(cfg: Config, *, resume: bool = True, progress: bool = True) -> dic
 
 
 def _optimizer(model: StreamingPerceiverIO, tc: Any, *, pool_phase: bool) -> torch.optim.Optimizer:
-    """AdamW over the parameters a phase trains: all but the ``label_pool`` reads (whose gates
+    """AdamW over the parameters a phase trains: all but the ``labels.pool`` reads (whose gates
     stay shut), or in the pool phase those reads alone (the rest frozen)."""
     pool = {id(p) for p in model.pool_parameters()}
     params = [p for p in model.parameters() if (id(p) in pool) == pool_phase]
@@ -388,9 +389,9 @@ def _optimizer(model: StreamingPerceiverIO, tc: Any, *, pool_phase: bool) -> tor
 class PoolPhase:
     """The pool phase's data (``train.pool_steps``): each training window's latent label read
     (`StreamingPerceiverIO.latent_label_read`, frozen, without state) computed once for each
-    modality that no ``label_pool`` read takes, with that modality dropped. A step then draws
+    modality that no ``labels.pool`` read takes, with that modality dropped. A step then draws
     windows and, for each, which modality it lacks, and runs only the pooled reads: the loss is
-    the label cross-entropy of ``label_head(cached read + pooled read)``, exactly the model's
+    the label cross-entropy of ``labels.head(cached read + pooled read)``, exactly the model's
     labels for that window without that modality (`eval --drop`'s case). So the pooled reads
     learn what one missing modality would have told the others, at the cost of the pooled
     modalities' adapters alone: the frozen model runs once per window and modality, not per step.
@@ -403,9 +404,9 @@ class PoolPhase:
         from tqdm import tqdm
 
         self.model, self.windows, self.video_frames = model, windows, video_frames
-        self.others = [k for k in model.config.modalities if k not in model.config.label_pool]
+        self.others = [k for k in model.config.modalities if k not in model.config.labels.pool]
         if not self.others:
-            raise ConfigError("train.pool_steps: the pool phase needs a modality that no label_pool read takes")
+            raise ConfigError("train.pool_steps: the pool phase needs a modality that no labels.pool read takes")
         reads, labels = [], []
         model.eval()
         with torch.no_grad():
@@ -425,9 +426,9 @@ class PoolPhase:
         rows = self.labelled[torch.randint(self.labelled.numel(), (batch_size,), generator=generator)]
         lack = torch.randint(len(self.others), (batch_size,), generator=generator)
         batch = collate([self.windows[i] for i in rows.tolist()], video_frames=self.video_frames,
-                        only=self.model.config.label_pool)
+                        only=self.model.config.labels.pool)
         pooled = self.model.pooled_label_read(batch)
-        logits = self.model.label_head(self.reads[rows, lack].to(pooled.device) + pooled)
+        logits = self.model.labels.head(self.reads[rows, lack].to(pooled.device) + pooled)
         return torch.nn.functional.cross_entropy(logits.float(), self.labels[rows].to(logits.device))
 
 

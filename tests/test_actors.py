@@ -412,9 +412,8 @@ def test_model_actor_offers_every_nth_batch_to_the_distiller_and_drops_while_it_
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_model_actor_runs_a_real_model_on_cuda_under_bf16_autocast():
     model = StreamingPerceiverIO(
-        StreamingConfig(
-            num_latents=8, latent_channels=16, self_heads=2, flow_size=(8, 8), flow_channels=16, class_names=("x", "y")
-        )
+        StreamingConfig.from_dict({"encoder": {"num_latents": 8, "latent_channels": 16, "self_heads": 2},
+                                   "flow": {"size": (8, 8), "channels": 16}, "labels": {"class_names": ("x", "y")}})
     )
     cfg = make_cfg(2, max_wait_ms=1, device="cuda")
     actor = ModelActor(cfg, device="cuda", build=lambda c, d: TorchPredictor(model, "tiny", d))

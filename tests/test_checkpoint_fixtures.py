@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from perceiver_stream import Batch, ModalityBatch, load_checkpoint
+from perceiver_stream import Batch, ModalityBatch, load_checkpoint, read_config
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ROOT = Path(__file__).parent.parent
@@ -21,13 +21,16 @@ def _batch(d: dict) -> Batch:
     return Batch(d["stream_ids"], d["window_ids"], d["t_start"], d["t_end"], d["reset"], mods)
 
 
+@pytest.mark.parametrize("config", ["recorded v1", "shipped"])
 @pytest.mark.parametrize("name", ["default", "student"])
-def test_shipped_checkpoint_gives_recorded_outputs_from_recorded_config(name, tmp_path):
+def test_shipped_checkpoint_gives_recorded_outputs_from_recorded_config(name, config, tmp_path):
     doc = torch.load(FIXTURES / "checkpoints.pt", weights_only=True)
     folder = tmp_path / name
     folder.mkdir()
     shutil.copy(ROOT / "checkpoints" / name / "model.safetensors", folder / "model.safetensors")
-    shutil.copy(FIXTURES / f"{name}_config_v1.json", folder / "config.json")
+    recorded = FIXTURES / f"{name}_config_v1.json"
+    shutil.copy(recorded if config == "recorded v1" else ROOT / "checkpoints" / name / "config.json",
+                folder / "config.json")
     model, _ = load_checkpoint(folder)
     torch.set_num_threads(2)
     state = None
@@ -40,3 +43,9 @@ def test_shipped_checkpoint_gives_recorded_outputs_from_recorded_config(name, tm
                 assert got is not None, field
                 assert got.dtype == want.dtype and got.shape == want.shape, field
                 assert torch.equal(got, want), f"{name}: {field} differs by {(got.float() - want.float()).abs().max()}"
+
+
+@pytest.mark.parametrize("name", ["default", "student"])
+def test_shipped_config_json_is_the_recorded_one_in_the_current_format(name, tmp_path):
+    shutil.copy(FIXTURES / f"{name}_config_v1.json", tmp_path / "config.json")
+    assert read_config(ROOT / "checkpoints" / name) == read_config(tmp_path)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from perceiver_stream.checkpoint import load_checkpoint
-from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO
+from perceiver_stream.config import StreamingConfig
+from perceiver_stream.streaming import StreamingPerceiverIO
 from perceiver_stream.student import distill_losses, embedding_cosine, init_from_teacher, student_config
 from pipeline.collate import collate
 from pipeline.config import DistillConfig
@@ -17,12 +18,14 @@ from pipeline.sources.synthetic import CLASSES
 
 def _teacher() -> StreamingPerceiverIO:
     torch.manual_seed(1)
-    return StreamingPerceiverIO(StreamingConfig(
-        modalities={"video": {"kind": "video", "patch": 8}, "audio": {"kind": "audio_mel", "n_mels": 16},
-                    "points": {"kind": "points", "max_points": 64}},
-        num_latents=16, latent_channels=32, self_heads=2, self_attends_per_block=2, num_blocks=2,
-        flow_size=(32, 32), flow_channels=32, flow_pos_bands=4, class_names=CLASSES,
-    )).eval()
+    return StreamingPerceiverIO(StreamingConfig.from_dict({
+        "modalities": {"video": {"kind": "video", "patch": 8}, "audio": {"kind": "audio_mel", "n_mels": 16},
+                       "points": {"kind": "points", "max_points": 64}},
+        "encoder": {"num_latents": 16, "latent_channels": 32, "self_heads": 2, "self_attends_per_block": 2,
+                    "num_blocks": 2},
+        "flow": {"size": (32, 32), "channels": 32, "pos_bands": 4},
+        "labels": {"class_names": CLASSES},
+    })).eval()
 
 
 @pytest.fixture(scope="module")
@@ -34,16 +37,20 @@ def batch():
 def test_student_config_is_smaller_and_comparable():
     teacher = _teacher().config
     s = student_config(teacher)
-    assert s.num_latents < teacher.num_latents and s.self_attends_per_block * s.num_blocks < 4
-    assert s.latent_channels == teacher.latent_channels and s.class_names == teacher.class_names
-    assert student_config(teacher, {"num_latents": 5}).num_latents == 5
+    assert s.encoder.num_latents < teacher.encoder.num_latents
+    assert s.encoder.self_attends_per_block * s.encoder.num_blocks < 4 and s.flow.channels < teacher.flow.channels
+    assert s.encoder.latent_channels == teacher.encoder.latent_channels and s.labels == teacher.labels
+    assert student_config(teacher, {"encoder": {"num_latents": 5}}).encoder.num_latents == 5
     with pytest.raises(ValueError, match="latent_channels"):
-        student_config(teacher, {"latent_channels": 16})
+        student_config(teacher, {"encoder": {"latent_channels": 16}})
     with pytest.raises(ValueError, match="no option"):
         student_config(teacher, {"latents": 4})
+    with pytest.raises(ValueError, match="'num_latents' is now 'encoder.num_latents'"):
+        student_config(teacher, {"num_latents": 4})
     # adapter options merge into the teacher's spec; the modalities themselves stay
-    cheap = student_config(teacher, {"modalities": {"points": {"max_points": 16}}, "flow_stride": 2})
-    assert cheap.modalities["points"]["max_points"] == 16 and cheap.flow_stride == 2
+    cheap = student_config(teacher, {"modalities": {"points": {"max_points": 16}}, "flow": {"stride": 2}})
+    assert cheap.modalities["points"]["max_points"] == 16 and cheap.flow.stride == 2
+    assert cheap.flow.size == teacher.flow.size
     assert cheap.modalities["video"] == teacher.modalities["video"]
     assert cheap.modalities["points"]["pos_bands"] == teacher.modalities["points"]["pos_bands"]
     with pytest.raises(ValueError, match="modalities"):
@@ -54,18 +61,20 @@ def test_init_from_teacher_copies_what_fits(batch):
     teacher = _teacher()
     student = StreamingPerceiverIO(student_config(teacher.config))
     left = init_from_teacher(student, teacher)
-    assert left and all(name.startswith("flow_") for name in left)  # only the narrower flow decoder
-    assert torch.equal(student.encoder.attn.q.weight, teacher.encoder.attn.q.weight)
-    assert torch.equal(student.latents[0], teacher.latents[0]) and torch.equal(student.latents[-1], teacher.latents[-1])
+    assert left and all(name.startswith("flow.") for name in left)  # only the narrower flow decoder
+    assert torch.equal(student.encoder.cross_attends[0].attn.q.weight, teacher.encoder.cross_attends[0].attn.q.weight)
+    t, s = teacher.encoder.latents, student.encoder.latents
+    assert torch.equal(s[0], t[0]) and torch.equal(s[-1], t[-1])
 
 
 def test_init_from_teacher_takes_each_latent_group_from_the_same_group():
     torch.manual_seed(0)
-    cfg = _teacher().config.replace(num_latents=12, modality_latents={"points": 6, "audio": 3})
+    cfg = _teacher().config.merged({"encoder": {"num_latents": 12, "modality_latents": {"points": 6, "audio": 3}}})
     teacher = StreamingPerceiverIO(cfg)
-    student = StreamingPerceiverIO(student_config(cfg, {"num_latents": 4, "modality_latents": {"points": 2, "audio": 3}}))
+    student = StreamingPerceiverIO(student_config(
+        cfg, {"encoder": {"num_latents": 4, "modality_latents": {"points": 2, "audio": 3}}}))
     init_from_teacher(student, teacher)
-    t, s = teacher.latents, student.latents
+    t, s = teacher.encoder.latents, student.encoder.latents
     assert torch.equal(s[:4], t[[0, 4, 7, 11]])  # shared from shared, evenly strided
     assert torch.equal(s[4:7], t[12:15])  # audio's own: all three
     assert torch.equal(s[7:9], t[[15, 20]])  # points' own: the first and the last
@@ -86,7 +95,7 @@ def test_distill_steps_raise_cosine_to_teacher(batch):
     teacher = _teacher()
     with torch.no_grad():
         t_out = teacher(batch)
-    distiller = Distiller(teacher, DistillConfig(lr=3e-3, student={"num_latents": 4}))
+    distiller = Distiller(teacher, DistillConfig(lr=3e-3, student={"encoder": {"num_latents": 4}}))
 
     def cosine() -> float:
         with torch.no_grad():
@@ -106,7 +115,8 @@ def test_distill_modality_dropout_holds_per_stream_and_resets_the_student_state(
 
     teacher = _teacher()
     rows = replace(batch, stream_ids=[f"s{i}" for i in range(len(batch))], reset=torch.zeros(len(batch), dtype=torch.bool))
-    distiller = Distiller(teacher, DistillConfig(student={"num_latents": 4}, modality_dropout=0.6, dropout_windows=2))
+    distiller = Distiller(teacher, DistillConfig(student={"encoder": {"num_latents": 4}}, modality_dropout=0.6,
+                                                 dropout_windows=2))
     names = list(rows.modalities)
 
     def present(b):
@@ -119,7 +129,7 @@ def test_distill_modality_dropout_holds_per_stream_and_resets_the_student_state(
     assert bool(first.reset.all()) and not bool(second.reset.any())  # new draws start from a reset state
     assert bool(third.reset.all())
     assert torch.equal(present(rows), torch.ones_like(present(rows)))  # the caller's batch is untouched
-    off = Distiller(teacher, DistillConfig(student={"num_latents": 4}))
+    off = Distiller(teacher, DistillConfig(student={"encoder": {"num_latents": 4}}))
     assert off._dropout(rows) is rows
     with torch.no_grad():
         t_out = teacher(rows)

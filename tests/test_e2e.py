@@ -42,17 +42,12 @@ WINDOWS = 7
 def tiny_checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = StreamingPerceiverIO(
-        StreamingConfig(
-            num_latents=8,
-            latent_channels=16,
-            self_heads=2,
-            self_attends_per_block=1,
-            num_blocks=1,
-            flow_size=(16, 16),
-            flow_channels=16,
-            flow_pos_bands=4,
-            class_names=CLASSES,
-        )
+        StreamingConfig.from_dict({
+            "encoder": {"num_latents": 8, "latent_channels": 16, "self_heads": 2, "self_attends_per_block": 1,
+                        "num_blocks": 1},
+            "flow": {"size": (16, 16), "channels": 16, "pos_bands": 4},
+            "labels": {"class_names": CLASSES},
+        })
     )
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", model)
 
@@ -223,7 +218,7 @@ def test_distilling_run_writes_student_rows_and_a_student_the_pipeline_can_run_o
     from pipeline.distill import student_checkpoint_path
 
     data = config_data(tiny_checkpoint, [synthetic("a", 1), synthetic("b", 2)])
-    data["distill"] = {"enabled": True, "checkpoint_every": 2, "student": {"num_latents": 4}}
+    data["distill"] = {"enabled": True, "checkpoint_every": 2, "student": {"encoder": {"num_latents": 4}}}
     out = tmp_path / "out"
     summary = run(parse_config(data), out)
     assert summary.exit_code == 0 and summary.windows == 2 * WINDOWS

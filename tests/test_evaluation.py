@@ -23,12 +23,14 @@ DATA = {"window": {"seconds": 1.0, "hop": 0.5}, "video": {"size": [32, 32], "fps
 
 def _tiny(num_latents: int = 8) -> StreamingPerceiverIO:
     torch.manual_seed(0)
-    return StreamingPerceiverIO(StreamingConfig(
-        modalities={"video": {"kind": "video", "patch": 8}, "audio": {"kind": "audio_mel", "n_mels": 16},
-                    "points": {"kind": "points", "max_points": 64}},
-        num_latents=num_latents, latent_channels=32, self_heads=2, self_attends_per_block=1, num_blocks=1,
-        flow_size=(32, 32), flow_channels=16, flow_pos_bands=4, class_names=CLASSES,
-    ))
+    return StreamingPerceiverIO(StreamingConfig.from_dict({
+        "modalities": {"video": {"kind": "video", "patch": 8}, "audio": {"kind": "audio_mel", "n_mels": 16},
+                       "points": {"kind": "points", "max_points": 64}},
+        "encoder": {"num_latents": num_latents, "latent_channels": 32, "self_heads": 2, "self_attends_per_block": 1,
+                    "num_blocks": 1},
+        "flow": {"size": (32, 32), "channels": 16, "pos_bands": 4},
+        "labels": {"class_names": CLASSES},
+    }))
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ from perceiver_stream.adapters.video import normalise_frames
 from perceiver_stream.batch import Batch, ModalityBatch, Targets
 from perceiver_stream.checkpoint import load_checkpoint, read_config, save_checkpoint
 from perceiver_stream.multimodal import drop_modalities
-from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO, StreamStates
+from perceiver_stream.config import StreamingConfig, deep_merge
+from perceiver_stream.streaming import StreamingPerceiverIO, StreamStates
 from perceiver_stream.train import losses, train
 
 RATE = 4000
@@ -20,7 +21,8 @@ HW = 16
 
 
 def small_config(**overrides) -> StreamingConfig:
-    """A tiny model over video, audio and points (fast on one CPU thread)."""
+    """A tiny model over video, audio and points (fast on one CPU thread); ``overrides`` are nested
+    sections deep-merged into it (``encoder={"num_latents": 4}``)."""
     base = dict(
         modalities={
             "video": {"kind": "video", "patch": 4, "frames": 2, "pos_bands": 4, "time_bands": 4},
@@ -28,16 +30,11 @@ def small_config(**overrides) -> StreamingConfig:
                       "time_bands": 4},
             "points": {"kind": "points", "pos_bands": 4, "max_points": 48, "time_bands": 4},
         },
-        num_latents=8,
-        latent_channels=32,
-        self_heads=2,
-        flow_size=(HW, HW),
-        flow_pos_bands=4,
-        flow_channels=16,
-        class_names=("a", "b", "c"),
+        encoder={"num_latents": 8, "latent_channels": 32, "self_heads": 2},
+        flow={"size": (HW, HW), "pos_bands": 4, "channels": 16},
+        labels={"class_names": ("a", "b", "c")},
     )
-    base.update(overrides)
-    return StreamingConfig(**base)
+    return StreamingConfig.from_dict(deep_merge(base, overrides))
 
 
 def make_batch(b: int = 3, seed: int = 0, frames: list[int] | None = None, points: list[int] | None = None,
@@ -102,21 +99,19 @@ def model() -> StreamingPerceiverIO:
 
 
 @pytest.fixture(scope="module")
-def mlp_model() -> StreamingPerceiverIO:
-    """The small model with per-token MLPs and norms on every modality and a flow correlation volume."""
+def corr_model() -> StreamingPerceiverIO:
+    """The small model with a flow correlation volume."""
     torch.manual_seed(0)
-    return StreamingPerceiverIO(
-        small_config(token_mlps={"video": 24, "audio": 8, "points": 16}, modality_norms=True, flow_corr_radius=2)
-    ).eval()
+    return StreamingPerceiverIO(small_config(flow={"corr_radius": 2})).eval()
 
 
 @pytest.fixture(scope="module")
 def local_model() -> StreamingPerceiverIO:
     """The small model with point edge features over the last scans and convolutional flow queries."""
     torch.manual_seed(0)
-    cfg = small_config(flow_query_hidden=8, modality_latents={"points": 2, "audio": 1})
-    cfg.modalities["points"] = {**cfg.modalities["points"], "local_k": 4, "local_channels": 8, "scans": 2, "global_pool": True}
-    return StreamingPerceiverIO(StreamingConfig.from_dict(cfg.to_dict())).eval()
+    cfg = small_config(flow={"query_hidden": 8}, encoder={"modality_latents": {"points": 2, "audio": 1}},
+                       modalities={"points": {"local_k": 4, "local_channels": 8, "scans": 2, "global_pool": True}})
+    return StreamingPerceiverIO(cfg).eval()
 
 
 @torch.no_grad()
@@ -128,14 +123,14 @@ def test_local_features_model_shapes_and_checkpoint_round_trip(local_model, tmp_
     save_checkpoint(tmp_path / "ck", local_model, {"note": "stem"})
     again, meta = load_checkpoint(tmp_path / "ck")
     assert again.config.modalities["points"] == local_model.config.modalities["points"]
-    assert again.config.flow_query_hidden == 8 and meta["note"] == "stem"
+    assert again.config.flow.query_hidden == 8 and meta["note"] == "stem"
     assert_outputs_close(again.eval()(batch), out, atol=0)
 
 
 @torch.no_grad()
 def test_flow_stride_decodes_a_coarser_grid_and_upsamples_it():
     torch.manual_seed(0)
-    coarse = StreamingPerceiverIO(small_config(flow_stride=2, flow_query_hidden=4)).eval()
+    coarse = StreamingPerceiverIO(small_config(flow={"stride": 2, "query_hidden": 4})).eval()
     batch = make_batch(b=3, frames=[4, 1, 2])
     out = coarse(batch)
     assert out.flow.shape == (3, HW, HW, 2) and out.flow_valid.tolist() == [True, False, True]
@@ -147,32 +142,30 @@ def test_flow_stride_decodes_a_coarser_grid_and_upsamples_it():
     pooled = torch.nn.functional.avg_pool2d(f.permute(2, 0, 1)[None], 2)[0]
     up = torch.nn.functional.interpolate(pooled[None], scale_factor=2, mode="bilinear", align_corners=False)[0]
     assert (up.permute(1, 2, 0) - f)[2:-2, 2:-2].abs().max() < 0.5 * f.abs().max()
-    with pytest.raises(ValueError, match="flow_stride"):
-        small_config(flow_stride=3)
+    with pytest.raises(ValueError, match="flow.stride"):
+        small_config(flow={"stride": 3})
 
 
 @torch.no_grad()
-def test_labels_from_encoder_read_the_latents_before_the_tower():
+def test_labels_read_the_latents_before_the_tower():
     torch.manual_seed(0)
-    m = StreamingPerceiverIO(small_config(labels_from_encoder=True)).eval()
+    m = StreamingPerceiverIO(small_config()).eval()
     batch = make_batch(b=2)
     before = m(batch)
-    for p in m.tower.parameters():
+    for p in m.encoder.self_attends.parameters():
         p.add_(0.5 * torch.randn_like(p))
     after = m(batch)
     torch.testing.assert_close(after.label_logits, before.label_logits)  # the tower is not on their path
-    torch.testing.assert_close(m.label_head(m.latent_label_read(batch)), after.label_logits)  # (nor on this one)
+    torch.testing.assert_close(m.labels.head(m.latent_label_read(batch)), after.label_logits)  # (nor on this one)
     assert not torch.allclose(after.embedding, before.embedding)  # flow, embedding, state still read z
     assert not torch.allclose(after.flow, before.flow)
-    m.config = replace(m.config, labels_from_encoder=False)  # the default: labels read z too
-    assert not torch.allclose(m(batch).label_logits, before.label_logits)
 
 
 @torch.no_grad()
 def test_modality_latents_attend_to_their_own_modality_alone():
     torch.manual_seed(0)
-    m = StreamingPerceiverIO(small_config(modality_latents={"points": 3, "audio": 0})).eval()
-    assert m.latents.shape == (8 + 3, 32) and m.config.total_latents == 11
+    m = StreamingPerceiverIO(small_config(encoder={"modality_latents": {"points": 3, "audio": 0}})).eval()
+    assert m.encoder.latents.shape == (8 + 3, 32) and m.config.total_latents == 11
     assert m.latent_modality.tolist() == [-1] * 8 + [2] * 3
     batch = make_batch(b=2)
     encoded, z = m.encode(batch)
@@ -186,7 +179,7 @@ def test_modality_latents_attend_to_their_own_modality_alone():
     other_points = replace(batch, modalities={**batch.modalities, "points": replace(pts, values=-pts.values)})
     assert not torch.allclose(m.encode(other_points)[0][:, 8:], encoded[:, 8:])
     with pytest.raises(ValueError, match="modality_latents"):
-        small_config(modality_latents={"lidar": 2})
+        small_config(encoder={"modality_latents": {"lidar": 2}})
 
 
 def absent_in_row_1(batch: Batch, name: str) -> Batch:
@@ -197,21 +190,21 @@ def absent_in_row_1(batch: Batch, name: str) -> Batch:
 
 def test_label_groups_read_each_modality_s_latents_and_are_supervised_where_present():
     torch.manual_seed(0)
-    m = StreamingPerceiverIO(small_config(label_groups=True, modality_latents={"points": 2, "audio": 3})).eval()
-    assert m.label_slices == [(0, 8), (8, 11), (11, 13)] and m.label_group_modality == [None, "audio", "points"]
+    m = StreamingPerceiverIO(small_config(encoder={"modality_latents": {"points": 2, "audio": 3}})).eval()
+    assert m.labels.groups == [(0, 8), (8, 11), (11, 13)] and m.group_modality == [None, "audio", "points"]
     batch = absent_in_row_1(make_batch(b=3), "points")
     out = m(batch)
     assert out.group_logits.shape == (3, 3, 3)
     assert out.group_valid.tolist() == [[True, True, True], [True, True, False], [True, True, True]]
     # the labels are the head of the groups' summed reads; each group's logits its read alone
-    encoded, z = m.encode(batch)
-    terms = m.label_terms(z)
-    torch.testing.assert_close(out.label_logits, m.label_head(terms.sum(1)))
-    torch.testing.assert_close(out.group_logits, m.label_head(terms))
+    encoded, _ = m.encode(batch)
+    terms = m.labels.group_reads(encoded)  # (the encoder's latents, before the tower)
+    torch.testing.assert_close(out.label_logits, m.labels.head(terms.sum(1)))
+    torch.testing.assert_close(out.group_logits, m.labels.head(terms))
     # a group reads its own latents alone: changing the points' latents moves only the points' read
-    z2 = z.clone()
+    z2 = encoded.clone()
     z2[:, 11:] += 1.0
-    moved = (m.label_terms(z2) - terms).abs().amax(dim=(0, 2))
+    moved = (m.labels.group_reads(z2) - terms).abs().amax(dim=(0, 2))
     assert moved[:2].tolist() == [0.0, 0.0] and moved[2] > 0
     # the per-group loss counts present groups only: row 1's points scores do not matter
     parts = losses(out, batch.targets)
@@ -221,7 +214,8 @@ def test_label_groups_read_each_modality_s_latents_and_are_supervised_where_pres
     assert losses(replace(out, group_logits=scrambled), batch.targets)["group_ce"] == parts["group_ce"]
     scrambled[0, 2] = torch.tensor([50.0, -50.0, 0.0])
     assert losses(replace(out, group_logits=scrambled), batch.targets)["group_ce"] != parts["group_ce"]
-    assert m(batch).group_logits is not None and StreamingPerceiverIO(small_config())(batch).group_logits is None
+    # without latents of its own, a model has one group: the shared latents
+    assert StreamingPerceiverIO(small_config())(batch).group_logits.shape == (3, 1, 3)
 
 
 @torch.no_grad()
@@ -229,37 +223,38 @@ def test_label_pool_reads_the_max_of_a_modality_s_tokens_and_leaves_no_trace_whe
     torch.manual_seed(0)
     video_spec = {"kind": "video", "patch": 4, "frames": 2, "conv": 6, "pos_bands": 4, "time_bands": 4}
     mods = {**small_config().modalities, "video": video_spec}
-    m = StreamingPerceiverIO(small_config(modalities=mods, label_groups=True, modality_latents={"points": 2},
-                                          label_pool=("video",))).eval()
-    assert m.preprocess.adapters["video"].pool_channels == (48, 54)  # the stem's channels, after the pixels
+    m = StreamingPerceiverIO(small_config(modalities=mods, encoder={"modality_latents": {"points": 2}},
+                                          labels={"pool": ["video"]})).eval()
+    a, z = m.preprocess.adapters["video"].pool_channels
+    assert z - a == 6 and a == m.preprocess.adapters["video"].out_channels  # the stem's channels, after the tokens
     batch = absent_in_row_1(make_batch(b=3), "video")
     video = batch.modalities["video"]
     # the pooled read's gate starts shut: the labels are those of the model without it
-    assert torch.all(m.pooled_terms(m.preprocess(batch)) == 0)
-    torch.testing.assert_close(m(batch).label_logits, m.label_head(m.label_terms(m.encode(batch)[1]).sum(1)))
-    m.pool_gates.fill_(1.0)
+    assert torch.all(m.labels.pooled_reads(m.preprocess(batch)) == 0)
+    torch.testing.assert_close(m(batch).label_logits, m.labels.head(m.labels.group_reads(m.encode(batch)[0]).sum(1)))
+    m.labels.pool_gates.fill_(1.0)
     out = m(batch)
     # groups: the shared latents and the points' latents (the pooled read is not a group)
     assert out.group_logits.shape == (3, 2, 3) and out.group_valid.all()
     tok = m.preprocess(batch)
-    pooled = m.pooled_terms(tok)
+    pooled = m.labels.pooled_reads(tok)
     raw, _ = m.preprocess.adapters["video"](batch.modalities["video"], batch.t_end)
-    proj = m.label_pools["video"](raw[..., 48:54])
+    proj = m.labels.pools["video"](raw[..., a:z])
     torch.testing.assert_close(pooled[0, 0], proj[0].amax(dim=0))  # a max over the row's video tokens
     assert proj[0].argmax(dim=0).unique().numel() > 1  # (different tokens win different channels)
     assert torch.all(pooled[1] == 0)  # no video in row 1: nothing pooled
-    terms = m.label_terms(m.encode(batch)[1])
-    torch.testing.assert_close(out.label_logits, m.label_head(terms.sum(1) + pooled.sum(1)))
-    torch.testing.assert_close(out.group_logits, m.label_head(terms))
+    terms = m.labels.group_reads(m.encode(batch)[0])
+    torch.testing.assert_close(out.label_logits, m.labels.head(terms.sum(1) + pooled.sum(1)))
+    torch.testing.assert_close(out.group_logits, m.labels.head(terms))
     # the same from the two reads, without decoding flow
-    torch.testing.assert_close(m.label_head(m.latent_label_read(batch) + m.pooled_label_read(batch)), out.label_logits)
+    torch.testing.assert_close(m.labels.head(m.latent_label_read(batch) + m.pooled_label_read(batch)), out.label_logits)
     # a row without video gets the same labels as a batch that never had video
     none = m(replace(batch, modalities={k: v for k, v in batch.modalities.items() if k != "video"}))
     torch.testing.assert_close(out.label_logits[1], none.label_logits[1])
     # a box's corner anywhere moves the pooled read: one token's change reaches it through the max
     changed = video.values.clone()
     changed[0, :, :4, :4] = 255 - changed[0, :, :4, :4]
-    moved = m.pooled_terms(m.preprocess(replace(batch, modalities={**batch.modalities, "video": replace(
+    moved = m.labels.pooled_reads(m.preprocess(replace(batch, modalities={**batch.modalities, "video": replace(
         batch.modalities["video"], values=changed)})))
     assert not torch.allclose(moved[0], pooled[0]) and torch.equal(moved[2], pooled[2])
     # the stem is trained by the pooled read alone: the flow (through the tokens) gives it no gradient
@@ -269,35 +264,34 @@ def test_label_pool_reads_the_max_of_a_modality_s_tokens_and_leaves_no_trace_whe
         assert stem.grad is None or torch.all(stem.grad == 0)
         m(batch).label_logits.sum().backward()
         assert stem.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="label_pool"):
-        small_config(label_pool=("lidar",))
+    with pytest.raises(ValueError, match="labels.pool"):
+        small_config(labels={"pool": ["lidar"]})
     with pytest.raises(ValueError, match="poolable"):
-        StreamingPerceiverIO(small_config(label_pool=("points",)))
+        StreamingPerceiverIO(small_config(labels={"pool": ["points"]}))
 
 
 @torch.no_grad()
 def test_private_stem_channels_feed_the_pooled_read_alone():
     torch.manual_seed(0)
     plain = {"kind": "video", "patch": 4, "frames": 2, "pos_bands": 4, "time_bands": 4}
-    base = StreamingPerceiverIO(small_config(modalities={**small_config().modalities, "video": plain},
-                                             label_groups=True)).eval()
-    private = {**plain, "conv": 6, "conv_tokens": False}
-    m = StreamingPerceiverIO(small_config(modalities={**small_config().modalities, "video": private},
-                                          label_groups=True, label_pool=("video",))).eval()
+    base = StreamingPerceiverIO(small_config(modalities={"video": plain})).eval()
+    private = {**plain, "conv": 6}
+    m = StreamingPerceiverIO(small_config(modalities={"video": private}, labels={"pool": ["video"]})).eval()
     video = m.preprocess.adapters["video"]
     assert (video.out_channels, video.private_channels) == (base.preprocess.adapters["video"].out_channels, 6)
     assert video.pool_channels == (video.out_channels, video.out_channels + 6)
     assert m.preprocess.width == base.preprocess.width
     # a trained model given a private stem: only the stem and the pooled read are new weights...
     missing, unexpected = m.load_state_dict(base.state_dict(), strict=False)
-    assert unexpected == [] and {k.split(".")[0] for k in missing} == {"preprocess", "label_pools", "pool_gates"}
+    assert unexpected == [] and {k.split(".")[0] for k in missing} == {"preprocess", "labels"}
+    assert {k.split(".")[1] for k in missing if k.startswith("labels")} == {"pools", "pool_gates"}
     assert all(".stem." in k for k in missing if k.startswith("preprocess"))
     batch = make_batch(b=3)
     out, before = m(batch), base(batch)
     # ...its outputs are the model's own until the pooled read is trained; then only the labels move
     for field in ("flow", "embedding", "state", "label_logits"):
         torch.testing.assert_close(getattr(out, field), getattr(before, field))
-    m.pool_gates.fill_(1.0)
+    m.labels.pool_gates.fill_(1.0)
     out = m(batch)
     tok = m.preprocess(batch)
     torch.testing.assert_close(tok.tokens, base.preprocess(batch).tokens)
@@ -306,9 +300,9 @@ def test_private_stem_channels_feed_the_pooled_read_alone():
     assert not torch.allclose(out.label_logits, before.label_logits)
     stem = video.stem(normalise_frames(batch.modalities["video"].values[:, -1]).permute(0, 3, 1, 2))
     last = stem.flatten(2).transpose(1, 2)  # the last frame's tokens come last
-    torch.testing.assert_close(tok.pooled["video"][0][:, -last.shape[1]:], last)
+    torch.testing.assert_close(tok.without_pos["video"][:, -last.shape[1]:], last)
     with pytest.raises(ValueError, match="pooled read alone"):
-        StreamingPerceiverIO(small_config(modalities={**small_config().modalities, "video": private}))
+        StreamingPerceiverIO(small_config(modalities={"video": private}))
 
 
 @torch.no_grad()
@@ -325,13 +319,22 @@ def test_shapes_and_flow_validity(model):
 
 
 @torch.no_grad()
+def test_model_without_a_flow_decoder():
+    torch.manual_seed(0)
+    m = StreamingPerceiverIO(StreamingConfig.from_dict({**small_config().to_dict(), "flow": None})).eval()
+    assert m.flow is None and not any(k.startswith("flow") for k in m.state_dict())
+    out = m(make_batch(b=2))
+    assert out.flow is None and out.flow_valid.tolist() == [False, False] and out.label_logits.shape == (2, 3)
+
+
+@torch.no_grad()
 def test_no_flow_without_two_frames(model):
     out = model(make_batch(b=2, frames=[1, 1]))
     assert out.flow is None and not out.flow_valid.any()
 
 
 def test_default_config_is_small():
-    m = StreamingPerceiverIO(StreamingConfig(class_names=tuple("abcdefgh")))
+    m = StreamingPerceiverIO(StreamingConfig.from_dict({"labels": {"class_names": list("abcdefgh")}}))
     assert sum(p.numel() for p in m.parameters()) < 1_000_000
 
 
@@ -348,7 +351,7 @@ def test_batched_equals_per_window(model):
 @torch.no_grad()
 def test_state_off_equals_offline():
     torch.manual_seed(1)
-    m = StreamingPerceiverIO(small_config(state=False)).eval()
+    m = StreamingPerceiverIO(small_config(state={"carry": False})).eval()
     batch = replace(make_batch(b=3), reset=torch.zeros(3, dtype=torch.bool))
     state = torch.randn(3, 8, 32)
     assert_outputs_close(m(batch, state), m(batch))
@@ -387,7 +390,7 @@ def test_stream_states_reset_on_gap_and_restart(model):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("which", ["model", "mlp_model", "local_model"])
+@pytest.mark.parametrize("which", ["model", "corr_model", "local_model"])
 @pytest.mark.parametrize("modality", ["audio", "points", "video"])
 def test_absent_modality_leaves_no_trace(request, which, modality):
     model = request.getfixturevalue(which)
@@ -426,7 +429,7 @@ def test_modality_gates():
     assert all(torch.allclose(g, torch.tensor(0.5)) for g in gates.values())
     batch = make_batch(b=2)
     before = m(batch).embedding
-    m.encoder.gate.data[2] = -8.0  # points nearly shut out
+    m.modality_gate.data[2] = -8.0  # points nearly shut out
     shut = m(batch).embedding
     assert not torch.allclose(before, shut, atol=1e-4)
     assert m.modality_gates()["points"].max() < 1e-3
@@ -464,9 +467,9 @@ def test_drop_modalities_never_drops_everything():
 @torch.no_grad()
 def test_chunked_flow_equals_unchunked(model):
     batch = make_batch(b=2)
-    chunked = StreamingPerceiverIO(replace(model.config, flow_chunk=37)).eval()
+    chunked = StreamingPerceiverIO(model.config.merged({"flow": {"chunk": 37}})).eval()
     chunked.load_state_dict(model.state_dict())
-    whole = StreamingPerceiverIO(replace(model.config, flow_chunk=None)).eval()
+    whole = StreamingPerceiverIO(model.config.merged({"flow": {"chunk": None}})).eval()
     whole.load_state_dict(model.state_dict())
     torch.testing.assert_close(chunked(batch).flow, whole(batch).flow, atol=1e-6, rtol=1e-5)
 
@@ -477,8 +480,8 @@ def test_cache_follows_weight_updates(model):
     batch = make_batch(b=1)
     with torch.no_grad():
         first = m(batch).flow
-        m.flow_pos_proj.weight.add_(0.5)
-        m.latents.add_(0.5)
+        m.flow.pos_proj.weight.add_(0.5)
+        m.encoder.latents.add_(0.5)
         second = m(batch)
     fresh = StreamingPerceiverIO(model.config).eval()
     fresh.load_state_dict(m.state_dict())
@@ -494,18 +497,66 @@ def test_config_validation_and_round_trip():
     assert again.modalities["video"]["time_period"] == 2.0**17  # defaults filled in
     with pytest.raises(ValueError, match="no option"):
         StreamingConfig.from_dict({**cfg.to_dict(), "latnets": 3})
+    with pytest.raises(ValueError, match=r"encoder has no option\(s\) \['latnets'\]"):
+        small_config(encoder={"latnets": 3})
     with pytest.raises(ValueError, match="unknown adapter kind"):
         small_config(modalities={"video": {"kind": "camera"}})
-    with pytest.raises(ValueError, match="flow_modality"):
-        small_config(flow_modality="audio")
+    with pytest.raises(ValueError, match="flow.modality"):
+        small_config(flow={"modality": "audio"})
     with pytest.raises(ValueError, match="divisible"):
-        small_config(latent_channels=30, self_heads=4)
-    with pytest.raises(ValueError, match="label_heads"):
-        small_config(label_heads=3)
-    heads = StreamingPerceiverIO(small_config(label_heads=4)).label_decoder.attn.num_heads
+        small_config(encoder={"latent_channels": 30, "self_heads": 4})
+    with pytest.raises(ValueError, match="labels.heads"):
+        small_config(labels={"heads": 3})
+    heads = StreamingPerceiverIO(small_config(labels={"heads": 4})).labels.attend.attn.num_heads
     assert heads == 4
-    student = cfg.replace(num_latents=4, num_blocks=1)
-    assert student.num_latents == 4 and student.class_names == cfg.class_names
+    student = cfg.merged({"encoder": {"num_latents": 4, "num_blocks": 1}})
+    assert student.encoder.num_latents == 4 and student.encoder.num_blocks == 1
+    assert student.encoder.latent_channels == 32 and student.labels == cfg.labels
+    # no flow decoder
+    assert StreamingConfig.from_dict({**cfg.to_dict(), "flow": None}).flow is None
+    assert StreamingConfig.from_dict(json.loads(json.dumps({**cfg.to_dict(), "flow": None}))).video_frames == 2
+
+
+def test_config_refuses_the_flat_layout_naming_the_new_place():
+    with pytest.raises(ValueError, match="'flow_channels' is now 'flow.channels'"):
+        StreamingConfig.from_dict({"flow_channels": 16})
+    with pytest.raises(ValueError, match="'num_latents' is now 'encoder.num_latents'"):
+        StreamingConfig.from_dict({"num_latents": 16})
+    with pytest.raises(ValueError, match="'state' is now 'state.carry'"):
+        StreamingConfig.from_dict({"state": False})
+    with pytest.raises(ValueError, match="'mask_probs' was removed"):
+        StreamingConfig.from_dict({"mask_probs": {}})
+    with pytest.raises(ValueError, match="unknown adapter kind 'labels'"):
+        StreamingConfig.from_dict({"modalities": {"tags": {"kind": "labels"}}})
+
+
+def test_v1_checkpoint_config_is_read_in_the_nested_form(tmp_path):
+    v1 = {"modalities": {"video": {"kind": "video", "conv": 4, "conv_tokens": False}}, "num_latents": 9,
+          "modality_latents": {"video": 2}, "state": False, "flow_size": [32, 32], "flow_corr_stride": 1,
+          "label_heads": 2, "label_pool": ["video"], "class_names": ["x", "y"], "mask_probs": {},
+          "token_mlps": {}, "label_groups": True, "labels_from_encoder": True, "own_channels": True,
+          "modality_norms": True}
+    folder = tmp_path / "ck"
+    folder.mkdir()
+
+    def read(model: dict) -> StreamingConfig:
+        (folder / "config.json").write_text(json.dumps({"format": "perceiver-stream/streaming-v1", "model": model}))
+        return read_config(folder)[0]
+
+    cfg = read(v1)
+    assert (cfg.encoder.num_latents, cfg.encoder.modality_latents, cfg.state.carry) == (9, {"video": 2}, False)
+    assert cfg.flow.size == (32, 32) and cfg.labels.heads == 2 and cfg.labels.pool == ("video",)
+    assert cfg.labels.class_names == ("x", "y") and cfg.modalities["video"]["conv"] == 4
+    assert read({**v1, "flow_modality": None, "flow_channels": 8}).flow is None
+    # a removed option at any other value than the behaviour the model now has is refused
+    for key, value in [("mask_probs", {"video": 0.1}), ("label_groups", False), ("own_channels", False),
+                       ("flow_corr_stride", 2), ("token_mlps", {"video": 8})]:
+        with pytest.raises(ValueError, match=f"option '{key}' was removed"):
+            read({**v1, key: value})
+    with pytest.raises(ValueError, match="conv_tokens"):
+        read({**v1, "modalities": {"video": {"kind": "video", "conv": 4}}})  # (v1's default: in the tokens)
+    with pytest.raises(ValueError, match="'audio_samples' adapter kind was removed"):
+        read({**v1, "modalities": {"mic": {"kind": "audio_samples"}}})
 
 
 @torch.no_grad()
@@ -513,19 +564,19 @@ def test_checkpoint_round_trip_and_mismatch(model, tmp_path):
     save_checkpoint(tmp_path / "ck", model, {"seeds": [1, 2, 3]})
     loaded, meta = load_checkpoint(tmp_path / "ck")
     assert meta == {"seeds": [1, 2, 3]}
-    assert loaded.config.class_names == ("a", "b", "c")
+    assert loaded.config.labels.class_names == ("a", "b", "c")
     batch = make_batch(b=2)
     assert_outputs_close(loaded(batch), model(batch), atol=0)
     doc = json.loads((tmp_path / "ck" / "config.json").read_text())
-    doc["model"]["num_latents"] = 9
+    doc["model"]["encoder"]["num_latents"] = 9
     (tmp_path / "ck" / "config.json").write_text(json.dumps(doc))
-    assert read_config(tmp_path / "ck")[0].num_latents == 9
+    assert read_config(tmp_path / "ck")[0].encoder.num_latents == 9
     with pytest.raises(ValueError, match=r"latents: saved \(8, 32\), config needs \(9, 32\)"):
         load_checkpoint(tmp_path / "ck")
-    doc["model"]["num_latents"] = 8
-    doc["model"]["class_names"] = []
+    doc["model"]["encoder"]["num_latents"] = 8
+    doc["model"]["labels"]["class_names"] = []
     (tmp_path / "ck" / "config.json").write_text(json.dumps(doc))
-    with pytest.raises(ValueError, match="unexpected weights.*label_head"):
+    with pytest.raises(ValueError, match=r"unexpected weights.*labels\.head"):
         load_checkpoint(tmp_path / "ck")
 
 

@@ -33,7 +33,7 @@ def test_smoke_config_trains_and_its_loss_falls(tmp_path):
     assert summary["last_loss"]["label_ce"] < summary["first_loss"]["label_ce"]
     model, meta = load_checkpoint(tmp_path / "final")
     assert meta["train_seeds"] == [0, 1, 2, 3] and meta["step"] == summary["steps"]
-    assert list(model.config.class_names) == list(CLASSES) == meta["class_names"]
+    assert list(model.config.labels.class_names) == list(CLASSES) == meta["class_names"]
     assert meta["data"]["video"]["size"] == [32, 32]
     evals = summary["eval"]["900"]
     assert set(evals) == {"all", "drop_video", "drop_audio", "drop_points"}
@@ -65,7 +65,7 @@ def test_resume_refuses_a_checkpoint_of_another_model_data_or_optimisation(tmp_p
     short = ["train.final_eval=false", "train.seconds=4", "train.seeds=[0, 1]", "train.steps=2"]
     train_job(_cfg(tmp_path, *short), progress=False)
     with pytest.raises(ConfigError, match="num_latents"):
-        train_job(_cfg(tmp_path, *short, "train.steps=4", "train.model.num_latents=8"), progress=False)
+        train_job(_cfg(tmp_path, *short, "train.steps=4", "train.model.encoder.num_latents=8"), progress=False)
     with pytest.raises(ConfigError, match="train_seeds"):
         train_job(_cfg(tmp_path, *short, "train.steps=4", "train.seeds=[0, 5]"), progress=False)
     with pytest.raises(ConfigError, match=r"train\.lr.*train\.label_start"):
@@ -134,8 +134,8 @@ def test_modality_dropout_is_drawn_once_per_chain():
 
 def test_pool_phase_trains_the_pooled_read_alone_and_resumes_into_it(tmp_path):
     pooled = ["train.final_eval=false", "train.seconds=4", "train.seeds=[0, 1]", "train.checkpoint_every=3",
-              "train.steps=3", "train.model.label_pool=[video]",
-              "train.model.modalities.video={kind: video, patch: 8, conv: 4, conv_tokens: false}"]
+              "train.steps=3", "train.model.labels.pool=[video]",
+              "train.model.modalities.video={kind: video, patch: 8, conv: 4}"]
     summary = train_job(_cfg(tmp_path, *pooled, "train.pool_steps=3"), progress=False)
     assert summary["steps"] == 6 and summary["last_loss"].keys() >= {"pool_ce"}
     folder = tmp_path / "out" / "_checkpoints" / "train"
@@ -143,27 +143,28 @@ def test_pool_phase_trains_the_pooled_read_alone_and_resumes_into_it(tmp_path):
     final, meta = load_checkpoint(tmp_path / "final")
     assert meta["step"] == 6
     pool = {n for n, p in final.named_parameters() if any(p is q for q in final.pool_parameters())}
-    assert "pool_gates" in pool and all(".stem." in n or n.startswith(("label_pools.", "pool_gates")) for n in pool)
+    assert "labels.pool_gates" in pool
+    assert all(".stem." in n or n.startswith(("labels.pools.", "labels.pool_gates")) for n in pool)
     before, after = main.state_dict(), final.state_dict()
     # the main phase leaves the pooled read shut; the pool phase trains it and nothing else
-    assert torch.all(before["pool_gates"] == 0) and torch.all(after["pool_gates"] != 0)
+    assert torch.all(before["labels.pool_gates"] == 0) and torch.all(after["labels.pool_gates"] != 0)
     assert all(torch.equal(before[n], after[n]) for n in before if n not in pool)
-    assert not torch.equal(before["label_pools.video.1.weight"], after["label_pools.video.1.weight"])
+    assert not torch.equal(before["labels.pools.video.1.weight"], after["labels.pools.video.1.weight"])
     longer = train_job(_cfg(tmp_path, *pooled, "train.pool_steps=5"), progress=False)
     assert longer["resumed_from"] == 6 and load_checkpoint(tmp_path / "final")[1]["step"] == 8
     with pytest.raises(ConfigError, match="pool phase has begun"):
         train_job(_cfg(tmp_path, *pooled[:4], "train.steps=4", *pooled[5:], "train.pool_steps=5"), progress=False)
-    with pytest.raises(ConfigError, match="label_pool"):
+    with pytest.raises(ConfigError, match="labels.pool"):
         train_job(_cfg(tmp_path, *pooled[:4], "train.pool_steps=2"), resume=False, progress=False)
 
 
 @torch.no_grad()
 def test_pool_phase_reads_are_the_model_s_own_without_each_other_modality(tmp_path):
-    cfg = _cfg(tmp_path, "train.model.label_pool=[video]",
-               "train.model.modalities.video={kind: video, patch: 8, conv: 4, conv_tokens: false}")
+    cfg = _cfg(tmp_path, "train.model.labels.pool=[video]",
+               "train.model.modalities.video={kind: video, patch: 8, conv: 4}")
     torch.manual_seed(0)
     model = StreamingPerceiverIO(build_model_config(cfg)).eval()
-    model.pool_gates.fill_(1.0)
+    model.labels.pool_gates.fill_(1.0)
     windows = synthetic_stream(cfg, 0, 3.0, video_frames=2)
     pool = PoolPhase(model, windows, 2, progress=False, chunk=2)
     assert pool.others == ["audio", "points"] and pool.reads.shape == (len(windows), 2, 32)
@@ -172,6 +173,6 @@ def test_pool_phase_reads_are_the_model_s_own_without_each_other_modality(tmp_pa
     for i, name in enumerate(pool.others):
         lacking = replace(batch, modalities={k: m for k, m in batch.modalities.items() if k != name})
         expect = model(lacking).label_logits
-        torch.testing.assert_close(model.label_head(pool.reads[:, i] + model.pooled_label_read(batch)), expect)
+        torch.testing.assert_close(model.labels.head(pool.reads[:, i] + model.pooled_label_read(batch)), expect)
     loss = pool.loss(8, torch.Generator().manual_seed(0))
     assert loss.ndim == 0 and torch.isfinite(loss)

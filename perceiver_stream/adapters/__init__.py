@@ -10,9 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, fields
 from typing import Any
 
-from perceiver_stream.adapters.audio import AudioSamplesAdapter, AudioSamplesConfig, LogMelAdapter, LogMelConfig
+from perceiver_stream.adapters.audio import LogMelAdapter, LogMelConfig
 from perceiver_stream.adapters.base import Adapter, gather_last, time_channels, time_features
-from perceiver_stream.adapters.labels import LabelAdapter, LabelAdapterConfig
 from perceiver_stream.adapters.points import PointsAdapter, PointsAdapterConfig, subsample
 from perceiver_stream.adapters.video import (
     FlowInputAdapter,
@@ -25,10 +24,8 @@ from perceiver_stream.adapters.video import (
 
 ADAPTERS: dict[str, tuple[type, type[Adapter]]] = {
     "video": (VideoAdapterConfig, VideoAdapter),
-    "audio_samples": (AudioSamplesConfig, AudioSamplesAdapter),
     "audio_mel": (LogMelConfig, LogMelAdapter),
     "points": (PointsAdapterConfig, PointsAdapter),
-    "labels": (LabelAdapterConfig, LabelAdapter),
 }
 
 
@@ -60,11 +57,7 @@ def build_adapter(spec: dict[str, Any]) -> Adapter:
 __all__ = [
     "ADAPTERS",
     "Adapter",
-    "AudioSamplesAdapter",
-    "AudioSamplesConfig",
     "FlowInputAdapter",
-    "LabelAdapter",
-    "LabelAdapterConfig",
     "LogMelAdapter",
     "LogMelConfig",
     "PointsAdapter",

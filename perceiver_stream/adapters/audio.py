@@ -1,4 +1,4 @@
-"""Audio adapters: raw-sample patches, or log-mel frames, each with its media-time code."""
+"""Audio adapter: log-mel frames with their media-time code."""
 
 from __future__ import annotations
 
@@ -27,52 +27,6 @@ def _check_rate(m: ModalityBatch, rate: int, kind: str) -> None:
             f"{kind} adapter expects audio at {rate} Hz but the batch has {m.rate:g} Hz: "
             "resample at decode time (audio.rate) or build the model with this rate"
         )
-
-
-@dataclass(frozen=True)
-class AudioSamplesConfig:
-    """Raw-sample patches: ``patch`` consecutive samples of every channel form one token.
-
-    ``channels`` must match the batch's audio channels; ``sample_rate`` is checked against
-    ``ModalityBatch.rate``.
-    """
-
-    kind: str = "audio_samples"
-    sample_rate: int = 16000
-    channels: int = 1
-    patch: int = 160
-    time_bands: int = 8
-    time_period: float = 2.0**17
-    time_max_freq: float = 16.0
-
-    def __post_init__(self) -> None:
-        if min(self.sample_rate, self.channels, self.patch, self.time_bands) < 1:
-            raise ValueError("audio_samples adapter: sample_rate, channels, patch and time_bands must be >= 1")
-
-
-class AudioSamplesAdapter(Adapter):
-    """Audio ``B x S x C`` float -> ``B x ceil(S/patch)`` tokens of ``[patch*C samples, time code]``.
-
-    A token is real when its first sample is; its time is that sample's time.
-    """
-
-    def __init__(self, config: AudioSamplesConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.out_channels = config.patch * config.channels + time_channels(config.time_bands)
-
-    def forward(self, m: ModalityBatch, t_ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens ``B x N x out_channels`` and their mask."""
-        cfg = self.config
-        _check_rate(m, cfg.sample_rate, cfg.kind)
-        if m.values.shape[-1] != cfg.channels:
-            raise ValueError(f"audio_samples adapter expects {cfg.channels} channel(s), got {m.values.shape[-1]}")
-        wave = torch.where(m.mask[..., None], m.values.float(), 0.0)
-        patches = _group(wave, cfg.patch).flatten(2)  # B x N x (patch*C)
-        times = m.times[:, :: cfg.patch]
-        mask = m.mask[:, :: cfg.patch]
-        tcode = time_features(times, t_ref, bands=cfg.time_bands, period=cfg.time_period, max_freq=cfg.time_max_freq)
-        return torch.cat([patches, tcode], dim=-1), mask
 
 
 @dataclass(frozen=True)

@@ -40,18 +40,11 @@ class VideoAdapterConfig:
     stack:       consecutive frames stacked on the channels of one token (a token then sees the
                  same place in ``stack`` frames: motion is local to it). Groups are aligned to the
                  window's last frame; a group with a missing frame is masked out.
-    conv:        with c > 0, each token also gets ``c`` channels of a small convolutional stem over
-                 its group's last frame (a 3x3 conv, then per halving of the patch size a 2x2 max-pool
-                 and a 3x3 conv; GELU after each): a silhouette's corners and curvature span
-                 several patches, which a linear map of one patch's pixels cannot see. The patch
-                 size must then be a power of two. (Max-pools, as a small CNN classifier: a stem
-                 of a 3x3 conv and one stride-``patch`` conv read the rig's shapes less well; over
-                 two stacked frames, the stem fitted the training scenes' motion and read shape on
-                 held-out ones at chance, where over one frame it reads it at 0.9.)
-    conv_tokens: False keeps the stem's channels out of the tokens: they feed only a pooled label
-                 read (``label_pool``), as ``private_channels``. (In the tokens, even with the flow's
-                 gradient kept off them, they cost the fused model's flow: a training EPE of 0.71-0.74
-                 px where the recipe without a stem reaches 0.44.)
+    conv:        with c > 0, a small convolutional stem over each group's last frame (a 3x3 conv,
+                 then per halving of the patch size a 2x2 max-pool and a 3x3 conv; GELU after each)
+                 gives ``c`` channels per patch, after the token channels as ``private_channels``:
+                 they feed a pooled label read (``labels.pool``) alone, never the encoder. The patch
+                 size must then be a power of two.
     pos_bands:   Fourier bands of the (y, x) patch position (DeepMind form, max resolution = grid).
     time_*:      the media-time code (see ``fourier.time_fourier_features``).
     """
@@ -61,7 +54,6 @@ class VideoAdapterConfig:
     frames: int | None = 2
     stack: int = 1
     conv: int = 0
-    conv_tokens: bool = True
     pos_bands: int = 8
     time_bands: int = 8
     time_period: float = 2.0**17
@@ -81,9 +73,8 @@ class VideoAdapterConfig:
 class VideoAdapter(Adapter):
     """Video ``B x T x H x W x 3`` uint8 -> one token per patch of each used frame (group).
 
-    Token channels: ``[pixels (stack*p*p*3, oldest frame first), conv stem (``conv``, if any),
-    Fourier(y, x), time code of the group's last frame]``; with ``conv_tokens`` False the stem's
-    channels come last instead, as private channels.
+    Token channels: ``[pixels (stack*p*p*3, oldest frame first), Fourier(y, x), time code of the
+    group's last frame]``, then the conv stem's ``conv`` private channels (if any).
     """
 
     def __init__(self, config: VideoAdapterConfig) -> None:
@@ -98,13 +89,11 @@ class VideoAdapter(Adapter):
             self.stem = nn.Sequential(*layers)
         pixels = config.stack * p * p * 3
         codes = fourier_channels(2, config.pos_bands) + time_channels(config.time_bands)
-        shared = c if config.conv_tokens else 0
-        self.out_channels = pixels + shared + codes
-        self.private_channels = c - shared
+        self.out_channels = pixels + codes
+        self.private_channels = c
         # Pooled reads take the stem's features alone: a max over pixels and position codes can
         # name a training scene instead of a shape.
-        start = pixels if config.conv_tokens else self.out_channels
-        self.pool_channels = (start, start + c) if c else (0, pixels)
+        self.pool_channels = (self.out_channels, self.out_channels + c) if c else (0, pixels)
 
     def pool_parameters(self) -> list[nn.Parameter]:
         """The conv stem's parameters (the pooled channels are the stem's, with one)."""
@@ -137,8 +126,6 @@ class VideoAdapter(Adapter):
             feats = self.stem(last.contiguous(memory_format=torch.channels_last))
             feats = feats.flatten(2).transpose(1, 2)  # (B*T) x P x conv, row-major as pix
             stem = [feats.reshape(b, t, n, -1)]
-        if cfg.conv_tokens:
-            pix, stem = torch.cat([pix, *stem], dim=-1), []
         pos = grid_fourier_features((h // cfg.patch, w // cfg.patch), cfg.pos_bands, device=pix.device)
         tcode = time_features(
             times, t_ref, bands=cfg.time_bands, period=cfg.time_period, max_freq=cfg.time_max_freq
@@ -198,54 +185,20 @@ def local_correlation(frame1: torch.Tensor, frame2: torch.Tensor, radius: int) -
     return box.permute(0, 2, 3, 1)
 
 
-def coarse_correlation(frame1: torch.Tensor, frame2: torch.Tensor, radius: int, stride: int) -> torch.Tensor:
-    """`local_correlation` on a grid ``stride`` times coarser: ``B x H x W x 3`` each ->
-    ``B x H/s x W/s x (2r/s+1)^2``, displacements in steps of ``stride`` px up to ``radius`` px.
-
-    Frames are averaged over ``stride x stride`` blocks first (a prefilter for the coarse grid); the
-    cost falls by about ``stride**4`` at the same reach.
-    """
-    if radius % stride:
-        raise ValueError(f"correlation radius {radius} is not a multiple of its stride {stride}")
-    if stride == 1:
-        return local_correlation(frame1, frame2, radius)
-
-    def shrink(frame: torch.Tensor) -> torch.Tensor:
-        x = F.avg_pool2d(frame.float().permute(0, 3, 1, 2), stride)
-        return x.permute(0, 2, 3, 1)
-
-    return local_correlation(shrink(frame1), shrink(frame2), radius // stride)
-
-
-def upsample_nearest(x: torch.Tensor, stride: int) -> torch.Tensor:
-    """``B x h x w x C`` -> ``B x h*s x w*s x C``, each value repeated over its ``s x s`` block."""
-    if stride == 1:
-        return x
-    b, h, w, c = x.shape
-    return x[:, :, None, :, None].expand(b, h, stride, w, stride, c).reshape(b, h * stride, w * stride, c)
-
-
 class FlowInputAdapter(Adapter):
     """The optical-flow input: 3x3 patches of each window's last two frames on the flow grid.
 
     ``forward`` returns ``(B x H x W x C, B bool valid)``: 54 patch channels, then with
-    ``corr_radius > 0`` the ``(2r/s+1)^2`` channels of `coarse_correlation` at stride ``s =
-    corr_stride`` (1 = `local_correlation` on the flow grid), each coarse cell's values repeated over
-    its ``s x s`` pixels; ``valid`` is False where
+    ``corr_radius`` r > 0 the ``(2r+1)^2`` channels of `local_correlation`; ``valid`` is False where
     the window has fewer than two frames (or no video). Frames of another size are resized
     (bilinear, antialiased) to ``size`` first, so flow is in pixels of the ``size`` grid.
     """
 
-    def __init__(self, size: tuple[int, int], corr_radius: int = 0, corr_stride: int = 1) -> None:
+    def __init__(self, size: tuple[int, int], corr_radius: int = 0) -> None:
         super().__init__()
         self.size = (int(size[0]), int(size[1]))
         self.corr_radius = int(corr_radius)
-        self.corr_stride = int(corr_stride)
-        if self.corr_stride < 1 or self.corr_radius % self.corr_stride or any(n % self.corr_stride for n in self.size):
-            raise ValueError(f"flow correlation: stride {self.corr_stride} must be >= 1 and divide the radius "
-                             f"{self.corr_radius} and the flow grid {list(self.size)}")
-        corr = (2 * self.corr_radius // self.corr_stride + 1) ** 2 if self.corr_radius else 0
-        self.out_channels = 54 + corr
+        self.out_channels = 54 + ((2 * self.corr_radius + 1) ** 2 if self.corr_radius else 0)
 
     def last_frames(self, m: ModalityBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's last two frames on the flow grid, ``B x 2 x H x W x 3`` (uint8, or float
@@ -263,8 +216,7 @@ class FlowInputAdapter(Adapter):
         frames, valid = self.last_frames(m)
         feats = flow_patches(frames[:, 0], frames[:, 1])
         if self.corr_radius:
-            corr = coarse_correlation(frames[:, 0], frames[:, 1], self.corr_radius, self.corr_stride)
-            feats = torch.cat([feats, upsample_nearest(corr, self.corr_stride)], dim=-1)
+            feats = torch.cat([feats, local_correlation(frames[:, 0], frames[:, 1], self.corr_radius)], dim=-1)
         return feats, valid
 
     def project(self, frames: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
@@ -281,7 +233,6 @@ class FlowInputAdapter(Adapter):
         out = F.conv2d(x.contiguous(memory_format=torch.channels_last), kernel, proj.bias, padding=1)
         out = out.permute(0, 2, 3, 1)  # B x H x W x out (contiguous: channels-last)
         if self.corr_radius:
-            # Per-pixel linear maps commute with nearest upsampling: project on the coarse grid.
-            corr = coarse_correlation(frames[:, 0], frames[:, 1], self.corr_radius, self.corr_stride)
-            out = out + upsample_nearest(corr @ weight[:, 2 * c * 9:].t(), self.corr_stride)
+            corr = local_correlation(frames[:, 0], frames[:, 1], self.corr_radius)
+            out = out + corr @ weight[:, 2 * c * 9:].t()
         return out

@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+from plyfile import PlyData, PlyParseError
 
 from pipeline.errors import NonFinitePoints, PipelineError, PointCloudError, SourceNotFound
 from pipeline.sources.base import PointScan
@@ -232,8 +233,6 @@ def _pick_intensity(names: list[str]) -> str | None:
 
 
 def _read_ply(path: Path, fail: Callable[[str], PointCloudError]) -> np.ndarray:
-    from plyfile import PlyData, PlyParseError
-
     try:
         ply = PlyData.read(str(path))
     except (PlyParseError, ValueError, EOFError, IndexError, KeyError) as e:

@@ -1,38 +1,12 @@
 """A seeded, deterministic synthetic sensor rig: camera, microphone and lidar with ground truth.
 
-The scene is a sequence of *segments* (``segment_seconds`` long; the first is longer by
-``segment_phase`` so that with 1.0 s / 0.5 s windows no window is split evenly between two
-scenes). Each segment shows ``objects`` textured objects (discs or boxes) translating at
-0.5-6 px/frame and bouncing off the image borders, in front of a textured background that the
-camera pans across at up to 1.5 px/frame. Textures are analytic functions of the surface's own
-coordinates, so every frame is rendered exactly (inverse warping of continuous textures) and the
-forward flow of every pixel is known exactly: the displacement of the surface visible there.
+The rig renders a `pipeline.sources.scene.Scene`: every frame exactly, by inverse warping of the
+continuous textures; each object sounds a tone (metal partials or band-limited wood noise, louder
+when faster); the lidar sees each object's camera-facing half plus a few clutter points.
 
-Labels. A segment's label is one of eight classes, ``CLASSES``: a combination of three binary
-attributes, each seen by exactly two of the three modalities:
-
-============  ==========================  ===========================  ===========================
-attribute     video                       audio                        points
-============  ==========================  ===========================  ===========================
-``hue``       object colour warm / cool   tone band low / high         --
-``shape``     silhouette disc / box       --                           sphere / cube surface
-``material``  --                          metal partials / wood noise  intensity high / low
-============  ==========================  ===========================  ===========================
-
-So no single modality determines the class (each leaves one bit open: at best 1/2 against a
-chance of 1/8) while any two together determine it. Speeds, sizes, counts, textures, loudness
-(tied to each object's speed) and the background are drawn independently of the label. Each
-stream walks through shuffled rounds of all eight classes, so classes are balanced over a stream
-and over seeds.
-
-A window gets the label of the segment holding its midpoint ``(t_start + t_end) / 2``. Its truth
-flow is the forward flow from its second-to-last to its last frame on the rendered grid (dx right,
-dy down, pixels); when those two frames lie in different segments (a scene cut) it has no flow.
-
-Coordinates. Pixel ``(row i, column j)`` has its centre at ``(x=j, y=i)``. Point clouds are
-``N x 4`` float32 ``(x, y, z, intensity)`` where x, y are the image position divided by the
-larger image side (so the cloud's x, y follow the image motion), z is depth in the same unit,
-and the lidar sees each object's camera-facing half plus a few clutter points.
+Point clouds are ``N x 4`` float32 ``(x, y, z, intensity)`` where x, y are the image position
+divided by the larger image side (so the cloud's x, y follow the image motion) and z is depth in
+the same unit.
 
 Media time starts at 0 for every modality: frame i at ``i / fps``, audio sample n at
 ``n / audio_rate``, scan k at ``k / scan_rate``; the stream lasts ``seconds``.
@@ -42,65 +16,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 
 from pipeline.sources.base import AudioChunk, PointScan, VideoFrame
-from pipeline.window import Truth
+from pipeline.sources.scene import CLASSES, MAX_SPEED, MIN_SPEED, Scene, Segment, class_attributes, class_index
 
-HUES = ("warm", "cool")
-SHAPES = ("disc", "box")
-MATERIALS = ("metal", "wood")
-CLASSES: tuple[str, ...] = tuple(f"{h}-{s}-{m}" for h in HUES for s in SHAPES for m in MATERIALS)
-"""The rig's published class list; a label is an index into it."""
-
-MIN_SPEED, MAX_SPEED = 0.5, 6.0  # object speed, px/frame
-MAX_PAN = 1.5  # background pan speed, px/frame
 _AUDIO_CHUNK_S = 0.1
 _POINTS_PER_OBJECT = 64
 _CLUTTER_POINTS = 16
 
 
-def class_index(hue: str, shape: str, material: str) -> int:
-    """Index into `CLASSES` of an attribute combination."""
-    return CLASSES.index(f"{hue}-{shape}-{material}")
-
-
-def class_attributes(label: int) -> tuple[str, str, str]:
-    """``(hue, shape, material)`` of a class index."""
-    hue, shape, material = CLASSES[label].split("-")
-    return hue, shape, material
-
-
-@dataclass(frozen=True)
-class _Segment:
-    """Everything random about one scene; all arrays are per object, in depth order (far first)."""
-
-    index: int
-    t_start: float
-    t_end: float
-    label: int
-    pos0: np.ndarray  # n x 2 (x, y) px at t_start
-    vel: np.ndarray  # n x 2 px/frame
-    radius: np.ndarray  # n px (disc radius; box half-side is radius * sqrt(pi) / 2, equal area)
-    angle: np.ndarray  # n box rotation
-    rgb: np.ndarray  # n x 3 base colour in [0, 1]
-    tex_freq: np.ndarray  # n x 2 x 2 two stripe components (fx, fy) cycles/px
-    tex_phase: np.ndarray  # n x 2
-    tex_amp: np.ndarray  # n x 2
-    depth: np.ndarray  # n in (0.3, 1.0), far first
-    tone_hz: np.ndarray  # n
-    intensity: np.ndarray  # n lidar reflectivity
-    pan0: np.ndarray  # 2 camera offset (px) at t_start
-    pan_vel: np.ndarray  # 2 px/frame
-
-    @property
-    def n(self) -> int:
-        return len(self.radius)
-
-
-class SyntheticRig:
+class SyntheticRig(Scene):
     """A deterministic synthetic rig: `video`, `audio`, `points` iterators and `truth` per window.
 
     The same arguments give the same samples, bit for bit, however the iterators are consumed.
@@ -124,143 +51,29 @@ class SyntheticRig:
             raise ValueError("seconds, fps, audio_rate, scan_rate and segment_seconds must be positive")
         if audio_channels < 1 or objects < 1 or size[0] < 8 or size[1] < 8:
             raise ValueError("need audio_channels >= 1, objects >= 1 and an image of at least 8 x 8")
-        self.seed = int(seed)
-        self.seconds = float(seconds)
-        self.size = (int(size[0]), int(size[1]))
-        self.fps = float(fps)
+        super().__init__(
+            seed,
+            seconds,
+            size=size,
+            fps=fps,
+            segment_seconds=segment_seconds,
+            segment_phase=segment_phase,
+            objects=objects,
+        )
         self.audio_rate = int(audio_rate)
         self.audio_channels = int(audio_channels)
         self.scan_rate = float(scan_rate)
-        self.segment_seconds = float(segment_seconds)
-        self.segment_phase = float(segment_phase) % self.segment_seconds
-        self.objects = int(objects)
         self.n_frames = int(math.floor(self.seconds * self.fps + 1e-9))
         self.n_samples = int(math.floor(self.seconds * self.audio_rate + 1e-9))
         self.n_scans = int(math.floor(self.seconds * self.scan_rate + 1e-9))
-        rng = np.random.default_rng([self.seed, 0])
-        self._background = self._draw_background(rng)
-        self.segments = self._draw_segments(rng)
-        yy, xx = np.mgrid[0 : self.size[0], 0 : self.size[1]]
-        self._xs, self._ys = xx.ravel().astype(np.float64), yy.ravel().astype(np.float64)
         self._grid_basis = _phase_basis(self._background, self._xs, self._ys)
         self._texture_cache: tuple[int, np.ndarray] = (-1, np.empty(0))
         self._scan_segment = np.array([self.segment_index(k / self.scan_rate) for k in range(self.n_scans)], dtype=np.int64)
         self._scan_cache: tuple[int, list[PointScan]] = (-1, [])
 
-    # ---- scene description -------------------------------------------------------------------
+    # ---- video -------------------------------------------------------------------------------
 
-    def segment_index(self, t: float) -> int:
-        """The segment holding media time ``t`` (times past the end belong to the last one)."""
-        return min(self._raw_segment(t), len(self.segments) - 1)
-
-    def _raw_segment(self, t: float) -> int:
-        if t < self.segment_phase:
-            return 0
-        return max(math.floor((t - self.segment_phase) / self.segment_seconds), 0)
-
-    def label_at(self, t: float) -> int:
-        """The scene label at media time ``t``."""
-        return self.segments[self.segment_index(t)].label
-
-    def _draw_background(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        k = 6
-        freq = rng.uniform(0.02, 0.2, size=k) * rng.choice([-1, 1], size=k)
-        theta = rng.uniform(0, np.pi, size=k)
-        return {
-            "mean": rng.uniform(0.35, 0.6) + rng.uniform(-0.05, 0.05, size=3),
-            "freq": np.stack([freq * np.cos(theta), freq * np.sin(theta)], axis=1),  # k x 2
-            "phase": rng.uniform(0, 2 * np.pi, size=k),
-            # mostly grey texture with a faint tint per component
-            "amp": rng.uniform(0.04, 0.1, size=(k, 1)) * (1 + rng.uniform(-0.3, 0.3, size=(k, 3))),
-        }
-
-    def _draw_segments(self, rng: np.random.Generator) -> list[_Segment]:
-        n_seg = self._raw_segment(self.seconds - 1e-9) + 1
-        order: list[int] = []
-        while len(order) < n_seg:
-            block = list(rng.permutation(len(CLASSES)))
-            if order and block[0] == order[-1]:
-                block[0], block[-1] = block[-1], block[0]
-            order.extend(int(c) for c in block)
-        h, w = self.size
-        side = min(h, w)
-        segments = []
-        pan = np.zeros(2)
-        for k in range(n_seg):
-            t0 = 0.0 if k == 0 else k * self.segment_seconds + self.segment_phase
-            t1 = min((k + 1) * self.segment_seconds + self.segment_phase, self.seconds)
-            label = order[k]
-            hue, _, material = class_attributes(label)
-            n = int(rng.integers(math.ceil(self.objects / 2), self.objects + 1))
-            speed = rng.uniform(MIN_SPEED, MAX_SPEED, size=n)
-            direction = rng.uniform(0, 2 * np.pi, size=n)
-            pan_speed = rng.uniform(0, MAX_PAN)
-            pan_dir = rng.uniform(0, 2 * np.pi)
-            hue_deg = rng.uniform(0, 55, size=n) if hue == "warm" else rng.uniform(185, 250, size=n)
-            depth = np.sort(rng.uniform(0.3, 1.0, size=n))[::-1].copy()
-            tex_f = rng.uniform(0.08, 0.3, size=(n, 2))
-            tex_t = rng.uniform(0, np.pi, size=(n, 2))
-            segments.append(
-                _Segment(
-                    index=k,
-                    t_start=t0,
-                    t_end=t1,
-                    label=label,
-                    pos0=np.stack([rng.uniform(0, w - 1, size=n), rng.uniform(0, h - 1, size=n)], axis=1),
-                    vel=np.stack([np.cos(direction), np.sin(direction)], axis=1) * speed[:, None],
-                    radius=rng.uniform(0.08, 0.17, size=n) * side,
-                    angle=rng.uniform(0, np.pi / 2, size=n),
-                    rgb=_hsv_to_rgb(hue_deg, rng.uniform(0.6, 0.9, size=n), rng.uniform(0.65, 0.95, size=n)),
-                    tex_freq=np.stack([tex_f * np.cos(tex_t), tex_f * np.sin(tex_t)], axis=2),
-                    tex_phase=rng.uniform(0, 2 * np.pi, size=(n, 2)),
-                    tex_amp=rng.uniform(0.1, 0.25, size=(n, 2)),
-                    depth=depth,
-                    tone_hz=rng.uniform(150, 400, size=n) if hue == "warm" else rng.uniform(900, 2000, size=n),
-                    intensity=(0.75 if material == "metal" else 0.3) + rng.uniform(-0.08, 0.08, size=n),
-                    pan0=pan.copy(),
-                    pan_vel=np.array([np.cos(pan_dir), np.sin(pan_dir)]) * pan_speed,
-                )
-            )
-            pan = pan + segments[-1].pan_vel * (t1 - t0) * self.fps
-        return segments
-
-    def _positions(self, seg: _Segment, t: np.ndarray) -> np.ndarray:
-        """Object centres (``len(t) x n x 2``, px) at times ``t``: straight lines folded at the borders."""
-        h, w = self.size
-        frames = (np.asarray(t, dtype=np.float64) - seg.t_start) * self.fps
-        raw = seg.pos0[None] + seg.vel[None] * frames[:, None, None]
-        span = np.array([w - 1, h - 1], dtype=np.float64)
-        q = np.mod(raw, 2 * span)
-        return np.where(q <= span, q, 2 * span - q)
-
-    def _pan(self, seg: _Segment, t: np.ndarray) -> np.ndarray:
-        """Camera offset (``len(t) x 2``, px): pixel (x, y) shows background point (x, y) + offset."""
-        frames = (np.asarray(t, dtype=np.float64) - seg.t_start) * self.fps
-        return seg.pan0[None] + seg.pan_vel[None] * frames[:, None]
-
-    # ---- rendering ---------------------------------------------------------------------------
-
-    def _inside(self, seg: _Segment, j: int, ux: np.ndarray, uy: np.ndarray) -> np.ndarray:
-        """Whether object ``j`` covers the points at offsets ``ux, uy`` from its centre."""
-        r = seg.radius[j]
-        if class_attributes(seg.label)[1] == "disc":
-            return ux * ux + uy * uy <= r * r
-        c, s = np.cos(seg.angle[j]), np.sin(seg.angle[j])
-        half = r * math.sqrt(math.pi) / 2
-        return (np.abs(c * ux + s * uy) <= half) & (np.abs(-s * ux + c * uy) <= half)
-
-    def _surface(self, seg: _Segment, t: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """Visible surface (``F x N``: -1 background, else object index) at times ``t`` and points ``x, y``."""
-        t = np.atleast_1d(np.asarray(t, dtype=np.float64))
-        x = np.asarray(x, dtype=np.float64)[None, :]
-        y = np.asarray(y, dtype=np.float64)[None, :]
-        pos = self._positions(seg, t)
-        surface = np.full((len(t), x.shape[1]), -1, dtype=np.int64)
-        for j in range(seg.n):  # far to near: nearer objects overwrite
-            surface[self._inside(seg, j, x - pos[:, j, :1], y - pos[:, j, 1:])] = j
-        return surface
-
-    def _render(self, seg: _Segment, t: np.ndarray, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _render(self, seg: Segment, t: np.ndarray, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Colour (``F x N x 3`` float in [0, 1]) and visible surface (``F x N``: -1 background,
         else object index) of segment ``seg`` at times ``t`` (F) and image points ``x, y`` (N)."""
         t = np.atleast_1d(np.asarray(t, dtype=np.float64))
@@ -283,7 +96,7 @@ class SyntheticRig:
             rgb[fi, pi] = seg.rgb[j] * np.asarray(tex)[:, None]
         return np.clip(rgb, 0.0, 1.0, out=rgb), surface
 
-    def _grid_texture(self, seg: _Segment) -> np.ndarray:
+    def _grid_texture(self, seg: Segment) -> np.ndarray:
         """``n x 2 x 2 x N``: sin and cos of each object texture's per-pixel phase on the grid.
 
         Kept for the last segment asked for only: rendering goes one segment at a time.
@@ -293,7 +106,7 @@ class SyntheticRig:
             self._texture_cache = (seg.index, np.array(phases))
         return self._texture_cache[1]
 
-    def _background_rgb(self, seg: _Segment, t: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    def _background_rgb(self, seg: Segment, t: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Background colour (``F x N x 3``) at times ``t`` and points ``x, y``, as one matrix product.
 
         sin(a + b) = sin a cos b + cos a sin b with ``a`` the per-point phase (cached for the
@@ -307,10 +120,6 @@ class SyntheticRig:
         rgb = basis @ weights.transpose(1, 0, 2).reshape(basis.shape[1], -1)  # N x 3F
         rgb = rgb.reshape(len(x), len(t), 3).transpose(1, 0, 2) + bg["mean"]
         return rgb
-
-    def _grid(self) -> tuple[np.ndarray, np.ndarray]:
-        """Pixel centres ``x, y`` (row-major), the same arrays on every call (see `_background_rgb`)."""
-        return self._xs, self._ys
 
     def frame_times(self) -> np.ndarray:
         """Media time of every frame."""
@@ -344,7 +153,7 @@ class SyntheticRig:
 
     # ---- audio -------------------------------------------------------------------------------
 
-    def _segment_audio(self, seg: _Segment) -> tuple[int, np.ndarray]:
+    def _segment_audio(self, seg: Segment) -> tuple[int, np.ndarray]:
         """First sample index and ``n x channels`` float32 samples of one segment."""
         rate = self.audio_rate
         n0 = math.ceil(seg.t_start * rate - 1e-9)
@@ -456,32 +265,6 @@ class SyntheticRig:
         """Fresh ``{"video", "audio", "points"}`` iterators, as `pipeline.windowing.windows` takes them."""
         return {"video": self.video(), "audio": self.audio(), "points": self.points()}
 
-    # ---- ground truth ------------------------------------------------------------------------
-
-    def flow(self, t1: float, t2: float) -> np.ndarray | None:
-        """Exact forward flow (``H x W x 2`` float32, dx, dy px) from the frame at ``t1`` to the one
-        at ``t2`` on frame ``t1``'s grid, or None across a scene cut."""
-        k = self.segment_index(t1)
-        if self.segment_index(t2) != k:
-            return None
-        seg = self.segments[k]
-        xs, ys = self._grid()
-        surface = self._surface(seg, np.array([t1]), xs, ys)
-        pos = self._positions(seg, np.array([t1, t2]))
-        moves = np.concatenate([pos[1] - pos[0], -(self._pan(seg, np.array([t2])) - self._pan(seg, np.array([t1])))])
-        # surface -1 (background) picks the last row: the background moves against the pan
-        flow = moves[surface[0]]
-        return flow.reshape(*self.size, 2).astype(np.float32)
-
-    def truth(self, t_start: float, t_end: float, video_t: np.ndarray | None) -> Truth:
-        """A window's truth: flow of its last two frames (None with fewer than two or across a
-        cut) and the label of the segment holding the window's midpoint."""
-        flow = None
-        if video_t is not None and len(video_t) >= 2:
-            flow = self.flow(float(video_t[-2]), float(video_t[-1]))
-        label = self.label_at(0.5 * (t_start + t_end))
-        return Truth(flow=flow, label=label, label_name=CLASSES[label])
-
 
 def _phase_basis(bg: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """``[sin a, cos a]`` (``N x 2k``) of the background's per-point phases ``a`` at ``x, y``."""
@@ -489,20 +272,12 @@ def _phase_basis(bg: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> np.
     return np.concatenate([np.sin(a), np.cos(a)], axis=1)
 
 
-def _texture_phase(seg: _Segment, j: int, m: int, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _texture_phase(seg: Segment, j: int, m: int, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """sin and cos of the position part of object ``j``'s texture component ``m`` at ``x, y``."""
     f = seg.tex_freq[j, m]
     a = 2 * np.pi * (f[0] * x + f[1] * y) + seg.tex_phase[j, m]
     return np.sin(a), np.cos(a)
 
 
-def _hsv_to_rgb(h_deg: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """``n x 3`` RGB in [0, 1] from hue (degrees), saturation and value."""
-    h = (np.asarray(h_deg) % 360) / 60.0
-    c = v * s
-    x = c * (1 - np.abs(np.mod(h, 2) - 1))
-    z = np.zeros_like(c)
-    sector = np.floor(h).astype(int) % 6
-    table = [(c, x, z), (x, c, z), (z, c, x), (z, x, c), (x, z, c), (c, z, x)]
-    rgb = np.stack([np.choose(sector, [t[i] for t in table]) for i in range(3)], axis=1)
-    return rgb + (v - c)[:, None]
+# the scene's label helpers are re-exported: callers take the class list from the rig
+__all__ = ["CLASSES", "MAX_SPEED", "MIN_SPEED", "SyntheticRig", "class_attributes", "class_index"]
