@@ -194,8 +194,8 @@ class _SignalDrain:
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the pipeline; returns the exit code."""
     import ray  # local import: Ray adds ~0.7 s to every start (--help, train, eval); only run and bench need it
-    from actors import RunFailed, run  # local import: the actors import Ray
     from actors.display import ProgressDisplay, print_summary  # local import: the actors import Ray
+    from actors.runner import RunFailed, run  # local import: the actors import Ray
 
     cfg = load(args)
     output = str(args.output.resolve()) if args.output else cfg.output.dir

@@ -1,26 +1,15 @@
-"""actors: the Ray actors that wrap the pipeline's stages, their wiring, and `run`.
+"""actors: the Ray actors that wrap the pipeline's stages, their wiring, and `actors.runner.run`.
 
-`run(config, output, ...)` runs the pipeline on an already initialised Ray (tests, notebooks);
-``run_pipeline.py`` is the command line around it.
+`actors.runner.run(config, output, ...)` runs the pipeline on an already initialised Ray (tests,
+notebooks); ``run_pipeline.py`` is the command line around it. The package imports nothing itself,
+so a source or sink worker loads only the modules its actor needs.
+
+| module | what it holds |
+|---|---|
+| `runner` | `run`, the driver loop, `RunSummary`, `RunningPipeline` |
+| `streams` | `StreamStatus`, one stream's record and its states (`StreamState`) |
+| `plan` | Ray resources per actor, what the sources ship of a window |
+| `source`, `model`, `sink`, `distill` | the actors |
+| `predictor` | the model the model actor runs |
+| `metrics`, `display`, `bench` | ``pstream_*`` series, the terminal display, ``run_pipeline.py bench`` |
 """
-
-from actors.distill import DistillActor
-from actors.model import ModelActor, WindowResult
-from actors.runner import RunFailed, RunningPipeline, RunSummary, StreamStatus, run
-from actors.sink import SinkActor
-from actors.source import ErrorRecord, SourceActor, SourceEvent
-
-__all__ = [
-    "DistillActor",
-    "ErrorRecord",
-    "ModelActor",
-    "RunFailed",
-    "RunSummary",
-    "RunningPipeline",
-    "SinkActor",
-    "SourceActor",
-    "SourceEvent",
-    "StreamStatus",
-    "WindowResult",
-    "run",
-]

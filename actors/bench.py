@@ -32,10 +32,16 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 
 from actors.model import ModelActor
-from actors.predictor import model_points, model_video_frames
-from actors.runner import RunningPipeline, plan_actors, run, send_now, shipped_frames
+from actors.plan import plan_actors, shipped_inputs
+from actors.predictor import load_predictor
+from actors.runner import run, send_now
+from actors.streams import RunningPipeline
+from perceiver_stream.checkpoint import save_checkpoint
+from perceiver_stream.streaming import StreamingPerceiverIO
+from perceiver_stream.student import student_config
 from pipeline.config import Config
 from pipeline.errors import ConfigError
 from pipeline.read import open_stream
@@ -119,8 +125,7 @@ def steady_rate(times: list[float]) -> float:
 def prebuilt_windows(cfg: Config, max_windows: int | None) -> dict[str, list[Window]]:
     """Every stream's windows (at most ``max_windows`` each), decoded now, as the pipeline's sources
     ship them for this model (trailing frames, the points it reads, no ground truth)."""
-    frames = shipped_frames(model_video_frames(cfg))
-    points = model_points(cfg)
+    frames, points = shipped_inputs(cfg)
     streams: dict[str, list[Window]] = {}
     for s in cfg.streams:
         windows = []
@@ -252,13 +257,6 @@ def pipeline_rate(
 
 def random_student(cfg: Config, path: Path) -> Path:
     """Save to ``path`` a student of ``cfg``'s model (``distill.student`` overrides) with random weights."""
-    import torch
-
-    from actors.predictor import load_predictor
-    from perceiver_stream.checkpoint import save_checkpoint
-    from perceiver_stream.streaming import StreamingPerceiverIO
-    from perceiver_stream.student import student_config
-
     teacher = load_predictor(cfg, torch.device("cpu")).model
     try:
         config = student_config(teacher.config, cfg.distill.student)

@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from actors.runner import RunningPipeline, RunSummary
+from actors.streams import RunningPipeline, RunSummary
 
 
 class ProgressDisplay:

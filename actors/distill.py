@@ -26,9 +26,11 @@ import ray
 import torch
 
 from actors.metrics import Metrics
+from actors.predictor import load_predictor
 from perceiver_stream.batch import Batch
-from perceiver_stream.outputs import ModelOutput
+from perceiver_stream.checkpoint import read_config
 from perceiver_stream.distill import Distiller
+from perceiver_stream.outputs import ModelOutput
 from pipeline.config import Config, student_checkpoint_path
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.parquet import StudentRow
@@ -57,15 +59,11 @@ class DistillActor:
     """
 
     def __init__(self, cfg: Config, output: str, sink: Any, *, device: str = "cpu", num_cpus: float = 1) -> None:
-        from actors.predictor import load_predictor
-
         torch.set_num_threads(max(1, int(num_cpus)))
         self._device = torch.device(device)
         teacher = load_predictor(cfg, self._device).model
         meta: dict[str, Any] = {"teacher": cfg.model.checkpoint}
         if cfg.model.checkpoint is not None:
-            from perceiver_stream.checkpoint import read_config
-
             t_meta = read_config(cfg.model.checkpoint)[1]
             meta.update({k: t_meta[k] for k in ("train_seeds", "data", "class_names") if k in t_meta})
         meta["distill_seeds"] = [s.synthetic.seed for s in cfg.streams if s.synthetic is not None]

@@ -5,11 +5,12 @@ task forms batches of up to ``model.batch_size`` windows, waiting at most ``mode
 after the first ready window (less when every open stream is already in the batch), and runs the
 model in a worker thread so windows keep arriving while it computes.
 
-Latent state is carried per stream, so a stream's windows must run in order and one at a time:
-the runner numbers each stream's windows (``seq``) and marks where a chain starts (the stream's
-first window in this run, or the first one resent after this actor was restarted); a window runs
-once its predecessor in the chain has. The state is reset on a chain start, a gap, or always when
-``model.state`` is false, and the result says so (``state_reset``).
+Latent state is carried per stream, so a stream's windows run in order and one at a time. This
+actor alone keeps that order: the windows may arrive in any order, over several calls; each comes
+with its place in its source's order (``seq``, numbered by the runner) and whether it starts a state
+chain (a stream's first window in the run, or its first one resent after this actor was restarted);
+a window runs once its predecessor in the chain has. The state is reset on a chain start, a gap, or
+always when ``model.state`` is false, and the result says so (``state_reset``).
 
 With a DistillActor (``distill.enabled``), every ``distill.every_windows``-th batch is offered
 to it with the teacher's outputs, without waiting: at most ``actors.distill.MAX_PENDING`` offers
@@ -31,9 +32,11 @@ import torch
 
 from actors.distill import MAX_PENDING, teacher_outputs
 from actors.metrics import Metrics
+from actors.predictor import load_predictor
 from perceiver_stream.batch import Batch
 from perceiver_stream.outputs import ModelOutput
 from perceiver_stream.streaming import StreamStates
+from pipeline.collate import collate as pipeline_collate
 from pipeline.config import Config
 from pipeline.parquet import WindowRow
 from pipeline.window import Window
@@ -48,7 +51,6 @@ class Predictor(Protocol):
     class_names: list[str]
     device: torch.device
     video_frames: int | None  # trailing frames per window the model reads (None = all)
-    points: tuple[int | None, int] | None  # (scans, max_points) its points adapter reads
 
     def __call__(self, batch: Batch, state: torch.Tensor | None) -> ModelOutput: ...
 
@@ -94,18 +96,6 @@ def _signature(w: Window) -> dict[str, tuple]:
     return sig
 
 
-def _default_build(cfg: Config, device: torch.device) -> Predictor:
-    from actors.predictor import load_predictor
-
-    return load_predictor(cfg, device)
-
-
-def _default_collate() -> Collate:
-    from pipeline.collate import collate
-
-    return collate
-
-
 class ModelActor:
     """Runs the model over windows from many streams (see the module docstring).
 
@@ -128,8 +118,8 @@ class ModelActor:
         torch.set_num_threads(max(1, int(num_cpus)))
         self._cfg = cfg
         self._device = torch.device(device)
-        self._predictor = (build or _default_build)(cfg, self._device)
-        self._collate = collate or _default_collate()
+        self._predictor = (build or load_predictor)(cfg, self._device)
+        self._collate = collate or pipeline_collate
         self._autocast = self._device.type == "cuda"
         self._batch_size = cfg.model.batch_size
         self._max_wait_s = cfg.model.max_wait_ms / 1000.0
@@ -153,16 +143,14 @@ class ModelActor:
 
     # -- control ---------------------------------------------------------------------------
     def info(self) -> dict:
-        """The model's name, class names, device, trailing video frames it reads per window (None:
-        all) and windows processed by this incarnation."""
+        """The model's name, class names and device, windows processed by this incarnation and
+        windows not offered to the student while it was busy."""
         return {
             "model": self._predictor.name,
             "class_names": list(self._predictor.class_names),
             "device": str(self._device),
             "windows": self._windows_done,
             "distill_dropped": self._distill_dropped,
-            "video_frames": self._predictor.video_frames,
-            "points": self._predictor.points,
         }
 
     async def distill_flush(self) -> int:

@@ -8,10 +8,12 @@ from pathlib import Path
 import torch
 
 from perceiver_stream.batch import Batch
+from perceiver_stream.checkpoint import load_checkpoint, read_config
 from perceiver_stream.outputs import ModelOutput
 from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO
 from pipeline.config import Config
 from pipeline.errors import CheckpointError
+from pipeline.sources.synthetic import CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -25,35 +27,22 @@ class TorchPredictor:
         self.device = device
         self.class_names = list(model.config.labels.class_names)
         self.video_frames = model.config.video_frames
-        self.points = model.config.points
 
     def __call__(self, batch: Batch, state: torch.Tensor | None) -> ModelOutput:
         return self.model(batch, state)
 
 
-def _model_config(cfg: Config) -> StreamingConfig:
+def model_config(cfg: Config) -> StreamingConfig:
+    """The configured model's config (``model.student``, else ``model.checkpoint``), read without
+    its weights; an untrained model's without either."""
     path = cfg.model.student or cfg.model.checkpoint
     if path is None:
         return StreamingConfig.from_dict({"state": {"carry": cfg.model.state}})
-    from perceiver_stream.checkpoint import read_config
-
     try:
         config, _ = read_config(path)
     except (OSError, ValueError) as exc:
         raise CheckpointError(str(exc), source=path) from None
     return config
-
-
-def model_video_frames(cfg: Config) -> int | None:
-    """Trailing frames per window the configured model reads (None = all), from its checkpoint's
-    config alone (no weights loaded)."""
-    return _model_config(cfg).video_frames
-
-
-def model_points(cfg: Config) -> tuple[int | None, int] | None:
-    """``(scans, max_points)`` the configured model's points adapter reads (None: no such adapter),
-    from its checkpoint's config alone."""
-    return _model_config(cfg).points
 
 
 def load_predictor(cfg: Config, device: torch.device) -> TorchPredictor:
@@ -64,15 +53,11 @@ def load_predictor(cfg: Config, device: torch.device) -> TorchPredictor:
     """
     path = cfg.model.student or cfg.model.checkpoint
     if path is None:
-        from pipeline.sources.synthetic import CLASSES
-
         log.warning("model.checkpoint is not set: running an untrained model, its outputs mean nothing")
         torch.manual_seed(0)
         model = StreamingPerceiverIO(StreamingConfig.from_dict(
             {"labels": {"class_names": CLASSES}, "state": {"carry": cfg.model.state}}))
         return TorchPredictor(model, "untrained", device)
-    from perceiver_stream.checkpoint import load_checkpoint
-
     try:
         model, _ = load_checkpoint(path, device=device)
     except (OSError, ValueError) as exc:

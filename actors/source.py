@@ -20,6 +20,7 @@ import ray
 from actors.metrics import Metrics
 from pipeline.config import Config, StreamConfig
 from pipeline.errors import PipelineError
+from pipeline.read import open_stream as read_stream
 from pipeline.window import Window
 
 OpenStream = Callable[..., Iterator[Window]]
@@ -69,12 +70,6 @@ def lower_priority(nice: int) -> None:
         os.nice(nice)
 
 
-def _default_open_stream() -> OpenStream:
-    from pipeline.read import open_stream
-
-    return open_stream
-
-
 class SourceActor:
     """Reads one stream from ``start_window`` on (see the module docstring).
 
@@ -108,7 +103,7 @@ class SourceActor:
         self._realtime = realtime
         self._video_frames = video_frames
         self._points = points
-        self._open_stream = open_stream or _default_open_stream()
+        self._open_stream = open_stream or read_stream
         self._it: Iterator[Window] | None = None
         self._reported: list[ErrorRecord] = []
         self._delivered = 0

@@ -5,17 +5,24 @@ model actor on Ray with a fake model."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 
 import numpy as np
 import pytest
+import ray
 import torch
+from ray import cloudpickle
 
+from actors.distill import MAX_PENDING
 from actors.model import ModelActor
-from actors.runner import plan_actors, shipped_frames
+from actors.plan import plan_actors, shipped_frames
+from actors.predictor import TorchPredictor
+from actors.sink import SinkActor
 from actors.source import SourceActor
 from perceiver_stream.outputs import ModelOutput
+from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO
 from pipeline.config import parse_config
 from pipeline.read import open_stream
 from pipeline.errors import ConfigError, DecodeError, SourceReconnected
@@ -46,7 +53,6 @@ class FakePredictor:
     class_names = ["a", "b", "c"]
     device = torch.device("cpu")
     video_frames = 2
-    points = None
 
     def __init__(self, fail_on: int | None = None) -> None:
         self.batches: list[list[tuple[str, int]]] = []
@@ -92,6 +98,38 @@ def test_windows_of_a_stream_run_in_chain_order_with_state_carried():
     assert [r.window_id for r in res] == [7, 6, 5]
     assert [r.row.embedding[1] for r in sorted(res, key=lambda r: r.window_id)] == [1.0, 2.0, 3.0]
     assert [r.row.state_reset for r in sorted(res, key=lambda r: r.window_id)] == [True, False, False]
+
+
+def test_the_model_actor_orders_windows_that_arrive_out_of_order_over_several_calls():
+    # The runner sends windows as they are decoded, unsorted: the model actor alone orders them.
+    actor, pred = make_actor(make_cfg(2, max_wait_ms=1))
+    actor.set_open_streams(["s0", "s1"])
+
+    async def go():
+        late = asyncio.ensure_future(
+            actor.infer_many([(2, False), (1, False), (1, False)], window("s0", 12), window("s0", 11), window("s1", 21))
+        )
+        await asyncio.sleep(0.05)  # the later windows wait for their chain's start
+        assert pred.batches == []
+        first = await actor.infer_many([(0, True), (0, True)], window("s1", 20), window("s0", 10))
+        return first, await late
+
+    (first_ids, *_), (late_ids, *late) = asyncio.run(go())
+    assert first_ids == [20, 10] and late_ids == [12, 11, 21]
+    assert [w for b in pred.batches for sid, w in b if sid == "s0"] == [10, 11, 12]
+    assert [w for b in pred.batches for sid, w in b if sid == "s1"] == [20, 21]
+    assert [r.row.embedding[1] for r in late] == [3.0, 2.0, 2.0]  # state carried in seq order
+
+
+def test_a_chain_started_after_a_restart_runs_from_its_first_window_in_seq_order():
+    # After a restart the runner resends from each stream's lowest window without a result (seq 4).
+    actor, pred = make_actor(make_cfg(1, max_wait_ms=1))
+    actor.set_open_streams(["s0"])
+    res = gather(actor, [(6, False, window("s0", 6)), (5, False, window("s0", 5)), (4, True, window("s0", 4))])
+    assert pred.batches == [[("s0", 4)], [("s0", 5)], [("s0", 6)]]
+    assert [(r.window_id, r.row.state_reset, r.row.embedding[1]) for r in res] == [
+        (6, False, 3.0), (5, False, 2.0), (4, True, 1.0)
+    ]
 
 
 def test_a_resent_window_supersedes_the_one_waiting_for_its_chain():
@@ -208,9 +246,6 @@ def test_infer_many_returns_each_windows_outcome_and_result_and_isolates_a_failu
 
 
 def test_model_actor_on_ray_with_a_fake_model(ray_session):
-    import ray
-    from ray import cloudpickle
-
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     cfg = make_cfg(2, batch_size=4, max_wait_ms=5)
     actor = ray.remote(ModelActor).options(num_cpus=0, max_concurrency=16).remote(cfg, build=_fake_build)
@@ -344,10 +379,6 @@ def test_plan_actors_makes_room_for_the_distill_actor():
 
 
 def test_model_actor_offers_every_nth_batch_to_the_distiller_and_drops_while_it_is_busy(ray_session):
-    import ray
-
-    from actors.distill import MAX_PENDING
-
     @ray.remote
     class SlowDistiller:
         def __init__(self):
@@ -380,9 +411,6 @@ def test_model_actor_offers_every_nth_batch_to_the_distiller_and_drops_while_it_
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_model_actor_runs_a_real_model_on_cuda_under_bf16_autocast():
-    from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO
-    from actors.predictor import TorchPredictor
-
     model = StreamingPerceiverIO(
         StreamingConfig.from_dict({"encoder": {"num_latents": 8, "latent_channels": 16, "self_heads": 2},
                                    "flow": {"size": (8, 8), "channels": 16}, "labels": {"class_names": ("x", "y")}})
@@ -396,12 +424,6 @@ def test_model_actor_runs_a_real_model_on_cuda_under_bf16_autocast():
 
 
 def test_helpers_lower_their_cpu_priority_as_configured(ray_session, tmp_path):
-    import os
-
-    import ray
-
-    from actors.sink import SinkActor
-
     def niceness(_actor) -> int:
         return os.nice(0)
 

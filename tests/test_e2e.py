@@ -16,10 +16,14 @@ import numpy as np
 import polars as pl
 import pyarrow.dataset as ds
 import pytest
+import ray
+import torch
 import yaml
 
-import actors
 import run_pipeline
+from actors.bench import bench
+from actors.runner import run
+from actors.streams import RunningPipeline
 from clips import write_clip
 from perceiver_stream.checkpoint import save_checkpoint
 from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO
@@ -36,8 +40,6 @@ WINDOWS = 7
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    import torch
-
     torch.manual_seed(0)
     model = StreamingPerceiverIO(
         StreamingConfig.from_dict({
@@ -84,12 +86,12 @@ def test_synthetic_run_writes_every_table_once(ray_session, tiny_checkpoint, tmp
     out = tmp_path / "out"
     seen = {"total": 0, "stream": 0, "sink": 0}
 
-    def watch(p: actors.RunningPipeline) -> None:
+    def watch(p: RunningPipeline) -> None:
         seen["total"] = max(seen["total"], p.in_flight)
         seen["stream"] = max([seen["stream"], *(s.in_flight for s in p.streams.values())])
         seen["sink"] = max(seen["sink"], p.at_sink)
 
-    summary = actors.run(cfg, out, on_progress=watch)
+    summary = run(cfg, out, on_progress=watch)
     assert summary.exit_code == 0 and summary.failed == [] and summary.windows == 2 * WINDOWS
     assert 1 <= seen["total"] <= 4 and 1 <= seen["stream"] <= 3 and seen["sink"] <= 4
     assert ids_by_stream(out) == {"a": list(range(WINDOWS)), "b": list(range(WINDOWS))}
@@ -127,7 +129,7 @@ def test_run_over_pyav_clips(ray_session, tiny_checkpoint, tmp_path):
     }
     assert all(len(v) >= 2 for v in expected.values())
     out = tmp_path / "out"
-    summary = actors.run(cfg, out)
+    summary = run(cfg, out)
     assert summary.exit_code == 0
     assert ids_by_stream(out) == expected
     df = pl.from_arrow(read_table(out, "windows"))
@@ -155,18 +157,16 @@ def test_one_bad_stream_costs_one_error_row_and_exit_3(ray_session, tiny_checkpo
 
 
 def test_model_actor_killed_mid_run_loses_and_repeats_nothing(ray_session, tiny_checkpoint, tmp_path):
-    import ray
-
     cfg = parse_config(config_data(tiny_checkpoint, [synthetic("a", 1, 8.0), synthetic("b", 2, 8.0)]))
     killed = []
 
-    def kill_once(p: actors.RunningPipeline) -> None:
+    def kill_once(p: RunningPipeline) -> None:
         if not killed and p.windows >= 4:
             killed.append(p.windows)
             ray.kill(p.model, no_restart=False)
 
     out = tmp_path / "out"
-    summary = actors.run(cfg, out, on_progress=kill_once)
+    summary = run(cfg, out, on_progress=kill_once)
     assert killed and summary.restarts == 1 and summary.exit_code == 0
     n = 15  # 8 s at 1 s / 0.5 s
     assert ids_by_stream(out) == {"a": list(range(n)), "b": list(range(n))}
@@ -179,8 +179,6 @@ def test_model_actor_killed_mid_run_loses_and_repeats_nothing(ray_session, tiny_
 
 
 def test_sigterm_drains_then_resume_completes_without_gaps_or_repeats(ray_session, tiny_checkpoint, tmp_path):
-    import ray
-
     seconds, n = 30.0, 59
     cfg_file = tmp_path / "cfg.yaml"
     streams = [synthetic("a", 1, seconds), synthetic("b", 2, seconds)]
@@ -222,7 +220,7 @@ def test_distilling_run_writes_student_rows_and_a_student_the_pipeline_can_run_o
     data = config_data(tiny_checkpoint, [synthetic("a", 1), synthetic("b", 2)])
     data["distill"] = {"enabled": True, "checkpoint_every": 2, "student": {"encoder": {"num_latents": 4}}}
     out = tmp_path / "out"
-    summary = actors.run(parse_config(data), out)
+    summary = run(parse_config(data), out)
     assert summary.exit_code == 0 and summary.windows == 2 * WINDOWS
     d = summary.distill
     assert d is not None and "error" not in d and d["steps"] >= 1
@@ -243,18 +241,16 @@ def test_distilling_run_writes_student_rows_and_a_student_the_pipeline_can_run_o
     data["distill"]["enabled"] = False
     data["model"]["student"] = str(ckpt)
     on_student = tmp_path / "on_student"
-    assert actors.run(parse_config(data), on_student).exit_code == 0
+    assert run(parse_config(data), on_student).exit_code == 0
     assert ids_by_stream(on_student) == {"a": list(range(WINDOWS)), "b": list(range(WINDOWS))}
     assert set(pl.from_arrow(read_table(on_student, "windows"))["model"].to_list()) == {"student"}
 
     data["distill"]["enabled"] = True  # a student distilled from a student is refused
     with pytest.raises(ConfigError, match="model.student"):
-        actors.run(parse_config(data), tmp_path / "refused")
+        run(parse_config(data), tmp_path / "refused")
 
 
 def test_bench_reports_model_pipeline_and_student_rates_from_repeated_runs(ray_session, tiny_checkpoint, tmp_path):
-    from actors.bench import bench
-
     cfg = parse_config(config_data(tiny_checkpoint, [synthetic("b0", 61), synthetic("b1", 62)]),
                        base_dir=tmp_path)
     out = bench(cfg, output=tmp_path / "scratch", repeat=2)

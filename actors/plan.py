@@ -1,0 +1,137 @@
+"""What a run asks of the cluster: Ray resources per actor, the actors started with them, and
+what the sources ship of a window."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from actors.distill import DistillActor
+from actors.model import ModelActor
+from actors.predictor import model_config
+from actors.sink import SinkActor
+from actors.source import SourceActor
+from pipeline.config import Config, StreamConfig, config_hash
+from pipeline.errors import ConfigError
+
+MODEL_MAX_RESTARTS = 3  # Ray restarts the model actor this often; the runner resends what it held
+
+
+@dataclass
+class ActorOptions:
+    """Ray resources for the actors, derived from the cluster and the config."""
+
+    device: str
+    model_cpus: float
+    model_gpus: float
+    source_cpus: float
+    sink_cpus: float
+    distill_cpus: float = 0.0
+    distill_gpus: float = 0.0
+    distill_device: str = "cpu"
+
+
+def plan_actors(cfg: Config, resources: dict[str, float]) -> ActorOptions:
+    """Resolve ``model.device`` / ``model.num_gpus`` against the cluster and split its CPUs.
+
+    On a CPU-only cluster the model gets half the CPUs (at least one) for torch threads and the
+    sources and sink share the rest (with the distill actor when ``distill.enabled``); with a GPU
+    the model needs one CPU to feed it. A distilling run on a GPU shares it: the model asks for
+    ``model.num_gpus`` (default half a GPU) and the student trains on what is left, or on the CPU
+    when nothing is.
+    """
+    cpus = float(resources.get("CPU", 1.0))
+    gpus = float(resources.get("GPU", 0.0))
+    device = cfg.model.device
+    if device == "auto":
+        device = "cuda" if gpus > 0 and cfg.model.num_gpus != 0 else "cpu"
+    if device == "cuda" and gpus <= 0:
+        raise ConfigError("model.device is cuda but the Ray cluster has no GPU")
+    distill = cfg.distill.enabled
+    model_gpus = (cfg.model.num_gpus or (0.5 if distill else 1.0)) if device == "cuda" else 0.0
+    model_cpus = 1.0 if device == "cuda" else max(1.0, float(int(cpus // 2)))
+    rest = max(cpus - model_cpus, 0.0)
+    n = len(cfg.streams)
+    # Rounded down so the shares never add up to more than the cluster has (an actor that does
+    # not fit would wait forever).
+    source_share, distill_share = (0.6, 0.2) if distill else (0.8, 0.0)
+    source_cpus = max(0.001, min(1.0, math.floor(rest * source_share * 1000 / n) / 1000))
+    sink_cpus = max(0.001, min(1.0, math.floor(rest * 200) / 1000))
+    distill_cpus = max(0.001, min(1.0, math.floor(rest * distill_share * 1000) / 1000)) if distill else 0.0
+    distill_gpus = min(0.5, max(gpus - model_gpus, 0.0)) if distill and device == "cuda" else 0.0
+    distill_device = "cuda" if distill_gpus > 0 else "cpu"
+    return ActorOptions(
+        device, model_cpus, model_gpus, source_cpus, sink_cpus, distill_cpus, distill_gpus, distill_device
+    )
+
+
+def shipped_frames(model_frames: int | None) -> int | None:
+    """Trailing frames per window the sources ship for a model that reads ``model_frames`` (None:
+    all): at least two, so flow and the sink's preview of the earlier frame still have theirs."""
+    return None if model_frames is None else max(int(model_frames), 2)
+
+
+def shipped_inputs(cfg: Config) -> tuple[int | None, tuple[int | None, int] | None]:
+    """What every source ships of a window for the configured model, from its config alone: the
+    trailing frames (`shipped_frames`) and ``(scans, max_points)`` of its points adapter (None: all
+    frames / no points adapter)."""
+    model = model_config(cfg)
+    return shipped_frames(model.video_frames), model.points
+
+
+def start_sink(cfg: Config, output: Path, opts: ActorOptions) -> Any:
+    """The `SinkActor` writing under ``output`` (not restarted: a resume redoes what it had not committed)."""
+    return (
+        ray.remote(SinkActor)
+        .options(num_cpus=opts.sink_cpus, max_restarts=0)
+        .remote(str(output), config_hash=config_hash(cfg), nice=cfg.runtime.helper_nice)
+    )
+
+
+def start_distill(cfg: Config, output: Path, opts: ActorOptions, sink: Any) -> Any:
+    """The `DistillActor` training a student into ``output`` and sending its rows to ``sink``."""
+    return (
+        ray.remote(DistillActor)
+        .options(num_cpus=opts.distill_cpus, num_gpus=opts.distill_gpus, max_restarts=0)
+        .remote(cfg, str(output), sink, device=opts.distill_device, num_cpus=max(opts.distill_cpus, 1))
+    )
+
+
+def start_model(cfg: Config, opts: ActorOptions, distill: Any | None) -> Any:
+    """The `ModelActor`, restarted by Ray up to `MODEL_MAX_RESTARTS` times, never retrying a call
+    (the runner resends); it may hold every window in flight at once."""
+    return (
+        ray.remote(ModelActor)
+        .options(
+            num_cpus=opts.model_cpus,
+            num_gpus=opts.model_gpus,
+            max_restarts=MODEL_MAX_RESTARTS,
+            max_task_retries=0,
+            max_concurrency=cfg.runtime.max_in_flight + 16,
+        )
+        .remote(cfg, device=opts.device, num_cpus=opts.model_cpus, distill=distill)
+    )
+
+
+def start_source(
+    stream: StreamConfig,
+    cfg: Config,
+    opts: ActorOptions,
+    *,
+    start_window: int,
+    max_windows: int | None,
+    realtime: bool,
+    shipped: tuple[int | None, tuple[int | None, int] | None],
+) -> Any:
+    """The `SourceActor` of ``stream`` from ``start_window`` on, shipping ``shipped`` (`shipped_inputs`)."""
+    frames, points = shipped
+    return (
+        ray.remote(SourceActor)
+        .options(num_cpus=opts.source_cpus, max_restarts=0)
+        .remote(stream, cfg, start_window=start_window, max_windows=max_windows, realtime=realtime,
+                video_frames=frames, points=points)
+    )

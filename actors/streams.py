@@ -1,0 +1,231 @@
+"""Records of a run: each stream's `StreamStatus`, the live `RunningPipeline`, the `RunSummary`.
+
+`StreamStatus` is the only place that counts a stream's windows in flight and changes its state::
+
+    running --source ended--> ending --last window taken by the sink--> done
+                                                                   (or failed: the source ended with an error)
+    running | ending --the model failed one of its windows--> failed
+    running | ending --the run ended first (a signal, or it could not go on)--> stopped
+                                                                   (or failed: the source ended with an error)
+
+Any other change raises `IllegalTransition`.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class StreamState(enum.StrEnum):
+    """Where a stream is in this run (its value is what the display and the summary print)."""
+
+    RUNNING = "running"  # its source is asked for windows
+    ENDING = "ending"  # its source has ended; its last windows are on their way to the sink
+    DONE = "done"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+_TRANSITIONS: dict[StreamState, frozenset[StreamState]] = {
+    StreamState.RUNNING: frozenset({StreamState.ENDING, StreamState.FAILED, StreamState.STOPPED}),
+    StreamState.ENDING: frozenset({StreamState.DONE, StreamState.FAILED, StreamState.STOPPED}),
+    StreamState.DONE: frozenset(),
+    StreamState.FAILED: frozenset(),
+    StreamState.STOPPED: frozenset(),
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A stream state change the state machine does not allow (a bookkeeping bug, not a data problem)."""
+
+
+@dataclass
+class StreamStatus:
+    """Progress of one stream in this run.
+
+    ``seq`` numbers the stream's ``next`` calls to its source in this run (0, 1, ...): a window's
+    place in the source's order, by which the model actor runs them. A window is *in flight* from
+    that call until the model's result for it (or its end) is read; ``at_sink`` counts results sent
+    to the sink and not yet taken, ``windows`` those taken.
+    """
+
+    stream_id: str
+    start_window: int = 0  # the first window id of this run (after the last committed one)
+    windows: int = 0
+    at_sink: int = 0
+    state: StreamState = StreamState.RUNNING
+    error: str | None = None
+    next_seq: int = 0
+    chain_from: int = 0  # seq of the window that starts the model's next state chain
+    _in_flight: set[int] = field(default_factory=set, init=False, repr=False)
+
+    # -- what the runner may do with the stream --------------------------------------------
+    @property
+    def in_flight(self) -> int:
+        """Windows between the ``next`` call and the model's result."""
+        return len(self._in_flight)
+
+    @property
+    def asks_source(self) -> bool:
+        """Whether the runner still asks the source for windows."""
+        return self.state is StreamState.RUNNING
+
+    @property
+    def takes_windows(self) -> bool:
+        """Whether a decoded window goes to the model (not once the model has failed the stream)."""
+        return self.state in (StreamState.RUNNING, StreamState.ENDING)
+
+    @property
+    def open(self) -> bool:
+        """Whether more of its windows may reach the model (a batch need not wait for a closed one)."""
+        return self.state is StreamState.RUNNING or (self.state is StreamState.ENDING and bool(self._in_flight))
+
+    @property
+    def finished(self) -> bool:
+        """Whether the stream has reached a final state."""
+        return not _TRANSITIONS[self.state]
+
+    def starts_chain(self, seq: int) -> bool:
+        """Whether window ``seq`` starts a new state chain in the model actor."""
+        return seq == self.chain_from
+
+    # -- counts ----------------------------------------------------------------------------
+    def requested(self) -> int:
+        """A ``next`` call was made; returns its ``seq``."""
+        seq = self.next_seq
+        self.next_seq += 1
+        self._in_flight.add(seq)
+        return seq
+
+    def released(self, seq: int) -> None:
+        """Window ``seq`` leaves the run without a result: an end of stream, a dropped or failed window."""
+        self._in_flight.remove(seq)
+        self._settle()
+
+    def to_sink(self, seq: int) -> None:
+        """The model's result for window ``seq`` went to the sink."""
+        self._in_flight.remove(seq)
+        self.at_sink += 1
+
+    def written(self) -> None:
+        """The sink took one of the stream's results."""
+        self.at_sink -= 1
+        self.windows += 1
+        self._settle()
+
+    def restart_chain(self) -> None:
+        """The model actor was restarted: the stream's lowest window without a result (or its next
+        one) starts a new state chain."""
+        self.chain_from = min(self._in_flight, default=self.next_seq)
+
+    # -- state -----------------------------------------------------------------------------
+    def source_ended(self, error: str | None = None) -> None:
+        """The source delivered its last window (``error``: it ended with this failure)."""
+        self._move(StreamState.ENDING)
+        self.error = error
+        self._settle()
+
+    def fail(self, error: str) -> None:
+        """The model failed one of the stream's windows: nothing more of it goes to the model."""
+        self._move(StreamState.FAILED)
+        self.error = self.error or error
+
+    def finish(self) -> None:
+        """The run ended: a stream still running or with windows not taken by the sink is stopped."""
+        if self.finished:
+            return
+        self._settle()
+        if not self.finished:
+            self._move(StreamState.FAILED if self.error else StreamState.STOPPED)
+
+    def _settle(self) -> None:
+        if self.state is StreamState.ENDING and not self._in_flight and not self.at_sink:
+            self._move(StreamState.FAILED if self.error else StreamState.DONE)
+
+    def _move(self, to: StreamState) -> None:
+        if to not in _TRANSITIONS[self.state]:
+            raise IllegalTransition(f"stream {self.stream_id!r}: {self.state.value} -> {to.value} is not a transition")
+        self.state = to
+
+
+@dataclass
+class RunSummary:
+    """What a run did; ``exit_code`` follows the CLI's convention (0, 1 or 3)."""
+
+    streams: dict[str, StreamStatus]
+    wall_s: float
+    restarts: int = 0
+    stopped: bool = False
+    fatal: str | None = None
+    committed: dict[str, int] = field(default_factory=dict)
+    distill: dict[str, Any] | None = None  # the DistillActor's summary (or its error) when distilling
+
+    @property
+    def windows(self) -> int:
+        """Windows written by this run, all streams."""
+        return sum(s.windows for s in self.streams.values())
+
+    @property
+    def failed(self) -> list[str]:
+        """Streams that ended with an error."""
+        return [s.stream_id for s in self.streams.values() if s.state is StreamState.FAILED]
+
+    @property
+    def exit_code(self) -> int:
+        """0: every stream ended normally (or drained on a signal); 1: all failed or the run could
+        not go on; 3: some streams failed while others finished."""
+        if self.fatal is not None or len(self.failed) == len(self.streams):
+            return 1
+        return 3 if self.failed else 0
+
+
+class RunningPipeline:
+    """The live run, handed to ``on_start`` / ``on_progress`` callbacks.
+
+    ``model``, ``sink`` and ``sources`` (by stream id) are the actor handles, e.g. for a test to
+    ``ray.kill(pipeline.model, no_restart=False)``; ``streams`` the per-stream records; `stop`
+    asks for a drain.
+    """
+
+    def __init__(self, model: Any, sink: Any, sources: dict[str, Any], streams: dict[str, StreamStatus]) -> None:
+        self.model = model
+        self.sink = sink
+        self.sources = sources
+        self.streams = streams
+        self.started = time.monotonic()
+        self.restarts = 0
+        self.model_queue = 0  # windows held for the model or at it (set by the loop each step)
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        """Stop asking sources for windows; what is in flight still reaches the sink."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        """Whether `stop` was called."""
+        return self._stop.is_set()
+
+    @property
+    def in_flight(self) -> int:
+        """Windows between their source's ``next`` call and the model's result, all streams."""
+        return sum(s.in_flight for s in self.streams.values())
+
+    @property
+    def at_sink(self) -> int:
+        """Results sent to the sink and not yet taken, all streams."""
+        return sum(s.at_sink for s in self.streams.values())
+
+    @property
+    def windows(self) -> int:
+        """Windows the sink has taken so far in this run."""
+        return sum(s.windows for s in self.streams.values())
+
+    @property
+    def windows_per_s(self) -> float:
+        """Mean rate since the start of the run."""
+        return self.windows / max(time.monotonic() - self.started, 1e-9)
