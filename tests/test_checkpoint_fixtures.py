@@ -1,5 +1,6 @@
 """The shipped checkpoints load from their recorded config.json files and give bit-identical outputs
-on the recorded batch (tests/fixtures/record_checkpoints.py wrote both from the code they shipped with)."""
+on the recorded batch (tests/fixtures/record_checkpoints.py wrote both from the code they shipped with;
+the recorded config.json files are in the flat "streaming-v1" format the checkpoints shipped in)."""
 
 from __future__ import annotations
 
@@ -21,15 +22,15 @@ def _batch(d: dict) -> Batch:
     return Batch(d["stream_ids"], d["window_ids"], d["t_start"], d["t_end"], d["reset"], mods)
 
 
-@pytest.mark.parametrize("config", ["recorded v1", "shipped"])
+@pytest.mark.parametrize("config", ["recorded", "shipped"])
 @pytest.mark.parametrize("name", ["default", "student"])
 def test_shipped_checkpoint_gives_recorded_outputs_from_recorded_config(name, config, tmp_path):
     doc = torch.load(FIXTURES / "checkpoints.pt", weights_only=True)
     folder = tmp_path / name
     folder.mkdir()
     shutil.copy(ROOT / "checkpoints" / name / "model.safetensors", folder / "model.safetensors")
-    recorded = FIXTURES / f"{name}_config_v1.json"
-    shutil.copy(recorded if config == "recorded v1" else ROOT / "checkpoints" / name / "config.json",
+    recorded = FIXTURES / f"{name}_config.json"
+    shutil.copy(recorded if config == "recorded" else ROOT / "checkpoints" / name / "config.json",
                 folder / "config.json")
     model, _ = load_checkpoint(folder)
     torch.set_num_threads(2)
@@ -47,5 +48,5 @@ def test_shipped_checkpoint_gives_recorded_outputs_from_recorded_config(name, co
 
 @pytest.mark.parametrize("name", ["default", "student"])
 def test_shipped_config_json_is_the_recorded_one_in_the_current_format(name, tmp_path):
-    shutil.copy(FIXTURES / f"{name}_config_v1.json", tmp_path / "config.json")
+    shutil.copy(FIXTURES / f"{name}_config.json", tmp_path / "config.json")
     assert read_config(ROOT / "checkpoints" / name) == read_config(tmp_path)

@@ -51,10 +51,6 @@ def test_no_import_cycle_among_project_modules(found):
     assert not loops, "import cycles:\n" + "\n".join(" -> ".join(c) for c in loops)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 15: the jobs/model/runner helpers remove the last ones; the lead drops this mark after the merges",
-)
 def test_no_function_local_imports_without_a_reason(found):
     unmarked = layers.local_imports(found)
     hint = f"hoist them, or say why with '{layers.LOCAL_MARK} <why>'"
