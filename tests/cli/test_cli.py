@@ -13,13 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
+from paths import REPO
 import run_pipeline
 from perceiver_stream.checkpoint import load_checkpoint, read_config
 from perceiver_stream.distill import Distiller
 from pipeline.config import DistillConfig
 from pipeline.parquet import FlowRow, OutputWriter, WindowRow
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def parse(argv: list[str]):

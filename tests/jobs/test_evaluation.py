@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from jobs.evaluate import MIN_WINDOWS, MODALITIES, _without, dropped, evaluate
+from paths import REPO
 from perceiver_stream.checkpoint import save_checkpoint
 from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO
 from pipeline.config import load_config
@@ -17,7 +17,6 @@ from pipeline.errors import CheckpointError, ConfigError
 from pipeline.sources.synthetic import CLASSES
 from pipeline.window import Window
 
-ROOT = Path(__file__).resolve().parents[1]
 DATA = {"window": {"seconds": 1.0, "hop": 0.5}, "video": {"size": [32, 32], "fps": None},
         "audio": {"rate": 16000, "channels": 1}}
 
@@ -100,7 +99,7 @@ def test_training_seeds_and_bad_arguments_are_refused(checkpoints, tmp_path):
 
 
 def _shipped_checkpoint() -> str:
-    ckpt = load_config(ROOT / "configs" / "default.yaml").model.checkpoint
+    ckpt = load_config(REPO / "configs" / "default.yaml").model.checkpoint
     assert ckpt is not None, "configs/default.yaml must name the shipped checkpoint"
     return ckpt
 

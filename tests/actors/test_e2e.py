@@ -20,6 +20,7 @@ import ray
 import torch
 import yaml
 
+from paths import REPO
 import run_pipeline
 from actors.bench import bench
 from actors.runner import run
@@ -33,7 +34,6 @@ from pipeline.parquet import read_file_metadata
 from pipeline.read import read_windows
 from pipeline.sources.synthetic import CLASSES
 
-REPO = Path(__file__).resolve().parents[1]
 SECONDS = 4.0  # a synthetic stream of 4 s gives 7 windows (1 s, hop 0.5)
 WINDOWS = 7
 

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 pytest.importorskip("skimage")
 
+from paths import REPO  # noqa: E402
 from perceiver_stream.checkpoint import save_checkpoint  # noqa: E402
 from jobs.photo import panned_photo_clip, photo_flow  # noqa: E402
 from pipeline.read import read_windows  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_clip_moves_by_the_flow_it_reports(tmp_path):
@@ -47,7 +44,7 @@ def test_photo_flow_reports_epe_against_motion_and_zero(tmp_path):
 def test_shipped_checkpoint_halves_zero_flow_error_on_a_real_photo():
     from pipeline.config import load_config
 
-    ckpt = load_config(ROOT / "configs" / "default.yaml").model.checkpoint
+    ckpt = load_config(REPO / "configs" / "default.yaml").model.checkpoint
     assert ckpt is not None, "configs/default.yaml must name the shipped checkpoint"
     for image in ("astronaut", "chelsea"):
         out = photo_flow(ckpt, image=image)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
 from jobs.distill import distill_job
 from jobs.evaluate import evaluate
+from paths import REPO
 from perceiver_stream.checkpoint import load_checkpoint, save_checkpoint
 from perceiver_stream.config import StreamingConfig
 from perceiver_stream.distill import Distiller
@@ -185,7 +185,7 @@ def test_distill_job_reads_streams_in_lockstep_and_saves_the_student(tmp_path):
 
 @pytest.mark.slow
 def test_shipped_student_tracks_the_teacher_on_an_unseen_seed():
-    root = Path(__file__).resolve().parents[1] / "checkpoints"
+    root = REPO / "checkpoints"
     out = evaluate(root / "default", 502, student=root / "student")
     assert out["cosine_to_teacher"] >= 0.9
     assert out["student"]["label_accuracy"] >= out["label_accuracy"] - 0.05
