@@ -81,7 +81,8 @@ def test_synthetic_run_writes_every_table_once(ray_session, tiny_checkpoint, tmp
     assert ids_by_stream(out, "flow") == {"a": list(range(WINDOWS)), "b": list(range(WINDOWS))}
 
     windows = read_table(out, "windows")
-    assert windows.schema.field("embedding").type.list_size == 16
+    width = read_config(tiny_checkpoint)[0].encoder.latent_channels
+    assert windows.schema.field("embedding").type.list_size == width
     df = pl.from_arrow(windows).sort(["stream_id", "window_id"])
     assert df.filter(pl.col("state_reset"))["window_id"].to_list() == [0, 0]  # first window only
     assert df["has_video"].all() and df["has_audio"].all() and df["has_points"].all()
