@@ -22,7 +22,7 @@ from actors.predictor import TorchPredictor
 from actors.sink import SinkActor
 from actors.source import SourceActor
 from perceiver_stream.outputs import ModelOutput
-from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO
+from perceiver_stream.streaming import StreamingPerceiverIO
 from pipeline.config import parse_config
 from pipeline.read import open_stream
 from pipeline.errors import ConfigError, DecodeError, SourceReconnected
@@ -410,11 +410,9 @@ def test_model_actor_offers_every_nth_batch_to_the_distiller_and_drops_while_it_
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_model_actor_runs_a_real_model_on_cuda_under_bf16_autocast():
-    model = StreamingPerceiverIO(
-        StreamingConfig.from_dict({"encoder": {"num_latents": 8, "latent_channels": 16, "self_heads": 2},
-                                   "flow": {"size": (8, 8), "channels": 16}, "labels": {"class_names": ("x", "y")}})
-    )
+def test_model_actor_runs_a_real_model_on_cuda_under_bf16_autocast(tiny_config):
+    # a model of its own (moved to the GPU), its flow grid the size of the test windows' frames
+    model = StreamingPerceiverIO(tiny_config.merged({"flow": {"size": (8, 8)}}))
     cfg = make_cfg(2, max_wait_ms=1, device="cuda")
     actor = ModelActor(cfg, device="cuda", build=lambda c, d: TorchPredictor(model, "tiny", d))
     actor.set_open_streams(["s0", "s1"])
