@@ -26,7 +26,7 @@ from actors.runner import run
 from actors.streams import RunningPipeline
 from clips import write_clip
 from perceiver_stream.checkpoint import read_config
-from pipeline.config import config_hash, parse_config
+from pipeline.config import config_hash, parse_config, student_checkpoint_path
 from pipeline.errors import ConfigError
 from pipeline.parquet import read_file_metadata
 from pipeline.read import read_windows
@@ -199,7 +199,6 @@ def test_sigterm_drains_then_resume_completes_without_gaps_or_repeats(ray_sessio
 def test_distilling_run_writes_student_rows_and_a_student_the_pipeline_can_run_on(
     ray_session, tiny_checkpoint, tmp_path
 ):
-    from pipeline.config import student_checkpoint_path
 
     data = config_data(tiny_checkpoint, [synthetic("a", 1), synthetic("b", 2)])
     data["distill"] = {"enabled": True, "checkpoint_every": 2, "student": {"encoder": {"num_latents": 4}}}
