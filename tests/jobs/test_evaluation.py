@@ -17,6 +17,7 @@ from pipeline.errors import CheckpointError, ConfigError
 from pipeline.sources.synthetic import CLASSES
 from pipeline.window import Window
 
+
 @pytest.fixture(scope="module")
 def checkpoints(tiny_checkpoint, rig_config, tmp_path_factory):
     """The tiny checkpoint (trained on seeds 0 and 1) and a student of it with half its latents."""

@@ -16,17 +16,18 @@ from tiny import HW, assert_outputs_close, make_batch, row
 
 @pytest.fixture(scope="module")
 def corr_model(tiny_config) -> StreamingPerceiverIO:
-    """The small model with a flow correlation volume."""
+    """The tiny model with a flow correlation volume."""
     torch.manual_seed(0)
     return StreamingPerceiverIO(tiny_config.merged({"flow": {"corr_radius": 2}})).eval()
 
 
 @pytest.fixture(scope="module")
 def local_model(tiny_config) -> StreamingPerceiverIO:
-    """The small model with point edge features over the last scans and convolutional flow queries."""
+    """The tiny model with point edge features over the last scans and convolutional flow queries."""
     torch.manual_seed(0)
+    points = {"local_k": 4, "local_channels": 8, "scans": 2, "global_pool": True}
     cfg = tiny_config.merged({"flow": {"query_hidden": 8}, "encoder": {"modality_latents": {"points": 2, "audio": 1}},
-                       "modalities": {"points": {"local_k": 4, "local_channels": 8, "scans": 2, "global_pool": True}}})
+                              "modalities": {"points": points}})
     return StreamingPerceiverIO(cfg).eval()
 
 
