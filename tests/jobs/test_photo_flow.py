@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 pytest.importorskip("skimage")
 
-from perceiver_stream.checkpoint import save_checkpoint  # noqa: E402
 from jobs.photo import panned_photo_clip, photo_flow  # noqa: E402
+from paths import REPO  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
 from pipeline.read import read_windows  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_clip_moves_by_the_flow_it_reports(tmp_path):
@@ -34,20 +31,15 @@ def test_clip_moves_by_the_flow_it_reports(tmp_path):
     assert better >= 45  # a frame pair where the content did not move as reported would fail this
 
 
-def test_photo_flow_reports_epe_against_motion_and_zero(tmp_path):
-    from tests.test_evaluation import _tiny
-
-    ckpt = save_checkpoint(tmp_path / "tiny", _tiny())
-    out = photo_flow(ckpt, image="camera", seconds=2.0)
+def test_photo_flow_reports_epe_against_motion_and_zero(tiny_checkpoint):
+    out = photo_flow(tiny_checkpoint, image="camera", seconds=2.0)
     assert out["windows"] == 3 and out["image"] == "camera"
     assert out["flow_epe"] > 0 and out["flow_epe_zero"] == pytest.approx(np.mean([1.0, 1.0, 1.0]), abs=0.5)
 
 
 @pytest.mark.slow
 def test_shipped_checkpoint_halves_zero_flow_error_on_a_real_photo():
-    from pipeline.config import load_config
-
-    ckpt = load_config(ROOT / "configs" / "default.yaml").model.checkpoint
+    ckpt = load_config(REPO / "configs" / "default.yaml").model.checkpoint
     assert ckpt is not None, "configs/default.yaml must name the shipped checkpoint"
     for image in ("astronaut", "chelsea"):
         out = photo_flow(ckpt, image=image)

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from paths import REPO
 from pipeline.config import Config, config_hash, load_config, parse_config
 from pipeline.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
 DEFAULT = REPO / "configs" / "default.yaml"
 
 

@@ -11,6 +11,7 @@ import torch
 
 from jobs.datasets import synthetic_stream
 from jobs.train import ChainDropout, PoolPhase, build_model_config, lane_plan, train_job
+from paths import REPO
 from perceiver_stream.batch import Batch, ModalityBatch
 from perceiver_stream.checkpoint import load_checkpoint, read_config
 from perceiver_stream.streaming import StreamingPerceiverIO
@@ -20,7 +21,7 @@ from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.sources.synthetic import CLASSES
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = REPO / "configs"
 
 
 def _cfg(tmp_path: Path, *overrides: str):

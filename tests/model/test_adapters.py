@@ -16,6 +16,8 @@ from perceiver_stream.adapters import (
     subsample,
     time_channels,
 )
+from perceiver_stream.adapters.points import EdgeFeatures, last_scans, neighbour_offsets, soft_bins, surface_variation
+from perceiver_stream.adapters.video import local_correlation
 from perceiver_stream.batch import ModalityBatch
 from perceiver_stream.fourier import fourier_channels, time_fourier_features
 from perceiver_stream.mel import MelSpectrogram
@@ -211,8 +213,6 @@ def test_video_conv_stem_adds_features_that_see_beyond_one_patch():
 
 
 def test_local_correlation_peaks_at_the_shift():
-    from perceiver_stream.adapters.video import local_correlation
-
     g = torch.Generator().manual_seed(0)
     f1 = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8, generator=g)
     f2 = torch.roll(f1, shifts=(2, -3), dims=(1, 2))  # content moves 2 down, 3 left
@@ -223,8 +223,6 @@ def test_local_correlation_peaks_at_the_shift():
 
 
 def test_flow_queries_carry_the_correlation_when_asked():
-    from perceiver_stream.adapters.video import FlowInputAdapter
-
     frames = torch.randint(0, 256, (1, 3, 16, 16, 3), dtype=torch.uint8)
     m = ModalityBatch(frames, torch.arange(3.0, dtype=torch.float64)[None], torch.ones(1, 3, dtype=torch.bool),
                       torch.ones(1, dtype=torch.bool))
@@ -250,8 +248,6 @@ def test_flow_projection_by_convolution_equals_linear_of_patches(radius, hw):
 
 
 def test_points_neighbour_offsets_tell_flat_from_curved_and_ignore_padding():
-    from perceiver_stream.adapters.points import EdgeFeatures, neighbour_offsets
-
     g = torch.Generator().manual_seed(0)
     xy = torch.rand(1, 120, 2, generator=g) * 0.2
     flat = torch.cat([xy, torch.full((1, 120, 1), 0.5)], dim=-1)
@@ -296,8 +292,6 @@ def test_points_neighbour_offsets_tell_flat_from_curved_and_ignore_padding():
 
 
 def test_points_curvature_channels_are_a_histogram_that_tells_a_sphere_from_a_cube():
-    from perceiver_stream.adapters.points import soft_bins, surface_variation
-
     g = torch.Generator().manual_seed(0)
     d = torch.randn(1, 400, 3, generator=g)
     sphere = d / d.norm(dim=-1, keepdim=True)
@@ -338,8 +332,6 @@ def test_points_curvature_channels_are_a_histogram_that_tells_a_sphere_from_a_cu
 
 
 def test_points_last_scans_keeps_the_latest_scans_of_each_row():
-    from perceiver_stream.adapters.points import last_scans
-
     # row 0: scans at t=0 (2 points), 1 (3 points), 2 (1 point); row 1: one scan at t=5 (2 points), padding
     times = torch.tensor([[0, 0, 1, 1, 1, 2], [5, 5, 0, 0, 0, 0]], dtype=torch.float64)
     mask = torch.tensor([[True] * 6, [True, True, False, False, False, False]])

@@ -17,46 +17,29 @@ import polars as pl
 import pyarrow.dataset as ds
 import pytest
 import ray
-import torch
 import yaml
 
+from paths import REPO
 import run_pipeline
 from actors.bench import bench
 from actors.runner import run
 from actors.streams import RunningPipeline
 from clips import write_clip
-from perceiver_stream.checkpoint import save_checkpoint
-from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO
-from pipeline.config import config_hash, parse_config
+from perceiver_stream.checkpoint import read_config
+from pipeline.config import config_hash, parse_config, student_checkpoint_path
 from pipeline.errors import ConfigError
 from pipeline.parquet import read_file_metadata
 from pipeline.read import read_windows
 from pipeline.sources.synthetic import CLASSES
 
-REPO = Path(__file__).resolve().parents[1]
 SECONDS = 4.0  # a synthetic stream of 4 s gives 7 windows (1 s, hop 0.5)
 WINDOWS = 7
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = StreamingPerceiverIO(
-        StreamingConfig.from_dict({
-            "encoder": {"num_latents": 8, "latent_channels": 16, "self_heads": 2, "self_attends_per_block": 1,
-                        "num_blocks": 1},
-            "flow": {"size": (16, 16), "channels": 16, "pos_bands": 4},
-            "labels": {"class_names": CLASSES},
-        })
-    )
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", model)
 
 
 def config_data(checkpoint: Path, streams: list[dict], **runtime) -> dict:
     return {
         "streams": streams,
-        "window": {"seconds": 1.0, "hop": 0.5},
-        "video": {"size": [16, 16]},
+        **read_config(checkpoint)[1]["data"],  # windows, frames and audio as the checkpoint reads them
         "model": {"checkpoint": str(checkpoint), "device": "cpu", "batch_size": 4, "max_wait_ms": 20},
         "runtime": {"max_in_flight_per_stream": 3, "max_in_flight": 8, **runtime},
     }
@@ -98,7 +81,8 @@ def test_synthetic_run_writes_every_table_once(ray_session, tiny_checkpoint, tmp
     assert ids_by_stream(out, "flow") == {"a": list(range(WINDOWS)), "b": list(range(WINDOWS))}
 
     windows = read_table(out, "windows")
-    assert windows.schema.field("embedding").type.list_size == 16
+    width = read_config(tiny_checkpoint)[0].encoder.latent_channels
+    assert windows.schema.field("embedding").type.list_size == width
     df = pl.from_arrow(windows).sort(["stream_id", "window_id"])
     assert df.filter(pl.col("state_reset"))["window_id"].to_list() == [0, 0]  # first window only
     assert df["has_video"].all() and df["has_audio"].all() and df["has_points"].all()
@@ -215,7 +199,6 @@ def test_sigterm_drains_then_resume_completes_without_gaps_or_repeats(ray_sessio
 def test_distilling_run_writes_student_rows_and_a_student_the_pipeline_can_run_on(
     ray_session, tiny_checkpoint, tmp_path
 ):
-    from pipeline.config import student_checkpoint_path
 
     data = config_data(tiny_checkpoint, [synthetic("a", 1), synthetic("b", 2)])
     data["distill"] = {"enabled": True, "checkpoint_every": 2, "student": {"encoder": {"num_latents": 4}}}
@@ -231,7 +214,8 @@ def test_distilling_run_writes_student_rows_and_a_student_the_pipeline_can_run_o
     assert len(keys) == len(set(keys)) == d["windows"]  # unique, one per distilled window
     committed = {(sid, w) for sid, ids in ids_by_stream(out).items() for w in ids}
     assert set(keys) <= committed
-    assert all(len(e) == 16 and np.isfinite(e).all() for e in student["embedding"].to_list())
+    width = read_config(tiny_checkpoint)[0].encoder.latent_channels  # the student keeps the teacher's
+    assert all(len(e) == width and np.isfinite(e).all() for e in student["embedding"].to_list())
     assert all(-1.0 <= c <= 1.0 + 1e-6 for c in student["cosine_to_teacher"].to_list())
 
     ckpt = student_checkpoint_path(out)

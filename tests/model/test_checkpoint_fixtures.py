@@ -5,15 +5,13 @@ the recorded config.json files are in the flat "streaming-v1" format the checkpo
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
+from paths import FIXTURES, REPO
 from perceiver_stream import Batch, ModalityBatch, load_checkpoint, read_config
 
-FIXTURES = Path(__file__).parent / "fixtures"
-ROOT = Path(__file__).parent.parent
 
 
 def _batch(d: dict) -> Batch:
@@ -28,9 +26,9 @@ def test_shipped_checkpoint_gives_recorded_outputs_from_recorded_config(name, co
     doc = torch.load(FIXTURES / "checkpoints.pt", weights_only=True)
     folder = tmp_path / name
     folder.mkdir()
-    shutil.copy(ROOT / "checkpoints" / name / "model.safetensors", folder / "model.safetensors")
+    shutil.copy(REPO / "checkpoints" / name / "model.safetensors", folder / "model.safetensors")
     recorded = FIXTURES / f"{name}_config.json"
-    shutil.copy(recorded if config == "recorded" else ROOT / "checkpoints" / name / "config.json",
+    shutil.copy(recorded if config == "recorded" else REPO / "checkpoints" / name / "config.json",
                 folder / "config.json")
     model, _ = load_checkpoint(folder)
     torch.set_num_threads(2)
@@ -49,4 +47,4 @@ def test_shipped_checkpoint_gives_recorded_outputs_from_recorded_config(name, co
 @pytest.mark.parametrize("name", ["default", "student"])
 def test_shipped_config_json_is_the_recorded_one_in_the_current_format(name, tmp_path):
     shutil.copy(FIXTURES / f"{name}_config.json", tmp_path / "config.json")
-    assert read_config(ROOT / "checkpoints" / name) == read_config(tmp_path)
+    assert read_config(REPO / "checkpoints" / name) == read_config(tmp_path)

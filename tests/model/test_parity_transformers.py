@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
 
 from perceiver_stream.convert import from_transformers, load_pretrained
+from perceiver_stream.deepmind import OpticalFlowConfig
 
 tr = pytest.importorskip("transformers")
 
@@ -116,8 +118,6 @@ def test_load_pretrained_folder_without_transformers(pair, tmp_path, safe, monke
         torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
     expected = _theirs(model, inputs, kw)
     # Loading must not need transformers: make importing it fail.
-    import sys
-
     monkeypatch.setitem(sys.modules, "transformers", None)
     ours = load_pretrained(tmp_path)
     with torch.no_grad():
@@ -152,8 +152,6 @@ def test_checkpoint_that_does_not_fit_is_rejected(tmp_path):
 
 
 def test_flow_preset_has_the_published_shape():
-    from perceiver_stream.deepmind import OpticalFlowConfig
-
     ours = OpticalFlowConfig().build()
     cfg = tr.PerceiverConfig(
         num_latents=2048, d_latents=512, num_self_attends_per_block=24, num_self_attention_heads=16,

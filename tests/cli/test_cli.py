@@ -11,15 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 import run_pipeline
+from jobs.datasets import default_data_settings
+from paths import REPO
 from perceiver_stream.checkpoint import load_checkpoint, read_config
+from perceiver_stream.config import StreamingConfig
 from perceiver_stream.distill import Distiller
 from pipeline.config import DistillConfig
 from pipeline.parquet import FlowRow, OutputWriter, WindowRow
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def parse(argv: list[str]):
@@ -96,30 +99,41 @@ def json_out(capsys) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+def flow_yaml(data: dict) -> str:
+    """``data`` as one line of YAML for ``--set`` (JSON would not do: YAML reads ``1e-05`` as a string)."""
+    return yaml.safe_dump(json.loads(json.dumps(data)), default_flow_style=True, width=1 << 20).strip()
+
+
+def train_argv(out: Path, model: StreamingConfig) -> list[str]:
+    """``train`` on the smoke config's seeds, cut to two steps (a checkpoint each) on short streams,
+    of the tiny ``model`` with frames and audio as it reads them."""
+    data = default_data_settings(model)
+    sets = [f"output.dir={out}", "train.steps=2", "train.checkpoint_every=1", "train.seconds=3",
+            "train.final_eval=false", f"video.size={json.dumps(data['video']['size'])}",
+            f"audio.rate={data['audio']['rate']}", f"train.model={flow_yaml(model.to_dict())}"]
+    return ["train", "--config", str(SMOKE), *(arg for s in sets for arg in ("--set", s))]
+
+
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A checkpoint made by ``train`` on the smoke config, cut to a few steps on short streams."""
+def trained(rig_config, tmp_path_factory) -> Path:
+    """A checkpoint of the tiny model made by ``train`` (see `train_argv`)."""
     out = tmp_path_factory.mktemp("train")
     torch.set_num_threads(1)
-    argv = ["train", "--config", str(SMOKE), "--set", f"output.dir={out}", "--set", "train.steps=4"]
-    argv += ["--set", "train.checkpoint_every=2", "--set", "train.seconds=3", "--set", "train.final_eval=false"]
-    assert run_pipeline.main(argv) == 0
+    assert run_pipeline.main(train_argv(out, rig_config)) == 0
     return out
 
 
-def test_train_writes_a_checkpoint_and_prints_its_summary(trained, capsys):
+def test_train_writes_a_checkpoint_and_prints_its_summary(trained, rig_config, capsys):
     assert (trained / "checkpoint" / "config.json").is_file()
-    assert sorted(p.name for p in (trained / "_checkpoints" / "train").iterdir()) == ["step-0000002", "step-0000004"]
-    _, meta = read_config(trained / "checkpoint")
-    assert meta["train_seeds"] == TRAIN_SEEDS and meta["step"] == 4
+    assert sorted(p.name for p in (trained / "_checkpoints" / "train").iterdir()) == ["step-0000001", "step-0000002"]
+    model, meta = read_config(trained / "checkpoint")
+    assert meta["train_seeds"] == TRAIN_SEEDS and meta["step"] == 2 and model == rig_config
     # Resuming at the last step trains nothing more and says where it resumed from.
-    argv = ["train", "--config", str(SMOKE), "--set", f"output.dir={trained}", "--set", "train.steps=4"]
-    argv += ["--set", "train.checkpoint_every=2", "--set", "train.seconds=3", "--set", "train.final_eval=false"]
     capsys.readouterr()
-    assert run_pipeline.main(argv) == 0
+    assert run_pipeline.main(train_argv(trained, rig_config)) == 0
     summary = json_out(capsys)
-    assert summary["checkpoint"] == str(trained / "checkpoint") and summary["resumed_from"] == 4
-    assert summary["steps"] == 4 and summary["params"] > 0
+    assert summary["checkpoint"] == str(trained / "checkpoint") and summary["resumed_from"] == 2
+    assert summary["steps"] == 2 and summary["params"] > 0
 
 
 def test_eval_prints_the_metrics_of_a_checkpoint_and_its_student(trained, tmp_path, capsys):

@@ -8,11 +8,15 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pipeline.windowing as windowing
+from perceiver_stream.adapters import build_adapter
+from pipeline.collate import collate
 from pipeline.errors import DecodeError, SourceError
+from pipeline.read import read_points, read_windows
 from pipeline.sources.base import AudioChunk, PointScan, VideoFrame
 from pipeline.sources.live import SourceBreak
 from pipeline.window import Truth
@@ -236,12 +240,6 @@ def test_window_arithmetic(fps, n, t0, seconds, hop_frac):
 
 def test_read_points_keeps_what_the_points_adapter_reads():
     """Shipping only the points a model reads changes nothing in its tokens (and so its output)."""
-    import torch
-
-    from perceiver_stream.adapters import build_adapter
-    from pipeline.collate import collate
-    from pipeline.read import read_points, read_windows
-
     windows = list(read_windows({"id": "s", "synthetic": {"seed": 4, "seconds": 4}}))[:3]
     # an empty scan in the middle is skipped: the adapter never sees it either
     windows[1].points[-2] = windows[1].points[-2][:0]

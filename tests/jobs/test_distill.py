@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
+from jobs.datasets import default_data_settings
 from jobs.distill import distill_job
 from jobs.evaluate import evaluate
+from paths import REPO
 from perceiver_stream.checkpoint import load_checkpoint, save_checkpoint
 from perceiver_stream.config import StreamingConfig
 from perceiver_stream.distill import Distiller
@@ -19,29 +20,32 @@ from pipeline.collate import collate
 from pipeline.config import DistillConfig, parse_config, student_checkpoint_path
 from pipeline.errors import ConfigError
 from pipeline.read import read_windows
-from pipeline.sources.synthetic import CLASSES
-
-
-def _teacher() -> StreamingPerceiverIO:
-    torch.manual_seed(1)
-    return StreamingPerceiverIO(StreamingConfig.from_dict({
-        "modalities": {"video": {"kind": "video", "patch": 8}, "audio": {"kind": "audio_mel", "n_mels": 16},
-                       "points": {"kind": "points", "max_points": 64}},
-        "encoder": {"num_latents": 16, "latent_channels": 32, "self_heads": 2, "self_attends_per_block": 2,
-                    "num_blocks": 2},
-        "flow": {"size": (32, 32), "channels": 32, "pos_bands": 4},
-        "labels": {"class_names": CLASSES},
-    })).eval()
 
 
 @pytest.fixture(scope="module")
-def batch():
-    windows = list(read_windows({"id": "d", "synthetic": {"seed": 3, "seconds": 4}}, video={"size": [32, 32]}))
+def teacher_config(rig_config) -> StreamingConfig:
+    """The tiny model grown into a teacher that a default student is smaller than: twice the latents,
+    two blocks of two self-attends, twice the flow channels."""
+    return rig_config.merged({"encoder": {"num_latents": 16, "self_attends_per_block": 2, "num_blocks": 2},
+                              "flow": {"channels": 32}})
+
+
+@pytest.fixture
+def teacher(teacher_config) -> StreamingPerceiverIO:
+    torch.manual_seed(1)
+    return StreamingPerceiverIO(teacher_config).eval()
+
+
+@pytest.fixture(scope="module")
+def batch(rig_config):
+    data = default_data_settings(rig_config)
+    windows = list(read_windows({"id": "d", "synthetic": {"seed": 3, "seconds": 4}}, video=data["video"],
+                                audio=data["audio"]))
     return collate(windows[:6], video_frames=2)
 
 
-def test_student_config_is_smaller_and_comparable():
-    teacher = _teacher().config
+def test_student_config_is_smaller_and_comparable(teacher_config):
+    teacher = teacher_config
     s = student_config(teacher)
     assert s.encoder.num_latents < teacher.encoder.num_latents
     assert s.encoder.self_attends_per_block * s.encoder.num_blocks < 4 and s.flow.channels < teacher.flow.channels
@@ -63,8 +67,7 @@ def test_student_config_is_smaller_and_comparable():
         student_config(teacher, {"modalities": {"lidar": {"kind": "points"}}})
 
 
-def test_init_from_teacher_copies_what_fits(batch):
-    teacher = _teacher()
+def test_init_from_teacher_copies_what_fits(teacher, batch):
     student = StreamingPerceiverIO(student_config(teacher.config))
     left = init_from_teacher(student, teacher)
     assert left and all(name.startswith("flow.") for name in left)  # only the narrower flow decoder
@@ -73,9 +76,9 @@ def test_init_from_teacher_copies_what_fits(batch):
     assert torch.equal(s[0], t[0]) and torch.equal(s[-1], t[-1])
 
 
-def test_init_from_teacher_takes_each_latent_group_from_the_same_group():
+def test_init_from_teacher_takes_each_latent_group_from_the_same_group(teacher_config):
     torch.manual_seed(0)
-    cfg = _teacher().config.merged({"encoder": {"num_latents": 12, "modality_latents": {"points": 6, "audio": 3}}})
+    cfg = teacher_config.merged({"encoder": {"num_latents": 12, "modality_latents": {"points": 6, "audio": 3}}})
     teacher = StreamingPerceiverIO(cfg)
     student = StreamingPerceiverIO(student_config(
         cfg, {"encoder": {"num_latents": 4, "modality_latents": {"points": 2, "audio": 3}}}))
@@ -86,8 +89,7 @@ def test_init_from_teacher_takes_each_latent_group_from_the_same_group():
     assert torch.equal(s[7:9], t[[15, 20]])  # points' own: the first and the last
 
 
-def test_distill_losses_vanish_on_the_teachers_own_outputs(batch):
-    teacher = _teacher()
+def test_distill_losses_vanish_on_the_teachers_own_outputs(teacher, batch):
     with torch.no_grad():
         out = teacher(batch)
     losses = distill_losses(out, out, temperature=2.0)
@@ -97,8 +99,7 @@ def test_distill_losses_vanish_on_the_teachers_own_outputs(batch):
         distill_losses(out, out, temperature=0.0)
 
 
-def test_distill_steps_raise_cosine_to_teacher(batch):
-    teacher = _teacher()
+def test_distill_steps_raise_cosine_to_teacher(teacher, batch):
     with torch.no_grad():
         t_out = teacher(batch)
     distiller = Distiller(teacher, DistillConfig(lr=3e-3, student={"encoder": {"num_latents": 4}}))
@@ -116,8 +117,7 @@ def test_distill_steps_raise_cosine_to_teacher(batch):
     assert distiller.steps == 25 and distiller.windows == 25 * len(batch)
 
 
-def test_distill_modality_dropout_holds_per_stream_and_resets_the_student_state(batch):
-    teacher = _teacher()
+def test_distill_modality_dropout_holds_per_stream_and_resets_the_student_state(teacher, batch):
     rows = replace(batch, stream_ids=[f"s{i}" for i in range(len(batch))], reset=torch.zeros(len(batch), dtype=torch.bool))
     distiller = Distiller(teacher, DistillConfig(student={"encoder": {"num_latents": 4}}, modality_dropout=0.6,
                                                  dropout_windows=2))
@@ -141,8 +141,7 @@ def test_distill_modality_dropout_holds_per_stream_and_resets_the_student_state(
     assert set(step.losses) >= {"embedding", "labels"} and step.cosine.shape == (len(rows),)
 
 
-def test_student_checkpoint_round_trip(batch, tmp_path):
-    teacher = _teacher()
+def test_student_checkpoint_round_trip(teacher, batch, tmp_path):
     with torch.no_grad():
         t_out = teacher(batch)
     distiller = Distiller(teacher, DistillConfig(), metadata={"distill_seeds": [3]})
@@ -162,13 +161,13 @@ def test_student_checkpoint_round_trip(batch, tmp_path):
         assert torch.allclose(again.student(batch).label_logits, b.label_logits)
 
 
-def test_distill_job_reads_streams_in_lockstep_and_saves_the_student(tmp_path):
-    teacher = save_checkpoint(tmp_path / "teacher", _teacher(), {"train_seeds": [0]})
+def test_distill_job_reads_streams_in_lockstep_and_saves_the_student(teacher, tmp_path):
+    checkpoint = save_checkpoint(tmp_path / "teacher", teacher, {"train_seeds": [0]})
     data = {
         "streams": [{"id": "a", "synthetic": {"seed": 11, "seconds": 3}},
                     {"id": "b", "synthetic": {"seed": 12, "seconds": 4}}],
-        "video": {"size": [32, 32]},
-        "model": {"checkpoint": str(teacher)},
+        **default_data_settings(teacher.config),
+        "model": {"checkpoint": str(checkpoint)},
         "distill": {"enabled": True, "checkpoint_every": 2},
         "output": {"dir": str(tmp_path / "out")},
     }
@@ -185,7 +184,7 @@ def test_distill_job_reads_streams_in_lockstep_and_saves_the_student(tmp_path):
 
 @pytest.mark.slow
 def test_shipped_student_tracks_the_teacher_on_an_unseen_seed():
-    root = Path(__file__).resolve().parents[1] / "checkpoints"
+    root = REPO / "checkpoints"
     out = evaluate(root / "default", 502, student=root / "student")
     assert out["cosine_to_teacher"] >= 0.9
     assert out["student"]["label_accuracy"] >= out["label_accuracy"] - 0.05

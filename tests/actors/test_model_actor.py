@@ -1,11 +1,9 @@
-"""Actors without the whole pipeline: the model actor's batching and state chains, the source
-actor's events, resource planning. Most run the actor classes in-process (asyncio); one runs the
-model actor on Ray with a fake model."""
+"""The model actor without the whole pipeline: batching, state chains, failures, the distiller offer.
+Most run the actor class in-process (asyncio); one runs it on Ray with a fake model."""
 
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 import time
 
@@ -15,35 +13,12 @@ import ray
 import torch
 from ray import cloudpickle
 
+from actor_inputs import make_cfg, window
 from actors.distill import MAX_PENDING
 from actors.model import ModelActor
-from actors.plan import plan_actors, shipped_frames
 from actors.predictor import TorchPredictor
-from actors.sink import SinkActor
-from actors.source import SourceActor
 from perceiver_stream.outputs import ModelOutput
-from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO
-from pipeline.config import parse_config
-from pipeline.read import open_stream
-from pipeline.errors import ConfigError, DecodeError, SourceReconnected
-from pipeline.window import Window
-
-
-def make_cfg(n_streams: int = 2, **model):
-    return parse_config(
-        {
-            "streams": [{"id": f"s{i}", "synthetic": {"seed": i, "seconds": 3}} for i in range(n_streams)],
-            "model": model,
-        }
-    )
-
-
-def window(sid: str, wid: int, *, gap: bool = False, frames: int = 2) -> Window:
-    t0 = 0.5 * wid
-    video = np.full((frames, 8, 8, 3), wid % 256, np.uint8) if frames else None
-    return Window(
-        sid, wid, t0, t0 + 1.0, gap=gap, video=video, video_t=t0 + np.arange(frames) * 0.1 if frames else None
-    )
+from perceiver_stream.streaming import StreamingPerceiverIO
 
 
 class FakePredictor:
@@ -269,115 +244,6 @@ def _fake_build(cfg, device):
     return FakePredictor()
 
 
-# -- source actor --------------------------------------------------------------------------------
-def fake_open(n: int, fail: bool = False):
-    def open_stream(stream_cfg, cfg, *, on_error=None, start_window=0, **shipped):
-        for k in range(start_window, start_window + n):
-            if k == start_window + 1 and on_error is not None:
-                on_error(SourceReconnected("link dropped", stream_id=stream_cfg.id, source="rtsp://x"))
-            yield window(stream_cfg.id, k, gap=k == start_window and start_window > 0)
-        if fail:
-            raise DecodeError("truncated packet", stream_id=stream_cfg.id, source="clip.mp4")
-
-    return open_stream
-
-
-def test_source_events_windows_errors_and_failure():
-    cfg = make_cfg(1)
-    src = SourceActor(cfg.streams[0], cfg, start_window=3, open_stream=fake_open(3, fail=True))
-    events = [src.next() for _ in range(5)]
-    assert [e.window_id for e, _ in events[:3]] == [3, 4, 5]
-    assert [w.window_id for _, w in events[:3]] == [3, 4, 5]
-    assert [len(e.errors) for e, _ in events[:3]] == [0, 1, 0]
-    assert events[1][0].errors[0].kind == "SourceReconnected"
-    end, win = events[3]
-    assert end.done and win is None and end.failure is not None
-    assert end.failure.kind == "DecodeError" and "truncated packet" in end.failure.message
-    assert end.failure.window_id == 6
-    assert events[4][0].done and events[4][0].failure is None  # the failure is reported once
-
-
-def test_source_max_windows_and_realtime_pacing():
-    cfg = make_cfg(1)
-    src = SourceActor(cfg.streams[0], cfg, max_windows=2, open_stream=fake_open(10))
-    assert [src.next()[0].window_id for _ in range(3)] == [0, 1, None]
-    src = SourceActor(cfg.streams[0], cfg, realtime=True, open_stream=fake_open(3))
-    t0 = time.monotonic()
-    ids = [src.next()[0].window_id for _ in range(3)]
-    assert ids == [0, 1, 2]
-    assert time.monotonic() - t0 >= 0.9  # window ends are 0.5 s apart in media time
-
-
-def _drain(src: SourceActor) -> list[Window]:
-    out = []
-    while True:
-        ev, win = src.next()
-        if win is None:
-            return out
-        out.append(win)
-
-
-@pytest.mark.parametrize("segment_seconds", [4.0, 0.7])  # 0.7: scene cuts inside most windows
-def test_source_ships_only_the_frames_the_model_reads(segment_seconds):
-    cfg = parse_config(
-        {"streams": [{"id": "s", "synthetic": {"seed": 5, "seconds": 4, "segment_seconds": segment_seconds}}]}
-    )
-    full = list(open_stream(cfg.streams[0], cfg))
-    every = _drain(SourceActor(cfg.streams[0], cfg))
-    last = _drain(SourceActor(cfg.streams[0], cfg, start_window=1, video_frames=3))
-    assert len(full) == len(every) == 7 and [w.window_id for w in last] == [w.window_id for w in full[1:]]
-    assert all(len(w.video) == 25 for w in every)  # a model reading every frame gets every frame
-    assert all(w.truth is None for w in every + last)  # ground truth is not shipped to the model
-    for a, b in zip(full[1:], last):
-        assert b.video.shape == (3, 64, 64, 3) and np.array_equal(a.video[-3:], b.video)  # bit for bit
-        assert np.array_equal(a.video_t[-3:], b.video_t) and np.array_equal(a.audio, b.audio)
-        assert all(np.array_equal(p, q) for p, q in zip(a.points, b.points))
-
-
-def test_shipped_frames_keep_two_for_flow_and_all_for_a_model_reading_all():
-    assert shipped_frames(None) is None
-    assert shipped_frames(1) == 2 and shipped_frames(2) == 2 and shipped_frames(6) == 6
-
-
-def test_source_open_failure_is_an_event_not_an_exception():
-    cfg = make_cfg(1)
-
-    def broken(stream_cfg, cfg, **kw):
-        raise DecodeError("not media", stream_id=stream_cfg.id, source="x.mp4")
-
-    ev, win = SourceActor(cfg.streams[0], cfg, open_stream=broken).next()
-    assert ev.done and win is None and ev.failure.kind == "DecodeError" and ev.failure.window_id is None
-
-
-# -- resources -----------------------------------------------------------------------------------
-def test_plan_actors_splits_cpus_and_resolves_the_device():
-    cfg = make_cfg(4)
-    cpu = plan_actors(cfg, {"CPU": 2.0})
-    assert cpu.device == "cpu" and cpu.model_cpus == 1 and cpu.model_gpus == 0
-    assert cpu.model_cpus + 4 * cpu.source_cpus + cpu.sink_cpus <= 2.0 + 1e-9
-    for n in (1, 3, 7):
-        p = plan_actors(make_cfg(n), {"CPU": 2.0})
-        assert p.model_cpus + n * p.source_cpus + p.sink_cpus <= 2.0
-    assert plan_actors(cfg, {"CPU": 16.0}).model_cpus == 8
-    gpu = plan_actors(cfg, {"CPU": 8.0, "GPU": 1.0})
-    assert gpu.device == "cuda" and gpu.model_gpus == 1 and gpu.model_cpus == 1
-    assert plan_actors(make_cfg(4, device="cpu"), {"CPU": 8.0, "GPU": 1.0}).device == "cpu"
-    with pytest.raises(ConfigError, match="no GPU"):
-        plan_actors(make_cfg(4, device="cuda"), {"CPU": 8.0})
-
-
-def test_plan_actors_makes_room_for_the_distill_actor():
-    cfg = make_cfg(4)
-    cfg.distill.enabled = True
-    cpu = plan_actors(cfg, {"CPU": 2.0})
-    assert cpu.distill_cpus > 0 and cpu.distill_device == "cpu" and cpu.distill_gpus == 0
-    assert cpu.model_cpus + 4 * cpu.source_cpus + cpu.sink_cpus + cpu.distill_cpus <= 2.0
-    gpu = plan_actors(cfg, {"CPU": 8.0, "GPU": 1.0})
-    assert (gpu.model_gpus, gpu.distill_gpus, gpu.distill_device) == (0.5, 0.5, "cuda")
-    cfg.model.num_gpus = 1.0  # the model takes the whole GPU: the student trains on the CPU
-    assert plan_actors(cfg, {"CPU": 8.0, "GPU": 1.0}).distill_device == "cpu"
-
-
 def test_model_actor_offers_every_nth_batch_to_the_distiller_and_drops_while_it_is_busy(ray_session):
     @ray.remote
     class SlowDistiller:
@@ -410,35 +276,12 @@ def test_model_actor_offers_every_nth_batch_to_the_distiller_and_drops_while_it_
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_model_actor_runs_a_real_model_on_cuda_under_bf16_autocast():
-    model = StreamingPerceiverIO(
-        StreamingConfig.from_dict({"encoder": {"num_latents": 8, "latent_channels": 16, "self_heads": 2},
-                                   "flow": {"size": (8, 8), "channels": 16}, "labels": {"class_names": ("x", "y")}})
-    )
+def test_model_actor_runs_a_real_model_on_cuda_under_bf16_autocast(tiny_config):
+    # a model of its own (moved to the GPU), its flow grid the size of the test windows' frames
+    model = StreamingPerceiverIO(tiny_config.merged({"flow": {"size": (8, 8)}}))
     cfg = make_cfg(2, max_wait_ms=1, device="cuda")
     actor = ModelActor(cfg, device="cuda", build=lambda c, d: TorchPredictor(model, "tiny", d))
     actor.set_open_streams(["s0", "s1"])
     res = gather(actor, [(k, k == 0, window(f"s{i}", k)) for k in range(2) for i in range(2)])
     assert all(np.isfinite(r.row.embedding).all() and r.flow is not None and np.isfinite(r.flow).all() for r in res)
     assert next(model.parameters()).device.type == "cuda"
-
-
-def test_helpers_lower_their_cpu_priority_as_configured(ray_session, tmp_path):
-    def niceness(_actor) -> int:
-        return os.nice(0)
-
-    cfg = make_cfg(1)
-    cfg.runtime.helper_nice = 2
-    plain = ray.remote(SinkActor).options(num_cpus=0.01).remote(str(tmp_path / "a"), config_hash="x")
-    sink = ray.remote(SinkActor).options(num_cpus=0.01).remote(str(tmp_path / "b"), config_hash="x", nice=1)
-    src = ray.remote(SourceActor).options(num_cpus=0.01).remote(cfg.streams[0], cfg)
-    try:
-        base = ray.get(plain.__ray_call__.remote(niceness))  # Ray starts its workers at its own niceness
-        assert base <= 17
-        assert ray.get(sink.__ray_call__.remote(niceness)) == base + 1
-        assert ray.get(src.__ray_call__.remote(niceness)) == base + 2
-    finally:
-        for a in (plain, sink, src):
-            ray.kill(a)
-    with pytest.raises(ValueError, match="helper_nice"):
-        make_cfg(1).runtime.model_validate({"helper_nice": 25})

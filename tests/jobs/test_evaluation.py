@@ -3,43 +3,29 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from jobs.evaluate import MIN_WINDOWS, MODALITIES, _without, dropped, evaluate
-from perceiver_stream.checkpoint import save_checkpoint
-from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO
+from paths import REPO
+from perceiver_stream.checkpoint import read_config, save_checkpoint
+from perceiver_stream.streaming import StreamingPerceiverIO
 from pipeline.config import load_config
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.sources.synthetic import CLASSES
 from pipeline.window import Window
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = {"window": {"seconds": 1.0, "hop": 0.5}, "video": {"size": [32, 32], "fps": None},
-        "audio": {"rate": 16000, "channels": 1}}
-
-
-def _tiny(num_latents: int = 8) -> StreamingPerceiverIO:
-    torch.manual_seed(0)
-    return StreamingPerceiverIO(StreamingConfig.from_dict({
-        "modalities": {"video": {"kind": "video", "patch": 8}, "audio": {"kind": "audio_mel", "n_mels": 16},
-                       "points": {"kind": "points", "max_points": 64}},
-        "encoder": {"num_latents": num_latents, "latent_channels": 32, "self_heads": 2, "self_attends_per_block": 1,
-                    "num_blocks": 1},
-        "flow": {"size": (32, 32), "channels": 16, "pos_bands": 4},
-        "labels": {"class_names": CLASSES},
-    }))
-
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    teacher = save_checkpoint(root / "teacher", _tiny(), {"train_seeds": [0, 1], "data": DATA})
-    student = save_checkpoint(root / "student", _tiny(4), {"distill_seeds": [7], "data": DATA})
-    return teacher, student
+def checkpoints(tiny_checkpoint, rig_config, tmp_path_factory):
+    """The tiny checkpoint (trained on seeds 0 and 1) and a student of it with half its latents."""
+    torch.manual_seed(0)
+    student = StreamingPerceiverIO(rig_config.merged({"encoder": {"num_latents": 4}}))
+    data = read_config(tiny_checkpoint)[1]["data"]
+    return tiny_checkpoint, save_checkpoint(tmp_path_factory.mktemp("ckpt") / "student", student,
+                                            {"distill_seeds": [7], "data": data})
 
 
 def test_eval_json_has_every_metric_in_range(checkpoints):
@@ -100,7 +86,7 @@ def test_training_seeds_and_bad_arguments_are_refused(checkpoints, tmp_path):
 
 
 def _shipped_checkpoint() -> str:
-    ckpt = load_config(ROOT / "configs" / "default.yaml").model.checkpoint
+    ckpt = load_config(REPO / "configs" / "default.yaml").model.checkpoint
     assert ckpt is not None, "configs/default.yaml must name the shipped checkpoint"
     return ckpt
 
