@@ -20,7 +20,8 @@ from actors.model import ModelActor
 from actors.plan import plan_actors, shipped_frames
 from actors.predictor import TorchPredictor
 from actors.sink import SinkActor
-from actors.source import SourceActor
+from actors.source import StreamSource
+from actors.source_pool import SourcePoolActor
 from perceiver_stream.outputs import ModelOutput
 from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO
 from pipeline.config import parse_config
@@ -284,7 +285,7 @@ def fake_open(n: int, fail: bool = False):
 
 def test_source_events_windows_errors_and_failure():
     cfg = make_cfg(1)
-    src = SourceActor(cfg.streams[0], cfg, start_window=3, open_stream=fake_open(3, fail=True))
+    src = StreamSource(cfg.streams[0], cfg, start_window=3, open_stream=fake_open(3, fail=True))
     events = [src.next() for _ in range(5)]
     assert [e.window_id for e, _ in events[:3]] == [3, 4, 5]
     assert [w.window_id for _, w in events[:3]] == [3, 4, 5]
@@ -299,16 +300,16 @@ def test_source_events_windows_errors_and_failure():
 
 def test_source_max_windows_and_realtime_pacing():
     cfg = make_cfg(1)
-    src = SourceActor(cfg.streams[0], cfg, max_windows=2, open_stream=fake_open(10))
+    src = StreamSource(cfg.streams[0], cfg, max_windows=2, open_stream=fake_open(10))
     assert [src.next()[0].window_id for _ in range(3)] == [0, 1, None]
-    src = SourceActor(cfg.streams[0], cfg, realtime=True, open_stream=fake_open(3))
+    src = StreamSource(cfg.streams[0], cfg, realtime=True, open_stream=fake_open(3))
     t0 = time.monotonic()
     ids = [src.next()[0].window_id for _ in range(3)]
     assert ids == [0, 1, 2]
     assert time.monotonic() - t0 >= 0.9  # window ends are 0.5 s apart in media time
 
 
-def _drain(src: SourceActor) -> list[Window]:
+def _drain(src: StreamSource) -> list[Window]:
     out = []
     while True:
         ev, win = src.next()
@@ -323,8 +324,8 @@ def test_source_ships_only_the_frames_the_model_reads(segment_seconds):
         {"streams": [{"id": "s", "synthetic": {"seed": 5, "seconds": 4, "segment_seconds": segment_seconds}}]}
     )
     full = list(open_stream(cfg.streams[0], cfg))
-    every = _drain(SourceActor(cfg.streams[0], cfg))
-    last = _drain(SourceActor(cfg.streams[0], cfg, start_window=1, video_frames=3))
+    every = _drain(StreamSource(cfg.streams[0], cfg))
+    last = _drain(StreamSource(cfg.streams[0], cfg, start_window=1, video_frames=3))
     assert len(full) == len(every) == 7 and [w.window_id for w in last] == [w.window_id for w in full[1:]]
     assert all(len(w.video) == 25 for w in every)  # a model reading every frame gets every frame
     assert all(w.truth is None for w in every + last)  # ground truth is not shipped to the model
@@ -345,7 +346,7 @@ def test_source_open_failure_is_an_event_not_an_exception():
     def broken(stream_cfg, cfg, **kw):
         raise DecodeError("not media", stream_id=stream_cfg.id, source="x.mp4")
 
-    ev, win = SourceActor(cfg.streams[0], cfg, open_stream=broken).next()
+    ev, win = StreamSource(cfg.streams[0], cfg, open_stream=broken).next()
     assert ev.done and win is None and ev.failure.kind == "DecodeError" and ev.failure.window_id is None
 
 
@@ -354,10 +355,10 @@ def test_plan_actors_splits_cpus_and_resolves_the_device():
     cfg = make_cfg(4)
     cpu = plan_actors(cfg, {"CPU": 2.0})
     assert cpu.device == "cpu" and cpu.model_cpus == 1 and cpu.model_gpus == 0
-    assert cpu.model_cpus + 4 * cpu.source_cpus + cpu.sink_cpus <= 2.0 + 1e-9
+    assert cpu.model_cpus + cpu.source_actors * cpu.source_cpus + cpu.sink_cpus <= 2.0 + 1e-9
     for n in (1, 3, 7):
         p = plan_actors(make_cfg(n), {"CPU": 2.0})
-        assert p.model_cpus + n * p.source_cpus + p.sink_cpus <= 2.0
+        assert p.model_cpus + p.source_actors * p.source_cpus + p.sink_cpus <= 2.0
     assert plan_actors(cfg, {"CPU": 16.0}).model_cpus == 8
     gpu = plan_actors(cfg, {"CPU": 8.0, "GPU": 1.0})
     assert gpu.device == "cuda" and gpu.model_gpus == 1 and gpu.model_cpus == 1
@@ -371,7 +372,7 @@ def test_plan_actors_makes_room_for_the_distill_actor():
     cfg.distill.enabled = True
     cpu = plan_actors(cfg, {"CPU": 2.0})
     assert cpu.distill_cpus > 0 and cpu.distill_device == "cpu" and cpu.distill_gpus == 0
-    assert cpu.model_cpus + 4 * cpu.source_cpus + cpu.sink_cpus + cpu.distill_cpus <= 2.0
+    assert cpu.model_cpus + cpu.source_actors * cpu.source_cpus + cpu.sink_cpus + cpu.distill_cpus <= 2.0
     gpu = plan_actors(cfg, {"CPU": 8.0, "GPU": 1.0})
     assert (gpu.model_gpus, gpu.distill_gpus, gpu.distill_device) == (0.5, 0.5, "cuda")
     cfg.model.num_gpus = 1.0  # the model takes the whole GPU: the student trains on the CPU
@@ -431,7 +432,7 @@ def test_helpers_lower_their_cpu_priority_as_configured(ray_session, tmp_path):
     cfg.runtime.helper_nice = 2
     plain = ray.remote(SinkActor).options(num_cpus=0.01).remote(str(tmp_path / "a"), config_hash="x")
     sink = ray.remote(SinkActor).options(num_cpus=0.01).remote(str(tmp_path / "b"), config_hash="x", nice=1)
-    src = ray.remote(SourceActor).options(num_cpus=0.01).remote(cfg.streams[0], cfg)
+    src = ray.remote(SourcePoolActor).options(num_cpus=0.01).remote(cfg)
     try:
         base = ray.get(plain.__ray_call__.remote(niceness))  # Ray starts its workers at its own niceness
         assert base <= 17
