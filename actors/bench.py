@@ -9,7 +9,7 @@ over model.
 
 So that a reader can judge the ratio on a shared machine, ``cpu_ms_per_window`` gives, for both
 phases and over the same steady-state span, the CPU time per window of each kind of process
-(the model actor, the source actors together, the sink, this driver, the raylet), read from
+(the model actor, the source pool actors together, the sink, this driver, the raylet), read from
 Linux's ``/proc``, and ``load_average`` the 1/5/15-minute load before and after.
 
 Each phase runs ``--repeat`` times (default 3), interleaved, and the medians are reported: one
@@ -226,7 +226,7 @@ def pipeline_rate(
     meter: list[CpuMeter] = []
 
     def started(p: RunningPipeline) -> None:
-        sources = list(p.sources.values())
+        sources = list(p.pools.values())
         ids = actor_pids([p.model, p.sink, *sources])
         groups = {
             "model": [ids[0][0]],

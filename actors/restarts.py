@@ -42,8 +42,13 @@ class RestartBudget:
         return True
 
 
-class ActorGone(RuntimeError):
-    """A restarted actor did not come back (its message says which and why)."""
+class RunFailed(RuntimeError):
+    """The run could not go on (the model or the sink is gone for good)."""
+
+
+class ActorGone(RunFailed):
+    """A restarted actor did not come back (its message says which and why); for the model actor
+    or a pool that cannot start, the run cannot go on."""
 
 
 def await_restart(handle: Any, what: str, ping: str = "info", timeout_s: float = RESTART_TIMEOUT_S) -> Any:

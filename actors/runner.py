@@ -35,7 +35,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from actors.metrics import Metrics
 from actors.plan import plan_actors, shipped_inputs, start_distill, start_model, start_sink
 from actors.pools import SourcePools, pool_name
-from actors.restarts import ActorGone, RestartBudget, await_restart, last_line
+from actors.restarts import RestartBudget, RunFailed, await_restart, last_line
 from actors.source import ErrorRecord, SourceEvent
 from actors.streams import RunningPipeline, RunSummary, StreamStatus
 from pipeline.config import Config
@@ -43,10 +43,6 @@ from pipeline.errors import CheckpointError, ConfigError, SourceRestarted
 
 RESEND_SETTLE_S = 5.0
 SINK_TICK_S = 1.0
-
-
-class RunFailed(RuntimeError):
-    """The run could not go on (the model or the sink is gone for good)."""
 
 
 ProgressCallback = Callable[[RunningPipeline], None]
@@ -94,10 +90,7 @@ def run(
         pace = config.runtime.realtime if realtime is None else realtime
         pools = SourcePools(config, opts, realtime=pace, shipped=shipped)
         actors.extend(pools.handles.values())
-        try:
-            pools.start()
-        except ActorGone as exc:
-            raise RunFailed(str(exc)) from None
+        pools.start()
         pools.add({s.id: (resume.get(s.id, 0), 0, max_windows) for s in config.streams})
         streams = {s.id: StreamStatus(s.id, start_window=resume.get(s.id, 0)) for s in config.streams}
         loop = _Loop(config, RunningPipeline(model, sink, pools.handles, streams, pools.assignment), pools, max_windows)
@@ -158,6 +151,7 @@ class _Loop:
         self.sink = pipeline.sink
         self.source_calls: dict[ray.ObjectRef, _Call] = {}  # by the source event's reference
         self.held: list[_Call] = []  # decoded windows not yet sent to the model (see send_now)
+        self.sent_seq: dict[str, int] = {}  # the highest seq of each stream sent to the model
         self.model_calls: dict[ray.ObjectRef, list[_Call]] = {}  # by the model call's outcome list
         self.sink_calls: dict[ray.ObjectRef, list[str]] = {}  # stream id of each result written
         self.model_lost = False  # a model call found the actor dead: recover before the next step
@@ -268,7 +262,10 @@ class _Loop:
             self.held.remove(call)
             self.streams[call.stream_id].released(call.seq)
         size = self.cfg.model.batch_size
-        if not send_now(len(self.held), self._at_model(), size):
+        # The model already parks a later window of the stream and waits for this one (a threaded
+        # pool's replies can overtake each other): send it at once, whatever `send_now` says.
+        awaited = any(c.seq < self.sent_seq.get(c.stream_id, -1) for c in self.held)
+        if not (awaited or send_now(len(self.held), self._at_model(), size)):
             return
         held = [c for c in self.held if not self.streams[c.stream_id].waits_for_chain(c.seq)]
         self.held = [c for c in self.held if self.streams[c.stream_id].waits_for_chain(c.seq)]
@@ -282,6 +279,7 @@ class _Loop:
             )
             for call, result in zip(calls, results):
                 call.result = result
+                self.sent_seq[call.stream_id] = max(call.seq, self.sent_seq.get(call.stream_id, -1))
             self.model_calls[outcomes] = calls
 
     def _tell_open_streams(self) -> None:
@@ -333,10 +331,7 @@ class _Loop:
         if not self.budget.spend("model actor"):
             ray.kill(self.model, no_restart=True)
             raise RunFailed(f"the model actor died more than {self.budget.per_hour} times within an hour")
-        try:
-            await_restart(self.model, "the model actor")
-        except ActorGone as exc:
-            raise RunFailed(str(exc)) from None
+        await_restart(self.model, "the model actor")
         # Calls to the dead incarnation fail quickly; a call sent while it restarted may sit in
         # the new one waiting for its chain: it is resent too, and the resend supersedes it.
         pending = list(self.model_calls)
@@ -350,11 +345,9 @@ class _Loop:
         self.held = resend + self.held
 
     def _recover_sources(self) -> None:
-        """Resume the streams of every pool whose calls failed: a pool that died is restarted
-        (within the budget; else its streams go to the other pools) and each of its streams that
-        still asks for windows is added again from the window after the last one delivered, as a
-        new state chain, with one ``errors`` row. A failed call to a pool that did not die is a
-        bug in it: its stream fails."""
+        """Resume the streams of every pool whose calls failed (see the README's "Restarts"): each
+        of a dead pool's streams is added again, restarted or moved, with one ``errors`` row; a
+        failed call to a pool that did not die is a bug in it, and its stream fails."""
         lost, self.lost_pools = self.lost_pools, {}
         errors: list[ErrorRecord] = []
         starts: dict[str, tuple[int, int, int | None]] = {}
