@@ -152,6 +152,7 @@ class _Loop:
         self.source_calls: dict[ray.ObjectRef, _Call] = {}  # by the source event's reference
         self.held: list[_Call] = []  # decoded windows not yet sent to the model (see send_now)
         self.sent_seq: dict[str, int] = {}  # the highest seq of each stream sent to the model
+        self.late_ends: list[tuple[_Call, Any]] = []  # ends of stream read before an earlier call's reply
         self.model_calls: dict[ray.ObjectRef, list[_Call]] = {}  # by the model call's outcome list
         self.sink_calls: dict[ray.ObjectRef, list[str]] = {}  # stream id of each result written
         self.model_lost = False  # a model call found the actor dead: recover before the next step
@@ -225,8 +226,9 @@ class _Loop:
         """Read the finished ``next`` calls' events (one ``ray.get`` for all, per call only when one
         failed): hold their windows for the model, end the streams that ended. A call that failed
         (its pool died, or a call reached the restarted pool before its streams were added again)
-        marks its pool for `_recover_sources`."""
-        if not done:
+        marks its pool for `_recover_sources`. A pool's replies may overtake each other, so an end
+        of stream waits until the stream's earlier calls are in (the first end may carry a failure)."""
+        if not done and not self.late_ends:
             return
         calls = [self.source_calls.pop(ref) for ref in done]
         try:
@@ -234,8 +236,14 @@ class _Loop:
         except (RayActorError, RayTaskError):
             events = [_event(ref) for ref in done]
         errors: list[ErrorRecord] = []
-        for call, ev in zip(calls, events):
+        pairs, self.late_ends = [*self.late_ends, *zip(calls, events)], []
+        for call, ev in sorted(pairs, key=lambda pair: pair[0].seq):
             st = self.streams[call.stream_id]
+            if getattr(ev, "done", False) and any(
+                c.stream_id == call.stream_id and c.seq < call.seq for c in self.source_calls.values()
+            ):
+                self.late_ends.append((call, ev))
+                continue
             if isinstance(ev, BaseException):
                 self.lost_pools.setdefault(self.pools.pool_of(call.stream_id), []).append((call.stream_id, ev))
                 st.released(call.seq)

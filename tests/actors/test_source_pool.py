@@ -128,8 +128,8 @@ def fake_open(n: int, fail_at: int | None = None):
 
 
 def test_a_pool_runs_each_streams_calls_in_seq_order_and_keeps_a_failure_to_its_stream():
-    cfg = parse_config({"streams": [synthetic("a", 1, 3), synthetic("b", 2, 3)]})
-    pool = SourcePoolActor(cfg, open_stream=fake_open(4, fail_at=None))
+    cfg = parse_config({"streams": [synthetic("a", 1, 3), synthetic("b", 2, 3)], "runtime": {"helper_nice": 0}})
+    pool = SourcePoolActor(cfg, open_stream=fake_open(4, fail_at=None))  # nice 0: this is the test process
     bad = SourcePoolActor(cfg, open_stream=fake_open(4, fail_at=2))
     pool.add([(cfg.streams[0], 1, 0, None)])
     bad.add([(cfg.streams[1], 0, 5, None)])
@@ -189,7 +189,7 @@ def test_one_streams_bad_input_fails_only_that_stream_in_a_shared_pool(ray_sessi
     cfg = make_cfg(tiny_checkpoint, streams, source_actors=1)
     out = tmp_path / "out"
     summary = run(cfg, out)
-    assert summary.exit_code == 3 and sorted(summary.failed) == ["bad", "missing"]
+    assert summary.exit_code == 3 and sorted(summary.failed) == ["bad", "missing"], summary.streams
     assert ids_by_stream(out) == {"good0": list(range(5)), "good1": list(range(5))}
     errors = rows(out, "errors").sort("stream_id")
     assert errors["stream_id"].to_list() == ["bad", "missing"]
