@@ -2,9 +2,9 @@
 
 One window's way, a method of `_Loop` per step, in this order in the file:
 
-1. `_request`: the loop calls ``next`` on the stream's source pool actor (`actors.pools`) while the stream has fewer than
-   ``runtime.max_in_flight_per_stream`` windows in flight and the run fewer than
-   ``runtime.max_in_flight`` (in flight, and waiting for the sink). The stream's record
+1. `_request`: the loop calls ``next`` on the stream's source pool actor (`actors.pools`) while
+   the stream has fewer than ``runtime.max_in_flight_per_stream`` windows in flight and the run
+   fewer than ``runtime.max_in_flight`` (in flight, and waiting for the sink). The stream's record
    (`actors.streams.StreamStatus`) numbers the window (``seq``) and counts it in flight.
 2. `_on_source`: the call's small `SourceEvent` comes back; the window stays in the object store.
    A window is held at the driver; an end of stream moves its record to ``ending``.
@@ -214,7 +214,8 @@ class _Loop:
             for st in self.streams.values():
                 if in_flight >= total:
                     break
-                if st.asks_source and st.in_flight < per_stream and self.pools.pool_of(st.stream_id) not in self.lost_pools:
+                lost = self.pools.pool_of(st.stream_id) in self.lost_pools
+                if st.asks_source and st.in_flight < per_stream and not lost:
                     seq = st.requested()
                     event, window = self.pools.handle_of(st.stream_id).next.remote(st.stream_id, seq)
                     self.source_calls[event] = _Call(st.stream_id, seq, window)
@@ -370,18 +371,15 @@ class _Loop:
             self.pipeline.restarts += 1
             self.metrics.restarts.inc(tags={"actor": "source"})
             streams, why = self.pools.recover(pool, self.budget)
-            for sid in streams:
-                st = self.streams[sid]
-                if not st.asks_source:
-                    continue
-                if not self.pools.handles:
-                    msg = f"{pool_name(pool)} died and no source actor is left ({why}); stream ended at window {st.next_window}"
-                    errors.append(ErrorRecord.from_exception(sid, SourceRestarted(msg, stream_id=sid), st.next_window))
+            for sid in [s for s in streams if self.streams[s].asks_source]:
+                st, left = self.streams[sid], bool(self.pools.handles)
+                where = f" on {pool_name(self.pools.pool_of(sid))}" if why is not None and left else ""
+                msg = (f"{pool_name(pool)} died{'' if why is None else f' ({why})'}; stream "
+                       f"{'resumed' if left else 'ended, no source actor is left,'} at window {st.next_window}{where}")
+                errors.append(ErrorRecord.from_exception(sid, SourceRestarted(msg, stream_id=sid), st.next_window))
+                if not left:
                     st.source_ended(f"SourceRestarted: {msg}")
                     continue
-                moved = "" if why is None else f" on {pool_name(self.pools.pool_of(sid))} ({why})"
-                msg = f"{pool_name(pool)} died; stream resumed at window {st.next_window}{moved}"
-                errors.append(ErrorRecord.from_exception(sid, SourceRestarted(msg, stream_id=sid), st.next_window))
                 st.source_restarted()
                 cap = None if self.max_windows is None else self.max_windows - st.delivered
                 starts[sid] = (st.next_window, st.next_seq, cap)
