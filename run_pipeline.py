@@ -242,7 +242,19 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--repeat", type=_positive_int, default=3, metavar="N",
                    help="runs of each phase, interleaved; the medians are reported (default 3)")
+    p.add_argument("--streams", type=_stream_counts, metavar="N,N,...",
+                   help="instead: the pipeline on N synthetic streams sharing --total-windows, for each N "
+                        "(windows/s, first commit, peak RSS), each on a fresh local Ray")
+    p.add_argument("--total-windows", type=_positive_int, default=768, metavar="N",
+                   help="with --streams: windows at every point, split evenly over its streams (default 768)")
+    p.add_argument("--timeout", type=float, default=300.0, metavar="S",
+                   help="with --streams: drain a point's run after S seconds and mark it timed_out (default 300)")
     add_ray_arguments(p)
+
+
+def _stream_counts(text: str) -> list[int]:
+    """``--streams 4,16,64`` as a list of positive counts."""
+    return [_positive_int(x) for x in text.split(",")]
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -251,6 +263,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from actors.bench import bench  # local import: the actors import Ray
 
     cfg = load(args)
+    if args.streams:
+        from actors.scale_bench import bench_streams  # local import: the actors import Ray
+
+        table = bench_streams(cfg, args.streams, total_windows=args.total_windows, timeout_s=args.timeout,
+                              output=args.output, start_ray=lambda: start_ray(args))
+        print(json.dumps(table, indent=2))
+        return EXIT_OK
     if args.student is not None and not (args.student / "config.json").is_file():
         raise UsageError(f"--student {args.student}: not a checkpoint folder (no config.json)")
     started = start_ray(args)

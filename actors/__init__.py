@@ -9,7 +9,10 @@ so a source or sink worker loads only the modules its actor needs.
 | `runner` | `run`, the driver loop, `RunSummary`, `RunningPipeline` |
 | `streams` | `StreamStatus`, one stream's record and its states (`StreamState`) |
 | `plan` | Ray resources per actor, what the sources ship of a window |
-| `source`, `model`, `sink`, `distill` | the actors |
-| `predictor` | the model the model actor runs |
-| `metrics`, `display`, `bench` | ``pstream_*`` series, the terminal display, ``run_pipeline.py bench`` |
+| `source_pool`, `model`, `sink`, `distill` | the actors (a source pool hosts many streams) |
+| `source` | one stream's source inside a pool, `SourceEvent`, `ErrorRecord` |
+| `pools`, `assign`, `restarts` | the pools seen from the driver, rendezvous assignment, the restart budget |
+| `results`, `predictor` | what the model hands the sink (torch-free), the model the model actor runs |
+| `metrics`, `display`, `processes` | ``pstream_*`` series, the terminal display, actors' process ids |
+| `bench`, `scale_bench` | ``run_pipeline.py bench`` and ``bench --streams`` |
 """

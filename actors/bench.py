@@ -9,7 +9,7 @@ over model.
 
 So that a reader can judge the ratio on a shared machine, ``cpu_ms_per_window`` gives, for both
 phases and over the same steady-state span, the CPU time per window of each kind of process
-(the model actor, the source actors together, the sink, this driver, the raylet), read from
+(the model actor, the source pool actors together, the sink, this driver, the raylet), read from
 Linux's ``/proc``, and ``load_average`` the 1/5/15-minute load before and after.
 
 Each phase runs ``--repeat`` times (default 3), interleaved, and the medians are reported: one
@@ -36,6 +36,7 @@ import torch
 
 from actors.model import ModelActor
 from actors.plan import plan_actors, shipped_inputs
+from actors.processes import actor_pids
 from actors.predictor import load_predictor
 from actors.runner import run, send_now
 from actors.streams import RunningPipeline
@@ -100,16 +101,6 @@ class CpuMeter:
         per = {g: None if a[g] is None or b[g] is None else 1000 * (b[g] - a[g]) / (n1 - n0) for g in self.pids}
         known = [v for v in per.values() if v is not None]
         return {**{g: None if v is None else round(v, 2) for g, v in per.items()}, "total": round(sum(known), 2)}
-
-
-def _process_ids(actor: Any) -> tuple[int, int]:
-    """``(pid, parent pid)`` of the Ray worker running ``actor`` (the parent is the raylet)."""
-    return os.getpid(), os.getppid()
-
-
-def actor_pids(actors: list[Any]) -> list[tuple[int, int]]:
-    """``(pid, raylet pid)`` of each actor's worker process."""
-    return ray.get([a.__ray_call__.remote(_process_ids) for a in actors])
 
 
 def steady_rate(times: list[float]) -> float:
@@ -235,7 +226,7 @@ def pipeline_rate(
     meter: list[CpuMeter] = []
 
     def started(p: RunningPipeline) -> None:
-        sources = list(p.sources.values())
+        sources = list(p.pools.values())
         ids = actor_pids([p.model, p.sink, *sources])
         groups = {
             "model": [ids[0][0]],

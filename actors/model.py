@@ -33,6 +33,7 @@ import torch
 from actors.distill import MAX_PENDING, teacher_outputs
 from actors.metrics import Metrics
 from actors.predictor import load_predictor
+from actors.results import WindowResult
 from perceiver_stream.batch import Batch
 from perceiver_stream.outputs import ModelOutput
 from perceiver_stream.streaming import StreamStates
@@ -57,22 +58,6 @@ class Predictor(Protocol):
 
 BuildPredictor = Callable[[Config, torch.device], Predictor]
 Collate = Callable[..., Batch]  # pipeline.collate's signature
-
-
-@dataclass
-class WindowResult:
-    """The model's outputs for one window: its ``windows`` row, and what the sink needs for ``flow``."""
-
-    stream_id: str
-    row: WindowRow
-    flow: np.ndarray | None = None  # H x W x 2 float32, None without two frames
-    flow_t: float | None = None  # time of the later frame
-    frame: np.ndarray | None = None  # the earlier of the two flow frames, H x W x 3 uint8
-    latency_s: float = 0.0  # seconds from arrival at the model to the result
-
-    @property
-    def window_id(self) -> int:
-        return self.row.window_id
 
 
 @dataclass

@@ -14,11 +14,14 @@ from actors.distill import DistillActor
 from actors.model import ModelActor
 from actors.predictor import model_config
 from actors.sink import SinkActor
-from actors.source import SourceActor
-from pipeline.config import Config, StreamConfig, config_hash
+from actors.source_pool import SourcePoolActor
+from pipeline.config import Config, config_hash
 from pipeline.errors import ConfigError
 
-MODEL_MAX_RESTARTS = 3  # Ray restarts the model actor this often; the runner resends what it held
+# Ray restarts the model actor and the source pools without limit; the runner holds them to
+# runtime.max_restarts_per_hour (actors.restarts).
+RESTART_ALWAYS = -1
+POOL_SPARE_CALLS = 4  # threads beyond the in-flight bound, for `info` and `add`
 
 
 @dataclass
@@ -28,8 +31,9 @@ class ActorOptions:
     device: str
     model_cpus: float
     model_gpus: float
-    source_cpus: float
+    source_cpus: float  # per source pool actor
     sink_cpus: float
+    source_actors: int = 1
     distill_cpus: float = 0.0
     distill_gpus: float = 0.0
     distill_device: str = "cpu"
@@ -39,8 +43,9 @@ def plan_actors(cfg: Config, resources: dict[str, float]) -> ActorOptions:
     """Resolve ``model.device`` / ``model.num_gpus`` against the cluster and split its CPUs.
 
     On a CPU-only cluster the model gets half the CPUs (at least one) for torch threads and the
-    sources and sink share the rest (with the distill actor when ``distill.enabled``); with a GPU
-    the model needs one CPU to feed it. A distilling run on a GPU shares it: the model asks for
+    source pools and sink share the rest (with the distill actor when ``distill.enabled``); with a
+    GPU the model needs one CPU to feed it. ``runtime.source_actors: auto`` is the CPUs the model
+    leaves (at least one); never more pools than streams. A distilling run on a GPU shares it: the model asks for
     ``model.num_gpus`` (default half a GPU) and the student trains on what is left, or on the CPU
     when nothing is.
     """
@@ -55,7 +60,8 @@ def plan_actors(cfg: Config, resources: dict[str, float]) -> ActorOptions:
     model_gpus = (cfg.model.num_gpus or (0.5 if distill else 1.0)) if device == "cuda" else 0.0
     model_cpus = 1.0 if device == "cuda" else max(1.0, float(int(cpus // 2)))
     rest = max(cpus - model_cpus, 0.0)
-    n = len(cfg.streams)
+    wanted = cfg.runtime.source_actors
+    n = min(len(cfg.streams), max(1, int(cpus - model_cpus)) if wanted == "auto" else wanted)
     # Rounded down so the shares never add up to more than the cluster has (an actor that does
     # not fit would wait forever).
     source_share, distill_share = (0.6, 0.2) if distill else (0.8, 0.0)
@@ -65,7 +71,7 @@ def plan_actors(cfg: Config, resources: dict[str, float]) -> ActorOptions:
     distill_gpus = min(0.5, max(gpus - model_gpus, 0.0)) if distill and device == "cuda" else 0.0
     distill_device = "cuda" if distill_gpus > 0 else "cpu"
     return ActorOptions(
-        device, model_cpus, model_gpus, source_cpus, sink_cpus, distill_cpus, distill_gpus, distill_device
+        device, model_cpus, model_gpus, source_cpus, sink_cpus, n, distill_cpus, distill_gpus, distill_device
     )
 
 
@@ -102,14 +108,14 @@ def start_distill(cfg: Config, output: Path, opts: ActorOptions, sink: Any) -> A
 
 
 def start_model(cfg: Config, opts: ActorOptions, distill: Any | None) -> Any:
-    """The `ModelActor`, restarted by Ray up to `MODEL_MAX_RESTARTS` times, never retrying a call
-    (the runner resends); it may hold every window in flight at once."""
+    """The `ModelActor`, restarted by Ray (the runner keeps to the restart budget), never retrying
+    a call (the runner resends); it may hold every window in flight at once."""
     return (
         ray.remote(ModelActor)
         .options(
             num_cpus=opts.model_cpus,
             num_gpus=opts.model_gpus,
-            max_restarts=MODEL_MAX_RESTARTS,
+            max_restarts=RESTART_ALWAYS,
             max_task_retries=0,
             max_concurrency=cfg.runtime.max_in_flight + 16,
         )
@@ -117,21 +123,24 @@ def start_model(cfg: Config, opts: ActorOptions, distill: Any | None) -> Any:
     )
 
 
-def start_source(
-    stream: StreamConfig,
+def start_source_pool(
     cfg: Config,
     opts: ActorOptions,
+    index: int,
     *,
-    start_window: int,
-    max_windows: int | None,
     realtime: bool,
     shipped: tuple[int | None, tuple[int | None, int] | None],
 ) -> Any:
-    """The `SourceActor` of ``stream`` from ``start_window`` on, shipping ``shipped`` (`shipped_inputs`)."""
-    frames, points = shipped
+    """Source pool actor number ``index``, shipping ``shipped`` (`shipped_inputs`) of each window:
+    restarted by Ray (the runner keeps to the restart budget and adds its streams again), never
+    retrying a call, with a thread for every call the in-flight bounds allow."""
     return (
-        ray.remote(SourceActor)
-        .options(num_cpus=opts.source_cpus, max_restarts=0)
-        .remote(stream, cfg, start_window=start_window, max_windows=max_windows, realtime=realtime,
-                video_frames=frames, points=points)
+        ray.remote(SourcePoolActor)
+        .options(
+            num_cpus=opts.source_cpus,
+            max_restarts=RESTART_ALWAYS,
+            max_task_retries=0,
+            max_concurrency=cfg.runtime.max_in_flight + POOL_SPARE_CALLS,
+        )
+        .remote(cfg, index=index, realtime=realtime, shipped=shipped)
     )

@@ -2,9 +2,9 @@
 
 One window's way, a method of `_Loop` per step, in this order in the file:
 
-1. `_request`: the loop calls the stream's `SourceActor.next` while the stream has fewer than
-   ``runtime.max_in_flight_per_stream`` windows in flight and the run fewer than
-   ``runtime.max_in_flight`` (in flight, and waiting for the sink). The stream's record
+1. `_request`: the loop calls ``next`` on the stream's source pool actor (`actors.pools`) while
+   the stream has fewer than ``runtime.max_in_flight_per_stream`` windows in flight and the run
+   fewer than ``runtime.max_in_flight`` (in flight, and waiting for the sink). The stream's record
    (`actors.streams.StreamStatus`) numbers the window (``seq``) and counts it in flight.
 2. `_on_source`: the call's small `SourceEvent` comes back; the window stays in the object store.
    A window is held at the driver; an end of stream moves its record to ``ending``.
@@ -15,8 +15,10 @@ One window's way, a method of `_Loop` per step, in this order in the file:
    reference, unread. A window the model failed on fails its stream (one ``errors`` row).
 5. `_on_sink`: the sink has taken the result; it commits it with its next flush.
 
-When a model call finds the actor dead, the loop's next step is `_recover_model`. `stop` (SIGINT /
-SIGTERM) stops step 1; the loop ends once nothing is in flight or waiting for the sink.
+When a model call finds the actor dead, the loop's next step is `_recover_model`; when a source
+call finds its pool dead, once the pool's other calls have settled, `_recover_sources`. Both keep
+to one restart budget (`actors.restarts`). `stop` (SIGINT / SIGTERM) stops step 1; the loop ends
+once nothing is in flight or waiting for the sink.
 """
 
 from __future__ import annotations
@@ -28,22 +30,19 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from actors.metrics import Metrics
-from actors.plan import plan_actors, shipped_inputs, start_distill, start_model, start_sink, start_source
+from actors.plan import plan_actors, shipped_inputs, start_distill, start_model, start_sink
+from actors.pools import SourcePools, pool_name
+from actors.restarts import RestartBudget, RunFailed, await_restart, last_line
 from actors.source import ErrorRecord, SourceEvent
 from actors.streams import RunningPipeline, RunSummary, StreamStatus
 from pipeline.config import Config
-from pipeline.errors import CheckpointError, ConfigError
+from pipeline.errors import CheckpointError, ConfigError, SourceRestarted
 
-MODEL_RESTART_TIMEOUT_S = 120.0
 RESEND_SETTLE_S = 5.0
 SINK_TICK_S = 1.0
-
-
-class RunFailed(RuntimeError):
-    """The run could not go on (the model or the sink is gone for good)."""
 
 
 ProgressCallback = Callable[[RunningPipeline], None]
@@ -89,14 +88,12 @@ def run(
         except CheckpointError as exc:
             raise RunFailed(f"the model's config could not be read here: {exc}") from None
         pace = config.runtime.realtime if realtime is None else realtime
-        sources = {
-            s.id: start_source(s, config, opts, start_window=resume.get(s.id, 0), max_windows=max_windows,
-                               realtime=pace, shipped=shipped)
-            for s in config.streams
-        }
-        actors.extend(sources.values())
+        pools = SourcePools(config, opts, realtime=pace, shipped=shipped)
+        actors.extend(pools.handles.values())
+        pools.start()
+        pools.add({s.id: (resume.get(s.id, 0), 0, max_windows) for s in config.streams})
         streams = {s.id: StreamStatus(s.id, start_window=resume.get(s.id, 0)) for s in config.streams}
-        loop = _Loop(config, RunningPipeline(model, sink, sources, streams))
+        loop = _Loop(config, RunningPipeline(model, sink, pools.handles, streams, pools.assignment), pools, max_windows)
         if on_start is not None:
             on_start(loop.pipeline)
         loop.run(on_progress)
@@ -105,7 +102,7 @@ def run(
         try:
             committed = ray.get(sink.close.remote())
         except (RayActorError, RayTaskError) as exc:
-            loop.fatal = loop.fatal or f"the sink could not commit the last rows: {_last_line(exc)}"
+            loop.fatal = loop.fatal or f"the sink could not commit the last rows: {last_line(exc)}"
         return RunSummary(
             streams,
             time.monotonic() - started,
@@ -142,14 +139,20 @@ class _Call:
 class _Loop:
     """The driver loop of one run (see the module docstring)."""
 
-    def __init__(self, cfg: Config, pipeline: RunningPipeline) -> None:
+    def __init__(self, cfg: Config, pipeline: RunningPipeline, pools: SourcePools, max_windows: int | None) -> None:
         self.cfg = cfg
         self.pipeline = pipeline
+        self.pools = pools
+        self.max_windows = max_windows
+        self.budget = RestartBudget(cfg.runtime.max_restarts_per_hour)
+        self.lost_pools: dict[str, list[tuple[str, BaseException]]] = {}  # pool -> (stream, error) of failed calls
         self.streams = pipeline.streams
         self.model = pipeline.model
         self.sink = pipeline.sink
         self.source_calls: dict[ray.ObjectRef, _Call] = {}  # by the source event's reference
         self.held: list[_Call] = []  # decoded windows not yet sent to the model (see send_now)
+        self.sent_seq: dict[str, int] = {}  # the highest seq of each stream sent to the model
+        self.late_ends: list[tuple[_Call, Any]] = []  # ends of stream read before an earlier call's reply
         self.model_calls: dict[ray.ObjectRef, list[_Call]] = {}  # by the model call's outcome list
         self.sink_calls: dict[ray.ObjectRef, list[str]] = {}  # stream id of each result written
         self.model_lost = False  # a model call found the actor dead: recover before the next step
@@ -163,6 +166,10 @@ class _Loop:
             while True:
                 if self.model_lost:
                     self._recover_model()
+                if self.lost_pools and not any(
+                    self.pools.pool_of(c.stream_id) in self.lost_pools for c in self.source_calls.values()
+                ):
+                    self._recover_sources()
                 self._tell_open_streams()
                 if not self.pipeline.stopping:
                     self._request()
@@ -207,28 +214,44 @@ class _Loop:
             for st in self.streams.values():
                 if in_flight >= total:
                     break
-                if st.asks_source and st.in_flight < per_stream:
+                lost = self.pools.pool_of(st.stream_id) in self.lost_pools
+                if st.asks_source and st.in_flight < per_stream and not lost:
                     seq = st.requested()
-                    event, window = self.pipeline.sources[st.stream_id].next.remote()
+                    event, window = self.pools.handle_of(st.stream_id).next.remote(st.stream_id, seq)
                     self.source_calls[event] = _Call(st.stream_id, seq, window)
                     in_flight += 1
                     asked = True
 
     # -- 2. decoded ------------------------------------------------------------------------
     def _on_source(self, done: list[ray.ObjectRef]) -> None:
-        """Read the finished ``next`` calls' events (one ``ray.get`` for all, per call only when a
-        source died): hold their windows for the model, end the streams that ended."""
-        if not done:
+        """Read the finished ``next`` calls' events (one ``ray.get`` for all, per call only when one
+        failed): hold their windows for the model, end the streams that ended. A call that failed
+        (its pool died, or a call reached the restarted pool before its streams were added again)
+        marks its pool for `_recover_sources`. A pool's replies may overtake each other, so an end
+        of stream waits until the stream's earlier calls are in (the first end may carry a failure)."""
+        if not done and not self.late_ends:
             return
         calls = [self.source_calls.pop(ref) for ref in done]
         try:
             events = ray.get(done)
-        except RayActorError:
-            events = [_event(ref, c.stream_id) for ref, c in zip(done, calls)]
+        except (RayActorError, RayTaskError):
+            events = [_event(ref) for ref in done]
         errors: list[ErrorRecord] = []
-        for call, ev in zip(calls, events):
+        pairs, self.late_ends = [*self.late_ends, *zip(calls, events)], []
+        for call, ev in sorted(pairs, key=lambda pair: pair[0].seq):
             st = self.streams[call.stream_id]
+            if getattr(ev, "done", False) and any(
+                c.stream_id == call.stream_id and c.seq < call.seq for c in self.source_calls.values()
+            ):
+                self.late_ends.append((call, ev))
+                continue
+            if isinstance(ev, BaseException):
+                self.lost_pools.setdefault(self.pools.pool_of(call.stream_id), []).append((call.stream_id, ev))
+                st.released(call.seq)
+                continue
             errors.extend(ev.errors)
+            if ev.window_id is not None:
+                st.decoded(ev.window_id)
             if ev.window_id is not None and st.takes_windows:
                 self.held.append(call)
                 continue
@@ -248,9 +271,13 @@ class _Loop:
             self.held.remove(call)
             self.streams[call.stream_id].released(call.seq)
         size = self.cfg.model.batch_size
-        if not send_now(len(self.held), self._at_model(), size):
+        # The model already parks a later window of the stream and waits for this one (a threaded
+        # pool's replies can overtake each other): send it at once, whatever `send_now` says.
+        awaited = any(c.seq < self.sent_seq.get(c.stream_id, -1) for c in self.held)
+        if not (awaited or send_now(len(self.held), self._at_model(), size)):
             return
-        held, self.held = self.held, []
+        held = [c for c in self.held if not self.streams[c.stream_id].waits_for_chain(c.seq)]
+        self.held = [c for c in self.held if self.streams[c.stream_id].waits_for_chain(c.seq)]
         # A call's results return together, so one huge call would leave the model idle while
         # the driver refills it.
         for i in range(0, len(held), size):
@@ -261,6 +288,7 @@ class _Loop:
             )
             for call, result in zip(calls, results):
                 call.result = result
+                self.sent_seq[call.stream_id] = max(call.seq, self.sent_seq.get(call.stream_id, -1))
             self.model_calls[outcomes] = calls
 
     def _tell_open_streams(self) -> None:
@@ -309,7 +337,10 @@ class _Loop:
         self.model_lost = False
         self.pipeline.restarts += 1
         self.metrics.restarts.inc(tags={"actor": "model"})
-        self._await_model()
+        if not self.budget.spend("model actor"):
+            ray.kill(self.model, no_restart=True)
+            raise RunFailed(f"the model actor died more than {self.budget.per_hour} times within an hour")
+        await_restart(self.model, "the model actor")
         # Calls to the dead incarnation fail quickly; a call sent while it restarted may sit in
         # the new one waiting for its chain: it is resent too, and the resend supersedes it.
         pending = list(self.model_calls)
@@ -322,22 +353,40 @@ class _Loop:
         self._open_told = None  # the new incarnation has not been told which streams are open
         self.held = resend + self.held
 
-    def _await_model(self) -> None:
-        """Return once the model actor answers again; `RunFailed` if it does not in time."""
-        deadline = time.monotonic() + MODEL_RESTART_TIMEOUT_S
-        late = f"the model actor did not come back within {MODEL_RESTART_TIMEOUT_S:.0f} s"
-        while True:
-            try:
-                ray.get(self.model.info.remote(), timeout=max(deadline - time.monotonic(), 0.1))
-                return
-            except ActorUnavailableError:  # still restarting
-                if time.monotonic() > deadline:
-                    raise RunFailed(late) from None
-                time.sleep(0.2)
-            except RayActorError as exc:
-                raise RunFailed(f"the model actor died and could not be restarted: {_last_line(exc)}") from None
-            except GetTimeoutError:
-                raise RunFailed(late) from None
+    def _recover_sources(self) -> None:
+        """Resume the streams of every pool whose calls failed (see the README's "Restarts"): each
+        of a dead pool's streams is added again, restarted or moved, with one ``errors`` row; a
+        failed call to a pool that did not die is a bug in it, and its stream fails."""
+        lost, self.lost_pools = self.lost_pools, {}
+        errors: list[ErrorRecord] = []
+        starts: dict[str, tuple[int, int, int | None]] = {}
+        for pool, failed in lost.items():
+            if not self.pools.restarted(pool):
+                for sid, exc in failed:
+                    st = self.streams[sid]
+                    if st.asks_source:
+                        errors.append(ErrorRecord.from_exception(sid, exc, st.next_window))
+                        st.source_ended(f"{type(exc).__name__}: {last_line(exc)}")
+                continue
+            self.pipeline.restarts += 1
+            self.metrics.restarts.inc(tags={"actor": "source"})
+            streams, why = self.pools.recover(pool, self.budget)
+            for sid in [s for s in streams if self.streams[s].asks_source]:
+                st, left = self.streams[sid], bool(self.pools.handles)
+                where = f" on {pool_name(self.pools.pool_of(sid))}" if why is not None and left else ""
+                msg = (f"{pool_name(pool)} died{'' if why is None else f' ({why})'}; stream "
+                       f"{'resumed' if left else 'ended, no source actor is left,'} at window {st.next_window}{where}")
+                errors.append(ErrorRecord.from_exception(sid, SourceRestarted(msg, stream_id=sid), st.next_window))
+                if not left:
+                    st.source_ended(f"SourceRestarted: {msg}")
+                    continue
+                st.source_restarted()
+                cap = None if self.max_windows is None else self.max_windows - st.delivered
+                starts[sid] = (st.next_window, st.next_seq, cap)
+        if starts:
+            self.pools.add(starts)
+        if errors:
+            self.sink.write_errors.remote(errors)
 
     # -- 5. sink ---------------------------------------------------------------------------
     def _on_sink(self, done: list[ray.ObjectRef]) -> None:
@@ -364,12 +413,12 @@ class _Loop:
         self.metrics.streams_active.set(sum(1 for st in self.streams.values() if not st.finished))
 
 
-def _event(ref: ray.ObjectRef, stream_id: str) -> SourceEvent:
-    """One ``next`` call's event; a source actor that died ends its stream with a failure."""
+def _event(ref: ray.ObjectRef) -> SourceEvent | BaseException:
+    """One ``next`` call's event, or the error of a call that failed."""
     try:
         return ray.get(ref)
-    except RayActorError as exc:
-        return SourceEvent(stream_id, done=True, failure=ErrorRecord.from_exception(stream_id, exc))
+    except (RayActorError, RayTaskError) as exc:
+        return exc
 
 
 def _delivered(ref: ray.ObjectRef) -> bool:
@@ -388,7 +437,7 @@ def _finish_distill(model: Any, distill: Any) -> dict[str, Any]:
         dropped = ray.get(model.distill_flush.remote())
         return {**ray.get(distill.finish.remote()), "dropped_windows": dropped}
     except (RayActorError, RayTaskError) as exc:
-        return {"error": _last_line(exc)}
+        return {"error": last_line(exc)}
 
 
 def _started(ref: ray.ObjectRef, what: str) -> Any:
@@ -396,11 +445,4 @@ def _started(ref: ray.ObjectRef, what: str) -> Any:
     try:
         return ray.get(ref)
     except RayActorError as exc:
-        raise RunFailed(f"{what} could not start: {_last_line(exc)}") from None
-
-
-def _last_line(exc: BaseException) -> str:
-    """The last line of an actor error (the cause, without Ray's traceback)."""
-    cause = getattr(exc, "cause", None) or exc
-    lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
-    return lines[-1] if lines else type(cause).__name__
+        raise RunFailed(f"{what} could not start: {last_line(exc)}") from None

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from actors.metrics import Metrics
-from actors.model import WindowResult
+from actors.results import WindowResult
 from actors.source import ErrorRecord, lower_priority
 from pipeline.parquet import ErrorRow, FlowRow, OutputWriter, StudentRow
 

@@ -1,10 +1,9 @@
-"""SourceActor: one per stream, decodes the stream into windows one call at a time.
+"""One stream's source: `StreamSource` decodes a stream into windows one ``next`` call at a time,
+and the records its calls produce (`SourceEvent`, `ErrorRecord`).
 
-The runner keeps up to ``runtime.max_in_flight_per_stream`` ``next`` calls outstanding; the actor
-runs them in order (one at a time), so it decodes ahead by at most that many windows and never
-queues more. Each call returns two objects: a small `SourceEvent` the runner reads, and the
-`pipeline.Window` itself, which the runner hands to the model actor by reference without
-fetching it.
+A `actors.source_pool.SourcePoolActor` hosts many of them in one process. The runner keeps up to
+``runtime.max_in_flight_per_stream`` ``next`` calls of a stream outstanding; they run in order,
+one at a time, so a stream decodes ahead by at most that many windows and never queues more.
 """
 
 from __future__ import annotations
@@ -14,8 +13,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-
-import ray
 
 from actors.metrics import Metrics
 from pipeline.config import Config, StreamConfig
@@ -70,7 +67,7 @@ def lower_priority(nice: int) -> None:
         os.nice(nice)
 
 
-class SourceActor:
+class StreamSource:
     """Reads one stream from ``start_window`` on (see the module docstring).
 
     ``max_windows`` caps the windows delivered in this run; ``realtime`` paces delivery at media
@@ -79,8 +76,8 @@ class SourceActor:
     rig) rendered; ``points`` ``(scans, max_points)`` likewise keeps only the points the model's
     points adapter reads (`pipeline.read.read_points`); nor is the synthetic rig's ground truth,
     which running the model does not read. ``open_stream`` is `pipeline.read.open_stream` unless a
-    test passes another callable with its signature. ``cfg.runtime.helper_nice`` lowers the actor's
-    CPU priority.
+    test passes another callable with its signature; ``metrics`` the process's `Metrics` (shared by
+    the streams a pool hosts).
     """
 
     def __init__(
@@ -94,8 +91,8 @@ class SourceActor:
         video_frames: int | None = None,
         points: tuple[int | None, int] | None = None,
         open_stream: OpenStream | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
-        lower_priority(cfg.runtime.helper_nice)
         self._stream = stream
         self._cfg = cfg
         self._start_window = start_window
@@ -110,7 +107,7 @@ class SourceActor:
         self._done = False
         self._last_window_id: int | None = None
         self._pace_origin: tuple[float, float] | None = None  # (media t_end, monotonic) of the first window
-        self._metrics = Metrics()
+        self._metrics = metrics or Metrics()
         # Modalities this stream should deliver: a window without one of them counts as missing it.
         self._expected = (
             {"video", "audio", "points"}
@@ -140,7 +137,6 @@ class SourceActor:
             self._metrics.errors.inc(tags={"stream": self._stream.id, "kind": failure.kind})
         return SourceEvent(self._stream.id, done=True, failure=failure, errors=errors)
 
-    @ray.method(num_returns=2)
     def next(self) -> tuple[SourceEvent, Window | None]:
         """The stream's next window and its event, or ``(done event, None)`` at the end."""
         if self._done:

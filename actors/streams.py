@@ -61,6 +61,8 @@ class StreamStatus:
     error: str | None = None
     next_seq: int = 0
     chain_from: int = 0  # seq of the window that starts the model's next state chain
+    next_window: int = -1  # the window id after the last one its source delivered (start_window before any)
+    delivered: int = 0  # windows its source delivered in this run
     _in_flight: set[int] = field(default_factory=set, init=False, repr=False)
 
     # -- what the runner may do with the stream --------------------------------------------
@@ -89,9 +91,18 @@ class StreamStatus:
         """Whether the stream has reached a final state."""
         return not _TRANSITIONS[self.state]
 
+    def __post_init__(self) -> None:
+        if self.next_window < 0:
+            self.next_window = self.start_window
+
     def starts_chain(self, seq: int) -> bool:
         """Whether window ``seq`` starts a new state chain in the model actor."""
         return seq == self.chain_from
+
+    def waits_for_chain(self, seq: int) -> bool:
+        """Whether window ``seq`` starts a chain while windows of the stream's previous chain are
+        still in flight: it goes to the model only after them, or they would be left waiting."""
+        return seq == self.chain_from and any(s < seq for s in self._in_flight)
 
     # -- counts ----------------------------------------------------------------------------
     def requested(self) -> int:
@@ -100,6 +111,16 @@ class StreamStatus:
         self.next_seq += 1
         self._in_flight.add(seq)
         return seq
+
+    def decoded(self, window_id: int) -> None:
+        """Its source delivered window ``window_id``."""
+        self.delivered += 1
+        self.next_window = max(self.next_window, window_id + 1)
+
+    def source_restarted(self) -> None:
+        """Its source was restarted (resuming at ``next_window``): the next window starts a new
+        state chain, since the calls lost with the old source left holes in ``seq``."""
+        self.chain_from = self.next_seq
 
     def released(self, seq: int) -> None:
         """Window ``seq`` leaves the run without a result: an end of stream, a dropped or failed window."""
@@ -186,20 +207,28 @@ class RunSummary:
 class RunningPipeline:
     """The live run, handed to ``on_start`` / ``on_progress`` callbacks.
 
-    ``model``, ``sink`` and ``sources`` (by stream id) are the actor handles, e.g. for a test to
-    ``ray.kill(pipeline.model, no_restart=False)``; ``streams`` the per-stream records; `stop`
-    asks for a drain.
+    ``model``, ``sink`` and ``pools`` (the source pool actors by pool id) are the actor handles,
+    e.g. for a test to ``ray.kill(pipeline.model, no_restart=False)``; ``assignment`` the pool id
+    of each stream (`sources` its handle); ``streams`` the per-stream records; `stop` asks for a
+    drain.
     """
 
-    def __init__(self, model: Any, sink: Any, sources: dict[str, Any], streams: dict[str, StreamStatus]) -> None:
+    def __init__(self, model: Any, sink: Any, pools: dict[str, Any], streams: dict[str, StreamStatus],
+                 assignment: dict[str, str] | None = None) -> None:
         self.model = model
         self.sink = sink
-        self.sources = sources
+        self.pools = pools
+        self.assignment = assignment if assignment is not None else {}
         self.streams = streams
         self.started = time.monotonic()
         self.restarts = 0
         self.model_queue = 0  # windows held for the model or at it (set by the loop each step)
         self._stop = threading.Event()
+
+    @property
+    def sources(self) -> dict[str, Any]:
+        """The handle of the pool actor hosting each stream, by stream id."""
+        return {sid: self.pools[pid] for sid, pid in self.assignment.items() if pid in self.pools}
 
     def stop(self) -> None:
         """Stop asking sources for windows; what is in flight still reaches the sink."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -123,17 +123,22 @@ class ModelConfig(_Section):
 
 
 class RuntimeConfig(_Section):
-    """Backpressure bounds, pacing and CPU priority.
+    """Backpressure bounds, pacing, CPU priority, source processes and restarts.
 
     ``helper_nice`` is the Linux niceness the source and sink actors' processes take on (0 = the
     model actor's priority): they have read-ahead and buffering slack, the model has none, so where
-    they share cores with it the model goes first.
+    they share cores with it the model goes first. ``source_actors`` is how many source pool
+    actors (processes) decode the streams, each hosting many: ``auto`` = the cluster's CPUs less
+    the model's, at least one, at most one per stream. ``max_restarts_per_hour`` is how often any
+    one actor (model, source pool) may be restarted within an hour before the run gives it up.
     """
 
     max_in_flight_per_stream: int = Field(4, ge=1)
     max_in_flight: int = Field(32, ge=1)
     realtime: bool = False
     helper_nice: int = Field(10, ge=0, le=19)
+    source_actors: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
+    max_restarts_per_hour: int = Field(10, ge=0)
 
 
 class DistillConfig(_Section):

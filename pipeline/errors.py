@@ -71,6 +71,10 @@ class SourceReconnected(SourceError):
     """A live source dropped and was reconnected (reported, not raised)."""
 
 
+class SourceRestarted(SourceError):
+    """The process decoding a stream died; the stream was resumed in a new one (reported, not raised)."""
+
+
 class PointCloudError(SourceError):
     """A point-cloud file is malformed (bad size, empty scan, unreadable header)."""
 

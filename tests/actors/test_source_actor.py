@@ -9,7 +9,7 @@ import pytest
 
 from actor_inputs import make_cfg, window
 from actors.plan import shipped_frames
-from actors.source import SourceActor
+from actors.source import StreamSource
 from pipeline.config import parse_config
 from pipeline.errors import DecodeError, SourceReconnected
 from pipeline.read import open_stream
@@ -30,7 +30,7 @@ def fake_open(n: int, fail: bool = False):
 
 def test_source_events_windows_errors_and_failure():
     cfg = make_cfg(1)
-    src = SourceActor(cfg.streams[0], cfg, start_window=3, open_stream=fake_open(3, fail=True))
+    src = StreamSource(cfg.streams[0], cfg, start_window=3, open_stream=fake_open(3, fail=True))
     events = [src.next() for _ in range(5)]
     assert [e.window_id for e, _ in events[:3]] == [3, 4, 5]
     assert [w.window_id for _, w in events[:3]] == [3, 4, 5]
@@ -45,16 +45,16 @@ def test_source_events_windows_errors_and_failure():
 
 def test_source_max_windows_and_realtime_pacing():
     cfg = make_cfg(1)
-    src = SourceActor(cfg.streams[0], cfg, max_windows=2, open_stream=fake_open(10))
+    src = StreamSource(cfg.streams[0], cfg, max_windows=2, open_stream=fake_open(10))
     assert [src.next()[0].window_id for _ in range(3)] == [0, 1, None]
-    src = SourceActor(cfg.streams[0], cfg, realtime=True, open_stream=fake_open(3))
+    src = StreamSource(cfg.streams[0], cfg, realtime=True, open_stream=fake_open(3))
     t0 = time.monotonic()
     ids = [src.next()[0].window_id for _ in range(3)]
     assert ids == [0, 1, 2]
     assert time.monotonic() - t0 >= 0.9  # window ends are 0.5 s apart in media time
 
 
-def _drain(src: SourceActor) -> list[Window]:
+def _drain(src: StreamSource) -> list[Window]:
     out = []
     while True:
         ev, win = src.next()
@@ -69,8 +69,8 @@ def test_source_ships_only_the_frames_the_model_reads(segment_seconds):
         {"streams": [{"id": "s", "synthetic": {"seed": 5, "seconds": 4, "segment_seconds": segment_seconds}}]}
     )
     full = list(open_stream(cfg.streams[0], cfg))
-    every = _drain(SourceActor(cfg.streams[0], cfg))
-    last = _drain(SourceActor(cfg.streams[0], cfg, start_window=1, video_frames=3))
+    every = _drain(StreamSource(cfg.streams[0], cfg))
+    last = _drain(StreamSource(cfg.streams[0], cfg, start_window=1, video_frames=3))
     assert len(full) == len(every) == 7 and [w.window_id for w in last] == [w.window_id for w in full[1:]]
     assert all(len(w.video) == 25 for w in every)  # a model reading every frame gets every frame
     assert all(w.truth is None for w in every + last)  # ground truth is not shipped to the model
@@ -91,5 +91,5 @@ def test_source_open_failure_is_an_event_not_an_exception():
     def broken(stream_cfg, cfg, **kw):
         raise DecodeError("not media", stream_id=stream_cfg.id, source="x.mp4")
 
-    ev, win = SourceActor(cfg.streams[0], cfg, open_stream=broken).next()
+    ev, win = StreamSource(cfg.streams[0], cfg, open_stream=broken).next()
     assert ev.done and win is None and ev.failure.kind == "DecodeError" and ev.failure.window_id is None

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from perceiver_stream.batch import Batch
-from pipeline import Truth, Window, collate
+from pipeline import Truth, Window
+from pipeline.collate import collate
 from pipeline.sources.synthetic import SyntheticRig
 from pipeline.windowing import windows as cut_windows
 

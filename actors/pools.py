@@ -1,0 +1,93 @@
+"""The run's source pool actors, seen from the driver: which pool hosts which stream, and their
+restarts.
+
+`SourcePools` starts ``runtime.source_actors`` pools (`actors.source_pool.SourcePoolActor`),
+assigns the streams to them by rendezvous hashing (`actors.assign`; a stream pinned to a node
+goes to a pool on that node) and sends each stream's ``next`` calls to its pool. When a pool's
+process dies, Ray restarts it empty; `recover` then counts the restart against the actor's budget
+(`actors.restarts.RestartBudget`), waits for it, and returns its streams so that the runner adds
+them again (to the same pool: the assignment depends only on the stream and the live pools). A
+pool past its budget, or that does not come back, is killed for good and leaves the live set, so
+its streams go to their next pool by the same hashing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+from actors.assign import assign
+from actors.plan import ActorOptions, start_source_pool
+from actors.restarts import ActorGone, RestartBudget, await_restart
+from pipeline.config import Config, StreamConfig
+
+
+def pool_name(pool: str) -> str:
+    """How messages and the restart budget name a pool."""
+    return f"source pool actor {pool}"
+
+
+class SourcePools:
+    """The pools of one run (see the module docstring); ``handles`` by pool id ("0", "1", ...)."""
+
+    def __init__(self, cfg: Config, opts: ActorOptions, *, realtime: bool,
+                 shipped: tuple[int | None, tuple[int | None, int] | None]) -> None:
+        self.handles: dict[str, Any] = {
+            str(i): start_source_pool(cfg, opts, i, realtime=realtime, shipped=shipped)
+            for i in range(opts.source_actors)
+        }
+        self._streams = {s.id: s for s in cfg.streams}
+        self._pins: dict[str, str | None] = {s.id: None for s in cfg.streams}  # no node pinning in the schema yet
+        self._info: dict[str, dict[str, Any]] = {}
+        self.assignment: dict[str, str] = {}
+
+    def start(self) -> None:
+        """Wait for every pool to answer and assign the streams (raises `ActorGone` naming a pool
+        that could not start)."""
+        for pid, handle in self.handles.items():
+            self._info[pid] = await_restart(handle, pool_name(pid))
+        self.assignment = assign(self._pins, {pid: info["node"] for pid, info in self._info.items()})
+
+    def pool_of(self, stream_id: str) -> str:
+        """The id of the pool hosting ``stream_id``."""
+        return self.assignment[stream_id]
+
+    def handle_of(self, stream_id: str) -> Any:
+        """The actor handle of the pool hosting ``stream_id``."""
+        return self.handles[self.assignment[stream_id]]
+
+    def add(self, starts: dict[str, tuple[int, int, int | None]]) -> None:
+        """Host each stream on its pool: ``starts[stream] = (start_window, first_seq, max_windows)``."""
+        by_pool: dict[str, list[tuple[StreamConfig, int, int, int | None]]] = {}
+        for sid, (start, seq, cap) in starts.items():
+            by_pool.setdefault(self.assignment[sid], []).append((self._streams[sid], start, seq, cap))
+        ray.get([self.handles[pid].add.remote(items) for pid, items in by_pool.items()])
+
+    def restarted(self, pool: str) -> bool:
+        """Whether ``pool``'s process changed since it last answered (it died and was restarted)."""
+        try:
+            info = await_restart(self.handles[pool], pool_name(pool))
+        except ActorGone:
+            return True
+        return info["pid"] != self._info[pool]["pid"]
+
+    def recover(self, pool: str, budget: RestartBudget) -> tuple[list[str], str | None]:
+        """After ``pool`` died: the streams it hosted, now assigned to a live pool, and why it left
+        the live set (None: it was restarted and keeps its streams)."""
+        streams = [sid for sid, p in self.assignment.items() if p == pool]
+        why = None
+        if not budget.spend(pool_name(pool)):
+            why = f"it died more than {budget.per_hour} times within an hour"
+        else:
+            try:
+                self._info[pool] = await_restart(self.handles[pool], pool_name(pool))
+            except ActorGone as exc:
+                why = str(exc)
+        if why is not None:
+            ray.kill(self.handles.pop(pool), no_restart=True)
+            self._info.pop(pool, None)
+            if self.handles:
+                live = {pid: info["node"] for pid, info in self._info.items()}
+                self.assignment.update(assign({sid: self._pins[sid] for sid in streams}, live))
+        return streams, why
