@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from typing import Any
 
 from pipeline.errors import ConfigError
 
@@ -27,6 +28,29 @@ def rendezvous(key: str, candidates: list[str]) -> str:
     if not candidates:
         raise ValueError(f"no candidate to assign {key!r} to")
     return max(candidates, key=lambda c: weight(c, key))
+
+
+def resolve_node(stream_id: str, spec: str, nodes: list[Mapping[str, Any]]) -> str:
+    """The id of the live node that ``spec`` (a node id, a node IP, or a custom resource held by one
+    node) names, for ``stream_id``'s ``node``; ``nodes`` as `ray.nodes()` lists them. `ConfigError`
+    naming the stream and the live nodes when none or several match."""
+    alive = [n for n in nodes if n.get("Alive", True)]
+    for key in ("NodeID", "NodeManagerAddress"):
+        found = sorted({n["NodeID"] for n in alive if n.get(key) == spec})
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise ConfigError(f"stream {stream_id!r}: node {spec!r} is the address of {len(found)} nodes; "
+                              "pin it by node id")
+    holders = sorted(n["NodeID"] for n in alive if spec in n.get("Resources", {}))
+    if len(holders) == 1:
+        return holders[0]
+    known = ", ".join(f"{n['NodeID'][:12]}... at {n.get('NodeManagerAddress', '?')}" for n in alive)
+    if holders:
+        raise ConfigError(f"stream {stream_id!r}: node {spec!r} is a resource of {len(holders)} nodes; "
+                          "pin it by node id or IP")
+    raise ConfigError(f"stream {stream_id!r}: node {spec!r} is no live node's id, IP or resource "
+                      f"(live nodes: {known})")
 
 
 def assign(streams: Mapping[str, str | None], candidates: Mapping[str, str]) -> dict[str, str]:

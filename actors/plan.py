@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.distill import DistillActor
 from actors.model import ModelActor
@@ -130,10 +131,13 @@ def start_source_pool(
     *,
     realtime: bool,
     shipped: tuple[int | None, tuple[int | None, int] | None],
+    node: str | None = None,
 ) -> Any:
     """Source pool actor number ``index``, shipping ``shipped`` (`shipped_inputs`) of each window:
     restarted by Ray (the runner keeps to the restart budget and adds its streams again), never
-    retrying a call, with a thread for every call the in-flight bounds allow."""
+    retrying a call, with a thread for every call the in-flight bounds allow. With a ``node`` id it
+    runs on that node only (streams pinned there)."""
+    where = None if node is None else NodeAffinitySchedulingStrategy(node_id=node, soft=False)
     return (
         ray.remote(SourcePoolActor)
         .options(
@@ -141,6 +145,7 @@ def start_source_pool(
             max_restarts=RESTART_ALWAYS,
             max_task_retries=0,
             max_concurrency=cfg.runtime.max_in_flight + POOL_SPARE_CALLS,
+            scheduling_strategy=where,
         )
         .remote(cfg, index=index, realtime=realtime, shipped=shipped)
     )

@@ -1,9 +1,10 @@
 """The run's source pool actors, seen from the driver: which pool hosts which stream, and their
 restarts.
 
-`SourcePools` starts ``runtime.source_actors`` pools (`actors.source_pool.SourcePoolActor`),
-assigns the streams to them by rendezvous hashing (`actors.assign`; a stream pinned to a node
-goes to a pool on that node) and sends each stream's ``next`` calls to its pool. When a pool's
+`SourcePools` starts ``runtime.source_actors`` pools (`actors.source_pool.SourcePoolActor`), the
+first of them each on a node that a stream is pinned to (``streams[].node``; more pools when more
+nodes are named), and assigns the streams to them by rendezvous hashing (`actors.assign`; a pinned
+stream goes to a pool on its node) and sends each stream's ``next`` calls to its pool. When a pool's
 process dies, Ray restarts it empty; `recover` then counts the restart against the actor's budget
 (`actors.restarts.RestartBudget`), waits for it, and returns its streams so that the runner adds
 them again (to the same pool: the assignment depends only on the stream and the live pools). A
@@ -17,7 +18,7 @@ from typing import Any
 
 import ray
 
-from actors.assign import assign
+from actors.assign import assign, rendezvous, resolve_node
 from actors.plan import ActorOptions, start_source_pool
 from actors.restarts import ActorGone, RestartBudget, await_restart
 from pipeline.config import Config, StreamConfig
@@ -33,12 +34,17 @@ class SourcePools:
 
     def __init__(self, cfg: Config, opts: ActorOptions, *, realtime: bool,
                  shipped: tuple[int | None, tuple[int | None, int] | None]) -> None:
+        nodes = ray.nodes() if any(s.node is not None for s in cfg.streams) else []
+        self._pins: dict[str, str | None] = {
+            s.id: None if s.node is None else resolve_node(s.id, s.node, nodes) for s in cfg.streams
+        }
+        pinned = sorted({n for n in self._pins.values() if n is not None})
         self.handles: dict[str, Any] = {
-            str(i): start_source_pool(cfg, opts, i, realtime=realtime, shipped=shipped)
-            for i in range(opts.source_actors)
+            str(i): start_source_pool(cfg, opts, i, realtime=realtime, shipped=shipped,
+                                      node=pinned[i] if i < len(pinned) else None)
+            for i in range(max(opts.source_actors, len(pinned)))
         }
         self._streams = {s.id: s for s in cfg.streams}
-        self._pins: dict[str, str | None] = {s.id: None for s in cfg.streams}  # no node pinning in the schema yet
         self._info: dict[str, dict[str, Any]] = {}
         self.assignment: dict[str, str] = {}
 
@@ -52,6 +58,10 @@ class SourcePools:
     def pool_of(self, stream_id: str) -> str:
         """The id of the pool hosting ``stream_id``."""
         return self.assignment[stream_id]
+
+    def hosts(self, stream_id: str) -> bool:
+        """Whether a live pool hosts ``stream_id`` (False once its pinned node has none left)."""
+        return stream_id in self.assignment
 
     def handle_of(self, stream_id: str) -> Any:
         """The actor handle of the pool hosting ``stream_id``."""
@@ -87,7 +97,12 @@ class SourcePools:
         if why is not None:
             ray.kill(self.handles.pop(pool), no_restart=True)
             self._info.pop(pool, None)
-            if self.handles:
-                live = {pid: info["node"] for pid, info in self._info.items()}
-                self.assignment.update(assign({sid: self._pins[sid] for sid in streams}, live))
+            live = {pid: info["node"] for pid, info in self._info.items()}
+            for sid in streams:
+                pin = self._pins[sid]
+                home = [pid for pid, node in live.items() if pin is None or node == pin]
+                if home:
+                    self.assignment[sid] = rendezvous(sid, home)
+                else:
+                    del self.assignment[sid]
         return streams, why

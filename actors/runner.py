@@ -372,10 +372,10 @@ class _Loop:
             self.metrics.restarts.inc(tags={"actor": "source"})
             streams, why = self.pools.recover(pool, self.budget)
             for sid in [s for s in streams if self.streams[s].asks_source]:
-                st, left = self.streams[sid], bool(self.pools.handles)
+                st, left = self.streams[sid], self.pools.hosts(sid)
                 where = f" on {pool_name(self.pools.pool_of(sid))}" if why is not None and left else ""
                 msg = (f"{pool_name(pool)} died{'' if why is None else f' ({why})'}; stream "
-                       f"{'resumed' if left else 'ended, no source actor is left,'} at window {st.next_window}{where}")
+                       f"{'resumed' if left else 'ended, no source actor is left for it,'} at window {st.next_window}{where}")
                 errors.append(ErrorRecord.from_exception(sid, SourceRestarted(msg, stream_id=sid), st.next_window))
                 if not left:
                     st.source_ended(f"SourceRestarted: {msg}")

@@ -53,6 +53,9 @@ class StreamConfig(_Section):
     audio: str | None = None  # "same" = the video's audio track
     points: str | None = None  # a scan file or a folder of scans
     synthetic: SyntheticConfig | None = None
+    # The Ray node the sensor is attached to (a node id, a node IP, or a custom resource only that
+    # node has): the stream is decoded there. None: any node.
+    node: str | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
     def _sources_are_consistent(self) -> "StreamConfig":

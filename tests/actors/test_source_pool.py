@@ -15,40 +15,24 @@ import polars as pl
 import pyarrow.dataset as ds
 import pytest
 import ray
-import torch
 
-from actors.assign import assign, rendezvous
+from actors.assign import assign, rendezvous, resolve_node
 from actors.restarts import RestartBudget
 from actors.runner import run
 from actors.source_pool import SourcePoolActor
 from actors.streams import RunningPipeline
-from perceiver_stream.checkpoint import save_checkpoint
-from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO
 from pipeline.config import parse_config
 from pipeline.errors import ConfigError
-from pipeline.sources.synthetic import CLASSES
 from pipeline.window import Window
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = StreamingPerceiverIO(
-        StreamingConfig.from_dict({
-            "encoder": {"num_latents": 8, "latent_channels": 16, "self_heads": 2, "self_attends_per_block": 1,
-                        "num_blocks": 1},
-            "flow": {"size": (16, 16), "channels": 16, "pos_bands": 4},
-            "labels": {"class_names": CLASSES},
-        })
-    )
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", model)
+from tiny import HW, RATE
 
 
 def make_cfg(checkpoint: Path, streams: list[dict], **runtime):
     return parse_config({
         "streams": streams,
         "window": {"seconds": 1.0, "hop": 0.5},
-        "video": {"size": [16, 16]},
+        "video": {"size": [HW, HW]},
+        "audio": {"rate": RATE},
         "model": {"checkpoint": str(checkpoint), "device": "cpu", "batch_size": 8, "max_wait_ms": 20},
         "runtime": {"max_in_flight_per_stream": 3, "max_in_flight": 16, **runtime},
     })
@@ -93,6 +77,28 @@ def test_a_pinned_stream_goes_to_a_pool_on_its_node():
     assert {got[f"s{i}"] for i in range(20)} <= {"1", "2"} and got["x"] == "0"
     with pytest.raises(ConfigError, match="pinned to node 'node-c'"):
         assign({"y": "node-c"}, pools)
+
+
+NODES = [
+    {"NodeID": "aaa111", "NodeManagerAddress": "10.0.0.1", "Alive": True, "Resources": {"CPU": 2.0, "usb_cam": 1.0}},
+    {"NodeID": "bbb222", "NodeManagerAddress": "10.0.0.2", "Alive": True, "Resources": {"CPU": 2.0, "lidar": 1.0}},
+    {"NodeID": "ccc333", "NodeManagerAddress": "10.0.0.2", "Alive": True, "Resources": {"CPU": 2.0, "lidar": 1.0}},
+    {"NodeID": "ddd444", "NodeManagerAddress": "10.0.0.4", "Alive": False, "Resources": {"CPU": 2.0}},
+]
+
+
+def test_a_streams_node_is_a_node_id_an_ip_or_a_resource_of_one_live_node():
+    assert resolve_node("cam", "bbb222", NODES) == "bbb222"
+    assert resolve_node("cam", "10.0.0.1", NODES) == "aaa111"
+    assert resolve_node("cam", "usb_cam", NODES) == "aaa111"
+    with pytest.raises(ConfigError, match="'cam': node '10.0.0.2' is the address of 2 nodes; pin it by node id"):
+        resolve_node("cam", "10.0.0.2", NODES)
+    with pytest.raises(ConfigError, match="'lidar' is a resource of 2 nodes"):
+        resolve_node("cam", "lidar", NODES)
+    with pytest.raises(ConfigError, match=r"'cam': node '10.0.0.4' is no live node's id, IP or resource \(live"):
+        resolve_node("cam", "10.0.0.4", NODES)  # that node is dead
+    with pytest.raises(ConfigError, match="streams.0.node: String should have at least 1 character"):
+        parse_config({"streams": [{"id": "s", "synthetic": {"seed": 0}, "node": ""}]})
 
 
 def test_restart_budget_allows_so_many_per_actor_within_a_rolling_hour():
@@ -205,3 +211,22 @@ def test_64_short_streams_commit_every_window_exactly_once(ray_session, tiny_che
     summary = run(cfg, out)
     assert summary.exit_code == 0 and summary.windows == 64 * 3
     assert ids_by_stream(out) == {f"cam{i:02d}": [0, 1, 2] for i in range(64)}
+
+
+def test_streams_pinned_to_the_local_node_by_ip_and_by_id_run_there(ray_session, tiny_checkpoint, tmp_path):
+    here = ray.get_runtime_context().get_node_id()
+    ip = next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == here)
+    streams = [{**synthetic("by_ip", 1, 2.0), "node": ip}, {**synthetic("by_id", 2, 2.0), "node": here},
+               synthetic("free", 3, 2.0)]
+    seen: list[dict[str, str]] = []
+
+    def where(p: RunningPipeline) -> None:
+        seen.append({sid: ray.get(handle.info.remote())["node"] for sid, handle in p.sources.items()})
+
+    out = tmp_path / "out"
+    summary = run(make_cfg(tiny_checkpoint, streams, source_actors=2), out, on_start=where)
+    assert summary.exit_code == 0
+    assert seen == [{"by_ip": here, "by_id": here, "free": here}]
+    assert ids_by_stream(out) == {"by_ip": [0, 1, 2], "by_id": [0, 1, 2], "free": [0, 1, 2]}
+    with pytest.raises(ConfigError, match="stream 'lost': node 'no-such-node' is no live node's id, IP or resource"):
+        run(make_cfg(tiny_checkpoint, [{**synthetic("lost", 1, 2.0), "node": "no-such-node"}]), tmp_path / "x")
