@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import ray
 
 from actors.sink import SinkActor
 from actors.source_pool import SourcePoolActor
+from paths import REPO
 from pipeline.config import parse_config
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_source_and_sink_modules_import_without_torch():
