@@ -51,14 +51,14 @@ class ActorGone(RunFailed):
     or a pool that cannot start, the run cannot go on."""
 
 
-def await_restart(handle: Any, what: str, ping: str = "info", timeout_s: float = RESTART_TIMEOUT_S) -> Any:
-    """The answer of ``handle``'s ``ping`` method once the restarted actor gives one; `ActorGone`
-    if it is dead for good or does not answer within ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    late = f"{what} did not come back within {timeout_s:.0f} s"
+def await_restart(handle: Any, what: str) -> Any:
+    """The answer of ``handle.info()`` once the (restarted) actor gives one; `ActorGone` if it is
+    dead for good or does not answer within `RESTART_TIMEOUT_S`."""
+    deadline = time.monotonic() + RESTART_TIMEOUT_S
+    late = f"{what} did not come back within {RESTART_TIMEOUT_S:.0f} s"
     while True:
         try:
-            return ray.get(getattr(handle, ping).remote(), timeout=max(deadline - time.monotonic(), 0.1))
+            return ray.get(handle.info.remote(), timeout=max(deadline - time.monotonic(), 0.1))
         except ActorUnavailableError:  # still restarting
             if time.monotonic() > deadline:
                 raise ActorGone(late) from None

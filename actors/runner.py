@@ -276,8 +276,8 @@ class _Loop:
         awaited = any(c.seq < self.sent_seq.get(c.stream_id, -1) for c in self.held)
         if not (awaited or send_now(len(self.held), self._at_model(), size)):
             return
-        held = [c for c in self.held if not self.streams[c.stream_id].waits_for_chain(c.seq)]
-        self.held = [c for c in self.held if self.streams[c.stream_id].waits_for_chain(c.seq)]
+        waiting = [c for c in self.held if self.streams[c.stream_id].waits_for_chain(c.seq)]
+        held, self.held = [c for c in self.held if c not in waiting], waiting
         # A call's results return together, so one huge call would leave the model idle while
         # the driver refills it.
         for i in range(0, len(held), size):
