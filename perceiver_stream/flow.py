@@ -96,36 +96,68 @@ def estimate_flow(
     :class:`~perceiver_stream.perceiver.PerceiverIO`; it is called with ``query_chunk``).
     ``tile_size`` defaults to the model's training size; ``device`` to the model's.
     """
+    a, b = normalize_frame(frame1), normalize_frame(frame2)  # checks each frame's layout
+    if a.shape != b.shape:
+        raise ValueError(f"frames differ in size: {tuple(a.shape[1:])} and {tuple(b.shape[1:])}")
+    f1, f2 = (torch.as_tensor(np.asarray(f) if not isinstance(f, torch.Tensor) else f) for f in (frame1, frame2))
+    flow = estimate_flows(
+        model, f1[None], f2[None], tile_size=tile_size, min_overlap=min_overlap, flow_scale=flow_scale,
+        query_chunk=query_chunk, tiles_per_batch=tiles_per_batch, device=device,
+    )
+    return flow[0].cpu()
+
+
+@torch.no_grad()
+def estimate_flows(
+    model: Callable[..., torch.Tensor],
+    frames1: torch.Tensor,
+    frames2: torch.Tensor,
+    *,
+    tile_size: Sequence[int] | None = None,
+    min_overlap: int = 20,
+    flow_scale: float = FLOW_SCALE_FACTOR,
+    query_chunk: int | None = 16384,
+    tiles_per_batch: int = 1,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """`estimate_flow` for ``B`` frame pairs at once (``B x H x W x 3`` RGB each): ``B x H x W x 2``
+    float32 on ``device``.
+
+    The tiles of every pair go through ``model`` together, ``tiles_per_batch`` at a time, in the
+    order (pair, tile row, tile column): a model that records something per tile can map it back.
+    """
     th, tw = tuple(tile_size) if tile_size is not None else _model_tile_size(model)
     if device is None:
         params = getattr(model, "parameters", None)
         first = next(params(), None) if callable(params) else None
         device = first.device if first is not None else "cpu"
-    a, b = normalize_frame(frame1), normalize_frame(frame2)
-    if a.shape != b.shape:
-        raise ValueError(f"frames differ in size: {tuple(a.shape[1:])} and {tuple(b.shape[1:])}")
-    frames = torch.stack([a, b])[None].to(device)  # 1 x 2 x 3 x H x W
-    h, w = frames.shape[-2:]
+    if frames1.shape != frames2.shape or frames1.ndim != 4 or frames1.shape[-1] != 3:
+        raise ValueError(f"frames must be two B x H x W x 3 RGB arrays of one shape, got "
+                         f"{tuple(frames1.shape)} and {tuple(frames2.shape)}")
+    pairs = torch.stack([frames1, frames2], dim=1).to(device)  # B x 2 x H x W x 3
+    frames = (pairs.to(torch.float32) / 255.0 * 2 - 1).permute(0, 1, 4, 2, 3)  # B x 2 x 3 x H x W
+    n, (h, w) = frames.shape[0], frames.shape[-2:]
     # Frames smaller than a tile are resized up; the flow is mapped back at the end.
     sh, sw = max(h, th), max(w, tw)
     if (sh, sw) != (h, w):
-        frames = F.interpolate(frames[0], size=(sh, sw), mode="bilinear", align_corners=False)[None]
+        frames = F.interpolate(frames.flatten(0, 1), size=(sh, sw), mode="bilinear", align_corners=False)
+        frames = frames.unflatten(0, (n, 2))
 
     origins = [(y, x) for y in tile_origins(sh, th, min_overlap) for x in tile_origins(sw, tw, min_overlap)]
-    weights = blend_weights((th, tw), device=device)
-    total = torch.zeros(sh, sw, 2, device=device)
-    count = torch.zeros(sh, sw, 1, device=device)
-    for i in range(0, len(origins), tiles_per_batch):
-        batch = origins[i : i + tiles_per_batch]
-        tiles = torch.cat([frames[..., y : y + th, x : x + tw] for y, x in batch])
+    tiles_at = [(i, y, x) for i in range(n) for y, x in origins]
+    weights = blend_weights((th, tw), device=device)[..., None]
+    total = torch.zeros(n, sh, sw, 2, device=device)
+    count = torch.zeros(n, sh, sw, 1, device=device)
+    for k in range(0, len(tiles_at), tiles_per_batch):
+        batch = tiles_at[k : k + tiles_per_batch]
+        tiles = torch.stack([frames[i, ..., y : y + th, x : x + tw] for i, y, x in batch])
         out = model(flow_patches(tiles), query_chunk=query_chunk).float()
-        for (y, x), piece in zip(batch, out):
-            total[y : y + th, x : x + tw] += piece * weights[..., None]
-            count[y : y + th, x : x + tw] += weights[..., None]
+        for (i, y, x), piece in zip(batch, out):
+            total[i, y : y + th, x : x + tw] += piece * weights
+            count[i, y : y + th, x : x + tw] += weights
     flow = total / count * flow_scale
 
     if (sh, sw) != (h, w):
-        flow = flow.permute(2, 0, 1)[None]
-        flow = F.interpolate(flow, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-        flow = flow[0].permute(1, 2, 0) * torch.tensor([w / sw, h / sh], device=flow.device)
-    return flow.cpu()
+        flow = F.interpolate(flow.permute(0, 3, 1, 2), size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+        flow = flow.permute(0, 2, 3, 1) * torch.tensor([w / sw, h / sh], device=flow.device)
+    return flow
