@@ -35,6 +35,7 @@ from jobs.inspect import summarize, write_pictures
 from jobs.train import train_job
 from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.published import check_published
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIGS / "default.yaml"
@@ -198,6 +199,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from actors.runner import RunFailed, run  # local import: the actors import Ray
 
     cfg = load(args)
+    check_published(cfg)  # before Ray starts: a published model the windows cannot feed is exit 2
     output = str(args.output.resolve()) if args.output else cfg.output.dir
     drain = _SignalDrain()
     started = start_ray(args)
@@ -263,6 +265,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from actors.bench import bench  # local import: the actors import Ray
 
     cfg = load(args)
+    check_published(cfg)
     if args.streams:
         from actors.scale_bench import bench_streams  # local import: the actors import Ray
 

@@ -52,6 +52,7 @@ class Predictor(Protocol):
     class_names: list[str]
     device: torch.device
     video_frames: int | None  # trailing frames per window the model reads (None = all)
+    stateful: bool  # False: windows are independent, no latent state is carried
 
     def __call__(self, batch: Batch, state: torch.Tensor | None) -> ModelOutput: ...
 
@@ -108,7 +109,7 @@ class ModelActor:
         self._autocast = self._device.type == "cuda"
         self._batch_size = cfg.model.batch_size
         self._max_wait_s = cfg.model.max_wait_ms / 1000.0
-        self._carry = cfg.model.state
+        self._carry = cfg.model.state and self._predictor.stateful
         self._pending: dict[str, dict[int, _Item]] = {}
         self._expected: dict[str, int] = {}
         self._states = StreamStates()

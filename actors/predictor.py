@@ -1,4 +1,5 @@
-"""The model the ModelActor runs: a `StreamingPerceiverIO` loaded from the config's checkpoint."""
+"""The model the ModelActor runs: a `StreamingPerceiverIO` loaded from the config's checkpoint, or a
+published Perceiver IO (a ``transformers`` ``save_pretrained`` folder, `perceiver_stream.deepmind.published`)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import torch
 
 from perceiver_stream.batch import Batch
 from perceiver_stream.checkpoint import load_checkpoint, read_config
+from perceiver_stream.deepmind.published import PublishedPerceiver, PublishedSpec
 from perceiver_stream.outputs import ModelOutput
 from perceiver_stream.streaming import StreamingConfig, StreamingPerceiverIO
 from pipeline.config import Config
 from pipeline.errors import CheckpointError
+from pipeline.published import check_published, published_model
 from pipeline.sources.synthetic import CLASSES
 
 log = logging.getLogger(__name__)
@@ -20,6 +23,8 @@ log = logging.getLogger(__name__)
 
 class TorchPredictor:
     """A streaming model in eval mode on one device, with the name written to the outputs."""
+
+    stateful = True
 
     def __init__(self, model: StreamingPerceiverIO, name: str, device: torch.device) -> None:
         self.model = model.to(device).eval()
@@ -32,9 +37,13 @@ class TorchPredictor:
         return self.model(batch, state)
 
 
-def model_config(cfg: Config) -> StreamingConfig:
+def model_config(cfg: Config) -> StreamingConfig | PublishedSpec:
     """The configured model's config (``model.student``, else ``model.checkpoint``), read without
-    its weights; an untrained model's without either."""
+    its weights; an untrained model's without either; a published model's `PublishedSpec`. Either
+    says what the model reads of a window (``video_frames``, ``points``)."""
+    published = published_model(cfg)
+    if published is not None:
+        return published
     path = cfg.model.student or cfg.model.checkpoint
     if path is None:
         return StreamingConfig.from_dict({"state": {"carry": cfg.model.state}})
@@ -45,12 +54,20 @@ def model_config(cfg: Config) -> StreamingConfig:
     return config
 
 
-def load_predictor(cfg: Config, device: torch.device) -> TorchPredictor:
-    """The student checkpoint if ``model.student`` is set, else ``model.checkpoint``.
+def load_predictor(cfg: Config, device: torch.device) -> TorchPredictor | PublishedPerceiver:
+    """The student checkpoint if ``model.student`` is set, else ``model.checkpoint``: a
+    perceiver-stream checkpoint, or a published model's ``save_pretrained`` folder (refused with
+    `ConfigError` when the config cannot feed it; its flow tiles go ``model.batch_size`` to a forward).
 
     Without either, an untrained model with the synthetic rig's classes runs (for wiring checks;
     its outputs mean nothing) and a warning says so.
     """
+    if published_model(cfg) is not None:
+        check_published(cfg)
+        try:
+            return PublishedPerceiver(cfg.model.checkpoint, device, max_tiles=cfg.model.batch_size)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:  # unreadable, or weights of another model
+            raise CheckpointError(str(exc), source=cfg.model.checkpoint) from None
     path = cfg.model.student or cfg.model.checkpoint
     if path is None:
         log.warning("model.checkpoint is not set: running an untrained model, its outputs mean nothing")

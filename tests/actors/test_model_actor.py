@@ -28,6 +28,7 @@ class FakePredictor:
     class_names = ["a", "b", "c"]
     device = torch.device("cpu")
     video_frames = 2
+    stateful = True
 
     def __init__(self, fail_on: int | None = None) -> None:
         self.batches: list[list[tuple[str, int]]] = []
