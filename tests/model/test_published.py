@@ -46,8 +46,11 @@ def test_flow_tiles_of_all_windows_match_transformers_tiled_flow(clip, tmp_path)
     assert pred.video_frames == 2 and pred.class_names == [] and not pred.stateful
     windows = _windows(clip, video={"size": [20, 24]})
     one_frame = Window("c", 9, 4.5, 5.5, video=windows[0].video[-1:], video_t=windows[0].video_t[-1:])
+    forwards, tiles = [], pred._flow_tiles
+    pred._flow_tiles = lambda patches, query_chunk=None: forwards.append(len(patches)) or tiles(patches, query_chunk)
     with torch.inference_mode():
         out = pred(collate([*windows, one_frame], video_frames=2))
+    assert forwards == [3, 3, 2]  # the 2 x 4 tiles of both windows share forward passes
     assert out.flow.shape == (3, 20, 24, 2) and out.flow_valid.tolist() == [True, True, False]
     assert out.label_logits.shape == (3, 0) and out.embedding.shape == (3, 32)
     for i, w in enumerate(windows):
