@@ -16,6 +16,7 @@ frame's edge for some sizes). Frames smaller than a tile are resized up to the t
 is resized back and rescaled to the original pixel grid.
 
 The result is ``H x W x 2`` float32, ``(dx right, dy down)`` in pixels, on the first frame's grid.
+`estimate_flows` does the same for a batch of frame pairs, their tiles sharing forward passes.
 """
 
 from __future__ import annotations
