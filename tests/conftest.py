@@ -21,10 +21,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A local Ray with 2 CPUs and no dashboard, shut down at the end of the session."""
+    """A local Ray with 2 CPUs and no dashboard, shut down at the end of the session.
+
+    ``address="local"``: a new Ray of its own even when another cluster runs on the machine."""
     import ray  # here, not at the top: a session without a Ray test never imports it
 
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     yield ray
     ray.shutdown()
 
