@@ -18,6 +18,7 @@ from actors.metrics import Metrics
 from pipeline.config import Config, StreamConfig
 from pipeline.errors import PipelineError
 from pipeline.read import open_stream as read_stream
+from pipeline.redact import redact_text
 from pipeline.window import Window
 
 OpenStream = Callable[..., Iterator[Window]]
@@ -35,10 +36,12 @@ class ErrorRecord:
 
     @classmethod
     def from_exception(cls, stream_id: str, exc: BaseException, window_id: int | None = None) -> "ErrorRecord":
-        """The row for ``exc``; ``kind`` is its class name (the `pipeline.errors` class for ours)."""
+        """The row for ``exc``; ``kind`` is its class name (the `pipeline.errors` class for ours),
+        its message redacted (a library's error may quote a URL with its password)."""
         if isinstance(exc, PipelineError) and exc.window_id is not None:
             window_id = exc.window_id
-        return cls(stream_id, window_id, datetime.now(timezone.utc), type(exc).__name__, str(exc) or repr(exc))
+        return cls(stream_id, window_id, datetime.now(timezone.utc), type(exc).__name__,
+                   redact_text(str(exc) or repr(exc)))
 
 
 @dataclass
