@@ -8,6 +8,7 @@ one at a time, so a stream decodes ahead by at most that many windows and never 
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +23,7 @@ from pipeline.redact import redact_text
 from pipeline.window import Window
 
 OpenStream = Callable[..., Iterator[Window]]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,7 @@ class StreamSource:
         errors, self._reported = self._reported, []
         if failure is not None:
             self._metrics.errors.inc(tags={"stream": self._stream.id, "kind": failure.kind})
+            log.warning("stream %s ended: %s: %s", self._stream.id, failure.kind, failure.message)  # Ray's worker log
         return SourceEvent(self._stream.id, done=True, failure=failure, errors=errors)
 
     def next(self) -> tuple[SourceEvent, Window | None]:

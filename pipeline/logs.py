@@ -54,6 +54,18 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(redact_data(out), default=str)
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is when a record comes (a redirect, a capture)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> IO[str]:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: IO[str]) -> None:
+        pass
+
+
 def install_redaction() -> None:
     """Redact every log record this process creates from now on (its message, with its arguments
     merged in), whichever logger or handler takes it. Idempotent."""
@@ -80,7 +92,7 @@ def setup_logging(level: str = "info", fmt: str = "text", *, adopt: tuple[str, .
     if level not in LEVELS or fmt not in FORMATS:
         raise ValueError(f"log level {level!r} / format {fmt!r}: expected one of {LEVELS} / {FORMATS}")
     install_redaction()
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = logging.StreamHandler(stream) if stream is not None else _Stderr()
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     for old in [h for h in root.handlers if getattr(h, "pstream", False)]:

@@ -8,7 +8,8 @@ through `redact_text`, and exceptions of `pipeline.errors` redact their message 
 - ``scheme://user:password@host`` becomes ``scheme://user:***@host``; ``scheme://token@host``
   (a user name alone, often a token) becomes ``scheme://***@host``;
 - a query parameter whose name holds ``pass``, ``pwd``, ``token``, ``secret``, ``key``, ``auth``,
-  ``sig`` or ``credential`` keeps its name and loses its value: ``?token=***``.
+  ``sig`` or ``credential`` keeps its name and loses its value: ``?token=***``;
+- a ``${NAME}`` placeholder in either place is kept (the saved config shows where a secret goes).
 """
 
 from __future__ import annotations
@@ -23,14 +24,22 @@ MASK = "***"
 # "?", "#", whitespace or a quote (the end of a URL inside a message).
 _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<info>[^/?#\s'\"<>]*)@")
 _QUERY_SECRET = re.compile(
-    r"(?P<name>[?&;][^=&#\s'\"]*(?:pass|pwd|token|secret|key|auth|sig|credential)[^=&#\s'\"]*=)[^&#\s'\"]*",
+    r"(?P<name>[?&;][^=&#\s'\"]*(?:pass|pwd|token|secret|key|auth|sig|credential)[^=&#\s'\"]*=)(?P<value>[^&#\s'\"]*)",
     re.IGNORECASE,
 )
 
 
+# A ``${NAME}`` placeholder (`pipeline.envvars`) is where a secret goes, not one: it is kept.
+_PLACEHOLDER = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*\}")
+
+
+def _mask(value: str) -> str:
+    return value if _PLACEHOLDER.fullmatch(value) else MASK
+
+
 def _mask_userinfo(m: re.Match[str]) -> str:
-    user, sep, _ = m["info"].partition(":")
-    return f"{m['scheme']}{user}:{MASK}@" if sep else f"{m['scheme']}{MASK}@"
+    user, sep, password = m["info"].partition(":")
+    return f"{m['scheme']}{user}:{_mask(password)}@" if sep else f"{m['scheme']}{_mask(user)}@"
 
 
 def redact_text(text: str) -> str:
@@ -38,7 +47,7 @@ def redact_text(text: str) -> str:
     if "://" in text:
         text = _USERINFO.sub(_mask_userinfo, text)
     if "=" in text:
-        text = _QUERY_SECRET.sub(lambda m: m["name"] + MASK, text)
+        text = _QUERY_SECRET.sub(lambda m: m["name"] + _mask(m["value"]), text)
     return text
 
 
