@@ -70,12 +70,14 @@ def test_no_secret_in_console_outputs_logs_or_metrics(ray_session, tiny_checkpoi
     cfg_file.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "out"
 
-    code = run_pipeline.main(["--config", str(cfg_file), "--output", str(out), "--no-progress", "--log-level", "debug"])
+    code = run_pipeline.main(["--config", str(cfg_file), "--output", str(out), "--no-progress", "--status-every", "0.2",
+                              "--log-level", "debug", "--log-format", "json"])
     assert run_pipeline.main(["inspect", str(out)]) == 0
     console = capsys.readouterr()
     text = console.out + console.err
     assert code == 3  # the cameras fail, the synthetic stream finishes
     assert "user:***@127.0.0.1" in text and "token=***" in text  # the URLs did reach the console, redacted
+    assert '"msg": "status: ' in console.err  # JSON status lines while it ran
     assert leaks(text.encode()) == []
 
     files = [p for p in out.rglob("*") if p.is_file()]
