@@ -151,6 +151,7 @@ def start_ray(args: argparse.Namespace, num_cpus: int | None = None) -> bool:
     if args.metrics_port is not None:
         kwargs["_metrics_export_port"] = args.metrics_port
     ctx = ray.init(
+        address="local",  # a Ray of its own, even when another cluster runs on the machine (DESIGN "Operations")
         num_cpus=num_cpus or os.cpu_count(),
         include_dashboard=not args.no_dashboard,
         dashboard_host=args.dashboard_host,

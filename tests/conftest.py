@@ -24,7 +24,8 @@ def ray_session():
     """A local Ray with 2 CPUs and no dashboard, shut down at the end of the session."""
     import ray  # here, not at the top: a session without a Ray test never imports it
 
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    # address="local": a Ray of its own, never another process's cluster found on the machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     yield ray
     ray.shutdown()
 
