@@ -35,7 +35,7 @@ from jobs.inspect import summarize, write_pictures
 from jobs.train import train_job
 from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.logs import FORMATS, LEVELS, setup_logging
+from pipeline.logs import FORMATS, LEVELS, adopt_logger, setup_logging
 from pipeline.preflight import check_paths
 from pipeline.redact import redact_text
 from pipeline.resume import prepare_output
@@ -132,6 +132,7 @@ def start_ray(args: argparse.Namespace, num_cpus: int | None = None) -> bool:
 
     if ray.is_initialized():
         return False
+    adopt_logger("ray")  # Ray's driver lines in our level and format (it set up its logger when imported)
     if args.address:
         ignored = [
             name
@@ -171,7 +172,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-windows", type=_positive_int, metavar="N", help="at most N windows per stream in this run")
     p.add_argument("--realtime", action="store_true", help="pace file and synthetic sources at media speed")
     p.add_argument("--no-progress", action="store_true",
-                   help="no live progress display, a status line every --status-every seconds instead (as without a TTY)")
+                   help="no live display: a status line every --status-every seconds instead (as without a TTY)")
     p.add_argument("--status-every", type=float, default=30.0, metavar="S",
                    help="seconds between status lines without the live display (default 30)")
     add_ray_arguments(p)
@@ -410,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         argv.insert(0, "run")
     try:
         args = build_parser().parse_args(argv)
-        setup_logging(args.log_level, args.log_format, adopt=("ray",))
+        setup_logging(args.log_level, args.log_format)
         return SUBCOMMANDS[args.command].main(args)
     except (UsageError, ConfigError) as exc:
         print(f"run_pipeline.py: error: {exc}", file=sys.stderr)

@@ -1,8 +1,8 @@
 """What a run says about itself where no one watches a terminal: the endpoints at start, a status
 line every so often, and the build it runs.
 
-`StatusLine` is an ``on_progress`` callback that logs one line every ``every_s`` seconds (30 by
-default) under systemd or Kubernetes (no TTY) or with ``--no-progress``: windows/s since the last
+`StatusLine` is an ``on_progress`` callback that logs one line every ``every_s`` seconds
+(``--status-every``, 30 by default) under systemd or Kubernetes (no TTY) or with ``--no-progress``: windows/s since the last
 line, the largest lag, restarts, and each stream's state, windows and lag, also as the record's
 ``status`` field (JSON logs). A stream's *lag* is how far its decoding trails real time: the wall
 seconds since its first window of this run less the media seconds its windows have advanced
@@ -24,14 +24,13 @@ from actors.metrics import Metrics
 from actors.streams import RunningPipeline
 
 log = logging.getLogger("perceiver_stream")
-STATUS_EVERY_S = 30.0
 
 
 class StatusLine:
     """Logs the run's status every ``every_s`` seconds (see the module docstring); ``hop`` is the
     config's ``window.hop`` in seconds."""
 
-    def __init__(self, hop: float, every_s: float = STATUS_EVERY_S, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, hop: float, every_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.hop = hop
         self.every_s = every_s
         self._clock = clock
@@ -61,10 +60,10 @@ class StatusLine:
             return
         self._last = (now, p.windows)
         rate = (p.windows - windows) / max(now - then, 1e-9)
-        streams = {
-            sid: {"state": str(st.state), "windows": st.windows, **({"lag_s": round(lags[sid], 1)} if sid in lags else {})}
-            for sid, st in p.streams.items()
-        }
+        streams: dict[str, dict[str, Any]] = {sid: {"state": str(st.state), "windows": st.windows}
+                                               for sid, st in p.streams.items()}
+        for sid, lag in lags.items():
+            streams[sid]["lag_s"] = round(lag, 1)
         worst = max(lags.values(), default=0.0)
         per_stream = ", ".join(
             f"{sid} {s['state']} {s['windows']}" + (f" lag {s['lag_s']:.1f} s" if "lag_s" in s else "")

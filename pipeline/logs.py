@@ -82,13 +82,8 @@ def install_redaction() -> None:
     logging.setLogRecordFactory(redacted)
 
 
-def setup_logging(level: str = "info", fmt: str = "text", *, adopt: tuple[str, ...] = (),
-                  stream: IO[str] | None = None) -> None:
-    """Log records at ``level`` and above to ``stream`` (stderr) as ``fmt`` lines, redacted.
-
-    ``adopt`` names loggers that keep their own handlers (a library's): they are made to go
-    through this one instead, so that every line has one format.
-    """
+def setup_logging(level: str = "info", fmt: str = "text", *, stream: IO[str] | None = None) -> None:
+    """Log records at ``level`` and above to ``stream`` (stderr) as ``fmt`` lines, redacted."""
     if level not in LEVELS or fmt not in FORMATS:
         raise ValueError(f"log level {level!r} / format {fmt!r}: expected one of {LEVELS} / {FORMATS}")
     install_redaction()
@@ -100,8 +95,12 @@ def setup_logging(level: str = "info", fmt: str = "text", *, adopt: tuple[str, .
     handler.pstream = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level.upper())
-    for name in adopt:
-        lg = logging.getLogger(name)
-        lg.handlers.clear()
-        lg.propagate = True
-        lg.setLevel(logging.NOTSET)
+
+
+def adopt_logger(name: str) -> None:
+    """Send logger ``name`` (a library's, with a handler of its own, such as Ray's: call it after
+    importing the library) through `setup_logging`'s handler, so that every line has one format."""
+    lg = logging.getLogger(name)
+    lg.handlers.clear()
+    lg.propagate = True
+    lg.setLevel(logging.NOTSET)
