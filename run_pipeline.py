@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(args.log_level, args.log_format)
         return SUBCOMMANDS[args.command].main(args)
     except (UsageError, ConfigError) as exc:
-        print(f"run_pipeline.py: error: {exc}", file=sys.stderr)
+        print(f"run_pipeline.py: error: {redact_text(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -70,7 +70,7 @@ def test_no_secret_in_console_outputs_logs_or_metrics(ray_session, tiny_checkpoi
     cfg_file.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "out"
 
-    code = run_pipeline.main(["--config", str(cfg_file), "--output", str(out), "--no-progress", "--status-every", "0.2",
+    code = run_pipeline.main(["--config", str(cfg_file), "--output", str(out), "--no-progress", "--status-every", "0",
                               "--log-level", "debug", "--log-format", "json"])
     assert run_pipeline.main(["inspect", str(out)]) == 0
     console = capsys.readouterr()
