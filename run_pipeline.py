@@ -188,7 +188,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load(args)
     output = str(args.output.resolve()) if args.output else cfg.output.dir
-    check_paths(cfg)  # before Ray and before any folder: a missing file costs a second
+    check_paths(cfg)  # before Ray and before any folder: a missing file costs no cluster start
     prepare_output(cfg, output)
     live = not args.no_progress and sys.stderr.isatty()
     status = StatusLine(cfg.window.hop, args.status_every)

@@ -1,7 +1,7 @@
 """Checks of a run's config that need no Ray: the paths it names exist.
 
 `check_paths` runs before Ray starts and before anything is written, so a missing checkpoint or
-video file costs a second and one line (exit 2), not a cluster start and an empty output folder.
+video file costs one line (exit 2), not a cluster start and an empty output folder.
 URLs are not checked (a camera may come up later), nor are the sources of a stream pinned to
 another node (``streams[].node``): they are that node's paths, checked there when it opens them.
 """

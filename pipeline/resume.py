@@ -78,8 +78,9 @@ def prepare_output(cfg: Config, output: str) -> None:
         differ = window_differences(saved, new)
         if differ:
             raise ResumeRefused(
-                f"{redact_text(output)} holds windows cut with other settings ({', '.join(differ)} differ from "
-                f"its {CONFIG_FILE}); resume with those settings or write into another --output"
+                f"{redact_text(output)} holds windows cut with other settings ({', '.join(differ)} "
+                f"{'differs' if len(differ) == 1 else 'differ'} from its {CONFIG_FILE}); resume with those settings "
+                "or write into another --output"
             )
         ids = {s["id"] for s in new["streams"]}
         new["streams"] += [s for s in saved.get("streams", []) if s["id"] not in ids]
