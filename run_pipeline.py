@@ -18,10 +18,10 @@ and a function that runs it and returns the exit code.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
-import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +35,11 @@ from jobs.inspect import summarize, write_pictures
 from jobs.train import train_job
 from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.logs import FORMATS, LEVELS, adopt_logger, setup_logging
+from pipeline.preflight import check_paths
 from pipeline.published import check_published
+from pipeline.redact import redact_text
+from pipeline.resume import prepare_output
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIGS / "default.yaml"
@@ -96,6 +100,13 @@ def add_config_arguments(p: argparse.ArgumentParser, default: Path = DEFAULT_CON
     )
 
 
+def add_log_arguments(p: argparse.ArgumentParser) -> None:
+    """``--log-level`` and ``--log-format`` (every subcommand)."""
+    p.add_argument("--log-level", choices=LEVELS, default="info", help="least severe log records shown (default info)")
+    p.add_argument("--log-format", choices=FORMATS, default="text",
+                   help="log lines on stderr: text, or json (one object a line: ts, level, logger, msg, fields)")
+
+
 def add_ray_arguments(p: argparse.ArgumentParser) -> None:
     """Where Ray runs and what it exposes."""
     p.add_argument("--address", help="join this Ray cluster (e.g. ray://host:10001 or auto); default: start a local Ray")
@@ -115,12 +126,14 @@ def start_ray(args: argparse.Namespace, num_cpus: int | None = None) -> bool:
     """Join ``--address`` or start a local Ray with the dashboard and metrics options.
 
     Returns False, starting nothing, when this process has already joined a Ray (a notebook, a
-    test): the run uses it and leaves it running.
+    test): the run uses it and leaves it running. Otherwise logs the dashboard and metrics endpoints.
     """
     import ray  # local import: Ray adds ~0.7 s to every start (--help, train, eval); only run and bench need it
+    from actors.status import announce  # local import: the actors import Ray
 
     if ray.is_initialized():
         return False
+    adopt_logger("ray")  # Ray's driver lines in our level and format (it set up its logger when imported)
     if args.address:
         ignored = [
             name
@@ -133,18 +146,22 @@ def start_ray(args: argparse.Namespace, num_cpus: int | None = None) -> bool:
         ]
         if ignored:
             logging.warning("%s belong to the cluster at %s and are ignored", ", ".join(ignored), args.address)
-        ray.init(address=args.address, log_to_driver=False)
+        announce(ray.init(address=args.address, log_to_driver=False, configure_logging=False).dashboard_url,
+                 package_version())
         return True
     kwargs = {}
     if args.metrics_port is not None:
         kwargs["_metrics_export_port"] = args.metrics_port
-    ray.init(
+    ctx = ray.init(
+        address="local",  # a Ray of its own, even when another cluster runs on the machine (DESIGN "Operations")
         num_cpus=num_cpus or os.cpu_count(),
         include_dashboard=not args.no_dashboard,
         dashboard_host=args.dashboard_host,
         log_to_driver=False,
+        configure_logging=False,  # Ray's driver lines go through our handler (level, format, redaction)
         **kwargs,
     )
+    announce(ctx.dashboard_url, package_version())
     return True
 
 
@@ -155,41 +172,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", type=Path, help="output folder (default: the config's output.dir)")
     p.add_argument("--max-windows", type=_positive_int, metavar="N", help="at most N windows per stream in this run")
     p.add_argument("--realtime", action="store_true", help="pace file and synthetic sources at media speed")
-    p.add_argument("--no-progress", action="store_true", help="no live progress display (the summary still prints)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no live display: a status line every --status-every seconds instead (as without a TTY)")
+    p.add_argument("--status-every", type=float, default=30.0, metavar="S",
+                   help="seconds between status lines without the live display (default 30)")
     add_ray_arguments(p)
-
-
-class _SignalDrain:
-    """SIGINT / SIGTERM: the first asks the run to drain and commit, a second aborts."""
-
-    def __init__(self) -> None:
-        self.pipeline = None
-        self.requested = False
-        self._previous: dict[int, object] = {}
-
-    def install(self) -> None:
-        """Take over SIGINT and SIGTERM (Ray's own SIGTERM handler would exit without a drain)."""
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def restore(self) -> None:
-        """Put back the handlers `install` replaced."""
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, _frame: object) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(f"{signal.Signals(signum).name}: draining windows in flight, then committing", file=sys.stderr)
-        if self.pipeline is not None:
-            self.pipeline.stop()
-
-    def attach(self, pipeline) -> None:
-        """Called with the running pipeline; stops it at once if a signal came first."""
-        self.pipeline = pipeline
-        if self.requested:
-            pipeline.stop()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -197,33 +184,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     import ray  # local import: Ray adds ~0.7 s to every start (--help, train, eval); only run and bench need it
     from actors.display import ProgressDisplay, print_summary  # local import: the actors import Ray
     from actors.runner import RunFailed, run  # local import: the actors import Ray
+    from actors.signals import SignalDrain  # local import: only run drains on a signal
+    from actors.status import StatusLine  # local import: the actors import Ray
 
     cfg = load(args)
     check_published(cfg)  # before Ray starts: a published model the windows cannot feed is exit 2
     output = str(args.output.resolve()) if args.output else cfg.output.dir
-    drain = _SignalDrain()
+    check_paths(cfg)  # before Ray and before any folder: a missing file costs no cluster start
+    prepare_output(cfg, output)
+    live = not args.no_progress and sys.stderr.isatty()
+    status = StatusLine(cfg.window.hop, args.status_every)
+    drain = SignalDrain()
     started = start_ray(args)
     drain.install()
     try:
-        if args.no_progress:
-            summary = run(
-                cfg, output, max_windows=args.max_windows, realtime=args.realtime or None, on_start=drain.attach
-            )
-        else:
-            with ProgressDisplay() as display:
-                summary = run(
-                    cfg,
-                    output,
-                    max_windows=args.max_windows,
-                    realtime=args.realtime or None,
-                    on_start=drain.attach,
-                    on_progress=display.update,
-                )
+        with ProgressDisplay() if live else contextlib.nullcontext() as display:
+            summary = run(cfg, output, max_windows=args.max_windows, realtime=args.realtime or None,
+                          on_start=drain.attach, on_progress=display.update if live else status.update)
     except KeyboardInterrupt:
         print("interrupted again: stopped without draining; uncommitted windows are redone on resume", file=sys.stderr)
         return EXIT_FAILED
     except RunFailed as exc:
-        print(f"run_pipeline.py: run failed: {exc}", file=sys.stderr)
+        print(f"run_pipeline.py: run failed: {redact_text(str(exc))}", file=sys.stderr)
         return EXIT_FAILED
     finally:
         drain.restore()
@@ -366,7 +348,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.output_dir} is not a folder")
     try:
         for s in summarize(args.output_dir):
-            print(s.line())
+            print(redact_text(s.line()))
         pictures = write_pictures(args.output_dir)
     except PipelineError as exc:  # not an output folder
         raise UsageError(str(exc)) from None
@@ -417,11 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"perceiver-stream {package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
     for name, sc in SUBCOMMANDS.items():
-        sc.add_arguments(
-            sub.add_parser(
-                name, help=sc.help, description=sc.help, epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter
-            )
+        p = sub.add_parser(
+            name, help=sc.help, description=sc.help, epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter
         )
+        sc.add_arguments(p)
+        add_log_arguments(p)
     return parser
 
 
@@ -432,9 +414,10 @@ def main(argv: list[str] | None = None) -> int:
         argv.insert(0, "run")
     try:
         args = build_parser().parse_args(argv)
+        setup_logging(args.log_level, args.log_format)
         return SUBCOMMANDS[args.command].main(args)
     except (UsageError, ConfigError) as exc:
-        print(f"run_pipeline.py: error: {exc}", file=sys.stderr)
+        print(f"run_pipeline.py: error: {redact_text(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -13,6 +13,7 @@ so a source or sink worker loads only the modules its actor needs.
 | `source` | one stream's source inside a pool, `SourceEvent`, `ErrorRecord` |
 | `pools`, `assign`, `restarts` | the pools seen from the driver, rendezvous assignment, the restart budget |
 | `results`, `predictor` | what the model hands the sink (torch-free), the model the model actor runs |
-| `metrics`, `display`, `processes` | ``pstream_*`` series, the terminal display, actors' process ids |
+| `metrics`, `display`, `status` | ``pstream_*`` series, the terminal display, the status line and endpoints logged |
+| `signals`, `processes` | SIGINT / SIGTERM drain the run, actors' process ids |
 | `bench`, `scale_bench` | ``run_pipeline.py bench`` and ``bench --streams`` |
 """

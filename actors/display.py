@@ -1,4 +1,5 @@
-"""The live progress display and the final summary of a run (rich, on the terminal)."""
+"""The live progress display and the final summary of a run (rich, on the terminal); what they
+print of errors is redacted (`pipeline.redact`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from rich.live import Live
 from rich.table import Table
 
 from actors.streams import RunningPipeline, RunSummary
+from pipeline.redact import redact_text
 
 
 class ProgressDisplay:
@@ -59,7 +61,7 @@ class ProgressDisplay:
 def print_summary(summary: RunSummary, output: str, console: Console | None = None) -> None:
     """The final summary: per stream windows, state and error; totals and where outputs went."""
     console = console or Console()
-    t = Table(title=f"perceiver-stream run: {output}", title_justify="left")
+    t = Table(title=f"perceiver-stream run: {redact_text(output)}", title_justify="left")
     t.add_column("stream")
     t.add_column("from window", justify="right")
     t.add_column("windows", justify="right")
@@ -73,7 +75,7 @@ def print_summary(summary: RunSummary, output: str, console: Console | None = No
             str(s.windows),
             str(summary.committed.get(s.stream_id, "")),
             s.state,
-            s.error or "",
+            redact_text(s.error or ""),
         )
     console.print(t)
     rate = summary.windows / max(summary.wall_s, 1e-9)
@@ -81,12 +83,12 @@ def print_summary(summary: RunSummary, output: str, console: Console | None = No
     if summary.stopped:
         line += ", stopped by a signal (drained)"
     if summary.fatal:
-        line += f", run failed: {summary.fatal}"
+        line += f", run failed: {redact_text(summary.fatal)}"
     console.print(line)
     d = summary.distill
     if d is not None:
         if "error" in d:
-            console.print(f"distillation failed: {d['error']}")
+            console.print(f"distillation failed: {redact_text(d['error'])}")
         else:
             console.print(
                 f"student: {d['steps']} steps over {d['windows']} windows ({d['dropped_windows']} dropped while busy), "

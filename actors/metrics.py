@@ -80,8 +80,26 @@ class Metrics:
 
     @cached_property
     def restarts(self) -> metrics.Counter:
-        """Actor restarts seen by the runner, by ``actor``."""
+        """Actor restarts seen by the runner, by ``actor``, its kind (``model``, ``source``, ...):
+        the restart code calls ``restarts.inc(tags={"actor": kind})``."""
         return metrics.Counter("pstream_restarts_total", "Actor restarts.", tag_keys=("actor",))
+
+    @cached_property
+    def last_window_time(self) -> metrics.Gauge:
+        """UNIX time (s, wall clock) at which the sink last committed a new window of ``stream``:
+        a stalled stream is one whose value stops moving (``time() - value`` grows)."""
+        return metrics.Gauge(
+            "pstream_last_window_timestamp_seconds",
+            "Wall-clock UNIX time of the stream's last committed window.",
+            tag_keys=("stream",),
+        )
+
+    @cached_property
+    def build_info(self) -> metrics.Gauge:
+        """Always 1, tagged with the running versions of perceiver-stream, torch and Ray."""
+        return metrics.Gauge(
+            "pstream_build_info", "Versions of the running pipeline (value 1).", tag_keys=("version", "torch", "ray")
+        )
 
     @cached_property
     def streams_active(self) -> metrics.Gauge:

@@ -120,6 +120,7 @@ class SinkActor:
             self._written[sid] = self._written.get(sid, 0) + len(ids)
             if ids:
                 self._metrics.windows_out.inc(len(ids), tags={"stage": "sink", "stream": sid})
+                self._metrics.last_window_time.set(time.time(), tags={"stream": sid})
         self._metrics.latency.observe(time.perf_counter() - t0, tags={"stage": "sink"})
         self._oldest = time.monotonic() if self._student else None  # rows still waiting for their window
 

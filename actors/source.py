@@ -8,6 +8,7 @@ one at a time, so a stream decodes ahead by at most that many windows and never 
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -18,9 +19,11 @@ from actors.metrics import Metrics
 from pipeline.config import Config, StreamConfig
 from pipeline.errors import PipelineError
 from pipeline.read import open_stream as read_stream
+from pipeline.redact import redact_text
 from pipeline.window import Window
 
 OpenStream = Callable[..., Iterator[Window]]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -35,10 +38,12 @@ class ErrorRecord:
 
     @classmethod
     def from_exception(cls, stream_id: str, exc: BaseException, window_id: int | None = None) -> "ErrorRecord":
-        """The row for ``exc``; ``kind`` is its class name (the `pipeline.errors` class for ours)."""
+        """The row for ``exc``; ``kind`` is its class name (the `pipeline.errors` class for ours),
+        its message redacted (a library's error may quote a URL with its password)."""
         if isinstance(exc, PipelineError) and exc.window_id is not None:
             window_id = exc.window_id
-        return cls(stream_id, window_id, datetime.now(timezone.utc), type(exc).__name__, str(exc) or repr(exc))
+        return cls(stream_id, window_id, datetime.now(timezone.utc), type(exc).__name__,
+                   redact_text(str(exc) or repr(exc)))
 
 
 @dataclass
@@ -135,6 +140,7 @@ class StreamSource:
         errors, self._reported = self._reported, []
         if failure is not None:
             self._metrics.errors.inc(tags={"stream": self._stream.id, "kind": failure.kind})
+            log.warning("stream %s ended: %s: %s", self._stream.id, failure.kind, failure.message)  # Ray's worker log
         return SourceEvent(self._stream.id, done=True, failure=failure, errors=errors)
 
     def next(self) -> tuple[SourceEvent, Window | None]:

@@ -23,6 +23,7 @@ import ray
 from actors.metrics import Metrics
 from actors.source import OpenStream, SourceEvent, StreamSource, lower_priority
 from pipeline.config import Config, StreamConfig
+from pipeline.logs import install_redaction
 from pipeline.window import Window
 
 
@@ -54,6 +55,7 @@ class SourcePoolActor:
         open_stream: OpenStream | None = None,
     ) -> None:
         lower_priority(cfg.runtime.helper_nice)
+        install_redaction()  # what a library logs here of a camera URL reaches Ray's worker log redacted
         self._cfg = cfg
         self._index = index
         self._realtime = realtime

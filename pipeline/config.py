@@ -7,6 +7,8 @@ sources, checkpoints, the output folder) against the config file's folder. Every
 `pipeline.errors.ConfigError` with a one-line message that names the key and the problem; unknown
 keys are errors, so a typo never silently falls back to a default.
 
+A string value's ``${NAME}`` is replaced by that environment variable (`pipeline.envvars`).
+
 `config_hash(cfg)` is a short stable digest of everything that can change an output row, written
 into the Parquet file metadata.
 """
@@ -19,9 +21,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from pipeline.envvars import Key, restore_templates, substitute_env
 from pipeline.errors import ConfigError
+from pipeline.redact import redact_data
 
 # A stream id becomes a hive folder name (`stream_id=<id>`): keep it path-safe, and never
 # starting with "_" or "." (readers skip such names).
@@ -250,6 +254,8 @@ class Config(_Section):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    # The strings that held ``${NAME}`` before substitution, by their place (`pipeline.envvars`).
+    _env_templates: dict[Key, str] = PrivateAttr(default_factory=dict)
 
     @field_validator("streams")
     @classmethod
@@ -260,6 +266,11 @@ class Config(_Section):
                 raise ValueError(f"stream id {s.id!r} is used twice")
             seen.add(s.id)
         return v
+
+    @property
+    def env_templates(self) -> dict[Key, str]:
+        """The original of each string value that held ``${NAME}``, by its place in the config."""
+        return dict(self._env_templates)
 
     def stream(self, stream_id: str) -> StreamConfig:
         """The stream with this id (KeyError if none)."""
@@ -348,13 +359,16 @@ def _first_line(e: Exception) -> str:
 
 
 def parse_config(data: dict[str, Any], *, base_dir: Path | str = ".", source: str = "<config>") -> Config:
-    """Validate raw config data and resolve its relative paths against ``base_dir``."""
+    """Validate raw config data (``${NAME}`` substituted from the environment) and resolve its
+    relative paths against ``base_dir``."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
+    data, templates = substitute_env(data)
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_error_message(e), source=source) from None
+    cfg._env_templates = templates
     base = Path(base_dir).resolve()
     for s in cfg.streams:
         s.video = _resolve(s.video, base)
@@ -393,8 +407,9 @@ def config_hash(cfg: Config) -> str:
     """A 16-hex-digit digest of the config, stable across runs and key order.
 
     The ``output`` and ``runtime`` sections are left out: where outputs go and how fast windows
-    flow do not change any row.
+    flow do not change any row. It digests the config as saved (``${NAME}`` kept, URLs redacted),
+    so that it reveals nothing of a password.
     """
-    data = cfg.model_dump(mode="json", exclude={"output", "runtime"})
+    data = redact_data(restore_templates(cfg.model_dump(mode="json", exclude={"output", "runtime"}), cfg.env_templates))
     blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

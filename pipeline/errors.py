@@ -8,12 +8,15 @@ source and the cause.
 
 from __future__ import annotations
 
+from pipeline.redact import redact_text, redact_url
+
 
 class PipelineError(Exception):
     """Base of every error the pipeline raises or reports.
 
     ``stream_id`` and ``source`` (a path, URL or modality) are kept as attributes so sinks can
-    write them as columns; ``window_id`` is set where the problem belongs to one window.
+    write them as columns; ``window_id`` is set where the problem belongs to one window. The
+    message and the source are redacted (`pipeline.redact`): no password of a URL is kept.
     """
 
     def __init__(
@@ -24,6 +27,8 @@ class PipelineError(Exception):
         source: str | None = None,
         window_id: int | None = None,
     ) -> None:
+        # Redacted here, so that no message of ours, wherever it goes, carries a URL's password.
+        message, source = redact_text(message), redact_url(source)
         self.stream_id = stream_id
         self.source = source
         self.window_id = window_id

@@ -55,6 +55,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import PipelineError
+from pipeline.redact import redact_text
 from pipeline.tables import SCHEMA_VERSION, TABLES, ErrorRow, FlowRow, StudentRow, WindowRow, to_arrow
 
 MANIFEST_DIR = "_manifest"
@@ -227,7 +228,7 @@ class OutputWriter:
     def _metadata(self) -> dict[bytes, bytes]:
         return {
             META_SCHEMA_VERSION: SCHEMA_VERSION.encode(),
-            META_MODEL: self.model_name.encode(),
+            META_MODEL: redact_text(self.model_name).encode(),
             META_CONFIG_HASH: self.config_hash.encode(),
         }
 

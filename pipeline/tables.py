@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.errors import PipelineError
+from pipeline.redact import redact_text
 
 SCHEMA_VERSION = "1"
 TABLES = ("windows", "flow", "student", "errors")
@@ -217,7 +218,7 @@ def _errors_table(rows: Sequence[ErrorRow]) -> pa.Table:
             pa.array([r.window_id for r in rows], pa.int64()),
             pa.array([utc(r.t_wall) for r in rows], pa.timestamp("us", tz="UTC")),
             pa.array([r.kind for r in rows], pa.string()),
-            pa.array([r.message for r in rows], pa.string()),
+            pa.array([redact_text(r.message) for r in rows], pa.string()),  # the last boundary before disk
         ],
         schema=table_schema("errors"),
     )
