@@ -1,11 +1,11 @@
-"""perceiver-stream's command line: ``python run_pipeline.py [run|train|eval|distill|inspect|bench]``.
+"""perceiver-stream's command line: ``python run_pipeline.py [run|train|eval|distill|inspect|bench|compact]``.
 
 ``run`` (the default) runs the pipeline over the config's streams on a local Ray (or the cluster
 at ``--address``) and writes Parquet under the output folder. ``train`` trains the model on the
 synthetic rig, ``eval`` scores a checkpoint (and a student) on a held-out synthetic seed,
 ``distill`` distils a student offline (no Ray), ``inspect`` summarises an output folder and draws
 its pictures; each prints JSON or lines. ``bench`` measures the model alone and the whole
-pipeline on the same config and prints JSON.
+pipeline on the same config and prints JSON; ``compact`` publishes an output folder's rows.
 
 Exit codes: 0 every stream ended normally, or a clean drain after SIGINT / SIGTERM; 1 every
 stream failed or the run could not go on; 2 bad config or arguments; 3 some streams failed while
@@ -29,12 +29,14 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import NoReturn
 
+from jobs.compact import add_compact_arguments, cmd_compact
 from jobs.distill import distill_job
 from jobs.evaluate import MIN_WINDOWS, MODALITIES, evaluate
 from jobs.inspect import summarize, write_pictures
 from jobs.train import train_job
 from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.outputfs import is_uri
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIGS / "default.yaml"
@@ -151,7 +153,7 @@ def start_ray(args: argparse.Namespace, num_cpus: int | None = None) -> bool:
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``run``."""
     add_config_arguments(p)
-    p.add_argument("--output", type=Path, help="output folder (default: the config's output.dir)")
+    p.add_argument("--output", help="output folder or pyarrow.fs URI, e.g. s3://bucket/prefix (default: output.dir)")
     p.add_argument("--max-windows", type=_positive_int, metavar="N", help="at most N windows per stream in this run")
     p.add_argument("--realtime", action="store_true", help="pace file and synthetic sources at media speed")
     p.add_argument("--no-progress", action="store_true", help="no live progress display (the summary still prints)")
@@ -198,7 +200,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from actors.runner import RunFailed, run  # local import: the actors import Ray
 
     cfg = load(args)
-    output = str(args.output.resolve()) if args.output else cfg.output.dir
+    output = (args.output if is_uri(args.output) else str(Path(args.output).resolve())) if args.output else cfg.output.dir
     drain = _SignalDrain()
     started = start_ray(args)
     drain.install()
@@ -392,6 +394,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "inspect": Subcommand("summarise an output folder and write pictures under OUTPUT_DIR/_inspect/",
                           add_inspect_arguments, cmd_inspect),
     "bench": Subcommand("model-only vs whole-pipeline throughput, as JSON", add_bench_arguments, cmd_bench),
+    "compact": Subcommand("publish an output folder's committed rows, apply retention; JSON", add_compact_arguments,
+                          cmd_compact),
 }
 
 

@@ -107,6 +107,7 @@ class StreamState:
     """What the manifest says of one stream (see the module docstring)."""
 
     seq: int = -1  # the last record applied
+    every_s: float | None = None  # publish_every_s, fixed by the stream's first commit
     committed: dict[str, IdSet] = field(default_factory=lambda: {t: IdSet() for t in KEYED_TABLES})
     t_max: float | None = None  # the latest committed window's t_start (media seconds)
     periods: dict[int, Period] = field(default_factory=dict)
@@ -125,6 +126,8 @@ class StreamState:
                         per = self.periods.setdefault(part.period, Period())
                         lo, hi = part.ids[0][0], part.ids[-1][1]
                         per.ids = [lo, hi] if per.ids is None else [min(per.ids[0], lo), max(per.ids[1], hi)]
+            if self.every_s is None:
+                self.every_s = rec["every_s"]
             if rec.get("t_max") is not None:
                 self.t_max = max(rec["t_max"], self.t_max if self.t_max is not None else rec["t_max"])
         elif kind == "publish":
@@ -164,6 +167,7 @@ class StreamState:
     def to_json(self) -> dict:
         return {
             "seq": self.seq,
+            "every_s": self.every_s,
             "committed": {t: s.ranges() for t, s in self.committed.items()},
             "t_max": self.t_max,
             "periods": {str(k): {"ids": p.ids, "pieces": p.pieces, "retired": p.retired} for k, p in self.periods.items()},
@@ -174,6 +178,7 @@ class StreamState:
     def from_json(cls, d: dict) -> "StreamState":
         return cls(
             seq=d["seq"],
+            every_s=d["every_s"],
             committed={t: IdSet(d["committed"].get(t, [])) for t in KEYED_TABLES},
             t_max=d["t_max"],
             periods={int(k): Period(**p) for k, p in d["periods"].items()},

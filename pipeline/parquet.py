@@ -180,6 +180,7 @@ class OutputWriter:
         if not _STREAM_ID.match(stream_id):
             raise ValueError(f"stream id {stream_id!r} cannot be a folder name (letters, digits, _ . -)")
         with self._mutex:
+            self._owner.renew()  # a writer that lost its lease must not commit
             s = self._stream(stream_id)
             state = s.state
             fresh = {
@@ -196,7 +197,7 @@ class OutputWriter:
             try:
                 for (name, period), rows in by_part.items():
                     parts.append(self._write_part(name, stream_id, seq, period, rows))
-                s.store.append(state, {"kind": "commit", "parts": parts, "t_max": t_max})
+                s.store.append(state, {"kind": "commit", "parts": parts, "t_max": t_max, "every_s": self._every(state)})
             except BaseException:
                 for p in parts:  # not committed: take the parts back
                     self.out.delete(p["path"])
@@ -206,7 +207,7 @@ class OutputWriter:
 
     def _split(self, state: StreamState, fresh: dict[str, list], errors: Sequence[ErrorRow]) -> dict:
         """The call's rows grouped by ``(table, period)``, in table order."""
-        every = self.publish_every_s
+        every = self._every(state)
         own = {r.window_id: period_of(r.t_start, every) for r in fresh["windows"]}
         starts = [r.t_start for r in fresh["windows"]] + ([state.t_max] if state.t_max is not None else [])
         current = period_of(max(starts), every) if starts else 0  # the stream's latest period, for errors
@@ -218,6 +219,11 @@ class OutputWriter:
         if errors:
             out[("errors", current)] = list(errors)
         return out
+
+    def _every(self, state: StreamState) -> float:
+        """The stream's period: as its first commit set it (a later ``publish_every_s`` applies to
+        new streams only, so a period's number means one thing in a folder)."""
+        return state.every_s if state.every_s is not None else self.publish_every_s
 
     def write_errors(self, stream_id: str, errors: Sequence[ErrorRow | BaseException]) -> None:
         """Append ``errors`` rows (rows or exceptions) for ``stream_id``."""
@@ -253,7 +259,7 @@ class OutputWriter:
 
     def _maintain(self, stream_id: str, *, everything: bool) -> dict[str, list[int]]:
         s = self._streams[stream_id]
-        state, every = s.state, self.publish_every_s
+        state, every = s.state, self._every(s.state)
         due = sorted({p.period for p in state.parts if everything or closed(state, p.period, every)})
         for k in due:
             publish(self.out, s.store, state, stream_id, k, compression=self.compression)
