@@ -6,6 +6,9 @@ keeps one writer per folder."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -15,7 +18,11 @@ import numpy as np
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pytest
+import yaml
 from moto.server import ThreadedMotoServer
+
+from paths import REPO
+from perceiver_stream.checkpoint import read_config
 
 from pipeline.errors import OutputError
 from pipeline.parquet import ErrorRow, FlowRow, OutputWriter, WindowRow
@@ -133,3 +140,29 @@ def test_one_writer_per_store_folder_by_lease(s3, s3_server):
     taker.close(publish=False)  # leaves run-d's lease alone
     with pytest.raises(OutputError, match="owned by run-d"):
         writer(s3, owner="run-e")
+
+
+@pytest.mark.slow
+def test_a_pipeline_run_writes_to_s3(s3, s3_server, tiny_checkpoint, tmp_path):
+    """The whole pipeline (its own local Ray, so the sink's process has the environment's endpoint
+    and credentials) into ``s3://``, read back with pyarrow; the secret appears nowhere."""
+    streams = [{"id": "a", "synthetic": {"seed": 1, "seconds": 4.0}}, {"id": "b", "synthetic": {"seed": 2, "seconds": 3.0}}]
+    cfg = {"streams": streams, **read_config(tiny_checkpoint)[1]["data"],
+           "model": {"checkpoint": str(tiny_checkpoint), "device": "cpu", "batch_size": 4},
+           "output": {"dir": s3, "publish_every_s": 2.0}}
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    proc = subprocess.run([sys.executable, str(REPO / "run_pipeline.py"), "--config", str(cfg_file), "--no-progress",
+                           "--no-dashboard"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    fs, base = s3fs(s3_server), s3[len("s3://"):]
+    table = ds.dataset(f"{base}/windows", filesystem=fs, format="parquet", partitioning="hive").to_table()
+    got = duckdb.from_arrow(table).aggregate("stream_id, count(*), count(distinct window_id), min(window_id)",
+                                             "stream_id").order("stream_id").fetchall()
+    assert got == [("a", 7, 7, 0), ("b", 5, 5, 0)]  # 4 s and 3 s at 1 s / 0.5 s
+    files = [i.path for i in fs.get_file_info(pafs.FileSelector(f"{base}/windows", recursive=True))
+             if i.type == pafs.FileType.File]
+    periods = {(f.split("/")[-2], f.split("/")[-1][:11]) for f in files}  # publish_every_s 2: windows 0-3, 4-
+    assert periods == {(sid, f"part-00000{k}") for sid in ("stream_id=a", "stream_id=b") for k in (0, 1)}
+    assert SECRET not in proc.stdout + proc.stderr
