@@ -157,11 +157,10 @@ class StreamState:
     def period_of_id(self, window_id: int, default: int) -> int:
         """The period holding ``windows`` row ``window_id`` (by id range: ids grow with media time);
         for an id no period covers, the period of the nearest lower committed id, else ``default``."""
-        best = None
-        for k, per in sorted(self.periods.items()):
+        for k, per in sorted(self.periods.items(), reverse=True):  # a late row is usually of a recent period
             if per.ids is not None and per.ids[0] <= window_id:
-                best = k
-        return default if best is None else best
+                return k
+        return default
 
     # -- JSON ------------------------------------------------------------------------------
     def to_json(self) -> dict:

@@ -78,7 +78,8 @@ class _Stream:
 class OutputWriter:
     """Writes the output tables of many streams into one folder (see the module docstring).
 
-    ``publish_every_s``: the period of media time published as one file per table;
+    ``publish_every_s``: the period of media time published as one file per table (a stream keeps
+    the period of its first commit);
     ``retain_days``: delete published periods that much media time older than a stream's latest
     window (None: keep all). ``owner`` names this writer in an object store's lease (default:
     host, pid and a random token); a writer with the same owner takes over its own live lease.
