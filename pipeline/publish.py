@@ -28,6 +28,7 @@ first says so; the ids stay committed, so a resume does not redo them).
 from __future__ import annotations
 
 import math
+import re
 from typing import BinaryIO
 
 import pyarrow as pa
@@ -38,6 +39,8 @@ from pipeline.outputfs import OutputFS
 
 ROW_GROUP_BYTES = 64 << 20  # a published file's row groups: about this many bytes of Arrow data
 PARTS_DIR = "_parts"
+# a hidden part (part-<seq>-<token>), a published file (part-<period>-<piece>-<n>), or either's temporary file
+_OURS = re.compile(r"^(\.)?part-(\d{8}-[0-9a-f]{8}|-?\d+-\d{3,}-\d{2,})\.parquet(?(1)\.tmp)$")
 
 
 def period_of(t: float, every_s: float) -> int:
@@ -136,18 +139,11 @@ def retire(out: OutputFS, store: ManifestStore, state: StreamState, every_s: flo
 
 def stray_files(files: list[str], states: list[StreamState]) -> list[str]:
     """Which of ``files`` (paths under the table folders and `PARTS_DIR`) an open deletes: ours
-    (``part-*.parquet`` or a temporary ``.part-*.parquet.tmp``) that no stream's manifest names as
+    (a part, a published file, or a temporary file of either) that no stream's manifest names as
     live (parts of a commit that did not finish or already published, published files not recorded
     or retired, temporary files). Files of other names are left alone."""
     live = {p.path for st in states for p in st.parts} | {f["path"] for st in states for f in st.published()}
-    stray = []
-    for rel in files:
-        name = rel.rpartition("/")[2]
-        ours = (name.startswith(".part-") and name.endswith(".parquet.tmp")) or (
-            name.startswith("part-") and name.endswith(".parquet"))
-        if ours and rel not in live:
-            stray.append(rel)
-    return stray
+    return [rel for rel in files if _OURS.match(rel.rpartition("/")[2]) and rel not in live]
 
 
 def string_columns(schema: pa.Schema) -> list[str]:
