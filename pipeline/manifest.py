@@ -4,8 +4,9 @@ Stored as immutable numbered objects under ``_manifest/stream_id=<id>/`` (one wh
 each, atomic on a local disk and on an object store alike; nothing is ever appended):
 
 - ``r<seq>.json``: one record: a commit (``parts``: hidden part files with their table, media-time
-  period, row count and window ids), a publication (``period``, the visible ``files`` written and
-  the ``parts`` they replace) or a retirement (``period``: its published files are deleted);
+  period, row count and window ids), a merge of hidden parts into one (``parts``, ``into``), a
+  publication (``period``, the visible ``files`` written and the ``parts`` they replace) or a
+  retirement (``period``: its published files are deleted);
 - ``s<seq>.json``: a snapshot, the whole `StreamState` after record ``seq``: one entry per period
   (its window-id range, published files, whether retired) and the unpublished parts.
 
@@ -90,6 +91,7 @@ class Part:
     period: int
     rows: int
     ids: list[list[int]] | None = None  # window-id ranges (keyed tables)
+    level: int = 0  # 0: written by a commit; n + 1: merged from parts of level n
 
 
 @dataclass
@@ -130,6 +132,11 @@ class StreamState:
                 self.every_s = rec["every_s"]
             if rec.get("t_max") is not None:
                 self.t_max = max(rec["t_max"], self.t_max if self.t_max is not None else rec["t_max"])
+        elif kind == "merge":
+            gone = set(rec["parts"])
+            at = next(i for i, p in enumerate(self.parts) if p.path in gone)
+            self.parts = [p for p in self.parts if p.path not in gone]
+            self.parts.insert(at, Part(**rec["into"]))
         elif kind == "publish":
             gone = set(rec["parts"])
             self.parts = [p for p in self.parts if p.path not in gone]

@@ -22,7 +22,8 @@ object write, also where rename is not atomic), so a window is committed exactly
 rows of that call (in every table) are. On open, files the manifest does not name are deleted,
 so a restart never duplicates a row.
 
-**Publishing** (`pipeline.publish`): after each commit, every *closed* period of the stream
+**Publishing** (`pipeline.publish`): after each commit, the open period's hidden parts are merged
+(a few per table at any time) and every *closed* period of the stream
 (``publish_every_s`` of media time, a later window committed) is published as one file per
 table; `publish` with ``everything=True`` (a stream that ended, `close`, the ``compact`` command)
 also publishes the open period. ``retain_days`` then deletes old periods, and the stream's
@@ -59,7 +60,7 @@ from pipeline.errors import OutputError
 from pipeline.manifest import MANIFEST_DIR, KEYED_TABLES, IdSet, ManifestStore, StreamState, old_manifests, stream_ids
 from pipeline.outputfs import OutputFS, open_output
 from pipeline.ownership import LEASE_S, FolderLock, Lease, default_owner
-from pipeline.publish import PARTS_DIR, closed, period_of, publish, retire, string_columns, stray_files
+from pipeline.publish import PARTS_DIR, closed, merge_parts, period_of, publish, retire, string_columns, stray_files
 from pipeline.tables import SCHEMA_VERSION, TABLES, ErrorRow, FlowRow, StudentRow, WindowRow, to_arrow
 
 META_SCHEMA_VERSION = b"perceiver_stream.schema_version"
@@ -264,6 +265,7 @@ class OutputWriter:
         due = sorted({p.period for p in state.parts if everything or closed(state, p.period, every)})
         for k in due:
             publish(self.out, s.store, state, stream_id, k, compression=self.compression)
+        merge_parts(self.out, s.store, state, stream_id, compression=self.compression)
         gone = [] if self.retain_days is None else retire(self.out, s.store, state, every, self.retain_days)
         if due or gone or s.store.records >= COMPACT_EVERY:
             s.store.compact(state)

@@ -20,6 +20,12 @@ they may have seen before a crash is only withdrawn, never doubled.
 A period published before it closed (a stream that ended, a run that drained) and continued by a
 resume is published again as its next *piece*, holding only the rows committed since.
 
+**Merging** (`merge_parts`): until its period closes, a stream's hidden parts are merged like a
+log-structured tree, every `MERGE_FANOUT` parts of one table, period and level into one part of
+the next level (written, recorded, then the merged parts deleted, as a publication), so a live
+stream committing every 5 s keeps about ``(MERGE_FANOUT - 1) x levels`` hidden parts per table
+(21 for an hour of 5 s commits) and rewrites each row about ``levels`` times before publishing.
+
 **Retention** (`retire`): with ``retain_days = D``, a published period whose end is more than
 ``D`` days of media time before the stream's latest committed window is deleted (the manifest
 first says so; the ids stay committed, so a resume does not redo them).
@@ -29,16 +35,18 @@ from __future__ import annotations
 
 import math
 import re
+import uuid
 from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.manifest import ManifestStore, StreamState
+from pipeline.manifest import IdSet, ManifestStore, Part, StreamState
 from pipeline.outputfs import OutputFS
 
 ROW_GROUP_BYTES = 64 << 20  # a published file's row groups: about this many bytes of Arrow data
 PARTS_DIR = "_parts"
+MERGE_FANOUT = 8
 # a hidden part (part-<seq>-<token>), a published file (part-<period>-<piece>-<n>), or either's temporary file
 _OURS = re.compile(r"^(\.)?part-(\d{8}-[0-9a-f]{8}|-?\d+-\d{3,}-\d{2,})\.parquet(?(1)\.tmp)$")
 
@@ -117,6 +125,37 @@ def _write_parquet(fh: BinaryIO, tables: list[pa.Table], compression: str) -> No
                 batch, size = [], 0
         if batch:
             w.write_table(pa.concat_tables(batch), row_group_size=1 << 30)
+
+
+def merge_parts(out: OutputFS, store: ManifestStore, state: StreamState, stream_id: str,
+                *, compression: str = "zstd") -> int:
+    """Merge every `MERGE_FANOUT` unpublished parts of one table, period and level (see the module
+    docstring); returns the merges done."""
+    merges, skip = 0, set()
+    while True:
+        groups: dict[tuple[str, int, int], list[Part]] = {}
+        for p in state.parts:
+            groups.setdefault((p.table, p.period, p.level), []).append(p)
+        full = [(k, g[:MERGE_FANOUT]) for k, g in groups.items() if len(g) >= MERGE_FANOUT and k not in skip]
+        if not full:
+            return merges
+        (table, period, level), parts = full[0]
+        tables = [pq.read_table(out.path(p.path), filesystem=out.fs) for p in parts]
+        if any(not t.schema.equals(tables[0].schema, check_metadata=True) for t in tables):
+            skip.add((table, period, level))  # another model's rows among them: published as they are
+            continue
+        rel = f"{PARTS_DIR}/{table}/stream_id={stream_id}/part-{state.seq + 1:08d}-{uuid.uuid4().hex[:8]}.parquet"
+        out.write_atomic(rel, lambda fh: _write_parquet(fh, tables, compression))
+        ids = None if parts[0].ids is None else IdSet(r for p in parts for r in p.ids or []).ranges()
+        into = Part(rel, table, period, sum(p.rows for p in parts), ids, level + 1)
+        try:
+            store.append(state, {"kind": "merge", "parts": [p.path for p in parts], "into": vars(into)})
+        except BaseException:
+            out.delete(rel)
+            raise
+        for p in parts:
+            out.delete(p.path)
+        merges += 1
 
 
 def retire(out: OutputFS, store: ManifestStore, state: StreamState, every_s: float, retain_days: float) -> list[int]:

@@ -179,6 +179,22 @@ def test_a_crash_at_each_step_of_a_publication(tmp_path, point, glob_sees, after
     assert not list((tmp_path / "_parts").rglob("*.parquet"))
 
 
+def test_hidden_parts_of_the_open_period_are_merged_and_read_once(tmp_path):
+    """100 commits of one window (a live stream committing every 5 s): the parts are merged 8 at a
+    time per level, 100 = 1 x 64 + 4 x 8 + 4, so 9 parts per table are left."""
+    with writer(tmp_path, publish_every_s=3600) as w:
+        for k in range(100):
+            w.write("cam0", [wrow(k)], flow=[frow(k)])
+        for table in ("windows", "flow"):
+            parts = sorted(p.level for p in w.state("cam0").parts if p.table == table)
+            assert parts == [0] * 4 + [1] * 4 + [2], table
+            assert len(list((tmp_path / "_parts" / table).rglob("*.parquet"))) == 9
+        assert reader_ids(tmp_path) == reader_ids(tmp_path, "flow") == [("cam0", k) for k in range(100)]
+        assert glob_ids(tmp_path) == []
+    assert glob_ids(tmp_path) == [("cam0", k) for k in range(100)]
+    assert visible_files(tmp_path, "flow", "cam0") == ["part-000000-000-00.parquet"]
+
+
 def test_retention_deletes_old_periods_and_a_resume_does_not_redo_them(tmp_path):
     keep = 150 / 86400  # 150 s of media time, in days
     with writer(tmp_path, publish_every_s=60, retain_days=keep) as w:
