@@ -13,7 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import PipelineError
+from pipeline.errors import OutputError, PipelineError
+from pipeline.manifest import stream_ids
+from pipeline.outputfs import open_output
 from pipeline.parquet import OutputWriter
 from pipeline.tables import TABLES
 
@@ -22,7 +24,9 @@ def compact_output(output: str | Path, *, retain_days: float | None = None) -> d
     """Publish every stream's committed rows under ``output`` (a path or URI), delete published
     periods older than ``retain_days`` (media time), compact the manifests. Returns, per stream,
     the periods ``published`` and ``retired`` and its published files per table.
-    `pipeline.errors.OutputError` if a live run owns the folder."""
+    `pipeline.errors.OutputError` if a live run owns the folder or it holds no outputs."""
+    if not stream_ids(open_output(output)):  # before the writer's lock creates a folder at a mistyped path
+        raise OutputError("no perceiver-stream outputs here (no _manifest/stream_id=...)", source=str(output))
     with OutputWriter(output, model_name="", config_hash="", retain_days=retain_days) as w:
         done = w.publish(everything=True)
         for sid, what in done.items():

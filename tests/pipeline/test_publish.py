@@ -272,3 +272,5 @@ def test_compact_publishes_a_folder_no_run_owns(tmp_path, capsys):
     assert out["streams"]["cam0"] == {"published": [2], "retired": [0], "files": {"windows": 2}}
     assert out["streams"]["cam1"] == {"published": [0], "retired": [], "files": {"windows": 1}}
     assert glob_ids(tmp_path) == [("cam0", k) for k in range(12, 30)] + [("cam1", k) for k in range(5)]
+    assert run_pipeline.main(["compact", "--output", str(tmp_path / "typo")]) == 1
+    assert "no perceiver-stream outputs" in capsys.readouterr().err and not (tmp_path / "typo").exists()
