@@ -76,7 +76,7 @@ def publish(out: OutputFS, store: ManifestStore, state: StreamState, stream_id: 
     files: list[dict] = []
     try:
         for table in dict.fromkeys(p.table for p in parts):
-            files.extend(_merge_table(out, [p.path for p in parts if p.table == table], table, stream_id, period,
+            files.extend(_merge_table(out, [p for p in parts if p.table == table], table, stream_id, period,
                                       piece, compression))
         store.append(state, {"kind": "publish", "period": period, "files": files, "parts": [p.path for p in parts]})
     except BaseException:
@@ -88,22 +88,23 @@ def publish(out: OutputFS, store: ManifestStore, state: StreamState, stream_id: 
     return files
 
 
-def _merge_table(out: OutputFS, paths: list[str], table: str, stream_id: str, period: int, piece: int,
+def _merge_table(out: OutputFS, parts: list[Part], table: str, stream_id: str, period: int, piece: int,
                  compression: str) -> list[dict]:
-    """Copy the parts at ``paths`` into as few files as their schemas allow; returns the files."""
-    groups: list[list[pa.Table]] = []
-    for path in paths:
-        t = pq.read_table(out.path(path), filesystem=out.fs)
-        if groups and groups[-1][0].schema.equals(t.schema, check_metadata=True):
-            groups[-1].append(t)
+    """Copy ``parts`` (one table) into as few files as their schemas allow; returns the files."""
+    groups: list[list[Part]] = []
+    schema = None
+    for p, s in zip(parts, _schemas(out, parts)):
+        if groups and s.equals(schema, check_metadata=True):
+            groups[-1].append(p)
         else:
-            groups.append([t])
+            groups.append([p])
+        schema = s
     files: list[dict] = []
     try:
-        for n, tables in enumerate(groups):
+        for n, group in enumerate(groups):
             rel = published_name(table, stream_id, period, piece, n)
-            out.write_atomic(rel, lambda fh, tables=tables: _write_parquet(fh, tables, compression))
-            files.append({"table": table, "path": rel, "rows": sum(t.num_rows for t in tables)})
+            out.write_atomic(rel, lambda fh, group=group: _copy_parts(fh, out, group, compression))
+            files.append({"table": table, "path": rel, "rows": sum(p.rows for p in group)})
     except BaseException:
         for f in files:
             out.delete(f["path"])
@@ -111,20 +112,32 @@ def _merge_table(out: OutputFS, paths: list[str], table: str, stream_id: str, pe
     return files
 
 
-def _write_parquet(fh: BinaryIO, tables: list[pa.Table], compression: str) -> None:
-    """Write ``tables`` (one schema) as one Parquet file of row groups of about `ROW_GROUP_BYTES`."""
-    schema = tables[0].schema
-    with pq.ParquetWriter(fh, schema, compression=compression, use_dictionary=string_columns(schema)) as w:
-        batch: list[pa.Table] = []
-        size = 0
-        for t in tables:
+def _schemas(out: OutputFS, parts: list[Part]) -> list[pa.Schema]:
+    """Each part's schema, with its metadata (read from the footers only)."""
+    return [pq.read_schema(out.path(p.path), filesystem=out.fs) for p in parts]
+
+
+def _copy_parts(fh: BinaryIO, out: OutputFS, parts: list[Part], compression: str) -> None:
+    """Write the rows of ``parts`` (one schema) to ``fh`` as one Parquet file, reading one part at a
+    time, in row groups of about `ROW_GROUP_BYTES` (so memory stays about one row group)."""
+    w = None
+    batch: list[pa.Table] = []
+    size = 0
+    try:
+        for p in parts:
+            t = pq.read_table(out.path(p.path), filesystem=out.fs)
+            if w is None:
+                w = pq.ParquetWriter(fh, t.schema, compression=compression, use_dictionary=string_columns(t.schema))
             batch.append(t)
             size += t.nbytes
             if size >= ROW_GROUP_BYTES:
                 w.write_table(pa.concat_tables(batch), row_group_size=1 << 30)
                 batch, size = [], 0
-        if batch:
+        if batch and w is not None:
             w.write_table(pa.concat_tables(batch), row_group_size=1 << 30)
+    finally:
+        if w is not None:
+            w.close()
 
 
 def merge_parts(out: OutputFS, store: ManifestStore, state: StreamState, stream_id: str,
@@ -140,12 +153,12 @@ def merge_parts(out: OutputFS, store: ManifestStore, state: StreamState, stream_
         if not full:
             return merges
         (table, period, level), parts = full[0]
-        tables = [pq.read_table(out.path(p.path), filesystem=out.fs) for p in parts]
-        if any(not t.schema.equals(tables[0].schema, check_metadata=True) for t in tables):
+        schemas = _schemas(out, parts)
+        if any(not s.equals(schemas[0], check_metadata=True) for s in schemas):
             skip.add((table, period, level))  # another model's rows among them: published as they are
             continue
         rel = f"{PARTS_DIR}/{table}/stream_id={stream_id}/part-{state.seq + 1:08d}-{uuid.uuid4().hex[:8]}.parquet"
-        out.write_atomic(rel, lambda fh: _write_parquet(fh, tables, compression))
+        out.write_atomic(rel, lambda fh: _copy_parts(fh, out, parts, compression))
         ids = None if parts[0].ids is None else IdSet(r for p in parts for r in p.ids or []).ranges()
         into = Part(rel, table, period, sum(p.rows for p in parts), ids, level + 1)
         try:

@@ -274,3 +274,16 @@ def test_compact_publishes_a_folder_no_run_owns(tmp_path, capsys):
     assert glob_ids(tmp_path) == [("cam0", k) for k in range(12, 30)] + [("cam1", k) for k in range(5)]
     assert run_pipeline.main(["compact", "--output", str(tmp_path / "typo")]) == 1
     assert "no perceiver-stream outputs" in capsys.readouterr().err and not (tmp_path / "typo").exists()
+
+
+def test_a_model_change_within_a_period_publishes_one_file_per_schema(tmp_path):
+    with writer(tmp_path) as w:
+        w.write("cam0", [wrow(k) for k in range(3)])
+        w.model_name = "bigger"
+        wide = [WindowRow(k, HOP * k, HOP * k + 1.0, True, False, False, False, [], np.zeros(5, np.float32), "bigger")
+                for k in range(3, 5)]
+        w.write("cam0", wide)
+    assert visible_files(tmp_path, "windows", "cam0") == ["part-000000-000-00.parquet", "part-000000-000-01.parquet"]
+    models = duckdb.sql(f"select model, count(*) from read_parquet('{tmp_path}/windows/**/*.parquet', "
+                        "union_by_name = true) group by 1 order by 1").fetchall()
+    assert models == [("bigger", 2), ("tiny", 3)]
