@@ -195,6 +195,40 @@ def test_hidden_parts_of_the_open_period_are_merged_and_read_once(tmp_path):
     assert visible_files(tmp_path, "flow", "cam0") == ["part-000000-000-00.parquet"]
 
 
+MERGE_CRASH = textwrap.dedent(
+    """
+    import os
+    import numpy as np
+    from pipeline.manifest import ManifestStore
+    from pipeline.outputfs import OutputFS
+    from pipeline.parquet import OutputWriter, WindowRow
+    w = OutputWriter({root!r}, model_name="tiny", config_hash="h")
+    for k in range(8):
+        if k == 7 and {point!r} == "before the merge record":
+            real = ManifestStore.append
+            ManifestStore.append = lambda self, st, rec: os._exit(3) if rec["kind"] == "merge" else real(self, st, rec)
+        if k == 7 and {point!r} == "before the merged parts are deleted":
+            real = OutputFS.delete
+            OutputFS.delete = lambda self, rel: os._exit(3) if rel.startswith("_parts/") else real(self, rel)
+        w.write("cam0", [WindowRow(k, 5.0 * k, 5.0 * k + 1.0, True, False, False, k == 0, [], np.zeros(2, np.float32), "tiny")])
+    """
+)
+
+
+@pytest.mark.parametrize("point, parts_after_open", [("before the merge record", 8),
+                                                     ("before the merged parts are deleted", 1)])
+def test_a_crash_while_merging_hidden_parts(tmp_path, point, parts_after_open):
+    proc = subprocess.run([sys.executable, "-c", MERGE_CRASH.format(root=str(tmp_path), point=point)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 3, proc.stderr
+    assert len(list((tmp_path / "_parts").rglob("*.parquet"))) == 9  # the 8 parts and the merged one
+    assert reader_ids(tmp_path) == [("cam0", k) for k in range(8)]
+    with writer(tmp_path) as w:
+        assert len(list((tmp_path / "_parts").rglob("*.parquet"))) == parts_after_open
+        assert reader_ids(tmp_path) == [("cam0", k) for k in range(8)] and w.resume_from("cam0") == 8
+    assert glob_ids(tmp_path) == [("cam0", k) for k in range(8)]
+
+
 def test_retention_deletes_old_periods_and_a_resume_does_not_redo_them(tmp_path):
     keep = 150 / 86400  # 150 s of media time, in days
     with writer(tmp_path, publish_every_s=60, retain_days=keep) as w:
