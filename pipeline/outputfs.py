@@ -3,7 +3,8 @@
 `open_output(dir)` takes a local path or a URI: ``s3://bucket/prefix`` (endpoint, region and
 credentials from the environment: ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``),
 ``AWS_DEFAULT_REGION``, ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` as the AWS SDK reads
-them), ``gs://``, ``hdfs://`` and any other scheme `pyarrow.fs.FileSystem.from_uri` knows. Every
+them; a URI with ``?endpoint_override=...`` options is left to pyarrow; a password in the URI is
+refused), ``gs://``, ``hdfs://`` and any other scheme `pyarrow.fs.FileSystem.from_uri` knows. Every
 file the writer touches goes through `OutputFS`, so one commit protocol serves them all.
 
 **Atomic files.** `OutputFS.write_atomic` writes under a hidden temporary name (``.<name>.tmp``,
@@ -121,8 +122,11 @@ def open_output(dir: str | Path) -> OutputFS:
     if not is_uri(text):
         return OutputFS(pafs.LocalFileSystem(), Path(text).resolve().as_posix(), text)
     where = redact(text)
+    if where != text:  # it would be copied into actor arguments, summaries and logs
+        raise OutputError("put the store's credentials in the environment (AWS_ACCESS_KEY_ID, ...), not in the "
+                          "output URI", source=where)
     try:
-        if text.startswith("s3://"):
+        if text.startswith("s3://") and "?" not in text:  # with ?endpoint_override=... options: from_uri's own
             endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
             region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
             fs = pafs.S3FileSystem(endpoint_override=endpoint, region=region)

@@ -166,3 +166,9 @@ def test_a_pipeline_run_writes_to_s3(s3, s3_server, tiny_checkpoint, tmp_path):
     periods = {(f.split("/")[-2], f.split("/")[-1][:11]) for f in files}  # publish_every_s 2: windows 0-3, 4-
     assert periods == {(sid, f"part-00000{k}") for sid in ("stream_id=a", "stream_id=b") for k in (0, 1)}
     assert SECRET not in proc.stdout + proc.stderr
+
+
+def test_a_password_in_the_output_uri_is_refused_without_repeating_it():
+    with pytest.raises(OutputError, match="credentials in the environment") as err:
+        OutputWriter(f"s3://{KEY}:{SECRET}@{BUCKET}/x", model_name="m", config_hash="h")
+    assert SECRET not in str(err.value) and "***" in str(err.value)
