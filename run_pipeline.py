@@ -1,11 +1,11 @@
-"""perceiver-stream's command line: ``python run_pipeline.py [run|train|eval|distill|inspect|bench]``.
+"""perceiver-stream's command line: ``python run_pipeline.py [run|train|eval|distill|inspect|bench|compact]``.
 
 ``run`` (the default) runs the pipeline over the config's streams on a local Ray (or the cluster
 at ``--address``) and writes Parquet under the output folder. ``train`` trains the model on the
 synthetic rig, ``eval`` scores a checkpoint (and a student) on a held-out synthetic seed,
 ``distill`` distils a student offline (no Ray), ``inspect`` summarises an output folder and draws
 its pictures; each prints JSON or lines. ``bench`` measures the model alone and the whole
-pipeline on the same config and prints JSON.
+pipeline on the same config and prints JSON; ``compact`` publishes an output folder's rows.
 
 Exit codes: 0 every stream ended normally, or a clean drain after SIGINT / SIGTERM; 1 every
 stream failed or the run could not go on; 2 bad config or arguments; 3 some streams failed while
@@ -29,6 +29,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import NoReturn
 
+from jobs.compact import add_compact_arguments, cmd_compact
 from jobs.distill import distill_job
 from jobs.evaluate import MIN_WINDOWS, MODALITIES, evaluate
 from jobs.inspect import summarize, write_pictures
@@ -36,6 +37,7 @@ from jobs.train import train_job
 from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.logs import FORMATS, LEVELS, adopt_logger, setup_logging
+from pipeline.outputfs import is_uri
 from pipeline.preflight import check_paths
 from pipeline.published import check_published
 from pipeline.redact import redact_text
@@ -169,7 +171,7 @@ def start_ray(args: argparse.Namespace, num_cpus: int | None = None) -> bool:
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``run``."""
     add_config_arguments(p)
-    p.add_argument("--output", type=Path, help="output folder (default: the config's output.dir)")
+    p.add_argument("--output", help="output folder or pyarrow.fs URI, e.g. s3://bucket/prefix (default: output.dir)")
     p.add_argument("--max-windows", type=_positive_int, metavar="N", help="at most N windows per stream in this run")
     p.add_argument("--realtime", action="store_true", help="pace file and synthetic sources at media speed")
     p.add_argument("--no-progress", action="store_true",
@@ -189,7 +191,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load(args)
     check_published(cfg)  # before Ray starts: a published model the windows cannot feed is exit 2
-    output = str(args.output.resolve()) if args.output else cfg.output.dir
+    output = (args.output if is_uri(args.output) else str(Path(args.output).resolve())) if args.output else cfg.output.dir
     check_paths(cfg)  # before Ray and before any folder: a missing file costs no cluster start
     prepare_output(cfg, output)
     live = not args.no_progress and sys.stderr.isatty()
@@ -377,6 +379,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "inspect": Subcommand("summarise an output folder and write pictures under OUTPUT_DIR/_inspect/",
                           add_inspect_arguments, cmd_inspect),
     "bench": Subcommand("model-only vs whole-pipeline throughput, as JSON", add_bench_arguments, cmd_bench),
+    "compact": Subcommand("publish an output folder's committed rows, apply retention; JSON", add_compact_arguments,
+                          cmd_compact),
 }
 
 

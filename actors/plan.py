@@ -90,12 +90,13 @@ def shipped_inputs(cfg: Config) -> tuple[int | None, tuple[int | None, int] | No
     return shipped_frames(model.video_frames), model.points
 
 
-def start_sink(cfg: Config, output: Path, opts: ActorOptions) -> Any:
+def start_sink(cfg: Config, output: str | Path, opts: ActorOptions) -> Any:
     """The `SinkActor` writing under ``output`` (not restarted: a resume redoes what it had not committed)."""
     return (
         ray.remote(SinkActor)
         .options(num_cpus=opts.sink_cpus, max_restarts=0)
-        .remote(str(output), config_hash=config_hash(cfg), nice=cfg.runtime.helper_nice)
+        .remote(str(output), config_hash=config_hash(cfg), nice=cfg.runtime.helper_nice,
+                publish_every_s=cfg.output.publish_every_s, retain_days=cfg.output.retain_days)
     )
 
 

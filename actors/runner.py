@@ -71,7 +71,7 @@ def run(
         raise ConfigError("distill.enabled with model.student: the pipeline would distil a student from a student; "
                           "unset one of them")
     started = time.monotonic()
-    out_dir = Path(output if output is not None else config.output.dir)
+    out_dir = str(output if output is not None else config.output.dir)  # a path or a URI (s3://...)
     opts = plan_actors(config, ray.available_resources())
     sink = start_sink(config, out_dir, opts)
     distill = start_distill(config, out_dir, opts, sink) if config.distill.enabled else None
@@ -396,7 +396,7 @@ class _Loop:
         try:
             ray.get(done)
         except (RayActorError, RayTaskError) as exc:
-            raise RunFailed(f"the sink failed, rows not committed are redone on resume: {exc}") from None
+            raise RunFailed(f"the sink failed, rows not committed are redone on resume: {last_line(exc)}") from None
         for ref in done:
             for sid in self.sink_calls.pop(ref):
                 self.streams[sid].written()
@@ -411,6 +411,8 @@ class _Loop:
         self.metrics.queue_depth.set(self.pipeline.in_flight, tags={"stage": "in_flight"})
         self.metrics.queue_depth.set(self.pipeline.at_sink, tags={"stage": "sink"})
         self.metrics.streams_active.set(sum(1 for st in self.streams.values() if not st.finished))
+        if ended := self.pipeline.newly_finished():  # the sink has all their rows: it commits and publishes them
+            self.sink.end_streams.remote(ended)
 
 
 def _event(ref: ray.ObjectRef) -> SourceEvent | BaseException:

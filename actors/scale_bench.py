@@ -75,14 +75,8 @@ class RssSampler:
             self.first_commit = time.monotonic()
 
     def _committed(self) -> bool:
-        """Whether any stream's manifest has a line yet."""
-        for f in (self.output / MANIFEST_DIR).glob("*.jsonl"):
-            try:
-                if f.stat().st_size > 0:
-                    return True
-            except FileNotFoundError:  # being rewritten
-                continue
-        return False
+        """Whether any stream's manifest has a record yet (`pipeline.manifest`: one object each)."""
+        return any((self.output / MANIFEST_DIR).glob("stream_id=*/[rs]*.json"))
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):

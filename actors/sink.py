@@ -1,7 +1,10 @@
 """SinkActor: takes the model's results and commits them as Parquet (`pipeline.parquet`).
 
-Rows are buffered and committed together (atomic part files, then the manifest) when
+Rows are buffered and committed together (hidden part files, then the manifest) when
 ``FLUSH_WINDOWS`` windows are buffered or the oldest has waited ``FLUSH_S``, and on `close`.
+Each commit publishes the stream's closed periods; `end_streams` (a stream that ended) and
+`close` (the run drains) publish everything committed. `tick` also renews an object store's
+lease; the lease's owner is the actor's id, so a restarted sink takes its own folder back.
 Windows already committed for a stream (a resumed run) are dropped, so ``(stream_id,
 window_id)`` stays unique. The buffer is bounded by the flush policy and by the runner's
 in-flight bounds (a window counts as in flight until `write` returns).
@@ -15,9 +18,9 @@ from __future__ import annotations
 
 import io
 import time
-from pathlib import Path
 
 import numpy as np
+import ray
 from PIL import Image
 
 from actors.metrics import Metrics
@@ -31,16 +34,20 @@ FLUSH_S = 5.0
 
 class SinkActor:
     """Writes ``windows``, ``flow`` (with the earlier frame as PNG), ``student`` and ``errors`` rows
-    under ``output`` (see the module docstring); ``nice`` lowers its process's CPU priority."""
+    under ``output`` (a local folder or a `pyarrow.fs` URI; see the module docstring and
+    `OutputWriter` for ``publish_every_s`` and ``retain_days``); ``nice`` lowers its process's CPU
+    priority."""
 
-    def __init__(self, output: str, *, config_hash: str, model: str = "", nice: int = 0) -> None:
+    def __init__(self, output: str, *, config_hash: str, model: str = "", nice: int = 0,
+                 publish_every_s: float = 3600.0, retain_days: float | None = None) -> None:
         lower_priority(nice)
-        self._writer = OutputWriter(Path(output), model_name=model, config_hash=config_hash)
+        actor = ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
+        self._writer = OutputWriter(output, model_name=model, config_hash=config_hash, publish_every_s=publish_every_s,
+                                    retain_days=retain_days, owner=None if actor is None else f"sink actor {actor}")
         self._buffer: list[WindowResult] = []
         self._errors: list[ErrorRecord] = []
         self._student: dict[str, dict[int, StudentRow]] = {}
         self._oldest: float | None = None
-        self._committed: dict[str, set[int]] = {}
         self._written: dict[str, int] = {}
         self._metrics = Metrics()
 
@@ -50,8 +57,6 @@ class SinkActor:
 
     def resume_points(self, stream_ids: list[str]) -> dict[str, int]:
         """Per stream, the window id to start from: after the last committed window (0 if none)."""
-        for sid in stream_ids:
-            self._committed[sid] = set(self._writer.committed(sid))
         return {sid: self._writer.resume_from(sid) for sid in stream_ids}
 
     def write(self, *results: WindowResult) -> int:
@@ -63,7 +68,7 @@ class SinkActor:
         taken = 0
         for r in results:
             self._metrics.windows_in.inc(tags={"stage": "sink", "stream": r.stream_id})
-            if r.window_id in self._committed.setdefault(r.stream_id, set()):
+            if self._writer.is_committed(r.stream_id, r.window_id):
                 continue
             self._buffer.append(r)
             taken += 1
@@ -87,7 +92,8 @@ class SinkActor:
             self._oldest = time.monotonic()
 
     def tick(self) -> None:
-        """Commit if the buffer is full or its oldest row has waited long enough."""
+        """Commit if the buffer is full or its oldest row has waited long enough; renew the lease."""
+        self._writer.renew()
         if self._oldest is None:
             return
         if len(self._buffer) >= FLUSH_WINDOWS or time.monotonic() - self._oldest >= FLUSH_S:
@@ -116,7 +122,6 @@ class SinkActor:
                 student=self._take_student(sid, {r.window_id for r in results}),
                 errors=[ErrorRow(kind=e.kind, message=e.message, window_id=e.window_id, t_wall=e.t_wall) for e in errs],
             )
-            self._committed.setdefault(sid, set()).update(ids)
             self._written[sid] = self._written.get(sid, 0) + len(ids)
             if ids:
                 self._metrics.windows_out.inc(len(ids), tags={"stage": "sink", "stream": sid})
@@ -127,14 +132,20 @@ class SinkActor:
     def _take_student(self, sid: str, flushing: set[int]) -> list[StudentRow]:
         """The held ``student`` rows of ``sid`` whose window is committed or in this flush."""
         held = self._student.get(sid, {})
-        ready = self._committed.get(sid, set()) | flushing
-        take = [held.pop(w) for w in sorted(held) if w in ready]
+        take = [held.pop(w) for w in sorted(held) if w in flushing or self._writer.is_committed(sid, w)]
         if not held:
             self._student.pop(sid, None)
         return take
 
+    def end_streams(self, stream_ids: list[str]) -> None:
+        """Streams that ended: commit their buffered rows and publish all they committed."""
+        self.flush()
+        for sid in stream_ids:
+            self._writer.publish(sid, everything=True)
+
     def close(self) -> dict[str, int]:
-        """Commit what is left; windows committed by this actor, per stream."""
+        """Commit what is left and publish everything committed; windows committed by this actor,
+        per stream."""
         self.flush()
         self._writer.close()
         return dict(self._written)

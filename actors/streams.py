@@ -224,6 +224,7 @@ class RunningPipeline:
         self.restarts = 0
         self.model_queue = 0  # windows held for the model or at it (set by the loop each step)
         self._stop = threading.Event()
+        self._ended: set[str] = set()
 
     @property
     def sources(self) -> dict[str, Any]:
@@ -233,6 +234,12 @@ class RunningPipeline:
     def stop(self) -> None:
         """Stop asking sources for windows; what is in flight still reaches the sink."""
         self._stop.set()
+
+    def newly_finished(self) -> list[str]:
+        """Streams that reached a final state since the last call (the sink then publishes them)."""
+        ended = [sid for sid, st in self.streams.items() if st.finished and sid not in self._ended]
+        self._ended.update(ended)
+        return ended
 
     @property
     def stopping(self) -> bool:

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as ds
 from matplotlib.figure import Figure
 from PIL import Image
 
 from jobs.flowviz import flow_to_rgb
 from pipeline.errors import PipelineError
+from pipeline.reader import open_dataset
 
 
 @dataclass
@@ -54,10 +54,9 @@ class StreamSummary:
 
 
 def _table(root: Path, name: str) -> pa.Table | None:
-    path = root / name
-    if not path.is_dir():
-        return None
-    return ds.dataset(path, format="parquet", partitioning="hive").to_table()
+    """Every committed row of table ``name``, published or not (`pipeline.reader`); None if none."""
+    table = open_dataset(root, name).to_table()
+    return table if table.num_rows else None
 
 
 def _rows_by_stream(table: pa.Table | None, columns: list[str]) -> dict[str, list[dict]]:

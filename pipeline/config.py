@@ -236,9 +236,13 @@ class TrainConfig(_Section):
 
 
 class OutputConfig(_Section):
-    """Where the Parquet tables go."""
+    """Where the Parquet tables go (a local folder or a `pyarrow.fs` URI such as ``s3://bucket/prefix``),
+    how much media time one published file covers, and how long published files are kept."""
 
     dir: str = "outputs"
+    publish_every_s: float = Field(3600.0, gt=0, description="media seconds per published file (per table, stream)")
+    retain_days: float | None = Field(None, gt=0, description="delete published periods this many days of media "
+                                      "time older than a stream's latest window; null keeps all")
 
 
 class Config(_Section):

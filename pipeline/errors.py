@@ -94,3 +94,8 @@ class NonFinitePoints(PointCloudError):
 
 class CheckpointError(PipelineError):
     """A checkpoint is missing, malformed or does not match the config."""
+
+
+class OutputError(PipelineError):
+    """The output folder cannot be written or owned: a full disk, a lost connection, another
+    writer holding its lock or lease."""

@@ -1,36 +1,41 @@
-"""The Parquet output writer: hive-partitioned tables, atomic part files and a commit manifest.
+"""The Parquet output writer: hive-partitioned tables, hidden committed parts, a manifest, and
+large published files per period of media time.
 
 The rows and their schemas are in `pipeline.tables` (re-exported here: a caller writes both).
 
-Layout under the output folder (DESIGN "Outputs")::
+Layout under the output folder (a local path or a `pyarrow.fs` URI, see `pipeline.outputfs`)::
 
-    <out>/windows/stream_id=<id>/part-<seq>-<token>.parquet
-    <out>/flow/stream_id=<id>/part-....parquet
-    <out>/student/stream_id=<id>/part-....parquet
-    <out>/errors/stream_id=<id>/part-....parquet
-    <out>/_manifest/stream_id=<id>.jsonl      commit log, one JSON line per commit
+    <out>/windows/stream_id=<id>/part-<period>-<piece>-<n>.parquet   published: what glob readers see
+    <out>/flow/..., <out>/student/..., <out>/errors/...                 the same per table
+    <out>/_parts/<table>/stream_id=<id>/part-<seq>-<token>.parquet     committed, not yet published
+    <out>/_manifest/stream_id=<id>/r<seq>.json | s<seq>.json           the manifest (`pipeline.manifest`)
+    <out>/_manifest/.lock (local disk) | <out>/_lease.json (object store)   one writer (`pipeline.ownership`)
 
 ``stream_id`` lives only in the folder name, as hive readers expect; pyarrow, DuckDB, Polars
-and pandas read each table folder with hive partitioning and skip names starting with ``_``/``.``.
+and pandas read ``<out>/<table>/**/*.parquet`` with hive partitioning and see published rows
+only, each once. `pipeline.reader.open_dataset` also reads the committed rows not yet published.
 
-**Commit protocol.** One `OutputWriter.write` call is one commit for one stream: each table's
-rows go to a part file written as ``.part-*.tmp``, flushed and fsynced, then ``os.replace``-d to
-its final name; then one line naming those parts and the window ids they hold is appended to
-the stream's manifest and fsynced. A commit counts only once its manifest line is complete, so
-a window is committed exactly when all the rows of that call (in every table) are. On open,
-part files the manifest does not name (a crash between rename and manifest) and temporary files
-are deleted, and a torn last manifest line is dropped, so a restart never duplicates a row.
+**Commit.** One `OutputWriter.write` call is one commit for one stream: its rows go to hidden
+part files (one per table and period, each written under a temporary name and moved into place),
+then one manifest record names them. A commit counts only once its record exists (one atomic
+object write, also where rename is not atomic), so a window is committed exactly when all the
+rows of that call (in every table) are. On open, files the manifest does not name are deleted,
+so a restart never duplicates a row.
+
+**Publishing** (`pipeline.publish`): after each commit, the open period's hidden parts are merged
+(a few per table at any time) and every *closed* period of the stream
+(``publish_every_s`` of media time, a later window committed) is published as one file per
+table; `publish` with ``everything=True`` (a stream that ended, `close`, the ``compact`` command)
+also publishes the open period. ``retain_days`` then deletes old periods, and the stream's
+manifest is compacted into one snapshot whenever it publishes or has `COMPACT_EVERY` objects.
 
 Rows for window ids already committed to a table are skipped, which makes ``(stream_id,
 window_id)`` unique in ``windows``, ``flow`` and ``student`` across restarts; ``errors`` is
 append-only. `OutputWriter.committed` gives a stream's committed window ids (``windows`` table)
-and `OutputWriter.resume_from` the lowest id not committed: ``max + 1`` when the ids are
-contiguous from 0, else the first hole (ids above it are skipped when they come again). A window
-that produced no row (no data) is such a hole, so a resume may re-read from it; nothing is written
-twice.
+and `OutputWriter.resume_from` the lowest id not committed (the first hole: a window that produced
+no row may be re-read on resume; nothing is written twice).
 
-One writer per output folder at a time (an exclusive ``flock`` on ``_manifest/.lock``).
-Every part file's metadata carries `SCHEMA_VERSION`, the model name and the config hash.
+Every file's metadata carries `SCHEMA_VERSION`, the model name and the config hash.
 
 Plain loop::
 
@@ -42,131 +47,123 @@ Plain loop::
 
 from __future__ import annotations
 
-import fcntl
-import json
-import os
 import re
 import threading
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import PipelineError
+from pipeline.errors import OutputError
+from pipeline.manifest import MANIFEST_DIR, KEYED_TABLES, IdSet, ManifestStore, StreamState, old_manifests, stream_ids
+from pipeline.outputfs import OutputFS, open_output
+from pipeline.ownership import LEASE_S, FolderLock, Lease, default_owner
+from pipeline.publish import PARTS_DIR, closed, merge_parts, period_of, publish, retire, string_columns, stray_files
 from pipeline.redact import redact_text
 from pipeline.tables import SCHEMA_VERSION, TABLES, ErrorRow, FlowRow, StudentRow, WindowRow, to_arrow
 
-MANIFEST_DIR = "_manifest"
 META_SCHEMA_VERSION = b"perceiver_stream.schema_version"
 META_MODEL = b"perceiver_stream.model"
 META_CONFIG_HASH = b"perceiver_stream.config_hash"
-_PART = re.compile(r"^part-\d{8}-[0-9a-f]{8}\.parquet$")
-_TMP = re.compile(r"^\.part-\d{8}-[0-9a-f]{8}\.parquet\.tmp$")
+COMPACT_EVERY = 256  # manifest objects of a stream before it is compacted without a publication
 _STREAM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+@dataclass
+class _Stream:
+    store: ManifestStore
+    state: StreamState
 
 
 class OutputWriter:
     """Writes the output tables of many streams into one folder (see the module docstring).
 
-    Not safe for two processes at once (the folder is locked); calls from several threads of
-    one process are serialised.
+    ``publish_every_s``: the period of media time published as one file per table (a stream keeps
+    the period of its first commit);
+    ``retain_days``: delete published periods that much media time older than a stream's latest
+    window (None: keep all). ``owner`` names this writer in an object store's lease (default:
+    host, pid and a random token); a writer with the same owner takes over its own live lease.
+    Not safe for two processes at once (the folder is locked or leased); calls from several
+    threads of one process are serialised.
     """
 
     def __init__(
-        self, root: str | Path, *, model_name: str, config_hash: str, compression: str = "zstd"
+        self,
+        root: str | Path,
+        *,
+        model_name: str,
+        config_hash: str,
+        compression: str = "zstd",
+        publish_every_s: float = 3600.0,
+        retain_days: float | None = None,
+        owner: str | None = None,
+        lease_s: float = LEASE_S,
     ) -> None:
-        self.root = Path(root)
+        if publish_every_s <= 0 or (retain_days is not None and retain_days <= 0):
+            raise ValueError("publish_every_s and retain_days must be positive")
+        self.out: OutputFS = open_output(root)
         self.model_name = model_name
         self.config_hash = config_hash
         self.compression = compression
+        self.publish_every_s = float(publish_every_s)
+        self.retain_days = retain_days
         self._mutex = threading.Lock()
-        self._committed: dict[str, dict[str, set[int]]] = {}
-        self._seq: dict[str, int] = {}
-        (self.root / MANIFEST_DIR).mkdir(parents=True, exist_ok=True)
-        self._lock_fh = open(self.root / MANIFEST_DIR / ".lock", "a")
-        try:
-            fcntl.flock(self._lock_fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock_fh.close()
-            raise PipelineError(
-                "another writer has this output folder open; use another --output", source=str(self.root)
-            ) from None
+        self._streams: dict[str, _Stream] = {}
+        self._owner = FolderLock(self.out) if self.out.local else Lease(self.out, owner or default_owner(), lease_s)
         self._closed = False
-        self._recover()
+        try:
+            self._recover()
+        except BaseException:
+            self._owner.release()
+            raise
 
     # -- opening ---------------------------------------------------------------------------
 
-    def _manifest_path(self, stream_id: str) -> Path:
-        return self.root / MANIFEST_DIR / f"stream_id={stream_id}.jsonl"
-
     def _recover(self) -> None:
-        """Load every manifest, drop a torn last line, delete orphan and temporary parts."""
-        referenced: set[str] = set()
-        for path in sorted((self.root / MANIFEST_DIR).glob("stream_id=*.jsonl")):
-            sid = path.name[len("stream_id=") : -len(".jsonl")]
-            records, torn = self._read_manifest(path)
-            if torn:
-                self._rewrite_manifest(path, records)
-            tables = self._committed.setdefault(sid, {t: set() for t in TABLES if t != "errors"})
-            for rec in records:
-                referenced.update(rec["parts"])
-                for table, ids in rec["ids"].items():
-                    tables[table].update(ids)
-            self._seq[sid] = len(records)
-        for table in TABLES:
-            for part_dir in (self.root / table).glob("stream_id=*"):
-                for f in part_dir.iterdir():
-                    rel = f"{table}/{part_dir.name}/{f.name}"
-                    if _TMP.match(f.name) or (_PART.match(f.name) and rel not in referenced):
-                        f.unlink()
+        """Load every stream's manifest and delete the files it does not name (see `stray_files`)."""
+        if old_manifests(self.out):
+            raise OutputError("this output folder was written by an earlier perceiver-stream (a .jsonl manifest); "
+                              "use a new output folder", source=self.out.where)
+        for sid in stream_ids(self.out):
+            store = ManifestStore(self.out, sid)
+            self._streams[sid] = _Stream(store, store.load())
+        files = [f for t in TABLES for base in (t, f"{PARTS_DIR}/{t}") for f in self.out.files(base)]
+        for rel in stray_files(files, [s.state for s in self._streams.values()]):
+            self.out.delete(rel)
 
-    @staticmethod
-    def _read_manifest(path: Path) -> tuple[list[dict], bool]:
-        records, torn = [], False
-        lines = path.read_bytes().split(b"\n")
-        for i, line in enumerate(lines):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                if i >= len(lines) - 2:  # only the last line can be torn by a crash mid-append
-                    torn = True
-                    continue
-                raise PipelineError(f"manifest line {i + 1} is corrupt", source=str(path)) from None
-            records.append(rec)
-        return records, torn
-
-    @staticmethod
-    def _rewrite_manifest(path: Path, records: list[dict]) -> None:
-        tmp = path.with_name("." + path.name + ".tmp")
-        with open(tmp, "w") as fh:
-            fh.writelines(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+    def _stream(self, stream_id: str) -> _Stream:
+        if stream_id not in self._streams:
+            self._streams[stream_id] = _Stream(ManifestStore(self.out, stream_id), StreamState())
+        return self._streams[stream_id]
 
     # -- queries ---------------------------------------------------------------------------
 
     def streams(self) -> list[str]:
         """Streams with at least one commit."""
-        return sorted(self._committed)
+        return sorted(sid for sid, s in self._streams.items() if s.state.seq >= 0)
 
     def committed(self, stream_id: str, table: str = "windows") -> set[int]:
         """Window ids of ``stream_id`` committed to ``table`` (``windows`` by default)."""
-        if table not in TABLES or table == "errors":
+        if table not in KEYED_TABLES:
             raise ValueError(f"committed ids are kept for windows, flow and student, not {table!r}")
-        return set(self._committed.get(stream_id, {}).get(table, set()))
+        s = self._streams.get(stream_id)
+        return set() if s is None else set(s.state.committed[table])
+
+    def is_committed(self, stream_id: str, window_id: int, table: str = "windows") -> bool:
+        """Whether ``window_id`` of ``stream_id`` is committed to ``table`` (no copy of the id set)."""
+        s = self._streams.get(stream_id)
+        return s is not None and window_id in s.state.committed[table]
 
     def resume_from(self, stream_id: str) -> int:
         """The lowest window id of ``stream_id`` not committed (0 for a new stream)."""
-        done = self._committed.get(stream_id, {}).get("windows", set())
-        k = 0
-        while k in done:
-            k += 1
-        return k
+        s = self._streams.get(stream_id)
+        return 0 if s is None else s.state.committed["windows"].first_missing()
+
+    def state(self, stream_id: str) -> StreamState:
+        """The manifest state of ``stream_id`` (read-only use: files, periods, parts)."""
+        return self._stream(stream_id).state
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -178,46 +175,58 @@ class OutputWriter:
         student: Sequence[StudentRow] = (),
         errors: Sequence[ErrorRow] = (),
     ) -> list[int]:
-        """Commit one batch of one stream's rows atomically; returns the newly committed
-        ``windows`` ids. Rows whose window id is already committed to their table, or repeated
-        within the call, are skipped."""
+        """Commit one batch of one stream's rows atomically, then publish what closed; returns the
+        newly committed ``windows`` ids. Rows whose window id is already committed to their table,
+        or repeated within the call, are skipped. An `OutputError` (a full disk) leaves the
+        commit either whole or absent."""
         self._check_open()
         if not _STREAM_ID.match(stream_id):
             raise ValueError(f"stream id {stream_id!r} cannot be a folder name (letters, digits, _ . -)")
         with self._mutex:
-            done = self._committed.get(stream_id, {t: set() for t in TABLES if t != "errors"})
+            self._owner.renew()  # a writer that lost its lease must not commit
+            s = self._stream(stream_id)
+            state = s.state
             fresh = {
-                "windows": _new_rows(windows, done["windows"]),
-                "flow": _new_rows(flow, done["flow"]),
-                "student": _new_rows(student, done["student"]),
+                "windows": _new_rows(windows, state.committed["windows"]),
+                "flow": _new_rows(flow, state.committed["flow"]),
+                "student": _new_rows(student, state.committed["student"]),
             }
-            tables = {name: to_arrow(name, rows) for name, rows in fresh.items() if rows}
-            if errors:
-                tables["errors"] = to_arrow("errors", errors)
-            if not tables:
+            by_part = self._split(state, fresh, errors)
+            if not by_part:
                 return []
-            seq = self._seq.get(stream_id, 0)
-            parts: list[str] = []
+            t_max = max((r.t_start for r in fresh["windows"]), default=None)
+            seq = state.seq + 1
+            parts: list[dict] = []
             try:
-                for name, t in tables.items():
-                    parts.append(self._write_part(name, stream_id, seq, t))
-                record = {
-                    "seq": seq,
-                    "parts": parts,
-                    "ids": {name: sorted(r.window_id for r in rows) for name, rows in fresh.items() if rows},
-                    "errors": len(errors),
-                }
-                self._append_manifest(stream_id, record)
+                for (name, period), rows in by_part.items():
+                    parts.append(self._write_part(name, stream_id, seq, period, rows))
+                s.store.append(state, {"kind": "commit", "parts": parts, "t_max": t_max, "every_s": self._every(state)})
             except BaseException:
-                # not committed: take the renamed parts back so readers never see them twice
-                for rel in parts:
-                    (self.root / rel).unlink(missing_ok=True)
+                for p in parts:  # not committed: take the parts back
+                    self.out.delete(p["path"])
                 raise
-            self._seq[stream_id] = seq + 1
-            self._committed[stream_id] = done
-            for name, ids in record["ids"].items():
-                done[name].update(ids)
-            return record["ids"].get("windows", [])
+            self._maintain(stream_id, everything=False)
+            return sorted(r.window_id for r in fresh["windows"])
+
+    def _split(self, state: StreamState, fresh: dict[str, list], errors: Sequence[ErrorRow]) -> dict:
+        """The call's rows grouped by ``(table, period)``, in table order."""
+        every = self._every(state)
+        own = {r.window_id: period_of(r.t_start, every) for r in fresh["windows"]}
+        starts = [r.t_start for r in fresh["windows"]] + ([state.t_max] if state.t_max is not None else [])
+        current = period_of(max(starts), every) if starts else 0  # the stream's latest period, for errors
+        out: dict[tuple[str, int], list] = {}
+        for name in ("windows", "flow", "student"):
+            for r in fresh[name]:
+                k = own[r.window_id] if r.window_id in own else state.period_of_id(r.window_id, current)
+                out.setdefault((name, k), []).append(r)
+        if errors:
+            out[("errors", current)] = list(errors)
+        return out
+
+    def _every(self, state: StreamState) -> float:
+        """The stream's period: as its first commit set it (a later ``publish_every_s`` applies to
+        new streams only, so a period's number means one thing in a folder)."""
+        return state.every_s if state.every_s is not None else self.publish_every_s
 
     def write_errors(self, stream_id: str, errors: Sequence[ErrorRow | BaseException]) -> None:
         """Append ``errors`` rows (rows or exceptions) for ``stream_id``."""
@@ -232,26 +241,41 @@ class OutputWriter:
             META_CONFIG_HASH: self.config_hash.encode(),
         }
 
-    def _write_part(self, table: str, stream_id: str, seq: int, data: pa.Table) -> str:
-        folder = self.root / table / f"stream_id={stream_id}"
-        folder.mkdir(parents=True, exist_ok=True)
-        name = f"part-{seq:08d}-{uuid.uuid4().hex[:8]}.parquet"
-        tmp = folder / f".{name}.tmp"
-        data = data.replace_schema_metadata(self._metadata())
-        with open(tmp, "wb") as fh:
-            pq.write_table(data, fh, compression=self.compression, use_dictionary=_string_columns(data.schema))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, folder / name)
-        _fsync_dir(folder)
-        return f"{table}/{folder.name}/{name}"
+    def _write_part(self, table: str, stream_id: str, seq: int, period: int, rows: list) -> dict:
+        data = to_arrow(table, rows).replace_schema_metadata(self._metadata())
+        rel = f"{PARTS_DIR}/{table}/stream_id={stream_id}/part-{seq:08d}-{uuid.uuid4().hex[:8]}.parquet"
+        self.out.write_atomic(rel, lambda fh: pq.write_table(
+            data, fh, compression=self.compression, use_dictionary=string_columns(data.schema)))
+        ids = None if table == "errors" else IdSet([k, k] for k in (r.window_id for r in rows)).ranges()
+        return {"path": rel, "table": table, "period": period, "rows": data.num_rows, "ids": ids}
 
-    def _append_manifest(self, stream_id: str, record: dict) -> None:
-        path = self._manifest_path(stream_id)
-        with open(path, "ab") as fh:
-            fh.write(json.dumps(record, separators=(",", ":")).encode() + b"\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+    # -- publishing ------------------------------------------------------------------------
+
+    def publish(self, stream_id: str | None = None, *, everything: bool = False) -> dict[str, dict[str, list[int]]]:
+        """Publish the closed periods of ``stream_id`` (None: every stream), or with ``everything``
+        every committed row (the open period too), then apply retention and compact the manifest.
+        Returns, per stream, the periods ``published`` and ``retired``."""
+        self._check_open()
+        with self._mutex:
+            ids = [stream_id] if stream_id is not None else list(self._streams)
+            return {sid: self._maintain(sid, everything=everything) for sid in ids if sid in self._streams}
+
+    def _maintain(self, stream_id: str, *, everything: bool) -> dict[str, list[int]]:
+        s = self._streams[stream_id]
+        state, every = s.state, self._every(s.state)
+        due = sorted({p.period for p in state.parts if everything or closed(state, p.period, every)})
+        for k in due:
+            publish(self.out, s.store, state, stream_id, k, compression=self.compression)
+        merge_parts(self.out, s.store, state, stream_id, compression=self.compression)
+        gone = [] if self.retain_days is None else retire(self.out, s.store, state, every, self.retain_days)
+        if due or gone or s.store.records >= COMPACT_EVERY:
+            s.store.compact(state)
+        return {"published": due, "retired": gone}
+
+    def renew(self) -> None:
+        """Renew the object store lease when due (call it every few seconds); nothing locally."""
+        self._check_open()
+        self._owner.renew()
 
     # -- closing ---------------------------------------------------------------------------
 
@@ -259,22 +283,26 @@ class OutputWriter:
         if self._closed:
             raise ValueError("the OutputWriter is closed")
 
-    def close(self) -> None:
-        """Release the folder (every `write` has already committed; nothing is buffered)."""
-        if not self._closed:
+    def close(self, *, publish: bool = True) -> None:
+        """Publish everything committed (unless ``publish=False``) and release the folder."""
+        if self._closed:
+            return
+        try:
+            if publish:
+                self.publish(everything=True)
+        finally:
             self._closed = True
-            fcntl.flock(self._lock_fh, fcntl.LOCK_UN)
-            self._lock_fh.close()
+            self._owner.release()
 
     def __enter__(self) -> "OutputWriter":
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        self.close(publish=exc[0] is None)
 
 
-def _new_rows(rows: Sequence, done: set[int]) -> list:
-    """Rows whose window id is not yet committed, first occurrence only."""
+def _new_rows(rows: Sequence, done) -> list:
+    """Rows whose window id is not in ``done``, first occurrence only."""
     seen: set[int] = set()
     out = []
     for r in rows:
@@ -285,38 +313,8 @@ def _new_rows(rows: Sequence, done: set[int]) -> list:
     return out
 
 
-def _string_columns(schema: pa.Schema) -> list[str]:
-    """Parquet paths of the string leaves of ``schema``: the only columns worth a dictionary.
-
-    Float columns (flow, embeddings) have few repeats, and building a dictionary for them
-    costs about 5x the rest of the write for nothing.
-    """
-    paths: list[str] = []
-
-    def walk(t: pa.DataType, path: str) -> None:
-        if pa.types.is_string(t) or pa.types.is_large_string(t):
-            paths.append(path)
-        elif pa.types.is_struct(t):
-            for f in t:
-                walk(f.type, f"{path}.{f.name}")
-        elif pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
-            walk(t.value_type, f"{path}.list.element")
-
-    for f in schema:
-        walk(f.type, f.name)
-    return paths
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def read_file_metadata(path: str | Path) -> dict[str, str]:
-    """Schema version, model name and config hash of one part file."""
+    """Schema version, model name and config hash of one Parquet file (local path)."""
     meta = pq.read_schema(path).metadata or {}
     return {
         "schema_version": meta.get(META_SCHEMA_VERSION, b"").decode(),
@@ -325,4 +323,7 @@ def read_file_metadata(path: str | Path) -> dict[str, str]:
     }
 
 
-__all__ = ["SCHEMA_VERSION", "ErrorRow", "FlowRow", "OutputWriter", "StudentRow", "WindowRow", "read_file_metadata"]
+__all__ = [
+    "MANIFEST_DIR", "SCHEMA_VERSION", "ErrorRow", "FlowRow", "OutputWriter", "StudentRow", "WindowRow",
+    "read_file_metadata",
+]

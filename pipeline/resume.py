@@ -15,16 +15,14 @@ entry stays in the saved file, so bringing it back with other sources is refused
 
 from __future__ import annotations
 
-import posixpath
-from pathlib import Path
 from typing import Any
 
-import pyarrow.fs as pafs
 import yaml
 
 from pipeline.config import Config
 from pipeline.envvars import restore_templates
 from pipeline.errors import ConfigError
+from pipeline.outputfs import open_output
 from pipeline.redact import redact_data, redact_text
 
 CONFIG_FILE = "_config.yaml"
@@ -69,12 +67,10 @@ def prepare_output(cfg: Config, output: str) -> None:
     """Refuse (`ResumeRefused`) a run whose window settings differ from those saved in ``output``
     (a local folder or a pyarrow filesystem URI), else save its effective config there (with the
     saved entries of streams it no longer has)."""
-    fs, folder = _filesystem(output)
-    path = posixpath.join(folder, CONFIG_FILE)
+    out = open_output(output)
     new = effective_config(cfg, output)
-    if fs.get_file_info(path).type == pafs.FileType.File:
-        with fs.open_input_stream(path) as fh:
-            saved = yaml.safe_load(fh.read()) or {}
+    if out.exists(CONFIG_FILE):
+        saved = yaml.safe_load(out.read_bytes(CONFIG_FILE)) or {}
         differ = window_differences(saved, new)
         if differ:
             raise ResumeRefused(
@@ -84,15 +80,5 @@ def prepare_output(cfg: Config, output: str) -> None:
             )
         ids = {s["id"] for s in new["streams"]}
         new["streams"] += [s for s in saved.get("streams", []) if s["id"] not in ids]
-    fs.create_dir(folder, recursive=True)
-    tmp = posixpath.join(folder, f".{CONFIG_FILE}.tmp")
-    with fs.open_output_stream(tmp) as fh:
-        fh.write((_HEADER + yaml.safe_dump(new, sort_keys=False)).encode())
-    fs.move(tmp, path)
+    out.write_bytes(CONFIG_FILE, (_HEADER + yaml.safe_dump(new, sort_keys=False)).encode())
 
-
-def _filesystem(output: str) -> tuple[pafs.FileSystem, str]:
-    """The filesystem of ``output`` and the folder's path on it."""
-    if "://" in output:
-        return pafs.FileSystem.from_uri(output)
-    return pafs.LocalFileSystem(), str(Path(output).resolve())

@@ -43,12 +43,12 @@ def test_run_options():
         + ["--address", "auto", "--dashboard-host", "0.0.0.0", "--metrics-port", "9100", "--realtime", "--no-dashboard"]
     )
     assert args.overrides == ["model.batch_size=4", "window.hop=0.25"]
-    assert (args.output, args.max_windows, args.address) == (Path("o"), 3, "auto")
+    assert (args.output, args.max_windows, args.address) == ("o", 3, "auto")  # a path or a URI
     assert (args.dashboard_host, args.metrics_port, args.realtime, args.no_dashboard) == ("0.0.0.0", 9100, True, True)
 
 
 def test_only_implemented_subcommands_are_offered():
-    assert set(run_pipeline.SUBCOMMANDS) == {"run", "train", "eval", "distill", "inspect", "bench"}
+    assert set(run_pipeline.SUBCOMMANDS) == {"run", "train", "eval", "distill", "inspect", "bench", "compact"}
     for name, sc in run_pipeline.SUBCOMMANDS.items():
         assert callable(sc.main) and sc.help
 

@@ -1,4 +1,7 @@
-"""The Parquet writer: hive layout, schemas, metadata, commits, uniqueness across restarts, recovery."""
+"""The Parquet writer: hive layout, schemas, metadata, commits, uniqueness across restarts, recovery.
+
+Publishing, retention, full disks and crashes while publishing: test_publish.py; object stores:
+test_object_store.py."""
 
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 
-from pipeline.errors import NonFinitePoints, PipelineError
+from pipeline.errors import NonFinitePoints, OutputError, PipelineError
+from pipeline.manifest import ManifestStore
 from pipeline.parquet import (
     SCHEMA_VERSION,
     ErrorRow,
@@ -25,6 +29,7 @@ from pipeline.parquet import (
     WindowRow,
     read_file_metadata,
 )
+from pipeline.reader import open_dataset
 
 D = 6
 
@@ -158,8 +163,12 @@ def test_resume_from_is_the_first_hole(tmp_path):
         assert w.resume_from("other") == 0
 
 
+def hidden_parts(root: Path, table: str) -> list[Path]:
+    return sorted((root / "_parts" / table).rglob("*.parquet*"))
+
+
 def test_orphan_parts_from_a_crash_before_the_manifest_are_removed(tmp_path):
-    """A process dies after renaming its part files but before its manifest line: on reopen
+    """A process dies after writing its part files but before its manifest record: on reopen
     those parts are deleted, so the rows are written once when the windows come again."""
     script = textwrap.dedent(
         f"""
@@ -167,41 +176,43 @@ def test_orphan_parts_from_a_crash_before_the_manifest_are_removed(tmp_path):
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_parquet import wrow, frow, writer
         from pathlib import Path
+        from pipeline.manifest import ManifestStore
         w = writer(Path({str(tmp_path)!r}))
         w.write("cam0", [wrow(0), wrow(1)], flow=[frow(0), frow(1)])
-        w._append_manifest = lambda *a: os._exit(3)
+        ManifestStore.append = lambda *a: os._exit(3)
         w.write("cam0", [wrow(2), wrow(3)], flow=[frow(2), frow(3)])
         """
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3, proc.stderr
-    assert len(part_files(tmp_path, "windows")) == 2  # one committed part, one orphan
-    assert sorted(dataset(tmp_path, "windows").column("window_id").to_pylist()) == [0, 1, 2, 3]
+    assert len(hidden_parts(tmp_path, "windows")) == 2  # one committed part, one orphan
+    assert not part_files(tmp_path, "windows")  # nothing published: the run died before its drain
+    assert sorted(open_dataset(tmp_path, "windows").to_table().column("window_id").to_pylist()) == [0, 1]
     with writer(tmp_path) as w:
-        assert len(part_files(tmp_path, "windows")) == 1 and len(part_files(tmp_path, "flow")) == 1
+        assert len(hidden_parts(tmp_path, "windows")) == 1 and len(hidden_parts(tmp_path, "flow")) == 1
         assert w.committed("cam0") == {0, 1} and w.resume_from("cam0") == 2
         assert w.write("cam0", [wrow(k) for k in range(4)], flow=[frow(k) for k in range(4)]) == [2, 3]
     for table in ("windows", "flow"):
         assert sorted(dataset(tmp_path, table).column("window_id").to_pylist()) == [0, 1, 2, 3]
+        assert not hidden_parts(tmp_path, table)  # all published at close
 
 
-def test_temporary_parts_and_a_torn_manifest_line_are_cleaned(tmp_path):
+def test_temporary_and_stray_files_are_cleaned(tmp_path):
     with writer(tmp_path) as w:
         w.write("cam0", [wrow(0)])
     folder = tmp_path / "windows" / "stream_id=cam0"
-    (folder / ".part-00000001-0123abcd.parquet.tmp").write_bytes(b"half a file")
+    (folder / ".part-000000-001-00.parquet.tmp").write_bytes(b"half a file")
     (tmp_path / "flow" / "stream_id=ghost").mkdir(parents=True)
-    (tmp_path / "flow" / "stream_id=ghost" / "part-00000000-89abcdef.parquet").write_bytes(b"no manifest")
+    (tmp_path / "flow" / "stream_id=ghost" / "part-000000-000-00.parquet").write_bytes(b"no manifest")
     (folder / "notes.txt").write_text("not ours")
-    manifest = tmp_path / "_manifest" / "stream_id=cam0.jsonl"
-    with open(manifest, "ab") as fh:
-        fh.write(b'{"seq":1,"parts":["windows/stream_id=cam0/part-0')
+    manifest = tmp_path / "_manifest" / "stream_id=cam0"
+    (manifest / ".r0000000009.json.tmp").write_bytes(b'{"seq":9,"kind":"comm')
     with writer(tmp_path) as w:
         assert w.committed("cam0") == {0}
-        assert not (folder / ".part-00000001-0123abcd.parquet.tmp").exists()
+        assert not (folder / ".part-000000-001-00.parquet.tmp").exists()
         assert not list((tmp_path / "flow" / "stream_id=ghost").iterdir())
         assert (folder / "notes.txt").exists()
-        assert manifest.read_bytes().endswith(b"\n") and manifest.read_bytes().count(b"\n") == 1
+        assert [p.name for p in manifest.iterdir()] == ["s0000000001.json"]  # compacted at the publication
         assert w.write("cam0", [wrow(1)]) == [1]
     with writer(tmp_path) as w:
         assert w.committed("cam0") == {0, 1}
@@ -212,15 +223,15 @@ def test_a_failed_commit_leaves_nothing_behind(tmp_path, monkeypatch):
         w.write("cam0", [wrow(0)])
 
         def full(*a):
-            raise OSError(28, "No space left on device")
+            raise OutputError("no space left on the device")
 
-        monkeypatch.setattr(w, "_append_manifest", full)
-        with pytest.raises(OSError):
+        monkeypatch.setattr(ManifestStore, "append", full)
+        with pytest.raises(OutputError):
             w.write("cam0", [wrow(1)], flow=[frow(1)])
         monkeypatch.undo()
         assert w.committed("cam0") == {0}
-        assert dataset(tmp_path, "windows").column("window_id").to_pylist() == [0]
-        assert not part_files(tmp_path, "flow")
+        assert open_dataset(tmp_path, "windows").to_table().column("window_id").to_pylist() == [0]
+        assert not hidden_parts(tmp_path, "flow")
         assert w.write("cam0", [wrow(1)], flow=[frow(1)]) == [1]
 
 
