@@ -119,9 +119,10 @@ class DistillActor:
         return len(batch)
 
     def finish(self) -> dict[str, Any]:
-        """Save the student, wait until the sink has taken every row sent; a JSON-ready summary."""
+        """Save the student, wait until the sink has taken (or, dying, lost) every row sent; a
+        JSON-ready summary."""
         self._distiller.save(self._path)
-        ray.get(self._writes)
+        ray.wait(self._writes, num_returns=len(self._writes))
         self._writes = []
         tail = self._cosine[-20:]
         return {

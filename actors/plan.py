@@ -19,7 +19,7 @@ from actors.source_pool import SourcePoolActor
 from pipeline.config import Config, config_hash
 from pipeline.errors import ConfigError
 
-# Ray restarts the model actor and the source pools without limit; the runner holds them to
+# Ray restarts the model, sink and distill actors and the source pools without limit; the runner holds them to
 # runtime.max_restarts_per_hour (actors.restarts).
 RESTART_ALWAYS = -1
 POOL_SPARE_CALLS = 4  # threads beyond the in-flight bound, for `info` and `add`
@@ -91,10 +91,11 @@ def shipped_inputs(cfg: Config) -> tuple[int | None, tuple[int | None, int] | No
 
 
 def start_sink(cfg: Config, output: Path, opts: ActorOptions) -> Any:
-    """The `SinkActor` writing under ``output`` (not restarted: a resume redoes what it had not committed)."""
+    """The `SinkActor` writing under ``output``, restarted by Ray (`actors.sink_guard` resends
+    what it had not committed), never retrying a call."""
     return (
         ray.remote(SinkActor)
-        .options(num_cpus=opts.sink_cpus, max_restarts=0)
+        .options(num_cpus=opts.sink_cpus, max_restarts=RESTART_ALWAYS, max_task_retries=0)
         .remote(str(output), config_hash=config_hash(cfg), nice=cfg.runtime.helper_nice)
     )
 

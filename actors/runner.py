@@ -12,8 +12,10 @@ One window's way, a method of `_Loop` per step, in this order in the file:
    `send_now` says so (one actor call costs the model actor about as much CPU as a small batch).
    The model actor runs each stream's windows in ``seq`` order, in whatever order they arrive.
 4. `_on_model`: the call's list of outcomes comes back; each result goes to the `SinkActor` by
-   reference, unread. A window the model failed on fails its stream (one ``errors`` row).
-5. `_on_sink`: the sink has taken the result; it commits it with its next flush.
+   reference, unread, through `actors.sink_guard.SinkGuard`, which keeps it until it is committed.
+   A window the model failed on fails its stream (one ``errors`` row).
+5. `_on_sink`: the sink has taken the result; it commits it with its next flush (the guard
+   recovers a sink that died, see there).
 
 When a model call finds the actor dead, the loop's next step is `_recover_model`; when a source
 call finds its pool dead, once the pool's other calls have settled, `_recover_sources`. Both keep
@@ -36,6 +38,7 @@ from actors.metrics import Metrics
 from actors.plan import plan_actors, shipped_inputs, start_distill, start_model, start_sink
 from actors.pools import SourcePools, pool_name
 from actors.restarts import RestartBudget, RunFailed, await_restart, last_line
+from actors.sink_guard import SinkGuard
 from actors.source import ErrorRecord, SourceEvent
 from actors.streams import RunningPipeline, RunSummary, StreamStatus
 from pipeline.config import Config
@@ -98,11 +101,10 @@ def run(
             on_start(loop.pipeline)
         loop.run(on_progress)
         distilled = _finish_distill(model, distill) if distill is not None else None
-        committed: dict[str, int] = {}
         try:
-            committed = ray.get(sink.close.remote())
-        except (RayActorError, RayTaskError) as exc:
-            loop.fatal = loop.fatal or f"the sink could not commit the last rows: {last_line(exc)}"
+            committed = loop.sink.close()
+        except RunFailed as exc:
+            committed, loop.fatal = loop.sink.committed, loop.fatal or str(exc)
         return RunSummary(
             streams,
             time.monotonic() - started,
@@ -133,6 +135,7 @@ class _Call:
     stream_id: str
     seq: int
     window: ray.ObjectRef  # the Window (None at the end of the stream)
+    window_id: int = -1  # once decoded
     result: ray.ObjectRef | None = None  # the model's WindowResult, once sent to the model
 
 
@@ -148,13 +151,12 @@ class _Loop:
         self.lost_pools: dict[str, list[tuple[str, BaseException]]] = {}  # pool -> (stream, error) of failed calls
         self.streams = pipeline.streams
         self.model = pipeline.model
-        self.sink = pipeline.sink
+        self.sink = SinkGuard(pipeline.sink, self.budget, self._restarted)
         self.source_calls: dict[ray.ObjectRef, _Call] = {}  # by the source event's reference
         self.held: list[_Call] = []  # decoded windows not yet sent to the model (see send_now)
         self.sent_seq: dict[str, int] = {}  # the highest seq of each stream sent to the model
         self.late_ends: list[tuple[_Call, Any]] = []  # ends of stream read before an earlier call's reply
         self.model_calls: dict[ray.ObjectRef, list[_Call]] = {}  # by the model call's outcome list
-        self.sink_calls: dict[ray.ObjectRef, list[str]] = {}  # stream id of each result written
         self.model_lost = False  # a model call found the actor dead: recover before the next step
         self.fatal: str | None = None
         self.metrics = Metrics()
@@ -188,17 +190,17 @@ class _Loop:
     def _step(self) -> None:
         """Send what is due to the model, wait for any call to finish, read every finished one."""
         self._send()
-        waiting = [*self.source_calls, *self.model_calls, *self.sink_calls]
+        waiting = [*self.source_calls, *self.model_calls, *self.sink.calls]
         if waiting:
             ray.wait(waiting, num_returns=1, timeout=0.25)
             ready = set(ray.wait(waiting, num_returns=len(waiting), timeout=0)[0])
             self._on_source([r for r in self.source_calls if r in ready])
             self._on_model([r for r in self.model_calls if r in ready])
-            self._on_sink([r for r in self.sink_calls if r in ready])
+            self._on_sink([r for r in self.sink.calls if r in ready])
         now = time.monotonic()
         if now - self._last_tick >= SINK_TICK_S:
             self._last_tick = now
-            self.sink.tick.remote()
+            self.sink.tick()
 
     # -- 1. source -------------------------------------------------------------------------
     def _request(self) -> None:
@@ -252,6 +254,7 @@ class _Loop:
             errors.extend(ev.errors)
             if ev.window_id is not None:
                 st.decoded(ev.window_id)
+                call.window_id = ev.window_id
             if ev.window_id is not None and st.takes_windows:
                 self.held.append(call)
                 continue
@@ -261,7 +264,7 @@ class _Loop:
                     errors.append(ev.failure)
                 st.source_ended(None if ev.failure is None else f"{ev.failure.kind}: {ev.failure.message}")
         if errors:
-            self.sink.write_errors.remote(errors)
+            self.sink.write_errors(errors)
 
     # -- 3. to the model -------------------------------------------------------------------
     def _send(self) -> None:
@@ -322,13 +325,12 @@ class _Loop:
                     errors.append(ErrorRecord.from_exception(call.stream_id, outcome))
                     st.fail(f"{type(outcome).__name__}: {outcome}")
         if errors:
-            self.sink.write_errors.remote(errors)
+            self.sink.write_errors(errors)
         # A failed stream's results still go: its windows that ran before the failure.
         if results:
             for call, _ in results:
                 self.streams[call.stream_id].to_sink(call.seq)
-            ref = self.sink.write.remote(*(result for _, result in results))
-            self.sink_calls[ref] = [call.stream_id for call, _ in results]
+            self.sink.write([(call.stream_id, call.window_id, result) for call, result in results])
 
     def _recover_model(self) -> None:
         """Wait for the restarted model actor; keep the results the dead one delivered and resend
@@ -386,20 +388,17 @@ class _Loop:
         if starts:
             self.pools.add(starts)
         if errors:
-            self.sink.write_errors.remote(errors)
+            self.sink.write_errors(errors)
 
     # -- 5. sink ---------------------------------------------------------------------------
     def _on_sink(self, done: list[ray.ObjectRef]) -> None:
         """Count the results the sink has taken; `RunFailed` if it failed."""
-        if not done:
-            return
-        try:
-            ray.get(done)
-        except (RayActorError, RayTaskError) as exc:
-            raise RunFailed(f"the sink failed, rows not committed are redone on resume: {exc}") from None
-        for ref in done:
-            for sid in self.sink_calls.pop(ref):
-                self.streams[sid].written()
+        for sid in self.sink.done(done):
+            self.streams[sid].written()
+
+    def _restarted(self, actor: str) -> None:
+        self.pipeline.restarts += 1
+        self.metrics.restarts.inc(tags={"actor": actor})
 
     # -- bookkeeping -----------------------------------------------------------------------
     def _at_model(self) -> int:

@@ -2,9 +2,14 @@
 
 Rows are buffered and committed together (atomic part files, then the manifest) when
 ``FLUSH_WINDOWS`` windows are buffered or the oldest has waited ``FLUSH_S``, and on `close`.
-Windows already committed for a stream (a resumed run) are dropped, so ``(stream_id,
-window_id)`` stays unique. The buffer is bounded by the flush policy and by the runner's
-in-flight bounds (a window counts as in flight until `write` returns).
+Windows already committed for a stream (a resumed run, or results resent after a restart) are
+dropped, so ``(stream_id, window_id)`` stays unique. The buffer is bounded by the flush policy and
+by the runner's in-flight bounds (a window counts as in flight until `write` returns).
+
+Every call that may commit (`write`, `tick`, `close`) returns a `SinkReply`: what its flush
+committed and the process id, so that the runner (`actors.sink_guard`) keeps each result until it
+is committed and notices a restarted sink (Ray restarts it; the new one re-opens the folder and
+recovers from the manifest).
 
 ``student`` rows (from the DistillActor) are committed with their window's rows when both are
 buffered, or with a later flush once the window is committed; a student row whose window never
@@ -14,7 +19,9 @@ commits (its stream failed first) is not written.
 from __future__ import annotations
 
 import io
+import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +36,18 @@ FLUSH_WINDOWS = 256
 FLUSH_S = 5.0
 
 
+@dataclass
+class SinkReply:
+    """What a sink call committed: ``windows`` ids per stream, the ``errors`` batches (numbers the
+    runner gave `SinkActor.write_errors`), the ``skipped`` windows (committed before, dropped), and
+    ``pid``, the sink process that answered."""
+
+    pid: int
+    windows: dict[str, list[int]] = field(default_factory=dict)
+    errors: list[int] = field(default_factory=list)
+    skipped: dict[str, list[int]] = field(default_factory=dict)
+
+
 class SinkActor:
     """Writes ``windows``, ``flow`` (with the earlier frame as PNG), ``student`` and ``errors`` rows
     under ``output`` (see the module docstring); ``nice`` lowers its process's CPU priority."""
@@ -38,11 +57,15 @@ class SinkActor:
         self._writer = OutputWriter(Path(output), model_name=model, config_hash=config_hash)
         self._buffer: list[WindowResult] = []
         self._errors: list[ErrorRecord] = []
+        self._error_batches: list[int] = []
         self._student: dict[str, dict[int, StudentRow]] = {}
         self._oldest: float | None = None
-        self._committed: dict[str, set[int]] = {}
-        self._written: dict[str, int] = {}
+        self._committed: dict[str, set[int]] = {sid: self._writer.committed(sid) for sid in self._writer.streams()}
         self._metrics = Metrics()
+
+    def info(self) -> dict[str, int]:
+        """The sink's process id (another one after a restart)."""
+        return {"pid": os.getpid()}
 
     def set_model(self, model: str) -> None:
         """The model name written to rows and file metadata (known once the model actor loaded)."""
@@ -54,27 +77,34 @@ class SinkActor:
             self._committed[sid] = set(self._writer.committed(sid))
         return {sid: self._writer.resume_from(sid) for sid in stream_ids}
 
-    def write(self, *results: WindowResult) -> int:
-        """Buffer results (dropping windows already committed); commit if due. Returns rows taken.
+    def uncommitted(self, held: dict[str, list[int]]) -> dict[str, list[int]]:
+        """Of ``held`` window ids per stream, those not committed."""
+        return {sid: [w for w in ids if w not in self._committed.get(sid, ())] for sid, ids in held.items()}
+
+    def write(self, *results: WindowResult) -> SinkReply:
+        """Buffer results (dropping windows already committed); commit if due.
 
         One argument per result, so that the runner can pass the model actor's returns by
         reference and Ray hands them over resolved.
         """
-        taken = 0
+        skipped: dict[str, list[int]] = {}
         for r in results:
             self._metrics.windows_in.inc(tags={"stage": "sink", "stream": r.stream_id})
             if r.window_id in self._committed.setdefault(r.stream_id, set()):
-                continue
-            self._buffer.append(r)
-            taken += 1
+                skipped.setdefault(r.stream_id, []).append(r.window_id)
+            else:
+                self._buffer.append(r)
         if self._buffer and self._oldest is None:
             self._oldest = time.monotonic()
-        self.tick()
-        return taken
+        reply = self.tick()
+        reply.skipped = skipped
+        return reply
 
-    def write_errors(self, records: list[ErrorRecord]) -> None:
-        """Buffer ``errors`` rows (append-only; committed with the next flush)."""
+    def write_errors(self, records: list[ErrorRecord], batch: int = -1) -> None:
+        """Buffer ``errors`` rows (append-only; committed with the next flush); ``batch`` numbers
+        them for the `SinkReply` of that flush."""
         self._errors.extend(records)
+        self._error_batches.append(batch)
         if self._oldest is None:
             self._oldest = time.monotonic()
 
@@ -86,18 +116,21 @@ class SinkActor:
         if self._oldest is None:
             self._oldest = time.monotonic()
 
-    def tick(self) -> None:
+    def tick(self) -> SinkReply:
         """Commit if the buffer is full or its oldest row has waited long enough."""
-        if self._oldest is None:
-            return
-        if len(self._buffer) >= FLUSH_WINDOWS or time.monotonic() - self._oldest >= FLUSH_S:
-            self.flush()
+        if self._oldest is not None and (
+            len(self._buffer) >= FLUSH_WINDOWS or time.monotonic() - self._oldest >= FLUSH_S
+        ):
+            return self.flush()
+        return SinkReply(os.getpid())
 
-    def flush(self) -> None:
+    def flush(self) -> SinkReply:
         """Commit everything buffered."""
+        reply = SinkReply(os.getpid(), errors=self._error_batches)
+        self._error_batches = []
         if not self._buffer and not self._errors and not self._student:
             self._oldest = None
-            return
+            return reply
         t0 = time.perf_counter()
         rows, self._buffer = self._buffer, []
         errors, self._errors = self._errors, []
@@ -117,11 +150,12 @@ class SinkActor:
                 errors=[ErrorRow(kind=e.kind, message=e.message, window_id=e.window_id, t_wall=e.t_wall) for e in errs],
             )
             self._committed.setdefault(sid, set()).update(ids)
-            self._written[sid] = self._written.get(sid, 0) + len(ids)
             if ids:
+                reply.windows[sid] = ids
                 self._metrics.windows_out.inc(len(ids), tags={"stage": "sink", "stream": sid})
         self._metrics.latency.observe(time.perf_counter() - t0, tags={"stage": "sink"})
         self._oldest = time.monotonic() if self._student else None  # rows still waiting for their window
+        return reply
 
     def _take_student(self, sid: str, flushing: set[int]) -> list[StudentRow]:
         """The held ``student`` rows of ``sid`` whose window is committed or in this flush."""
@@ -132,11 +166,11 @@ class SinkActor:
             self._student.pop(sid, None)
         return take
 
-    def close(self) -> dict[str, int]:
-        """Commit what is left; windows committed by this actor, per stream."""
-        self.flush()
+    def close(self) -> SinkReply:
+        """Commit what is left and release the output folder."""
+        reply = self.flush()
         self._writer.close()
-        return dict(self._written)
+        return reply
 
 
 def _flow_row(r: WindowResult) -> FlowRow:
