@@ -101,10 +101,12 @@ def start_sink(cfg: Config, output: Path, opts: ActorOptions) -> Any:
 
 
 def start_distill(cfg: Config, output: Path, opts: ActorOptions, sink: Any) -> Any:
-    """The `DistillActor` training a student into ``output`` and sending its rows to ``sink``."""
+    """The `DistillActor` training a student into ``output`` and sending its rows to ``sink``,
+    restarted by Ray from its last checkpoint (`actors.distill_watch`), never retrying a call."""
     return (
         ray.remote(DistillActor)
-        .options(num_cpus=opts.distill_cpus, num_gpus=opts.distill_gpus, max_restarts=0)
+        .options(num_cpus=opts.distill_cpus, num_gpus=opts.distill_gpus, max_restarts=RESTART_ALWAYS,
+                 max_task_retries=0)
         .remote(cfg, str(output), sink, device=opts.distill_device, num_cpus=max(opts.distill_cpus, 1))
     )
 

@@ -34,6 +34,8 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from actors.deaths import death_cause
+from actors.distill_watch import DistillWatch
 from actors.metrics import Metrics
 from actors.plan import plan_actors, shipped_inputs, start_distill, start_model, start_sink
 from actors.pools import SourcePools, pool_name
@@ -42,7 +44,7 @@ from actors.sink_guard import SinkGuard
 from actors.source import ErrorRecord, SourceEvent
 from actors.streams import RunningPipeline, RunSummary, StreamStatus
 from pipeline.config import Config
-from pipeline.errors import CheckpointError, ConfigError, SourceRestarted
+from pipeline.errors import CheckpointError, ConfigError, ModelRestarted, SourceRestarted
 
 RESEND_SETTLE_S = 5.0
 SINK_TICK_S = 1.0
@@ -97,10 +99,12 @@ def run(
         pools.add({s.id: (resume.get(s.id, 0), 0, max_windows) for s in config.streams})
         streams = {s.id: StreamStatus(s.id, start_window=resume.get(s.id, 0)) for s in config.streams}
         loop = _Loop(config, RunningPipeline(model, sink, pools.handles, streams, pools.assignment), pools, max_windows)
+        loop.distill = None if distill is None else DistillWatch(distill, loop.budget, loop.restarted)
         if on_start is not None:
             on_start(loop.pipeline)
         loop.run(on_progress)
-        distilled = _finish_distill(model, distill) if distill is not None else None
+        distilled, rows = (None, []) if loop.distill is None else loop.distill.finish(model, list(streams))
+        loop.sink.write_errors(rows)
         try:
             committed = loop.sink.close()
         except RunFailed as exc:
@@ -151,13 +155,14 @@ class _Loop:
         self.lost_pools: dict[str, list[tuple[str, BaseException]]] = {}  # pool -> (stream, error) of failed calls
         self.streams = pipeline.streams
         self.model = pipeline.model
-        self.sink = SinkGuard(pipeline.sink, self.budget, self._restarted)
+        self.sink = SinkGuard(pipeline.sink, self.budget, self.restarted)
+        self.distill: DistillWatch | None = None
         self.source_calls: dict[ray.ObjectRef, _Call] = {}  # by the source event's reference
         self.held: list[_Call] = []  # decoded windows not yet sent to the model (see send_now)
         self.sent_seq: dict[str, int] = {}  # the highest seq of each stream sent to the model
         self.late_ends: list[tuple[_Call, Any]] = []  # ends of stream read before an earlier call's reply
         self.model_calls: dict[ray.ObjectRef, list[_Call]] = {}  # by the model call's outcome list
-        self.model_lost = False  # a model call found the actor dead: recover before the next step
+        self.model_lost: BaseException | None = None  # a model call found the actor dead: recover first
         self.fatal: str | None = None
         self.metrics = Metrics()
         self._open_told: list[str] | None = None  # the open streams the model actor was last told
@@ -166,7 +171,7 @@ class _Loop:
     def run(self, on_progress: ProgressCallback | None) -> None:
         try:
             while True:
-                if self.model_lost:
+                if self.model_lost is not None:
                     self._recover_model()
                 if self.lost_pools and not any(
                     self.pools.pool_of(c.stream_id) in self.lost_pools for c in self.source_calls.values()
@@ -201,6 +206,8 @@ class _Loop:
         if now - self._last_tick >= SINK_TICK_S:
             self._last_tick = now
             self.sink.tick()
+            if self.distill is not None and (rows := self.distill.poll([s for s in self.streams if self.streams[s].open])):
+                self.sink.write_errors(rows)
 
     # -- 1. source -------------------------------------------------------------------------
     def _request(self) -> None:
@@ -312,8 +319,8 @@ class _Loop:
                 outcomes = ray.get(ref)
             except RayTaskError as exc:  # the call itself failed: every window in it did
                 outcomes = [exc.cause if isinstance(exc.cause, BaseException) else exc] * len(self.model_calls[ref])
-            except RayActorError:
-                self.model_lost = True
+            except RayActorError as exc:
+                self.model_lost = exc
                 continue
             for call, outcome in zip(self.model_calls.pop(ref), outcomes):
                 st = self.streams[call.stream_id]
@@ -335,10 +342,9 @@ class _Loop:
     def _recover_model(self) -> None:
         """Wait for the restarted model actor; keep the results the dead one delivered and resend
         every other window sent to it, each stream's lowest window without a result starting a new
-        state chain."""
-        self.model_lost = False
-        self.pipeline.restarts += 1
-        self.metrics.restarts.inc(tags={"actor": "model"})
+        state chain; one ``errors`` row per stream that still takes windows."""
+        why, self.model_lost = death_cause(self.model_lost), None
+        self.restarted("model")
         if not self.budget.spend("model actor"):
             ray.kill(self.model, no_restart=True)
             raise RunFailed(f"the model actor died more than {self.budget.per_hour} times within an hour")
@@ -354,6 +360,10 @@ class _Loop:
             st.restart_chain()
         self._open_told = None  # the new incarnation has not been told which streams are open
         self.held = resend + self.held
+        self.sink.write_errors([ErrorRecord.from_exception(sid, ModelRestarted(
+            f"the model actor died ({why}); restarted, {sum(c.stream_id == sid for c in resend)} windows resent, "
+            "state reset", stream_id=sid), min((c.window_id for c in resend if c.stream_id == sid), default=None))
+            for sid, st in self.streams.items() if st.takes_windows])
 
     def _recover_sources(self) -> None:
         """Resume the streams of every pool whose calls failed (see the README's "Restarts"): each
@@ -370,13 +380,13 @@ class _Loop:
                         errors.append(ErrorRecord.from_exception(sid, exc, st.next_window))
                         st.source_ended(f"{type(exc).__name__}: {last_line(exc)}")
                 continue
-            self.pipeline.restarts += 1
-            self.metrics.restarts.inc(tags={"actor": "source"})
+            self.restarted("source")
             streams, why = self.pools.recover(pool, self.budget)
+            cause = death_cause(failed[0][1]) + ("" if why is None else f"; {why}")
             for sid in [s for s in streams if self.streams[s].asks_source]:
                 st, left = self.streams[sid], self.pools.hosts(sid)
                 where = f" on {pool_name(self.pools.pool_of(sid))}" if why is not None and left else ""
-                msg = (f"{pool_name(pool)} died{'' if why is None else f' ({why})'}; stream "
+                msg = (f"{pool_name(pool)} died ({cause}); stream "
                        f"{'resumed' if left else 'ended, no source actor is left for it,'} at window {st.next_window}{where}")
                 errors.append(ErrorRecord.from_exception(sid, SourceRestarted(msg, stream_id=sid), st.next_window))
                 if not left:
@@ -396,7 +406,7 @@ class _Loop:
         for sid in self.sink.done(done):
             self.streams[sid].written()
 
-    def _restarted(self, actor: str) -> None:
+    def restarted(self, actor: str) -> None:
         self.pipeline.restarts += 1
         self.metrics.restarts.inc(tags={"actor": actor})
 
@@ -427,16 +437,6 @@ def _delivered(ref: ray.ObjectRef) -> bool:
         return True
     except (RayActorError, RayTaskError, GetTimeoutError):
         return False
-
-
-def _finish_distill(model: Any, distill: Any) -> dict[str, Any]:
-    """Let the student take the batches offered to it, save it and send its last rows to the sink
-    (before the sink closes). A distillation failure does not fail the run: it is reported."""
-    try:
-        dropped = ray.get(model.distill_flush.remote())
-        return {**ray.get(distill.finish.remote()), "dropped_windows": dropped}
-    except (RayActorError, RayTaskError) as exc:
-        return {"error": last_line(exc)}
 
 
 def _started(ref: ray.ObjectRef, what: str) -> Any:

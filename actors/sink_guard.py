@@ -55,6 +55,8 @@ class SinkGuard:
 
     def write_errors(self, records: list[ErrorRecord]) -> None:
         """Send ``errors`` rows, kept until a reply names their batch."""
+        if not records:
+            return
         self._batches += 1
         self._errors[self._batches] = records
         self.sink.write_errors.remote(records, self._batches)

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 
+import polars as pl
 import psutil
 import pytest
 import ray
@@ -13,6 +15,7 @@ import ray
 from actors.deaths import death_cause
 from actors.runner import run
 from actors.streams import RunningPipeline
+from pipeline.config import parse_config, student_checkpoint_path
 from test_source_pool import ids_by_stream, make_cfg, rows, synthetic
 
 
@@ -58,3 +61,38 @@ def test_a_sink_killed_mid_run_is_restarted_and_every_window_is_committed_once(r
     for msg in errors["message"]:
         assert "the sink died (its process ended; Ray reported no signal or exit code); restarted, " in msg
         assert str(killed[0]) not in msg and "actor" not in msg.replace("the sink", "")
+
+
+def test_a_model_actor_killed_mid_run_writes_one_row_per_stream_naming_the_death(ray_session, tiny_checkpoint, tmp_path):
+    cfg = make_cfg(tiny_checkpoint, [synthetic(f"m{i}", i, 6.0) for i in range(2)], source_actors=1)
+    killed, on_progress = kill_when("ModelActor", 5)
+    out = tmp_path / "out"
+    summary = run(cfg, out, on_progress=on_progress)
+    n = 11  # 6 s at 1 s / 0.5 s
+    assert killed and summary.exit_code == 0 and summary.restarts == 1, summary.fatal
+    assert ids_by_stream(out) == {"m0": list(range(n)), "m1": list(range(n))}
+    errors = rows(out, "errors").sort("stream_id")
+    assert errors["kind"].to_list() == ["ModelRestarted"] * 2 and errors["stream_id"].to_list() == ["m0", "m1"]
+    assert all("the model actor died (its process ended; Ray reported no signal or exit code); restarted, " in m
+               and m.endswith("windows resent, state reset") for m in errors["message"])
+
+
+def test_a_distill_actor_killed_mid_run_resumes_its_student_from_the_checkpoint(ray_session, tiny_checkpoint, tmp_path):
+    cfg = make_cfg(tiny_checkpoint, [synthetic(f"d{i}", i, 6.0) for i in range(2)], source_actors=1)
+    distill = {"enabled": True, "checkpoint_every": 1, "student": {"encoder": {"num_latents": 4}}}
+    cfg = parse_config({**cfg.model_dump(mode="json"), "distill": distill})
+    killed: list[int] = []
+
+    def on_progress(p: RunningPipeline) -> None:  # once the student has a checkpoint
+        if not killed and (student_checkpoint_path(out) / "config.json").is_file():
+            killed.append(kill_by_title("DistillActor", ray.get(p.sink.info.remote())["pid"]))
+
+    out = tmp_path / "out"
+    summary = run(cfg, out, on_progress=on_progress)
+    assert killed and summary.exit_code == 0 and summary.restarts == 1, summary.fatal
+    assert summary.distill is not None and "error" not in summary.distill and summary.distill["resumed"]
+    assert ids_by_stream(out) == {"d0": list(range(11)), "d1": list(range(11))}
+    errors = rows(out, "errors").filter(pl.col("kind") == "DistillRestarted").sort("stream_id")
+    assert errors["stream_id"].to_list() == ["d0", "d1"]
+    assert all(re.search(r"the distill actor died \(its process ended; Ray reported no signal or exit code\); "
+                         r"restarted from its student checkpoint at step [1-9]", m) for m in errors["message"])
