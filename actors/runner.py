@@ -34,7 +34,9 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from actors.deaths import death_cause
+from actors.control import ControlServer, StreamControl
+from actors.deaths import death_cause, first_answer
+from actors.batching import send_now
 from actors.distill_watch import DistillWatch
 from actors.metrics import Metrics
 from actors.plan import plan_actors, shipped_inputs, start_distill, start_model, start_sink
@@ -45,6 +47,7 @@ from actors.source import ErrorRecord, SourceEvent
 from actors.streams import RunningPipeline, RunSummary, StreamStatus
 from pipeline.config import Config
 from pipeline.errors import CheckpointError, ConfigError, ModelRestarted, SourceRestarted
+from pipeline.stream_set import with_saved_streams
 
 RESEND_SETTLE_S = 5.0
 SINK_TICK_S = 1.0
@@ -77,16 +80,18 @@ def run(
                           "unset one of them")
     started = time.monotonic()
     out_dir = Path(output if output is not None else config.output.dir)
+    config = with_saved_streams(config, out_dir)  # streams added or removed while an earlier run ran
     opts = plan_actors(config, ray.available_resources())
     sink = start_sink(config, out_dir, opts)
     distill = start_distill(config, out_dir, opts, sink) if config.distill.enabled else None
     model = start_model(config, opts, distill)
     actors = [a for a in (sink, distill, model) if a is not None]
+    control = None
     try:
         if distill is not None:
-            _started(distill.info.remote(), "the distill actor")
-        info = _started(model.info.remote(), "the model actor")
-        resume = _started(sink.resume_points.remote([s.id for s in config.streams]), "the sink")
+            first_answer(distill.info.remote(), "the distill actor")
+        info = first_answer(model.info.remote(), "the model actor")
+        resume = first_answer(sink.resume_points.remote([s.id for s in config.streams]), "the sink")
         ray.get(sink.set_model.remote(info["model"]))
         try:
             shipped = shipped_inputs(config)
@@ -100,6 +105,8 @@ def run(
         streams = {s.id: StreamStatus(s.id, start_window=resume.get(s.id, 0)) for s in config.streams}
         loop = _Loop(config, RunningPipeline(model, sink, pools.handles, streams, pools.assignment), pools, max_windows)
         loop.distill = None if distill is None else DistillWatch(distill, loop.budget, loop.restarted)
+        control = ControlServer(out_dir)  # once the sink holds the folder's lock: this run's
+        loop.control = StreamControl(control, config, out_dir, pools, sink, streams, max_windows)
         if on_start is not None:
             on_start(loop.pipeline)
         loop.run(on_progress)
@@ -119,17 +126,10 @@ def run(
             distill=distilled,
         )
     finally:
+        if control is not None:
+            control.close()
         for a in actors:
             ray.kill(a)
-
-
-def send_now(held: int, at_model: int, batch_size: int) -> bool:
-    """Whether the driver sends its ``held`` decoded windows to the model now, in one call: once
-    they fill a batch, or at once while the model has less than a batch of work (``at_model``
-    windows sent and not yet returned), so it never waits on the driver and a quiet live stream
-    pays no latency. Holding them otherwise makes calls of about a batch, which is what spreads
-    Ray's cost per call."""
-    return held > 0 and (held >= batch_size or at_model < batch_size)
 
 
 @dataclass
@@ -157,6 +157,7 @@ class _Loop:
         self.model = pipeline.model
         self.sink = SinkGuard(pipeline.sink, self.budget, self.restarted)
         self.distill: DistillWatch | None = None
+        self.control: StreamControl | None = None
         self.source_calls: dict[ray.ObjectRef, _Call] = {}  # by the source event's reference
         self.held: list[_Call] = []  # decoded windows not yet sent to the model (see send_now)
         self.sent_seq: dict[str, int] = {}  # the highest seq of each stream sent to the model
@@ -171,6 +172,8 @@ class _Loop:
     def run(self, on_progress: ProgressCallback | None) -> None:
         try:
             while True:
+                if self.control is not None:
+                    self.control.serve()
                 if self.model_lost is not None:
                     self._recover_model()
                 if self.lost_pools and not any(
@@ -437,11 +440,3 @@ def _delivered(ref: ray.ObjectRef) -> bool:
         return True
     except (RayActorError, RayTaskError, GetTimeoutError):
         return False
-
-
-def _started(ref: ray.ObjectRef, what: str) -> Any:
-    """The result of an actor's first call; `RunFailed` naming the cause if the actor could not start."""
-    try:
-        return ray.get(ref)
-    except RayActorError as exc:
-        raise RunFailed(f"{what} could not start: {last_line(exc)}") from None
