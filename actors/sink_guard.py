@@ -22,7 +22,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from actors.deaths import death_cause
-from actors.restarts import RestartBudget, RunFailed, await_restart, last_line
+from actors.restarts import ActorGone, RestartBudget, RunFailed, await_restart, last_line
 from actors.sink import SinkReply
 from actors.source import ErrorRecord
 from pipeline.errors import SinkRestarted
@@ -46,6 +46,7 @@ class SinkGuard:
         self._errors: dict[int, list[ErrorRecord]] = {}  # batch -> rows, not committed
         self._batches = 0
         self.committed: dict[str, int] = {}  # windows committed in this run, per stream
+        self._gone: str | None = None  # why the sink was given up (past its budget)
 
     def write(self, results: list[tuple[str, int, ray.ObjectRef]]) -> None:
         """Send ``(stream, window, result)`` to the sink, by reference, and keep them until committed."""
@@ -92,6 +93,8 @@ class SinkGuard:
     def close(self) -> dict[str, int]:
         """Commit what is left (recovering a sink that died meanwhile); windows committed in this
         run, per stream."""
+        if self._gone is not None:
+            raise RunFailed(self._gone)
         while True:
             pending = list(self.calls)
             ray.wait(pending, num_returns=len(pending))
@@ -127,9 +130,14 @@ class SinkGuard:
         self._on_restart("sink")
         if not self.budget.spend(SINK):
             ray.kill(self.sink, no_restart=True)
-            raise RunFailed(f"the sink died more than {self.budget.per_hour} times within an hour; "
-                            "rows not committed are redone on resume")
-        self._pid = await_restart(self.sink, SINK)["pid"]
+            self._gone = (f"the sink died more than {self.budget.per_hour} times within an hour; "
+                          "rows not committed are redone on resume")
+            raise RunFailed(self._gone)
+        try:
+            self._pid = await_restart(self.sink, SINK)["pid"]
+        except ActorGone as exc:
+            self._gone = str(exc)
+            raise
         held = {sid: sorted(ws) for sid, ws in self._held.items()}
         left = ray.get(self.sink.uncommitted.remote(held))
         for sid, ids in held.items():

@@ -63,6 +63,18 @@ def test_a_sink_killed_mid_run_is_restarted_and_every_window_is_committed_once(r
         assert str(killed[0]) not in msg and "actor" not in msg.replace("the sink", "")
 
 
+
+def test_a_sink_past_its_restart_budget_ends_the_run_with_one_line(ray_session, tiny_checkpoint, tmp_path):
+    cfg = make_cfg(tiny_checkpoint, [synthetic("z", 1, 6.0)], source_actors=1, max_restarts_per_hour=0)
+    killed, on_progress = kill_when("SinkActor", 4)
+    out = tmp_path / "out"
+    summary = run(cfg, out, on_progress=on_progress)
+    assert killed and summary.exit_code == 1 and summary.restarts == 1
+    assert summary.fatal == "the sink died more than 0 times within an hour; rows not committed are redone on resume"
+    committed = ids_by_stream(out).get("z", []) if (out / "windows").exists() else []
+    assert summary.committed.get("z", 0) == len(committed) and committed == list(range(len(committed)))
+
+
 def test_a_model_actor_killed_mid_run_writes_one_row_per_stream_naming_the_death(ray_session, tiny_checkpoint, tmp_path):
     cfg = make_cfg(tiny_checkpoint, [synthetic(f"m{i}", i, 6.0) for i in range(2)], source_actors=1)
     killed, on_progress = kill_when("ModelActor", 5)
