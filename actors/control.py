@@ -12,7 +12,8 @@ between its steps (`StreamControl.serve`), so the run's bookkeeping stays single
   its state is ``removed``.
 - ``list``: every stream of the run and its state.
 
-Both changes are saved in ``<output>/_streams.json`` before they are answered.
+Both changes are saved in ``<output>/_streams.json`` before they are answered (an add once its
+source is started).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.exceptions import RayActorError
 
 from actors.pools import SourcePools
 from actors.streams import StreamStatus
@@ -130,6 +132,8 @@ class StreamControl:
                 answer.set_result(self._apply(request))
             except ConfigError as exc:
                 answer.set_exception(exc)
+            except RayActorError:  # the sink or the stream's pool is restarting
+                answer.set_exception(ConfigError("an actor of the run is restarting; try again in a minute"))
 
     def listing(self) -> list[dict[str, Any]]:
         """Each stream's id, state and windows taken by the sink in this run."""
@@ -150,13 +154,13 @@ class StreamControl:
     def _add(self, entry: Any) -> dict[str, Any]:
         running = [sid for sid, st in self.streams.items() if not st.finished]
         stream = validate_stream(self.cfg, entry, running)
+        start = ray.get(self.sink.resume_points.remote([stream.id]))[stream.id]
+        self.pools.host(stream)
+        self.pools.add({stream.id: (start, 0, self.max_windows)})
         self.cfg = self.cfg.model_copy(update={"streams": [*[s for s in self.cfg.streams if s.id != stream.id], stream]})
         added, removed = read_stream_set(self.output)
         added[stream.id] = stream.model_dump(mode="json")
         write_stream_set(self.output, added, [r for r in removed if r != stream.id])
-        start = ray.get(self.sink.resume_points.remote([stream.id]))[stream.id]
-        self.pools.host(stream)
-        self.pools.add({stream.id: (start, 0, self.max_windows)})
         self.removed.discard(stream.id)
         self.streams[stream.id] = StreamStatus(stream.id, start_window=start)
         return {"id": stream.id, "state": "running", "start_window": start}
