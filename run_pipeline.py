@@ -1,11 +1,12 @@
-"""perceiver-stream's command line: ``python run_pipeline.py [run|train|eval|distill|inspect|bench|compact]``.
+"""perceiver-stream's command line: ``python run_pipeline.py [run|train|eval|distill|inspect|bench|compact|streams]``.
 
 ``run`` (the default) runs the pipeline over the config's streams on a local Ray (or the cluster
 at ``--address``) and writes Parquet under the output folder. ``train`` trains the model on the
 synthetic rig, ``eval`` scores a checkpoint (and a student) on a held-out synthetic seed,
 ``distill`` distils a student offline (no Ray), ``inspect`` summarises an output folder and draws
 its pictures; each prints JSON or lines. ``bench`` measures the model alone and the whole
-pipeline on the same config and prints JSON; ``compact`` publishes an output folder's rows.
+pipeline on the same config and prints JSON; ``compact`` publishes an output folder's rows;
+``streams`` adds, removes or lists the streams of a running pipeline.
 
 Exit codes: 0 every stream ended normally, or a clean drain after SIGINT / SIGTERM; 1 every
 stream failed or the run could not go on; 2 bad config or arguments; 3 some streams failed while
@@ -33,6 +34,7 @@ from jobs.compact import add_compact_arguments, cmd_compact
 from jobs.distill import distill_job
 from jobs.evaluate import MIN_WINDOWS, MODALITIES, evaluate
 from jobs.inspect import summarize, write_pictures
+from jobs.streams import add_streams_arguments, cmd_streams
 from jobs.train import train_job
 from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError, PipelineError
@@ -381,6 +383,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "bench": Subcommand("model-only vs whole-pipeline throughput, as JSON", add_bench_arguments, cmd_bench),
     "compact": Subcommand("publish an output folder's committed rows, apply retention; JSON", add_compact_arguments,
                           cmd_compact),
+    "streams": Subcommand("add, remove or list the streams of a running pipeline (--output its folder), as JSON",
+                          add_streams_arguments, cmd_streams),
 }
 
 

@@ -38,7 +38,8 @@ from actors.model import ModelActor
 from actors.plan import plan_actors, shipped_inputs
 from actors.processes import actor_pids
 from actors.predictor import load_predictor
-from actors.runner import run, send_now
+from actors.batching import send_now
+from actors.runner import run
 from actors.streams import RunningPipeline
 from perceiver_stream.checkpoint import save_checkpoint
 from perceiver_stream.streaming import StreamingPerceiverIO
@@ -152,7 +153,7 @@ def model_only(cfg: Config, streams: dict[str, list[Window]]) -> tuple[float, in
     CPU ms per window of the model actor, this driver and the raylet over the same span.
 
     Windows go to the model as the pipeline sends them: by `ModelActor.infer_many`, in calls of
-    up to a batch, when `actors.runner.send_now` says so, by value (Ray inlines a window under
+    up to a batch, when `actors.batching.send_now` says so, by value (Ray inlines a window under
     its inline size limit in the call, as it does a source's result, and puts a larger one in
     the object store), and only the small outcome list comes back."""
     opts = plan_actors(cfg, ray.available_resources())

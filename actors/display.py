@@ -79,7 +79,7 @@ def print_summary(summary: RunSummary, output: str, console: Console | None = No
         )
     console.print(t)
     rate = summary.windows / max(summary.wall_s, 1e-9)
-    line = f"{summary.windows} windows in {summary.wall_s:.1f} s ({rate:.1f}/s), model restarts {summary.restarts}"
+    line = f"{summary.windows} windows in {summary.wall_s:.1f} s ({rate:.1f}/s), restarts {summary.restarts}"
     if summary.stopped:
         line += ", stopped by a signal (drained)"
     if summary.fatal:

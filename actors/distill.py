@@ -14,11 +14,13 @@ distilled, and ``pstream_distill_dropped_total`` counts its windows (those windo
 distillation coverage, never pipeline throughput.
 
 Checkpoints: the student goes to ``<output>/_checkpoints/student`` every
-``distill.checkpoint_every`` steps and at `finish`; a run into a folder that has one resumes it.
+``distill.checkpoint_every`` steps and at `finish`; a run into a folder that has one resumes it,
+and so does the actor when Ray restarts it (`actors.distill_watch`).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -86,8 +88,9 @@ class DistillActor:
         self._metrics = Metrics()
 
     def info(self) -> dict[str, Any]:
-        """Where the student goes, whether it resumed one, and its steps so far."""
+        """Where the student goes, whether it resumed one, its steps so far, and the process id."""
         return {
+            "pid": os.getpid(),
             "checkpoint": str(self._path),
             "resumed": self._resumed,
             "steps": self._distiller.steps,
@@ -119,9 +122,10 @@ class DistillActor:
         return len(batch)
 
     def finish(self) -> dict[str, Any]:
-        """Save the student, wait until the sink has taken every row sent; a JSON-ready summary."""
+        """Save the student, wait until the sink has taken (or, dying, lost) every row sent; a
+        JSON-ready summary."""
         self._distiller.save(self._path)
-        ray.get(self._writes)
+        ray.wait(self._writes, num_returns=len(self._writes))
         self._writes = []
         tail = self._cosine[-20:]
         return {

@@ -19,7 +19,7 @@ from actors.source_pool import SourcePoolActor
 from pipeline.config import Config, config_hash
 from pipeline.errors import ConfigError
 
-# Ray restarts the model actor and the source pools without limit; the runner holds them to
+# Ray restarts the model, sink and distill actors and the source pools without limit; the runner holds them to
 # runtime.max_restarts_per_hour (actors.restarts).
 RESTART_ALWAYS = -1
 POOL_SPARE_CALLS = 4  # threads beyond the in-flight bound, for `info` and `add`
@@ -91,20 +91,23 @@ def shipped_inputs(cfg: Config) -> tuple[int | None, tuple[int | None, int] | No
 
 
 def start_sink(cfg: Config, output: str | Path, opts: ActorOptions) -> Any:
-    """The `SinkActor` writing under ``output`` (not restarted: a resume redoes what it had not committed)."""
+    """The `SinkActor` writing under ``output`` (a folder or a URI), restarted by Ray
+    (`actors.sink_guard` resends what it had not committed), never retrying a call."""
     return (
         ray.remote(SinkActor)
-        .options(num_cpus=opts.sink_cpus, max_restarts=0)
+        .options(num_cpus=opts.sink_cpus, max_restarts=RESTART_ALWAYS, max_task_retries=0)
         .remote(str(output), config_hash=config_hash(cfg), nice=cfg.runtime.helper_nice,
                 publish_every_s=cfg.output.publish_every_s, retain_days=cfg.output.retain_days)
     )
 
 
 def start_distill(cfg: Config, output: Path, opts: ActorOptions, sink: Any) -> Any:
-    """The `DistillActor` training a student into ``output`` and sending its rows to ``sink``."""
+    """The `DistillActor` training a student into ``output`` and sending its rows to ``sink``,
+    restarted by Ray from its last checkpoint (`actors.distill_watch`), never retrying a call."""
     return (
         ray.remote(DistillActor)
-        .options(num_cpus=opts.distill_cpus, num_gpus=opts.distill_gpus, max_restarts=0)
+        .options(num_cpus=opts.distill_cpus, num_gpus=opts.distill_gpus, max_restarts=RESTART_ALWAYS,
+                 max_task_retries=0)
         .remote(cfg, str(output), sink, device=opts.distill_device, num_cpus=max(opts.distill_cpus, 1))
     )
 

@@ -74,6 +74,13 @@ class SourcePools:
             by_pool.setdefault(self.assignment[sid], []).append((self._streams[sid], start, seq, cap))
         ray.get([self.handles[pid].add.remote(items) for pid, items in by_pool.items()])
 
+    def host(self, stream: StreamConfig) -> None:
+        """Assign a stream added while running to a live pool (`add` then starts it there)."""
+        pin = None if stream.node is None else resolve_node(stream.id, stream.node, ray.nodes())
+        self._streams[stream.id], self._pins[stream.id] = stream, pin
+        live = {pid: info["node"] for pid, info in self._info.items()}
+        self.assignment[stream.id] = assign({stream.id: pin}, live)[stream.id]
+
     def restarted(self, pool: str) -> bool:
         """Whether ``pool``'s process changed since it last answered (it died and was restarted)."""
         try:

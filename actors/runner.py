@@ -12,8 +12,10 @@ One window's way, a method of `_Loop` per step, in this order in the file:
    `send_now` says so (one actor call costs the model actor about as much CPU as a small batch).
    The model actor runs each stream's windows in ``seq`` order, in whatever order they arrive.
 4. `_on_model`: the call's list of outcomes comes back; each result goes to the `SinkActor` by
-   reference, unread. A window the model failed on fails its stream (one ``errors`` row).
-5. `_on_sink`: the sink has taken the result; it commits it with its next flush.
+   reference, unread, through `actors.sink_guard.SinkGuard`, which keeps it until it is committed.
+   A window the model failed on fails its stream (one ``errors`` row).
+5. `_on_sink`: the sink has taken the result; it commits it with its next flush (the guard
+   recovers a sink that died, see there).
 
 When a model call finds the actor dead, the loop's next step is `_recover_model`; when a source
 call finds its pool dead, once the pool's other calls have settled, `_recover_sources`. Both keep
@@ -32,14 +34,21 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from actors.control import ControlServer, StreamControl
+from actors.deaths import death_cause, first_answer
+from actors.batching import send_now
+from actors.distill_watch import DistillWatch
 from actors.metrics import Metrics
 from actors.plan import plan_actors, shipped_inputs, start_distill, start_model, start_sink
 from actors.pools import SourcePools, pool_name
 from actors.restarts import RestartBudget, RunFailed, await_restart, last_line
+from actors.sink_guard import SinkGuard
 from actors.source import ErrorRecord, SourceEvent
 from actors.streams import RunningPipeline, RunSummary, StreamStatus
 from pipeline.config import Config
-from pipeline.errors import CheckpointError, ConfigError, SourceRestarted
+from pipeline.outputfs import is_uri
+from pipeline.errors import CheckpointError, ConfigError, ModelRestarted, SourceRestarted
+from pipeline.stream_set import with_saved_streams
 
 RESEND_SETTLE_S = 5.0
 SINK_TICK_S = 1.0
@@ -72,16 +81,18 @@ def run(
                           "unset one of them")
     started = time.monotonic()
     out_dir = str(output if output is not None else config.output.dir)  # a path or a URI (s3://...)
+    config = with_saved_streams(config, out_dir)  # streams added or removed while an earlier run ran
     opts = plan_actors(config, ray.available_resources())
     sink = start_sink(config, out_dir, opts)
     distill = start_distill(config, out_dir, opts, sink) if config.distill.enabled else None
     model = start_model(config, opts, distill)
     actors = [a for a in (sink, distill, model) if a is not None]
+    control = None
     try:
         if distill is not None:
-            _started(distill.info.remote(), "the distill actor")
-        info = _started(model.info.remote(), "the model actor")
-        resume = _started(sink.resume_points.remote([s.id for s in config.streams]), "the sink")
+            first_answer(distill.info.remote(), "the distill actor")
+        info = first_answer(model.info.remote(), "the model actor")
+        resume = first_answer(sink.resume_points.remote([s.id for s in config.streams]), "the sink")
         ray.get(sink.set_model.remote(info["model"]))
         try:
             shipped = shipped_inputs(config)
@@ -94,15 +105,19 @@ def run(
         pools.add({s.id: (resume.get(s.id, 0), 0, max_windows) for s in config.streams})
         streams = {s.id: StreamStatus(s.id, start_window=resume.get(s.id, 0)) for s in config.streams}
         loop = _Loop(config, RunningPipeline(model, sink, pools.handles, streams, pools.assignment), pools, max_windows)
+        loop.distill = None if distill is None else DistillWatch(distill, loop.budget, loop.restarted)
+        if not is_uri(out_dir):  # the endpoint's address is a local file: a run into a store has none
+            control = ControlServer(Path(out_dir))  # once the sink holds the folder's lock: this run's
+            loop.control = StreamControl(control, config, out_dir, pools, sink, streams, max_windows)
         if on_start is not None:
             on_start(loop.pipeline)
         loop.run(on_progress)
-        distilled = _finish_distill(model, distill) if distill is not None else None
-        committed: dict[str, int] = {}
+        distilled, rows = (None, []) if loop.distill is None else loop.distill.finish(model, list(streams))
+        loop.sink.write_errors(rows)
         try:
-            committed = ray.get(sink.close.remote())
-        except (RayActorError, RayTaskError) as exc:
-            loop.fatal = loop.fatal or f"the sink could not commit the last rows: {last_line(exc)}"
+            committed = loop.sink.close()
+        except RunFailed as exc:
+            committed, loop.fatal = loop.sink.committed, loop.fatal or str(exc)
         return RunSummary(
             streams,
             time.monotonic() - started,
@@ -113,17 +128,10 @@ def run(
             distill=distilled,
         )
     finally:
+        if control is not None:
+            control.close()
         for a in actors:
             ray.kill(a)
-
-
-def send_now(held: int, at_model: int, batch_size: int) -> bool:
-    """Whether the driver sends its ``held`` decoded windows to the model now, in one call: once
-    they fill a batch, or at once while the model has less than a batch of work (``at_model``
-    windows sent and not yet returned), so it never waits on the driver and a quiet live stream
-    pays no latency. Holding them otherwise makes calls of about a batch, which is what spreads
-    Ray's cost per call."""
-    return held > 0 and (held >= batch_size or at_model < batch_size)
 
 
 @dataclass
@@ -133,6 +141,7 @@ class _Call:
     stream_id: str
     seq: int
     window: ray.ObjectRef  # the Window (None at the end of the stream)
+    window_id: int = -1  # once decoded
     result: ray.ObjectRef | None = None  # the model's WindowResult, once sent to the model
 
 
@@ -148,14 +157,15 @@ class _Loop:
         self.lost_pools: dict[str, list[tuple[str, BaseException]]] = {}  # pool -> (stream, error) of failed calls
         self.streams = pipeline.streams
         self.model = pipeline.model
-        self.sink = pipeline.sink
+        self.sink = SinkGuard(pipeline.sink, self.budget, self.restarted)
+        self.distill: DistillWatch | None = None
+        self.control: StreamControl | None = None
         self.source_calls: dict[ray.ObjectRef, _Call] = {}  # by the source event's reference
         self.held: list[_Call] = []  # decoded windows not yet sent to the model (see send_now)
         self.sent_seq: dict[str, int] = {}  # the highest seq of each stream sent to the model
         self.late_ends: list[tuple[_Call, Any]] = []  # ends of stream read before an earlier call's reply
         self.model_calls: dict[ray.ObjectRef, list[_Call]] = {}  # by the model call's outcome list
-        self.sink_calls: dict[ray.ObjectRef, list[str]] = {}  # stream id of each result written
-        self.model_lost = False  # a model call found the actor dead: recover before the next step
+        self.model_lost: BaseException | None = None  # a model call found the actor dead: recover first
         self.fatal: str | None = None
         self.metrics = Metrics()
         self._open_told: list[str] | None = None  # the open streams the model actor was last told
@@ -164,7 +174,9 @@ class _Loop:
     def run(self, on_progress: ProgressCallback | None) -> None:
         try:
             while True:
-                if self.model_lost:
+                if self.control is not None:
+                    self.control.serve()
+                if self.model_lost is not None:
                     self._recover_model()
                 if self.lost_pools and not any(
                     self.pools.pool_of(c.stream_id) in self.lost_pools for c in self.source_calls.values()
@@ -188,17 +200,19 @@ class _Loop:
     def _step(self) -> None:
         """Send what is due to the model, wait for any call to finish, read every finished one."""
         self._send()
-        waiting = [*self.source_calls, *self.model_calls, *self.sink_calls]
+        waiting = [*self.source_calls, *self.model_calls, *self.sink.calls]
         if waiting:
             ray.wait(waiting, num_returns=1, timeout=0.25)
             ready = set(ray.wait(waiting, num_returns=len(waiting), timeout=0)[0])
             self._on_source([r for r in self.source_calls if r in ready])
             self._on_model([r for r in self.model_calls if r in ready])
-            self._on_sink([r for r in self.sink_calls if r in ready])
+            self._on_sink([r for r in self.sink.calls if r in ready])
         now = time.monotonic()
         if now - self._last_tick >= SINK_TICK_S:
             self._last_tick = now
-            self.sink.tick.remote()
+            self.sink.tick()
+            if self.distill is not None and (rows := self.distill.poll([s for s in self.streams if self.streams[s].open])):
+                self.sink.write_errors(rows)
 
     # -- 1. source -------------------------------------------------------------------------
     def _request(self) -> None:
@@ -252,6 +266,7 @@ class _Loop:
             errors.extend(ev.errors)
             if ev.window_id is not None:
                 st.decoded(ev.window_id)
+                call.window_id = ev.window_id
             if ev.window_id is not None and st.takes_windows:
                 self.held.append(call)
                 continue
@@ -261,7 +276,7 @@ class _Loop:
                     errors.append(ev.failure)
                 st.source_ended(None if ev.failure is None else f"{ev.failure.kind}: {ev.failure.message}")
         if errors:
-            self.sink.write_errors.remote(errors)
+            self.sink.write_errors(errors)
 
     # -- 3. to the model -------------------------------------------------------------------
     def _send(self) -> None:
@@ -309,8 +324,8 @@ class _Loop:
                 outcomes = ray.get(ref)
             except RayTaskError as exc:  # the call itself failed: every window in it did
                 outcomes = [exc.cause if isinstance(exc.cause, BaseException) else exc] * len(self.model_calls[ref])
-            except RayActorError:
-                self.model_lost = True
+            except RayActorError as exc:
+                self.model_lost = exc
                 continue
             for call, outcome in zip(self.model_calls.pop(ref), outcomes):
                 st = self.streams[call.stream_id]
@@ -322,21 +337,19 @@ class _Loop:
                     errors.append(ErrorRecord.from_exception(call.stream_id, outcome))
                     st.fail(f"{type(outcome).__name__}: {outcome}")
         if errors:
-            self.sink.write_errors.remote(errors)
+            self.sink.write_errors(errors)
         # A failed stream's results still go: its windows that ran before the failure.
         if results:
             for call, _ in results:
                 self.streams[call.stream_id].to_sink(call.seq)
-            ref = self.sink.write.remote(*(result for _, result in results))
-            self.sink_calls[ref] = [call.stream_id for call, _ in results]
+            self.sink.write([(call.stream_id, call.window_id, result) for call, result in results])
 
     def _recover_model(self) -> None:
         """Wait for the restarted model actor; keep the results the dead one delivered and resend
         every other window sent to it, each stream's lowest window without a result starting a new
-        state chain."""
-        self.model_lost = False
-        self.pipeline.restarts += 1
-        self.metrics.restarts.inc(tags={"actor": "model"})
+        state chain; one ``errors`` row per stream that still takes windows."""
+        why, self.model_lost = death_cause(self.model_lost), None
+        self.restarted("model")
         if not self.budget.spend("model actor"):
             ray.kill(self.model, no_restart=True)
             raise RunFailed(f"the model actor died more than {self.budget.per_hour} times within an hour")
@@ -352,6 +365,10 @@ class _Loop:
             st.restart_chain()
         self._open_told = None  # the new incarnation has not been told which streams are open
         self.held = resend + self.held
+        self.sink.write_errors([ErrorRecord.from_exception(sid, ModelRestarted(
+            f"the model actor died ({why}); restarted, {sum(c.stream_id == sid for c in resend)} windows resent, "
+            "state reset", stream_id=sid), min((c.window_id for c in resend if c.stream_id == sid), default=None))
+            for sid, st in self.streams.items() if st.takes_windows])
 
     def _recover_sources(self) -> None:
         """Resume the streams of every pool whose calls failed (see the README's "Restarts"): each
@@ -368,13 +385,13 @@ class _Loop:
                         errors.append(ErrorRecord.from_exception(sid, exc, st.next_window))
                         st.source_ended(f"{type(exc).__name__}: {last_line(exc)}")
                 continue
-            self.pipeline.restarts += 1
-            self.metrics.restarts.inc(tags={"actor": "source"})
+            self.restarted("source")
             streams, why = self.pools.recover(pool, self.budget)
+            cause = death_cause(failed[0][1]) + ("" if why is None else f"; {why}")
             for sid in [s for s in streams if self.streams[s].asks_source]:
                 st, left = self.streams[sid], self.pools.hosts(sid)
                 where = f" on {pool_name(self.pools.pool_of(sid))}" if why is not None and left else ""
-                msg = (f"{pool_name(pool)} died{'' if why is None else f' ({why})'}; stream "
+                msg = (f"{pool_name(pool)} died ({cause}); stream "
                        f"{'resumed' if left else 'ended, no source actor is left for it,'} at window {st.next_window}{where}")
                 errors.append(ErrorRecord.from_exception(sid, SourceRestarted(msg, stream_id=sid), st.next_window))
                 if not left:
@@ -386,20 +403,17 @@ class _Loop:
         if starts:
             self.pools.add(starts)
         if errors:
-            self.sink.write_errors.remote(errors)
+            self.sink.write_errors(errors)
 
     # -- 5. sink ---------------------------------------------------------------------------
     def _on_sink(self, done: list[ray.ObjectRef]) -> None:
         """Count the results the sink has taken; `RunFailed` if it failed."""
-        if not done:
-            return
-        try:
-            ray.get(done)
-        except (RayActorError, RayTaskError) as exc:
-            raise RunFailed(f"the sink failed, rows not committed are redone on resume: {last_line(exc)}") from None
-        for ref in done:
-            for sid in self.sink_calls.pop(ref):
-                self.streams[sid].written()
+        for sid in self.sink.done(done):
+            self.streams[sid].written()
+
+    def restarted(self, actor: str) -> None:
+        self.pipeline.restarts += 1
+        self.metrics.restarts.inc(tags={"actor": actor})
 
     # -- bookkeeping -----------------------------------------------------------------------
     def _at_model(self) -> int:
@@ -412,7 +426,7 @@ class _Loop:
         self.metrics.queue_depth.set(self.pipeline.at_sink, tags={"stage": "sink"})
         self.metrics.streams_active.set(sum(1 for st in self.streams.values() if not st.finished))
         if ended := self.pipeline.newly_finished():  # the sink has all their rows: it commits and publishes them
-            self.sink.end_streams.remote(ended)
+            self.sink.end_streams(ended)
 
 
 def _event(ref: ray.ObjectRef) -> SourceEvent | BaseException:
@@ -430,21 +444,3 @@ def _delivered(ref: ray.ObjectRef) -> bool:
         return True
     except (RayActorError, RayTaskError, GetTimeoutError):
         return False
-
-
-def _finish_distill(model: Any, distill: Any) -> dict[str, Any]:
-    """Let the student take the batches offered to it, save it and send its last rows to the sink
-    (before the sink closes). A distillation failure does not fail the run: it is reported."""
-    try:
-        dropped = ray.get(model.distill_flush.remote())
-        return {**ray.get(distill.finish.remote()), "dropped_windows": dropped}
-    except (RayActorError, RayTaskError) as exc:
-        return {"error": last_line(exc)}
-
-
-def _started(ref: ray.ObjectRef, what: str) -> Any:
-    """The result of an actor's first call; `RunFailed` naming the cause if the actor could not start."""
-    try:
-        return ray.get(ref)
-    except RayActorError as exc:
-        raise RunFailed(f"{what} could not start: {last_line(exc)}") from None

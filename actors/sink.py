@@ -5,9 +5,14 @@ Rows are buffered and committed together (hidden part files, then the manifest) 
 Each commit publishes the stream's closed periods; `end_streams` (a stream that ended) and
 `close` (the run drains) publish everything committed. `tick` also renews an object store's
 lease; the lease's owner is the actor's id, so a restarted sink takes its own folder back.
-Windows already committed for a stream (a resumed run) are dropped, so ``(stream_id,
-window_id)`` stays unique. The buffer is bounded by the flush policy and by the runner's
-in-flight bounds (a window counts as in flight until `write` returns).
+Windows already committed for a stream (a resumed run, or results resent after a restart) are
+dropped, so ``(stream_id, window_id)`` stays unique. The buffer is bounded by the flush policy and
+by the runner's in-flight bounds (a window counts as in flight until `write` returns).
+
+Every call that may commit (`write`, `tick`, `end_streams`, `close`) returns a `SinkReply`: what
+its flush committed and the process id, so that the runner (`actors.sink_guard`) keeps each
+result until it is committed and notices a restarted sink (Ray restarts it; the new one re-opens
+the folder and recovers from the manifest).
 
 ``student`` rows (from the DistillActor) are committed with their window's rows when both are
 buffered, or with a later flush once the window is committed; a student row whose window never
@@ -17,7 +22,9 @@ commits (its stream failed first) is not written.
 from __future__ import annotations
 
 import io
+import os
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import ray
@@ -30,6 +37,18 @@ from pipeline.parquet import ErrorRow, FlowRow, OutputWriter, StudentRow
 
 FLUSH_WINDOWS = 256
 FLUSH_S = 5.0
+
+
+@dataclass
+class SinkReply:
+    """What a sink call committed: ``windows`` ids per stream, the ``errors`` batches (numbers the
+    runner gave `SinkActor.write_errors`), the ``skipped`` windows (committed before, dropped), and
+    ``pid``, the sink process that answered."""
+
+    pid: int
+    windows: dict[str, list[int]] = field(default_factory=dict)
+    errors: list[int] = field(default_factory=list)
+    skipped: dict[str, list[int]] = field(default_factory=dict)
 
 
 class SinkActor:
@@ -46,10 +65,14 @@ class SinkActor:
                                     retain_days=retain_days, owner=None if actor is None else f"sink actor {actor}")
         self._buffer: list[WindowResult] = []
         self._errors: list[ErrorRecord] = []
+        self._error_batches: list[int] = []
         self._student: dict[str, dict[int, StudentRow]] = {}
         self._oldest: float | None = None
-        self._written: dict[str, int] = {}
         self._metrics = Metrics()
+
+    def info(self) -> dict[str, int]:
+        """The sink's process id (another one after a restart)."""
+        return {"pid": os.getpid()}
 
     def set_model(self, model: str) -> None:
         """The model name written to rows and file metadata (known once the model actor loaded)."""
@@ -59,27 +82,34 @@ class SinkActor:
         """Per stream, the window id to start from: after the last committed window (0 if none)."""
         return {sid: self._writer.resume_from(sid) for sid in stream_ids}
 
-    def write(self, *results: WindowResult) -> int:
-        """Buffer results (dropping windows already committed); commit if due. Returns rows taken.
+    def uncommitted(self, held: dict[str, list[int]]) -> dict[str, list[int]]:
+        """Of ``held`` window ids per stream, those not committed."""
+        return {sid: [w for w in ids if not self._writer.is_committed(sid, w)] for sid, ids in held.items()}
+
+    def write(self, *results: WindowResult) -> SinkReply:
+        """Buffer results (dropping windows already committed); commit if due.
 
         One argument per result, so that the runner can pass the model actor's returns by
         reference and Ray hands them over resolved.
         """
-        taken = 0
+        skipped: dict[str, list[int]] = {}
         for r in results:
             self._metrics.windows_in.inc(tags={"stage": "sink", "stream": r.stream_id})
             if self._writer.is_committed(r.stream_id, r.window_id):
-                continue
-            self._buffer.append(r)
-            taken += 1
+                skipped.setdefault(r.stream_id, []).append(r.window_id)
+            else:
+                self._buffer.append(r)
         if self._buffer and self._oldest is None:
             self._oldest = time.monotonic()
-        self.tick()
-        return taken
+        reply = self.tick()
+        reply.skipped = skipped
+        return reply
 
-    def write_errors(self, records: list[ErrorRecord]) -> None:
-        """Buffer ``errors`` rows (append-only; committed with the next flush)."""
+    def write_errors(self, records: list[ErrorRecord], batch: int = -1) -> None:
+        """Buffer ``errors`` rows (append-only; committed with the next flush); ``batch`` numbers
+        them for the `SinkReply` of that flush."""
         self._errors.extend(records)
+        self._error_batches.append(batch)
         if self._oldest is None:
             self._oldest = time.monotonic()
 
@@ -91,19 +121,22 @@ class SinkActor:
         if self._oldest is None:
             self._oldest = time.monotonic()
 
-    def tick(self) -> None:
+    def tick(self) -> SinkReply:
         """Commit if the buffer is full or its oldest row has waited long enough; renew the lease."""
         self._writer.renew()
-        if self._oldest is None:
-            return
-        if len(self._buffer) >= FLUSH_WINDOWS or time.monotonic() - self._oldest >= FLUSH_S:
-            self.flush()
+        if self._oldest is not None and (
+            len(self._buffer) >= FLUSH_WINDOWS or time.monotonic() - self._oldest >= FLUSH_S
+        ):
+            return self.flush()
+        return SinkReply(os.getpid())
 
-    def flush(self) -> None:
+    def flush(self) -> SinkReply:
         """Commit everything buffered."""
+        reply = SinkReply(os.getpid(), errors=self._error_batches)
+        self._error_batches = []
         if not self._buffer and not self._errors and not self._student:
             self._oldest = None
-            return
+            return reply
         t0 = time.perf_counter()
         rows, self._buffer = self._buffer, []
         errors, self._errors = self._errors, []
@@ -122,12 +155,13 @@ class SinkActor:
                 student=self._take_student(sid, {r.window_id for r in results}),
                 errors=[ErrorRow(kind=e.kind, message=e.message, window_id=e.window_id, t_wall=e.t_wall) for e in errs],
             )
-            self._written[sid] = self._written.get(sid, 0) + len(ids)
             if ids:
+                reply.windows[sid] = ids
                 self._metrics.windows_out.inc(len(ids), tags={"stage": "sink", "stream": sid})
                 self._metrics.last_window_time.set(time.time(), tags={"stream": sid})
         self._metrics.latency.observe(time.perf_counter() - t0, tags={"stage": "sink"})
         self._oldest = time.monotonic() if self._student else None  # rows still waiting for their window
+        return reply
 
     def _take_student(self, sid: str, flushing: set[int]) -> list[StudentRow]:
         """The held ``student`` rows of ``sid`` whose window is committed or in this flush."""
@@ -137,18 +171,18 @@ class SinkActor:
             self._student.pop(sid, None)
         return take
 
-    def end_streams(self, stream_ids: list[str]) -> None:
+    def end_streams(self, stream_ids: list[str]) -> SinkReply:
         """Streams that ended: commit their buffered rows and publish all they committed."""
-        self.flush()
+        reply = self.flush()
         for sid in stream_ids:
             self._writer.publish(sid, everything=True)
+        return reply
 
-    def close(self) -> dict[str, int]:
-        """Commit what is left and publish everything committed; windows committed by this actor,
-        per stream."""
-        self.flush()
+    def close(self) -> SinkReply:
+        """Commit what is left, publish everything committed and release the output folder."""
+        reply = self.flush()
         self._writer.close()
-        return dict(self._written)
+        return reply
 
 
 def _flow_row(r: WindowResult) -> FlowRow:

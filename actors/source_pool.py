@@ -87,6 +87,11 @@ class SourcePoolActor:
             with self._lock:
                 self._streams[stream.id] = _Hosted(source, first_seq)
 
+    def drop(self, stream_id: str) -> None:
+        """Stop hosting ``stream_id`` (removed from the run; its calls are over)."""
+        with self._lock:
+            self._streams.pop(stream_id, None)
+
     @ray.method(num_returns=2)
     def next(self, stream_id: str, seq: int) -> tuple[SourceEvent, Window | None]:
         """Stream ``stream_id``'s next window and its event, as its ``seq``-th call (waits for the

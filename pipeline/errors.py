@@ -80,6 +80,22 @@ class SourceRestarted(SourceError):
     """The process decoding a stream died; the stream was resumed in a new one (reported, not raised)."""
 
 
+class ActorRestarted(PipelineError):
+    """A pipeline actor's process died and Ray restarted it; the run went on (reported, not raised)."""
+
+
+class SinkRestarted(ActorRestarted):
+    """The sink died; the new one recovered from the manifest and redid the rows not committed."""
+
+
+class ModelRestarted(ActorRestarted):
+    """The model actor died; its windows were resent and each affected stream's state was reset."""
+
+
+class DistillRestarted(ActorRestarted):
+    """The distill actor died; the new one resumed the student from its last checkpoint."""
+
+
 class PointCloudError(SourceError):
     """A point-cloud file is malformed (bad size, empty scan, unreadable header)."""
 

@@ -177,7 +177,8 @@ def test_a_pool_actor_killed_mid_run_is_restarted_and_resumes_its_streams(ray_se
     assert ids_by_stream(out) == {f"s{i}": list(range(n)) for i in range(4)}  # each window exactly once
     errors = rows(out, "errors")
     assert set(errors["kind"].to_list()) == {"SourceRestarted"}
-    assert all(f"source pool actor {killed[0]} died; stream resumed at window" in m for m in errors["message"])
+    died = f"source pool actor {killed[0]} died (its process ended; Ray reported no signal or exit code)"
+    assert all(f"{died}; stream resumed at window" in m for m in errors["message"])
     # One row per stream of the killed pool that was still running; a stream resumed at window k
     # starts a new state chain there.
     windows = rows(out, "windows")

@@ -1,0 +1,13 @@
+"""When the driver sends its decoded windows to the model actor (`send_now`), shared by the runner
+and the model-only benchmark."""
+
+from __future__ import annotations
+
+
+def send_now(held: int, at_model: int, batch_size: int) -> bool:
+    """Whether the driver sends its ``held`` decoded windows to the model now, in one call: once
+    they fill a batch, or at once while the model has less than a batch of work (``at_model``
+    windows sent and not yet returned), so it never waits on the driver and a quiet live stream
+    pays no latency. Holding them otherwise makes calls of about a batch, which is what spreads
+    Ray's cost per call."""
+    return held > 0 and (held >= batch_size or at_model < batch_size)
