@@ -48,7 +48,7 @@ def test_run_options():
 
 
 def test_only_implemented_subcommands_are_offered():
-    assert set(run_pipeline.SUBCOMMANDS) == {"run", "train", "eval", "distill", "inspect", "bench", "compact"}
+    assert set(run_pipeline.SUBCOMMANDS) == {"run", "train", "eval", "distill", "inspect", "bench", "compact", "streams"}
     for name, sc in run_pipeline.SUBCOMMANDS.items():
         assert callable(sc.main) and sc.help
 
