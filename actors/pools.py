@@ -19,6 +19,7 @@ from typing import Any
 import ray
 
 from actors.assign import assign, rendezvous, resolve_node
+from actors.placement import Pending, await_started, describe
 from actors.plan import ActorOptions, start_source_pool
 from actors.restarts import ActorGone, RestartBudget, await_restart
 from pipeline.config import Config, StreamConfig
@@ -39,20 +40,22 @@ class SourcePools:
             s.id: None if s.node is None else resolve_node(s.id, s.node, nodes) for s in cfg.streams
         }
         pinned = sorted({n for n in self._pins.values() if n is not None})
+        self._nodes = {str(i): pinned[i] if i < len(pinned) else None for i in range(max(opts.source_actors, len(pinned)))}
+        self._cpus = opts.source_cpus
         self.handles: dict[str, Any] = {
-            str(i): start_source_pool(cfg, opts, i, realtime=realtime, shipped=shipped,
-                                      node=pinned[i] if i < len(pinned) else None)
-            for i in range(max(opts.source_actors, len(pinned)))
+            pid: start_source_pool(cfg, opts, int(pid), realtime=realtime, shipped=shipped, node=node)
+            for pid, node in self._nodes.items()
         }
         self._streams = {s.id: s for s in cfg.streams}
         self._info: dict[str, dict[str, Any]] = {}
         self.assignment: dict[str, str] = {}
 
-    def start(self) -> None:
-        """Wait for every pool to answer and assign the streams (raises `ActorGone` naming a pool
-        that could not start)."""
-        for pid, handle in self.handles.items():
-            self._info[pid] = await_restart(handle, pool_name(pid))
+    def start(self, timeout_s: float) -> None:
+        """Wait for every pool to answer and assign the streams (`RunFailed` naming a pool that
+        could not start, or was not placed within ``timeout_s``)."""
+        pending = [Pending(h.info.remote(), pool_name(pid), describe(self._cpus, node=self._nodes[pid]))
+                   for pid, h in self.handles.items()]
+        self._info = dict(zip(self.handles, await_started(pending, timeout_s)))
         self.assignment = assign(self._pins, {pid: info["node"] for pid, info in self._info.items()})
 
     def pool_of(self, stream_id: str) -> str:

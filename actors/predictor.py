@@ -1,9 +1,13 @@
-"""The model the ModelActor runs: a `StreamingPerceiverIO` loaded from the config's checkpoint."""
+"""The model the ModelActor runs: a `StreamingPerceiverIO` loaded from the config's checkpoint,
+read once by the driver and shipped to the replicas through Ray's object store (`ShippedModel`),
+so a replica on another node needs no copy of the checkpoint's folder."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,6 +36,29 @@ class TorchPredictor:
         return self.model(batch, state)
 
 
+@dataclass
+class ShippedModel:
+    """A checkpoint as read by the driver: its model config (`StreamingConfig.to_dict`), its weights
+    (CPU tensors by name) and the name written to the outputs."""
+
+    config: dict[str, Any]
+    weights: dict[str, torch.Tensor]
+    name: str
+
+
+def ship_model(cfg: Config) -> ShippedModel | None:
+    """The checkpoint the run's replicas load (``model.student``, else ``model.checkpoint``), read
+    here; None without either (each replica builds the same untrained model)."""
+    path = cfg.model.student or cfg.model.checkpoint
+    if path is None:
+        return None
+    try:
+        model, _ = load_checkpoint(path, device="cpu")
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(str(exc), source=path) from None
+    return ShippedModel(model.config.to_dict(), model.state_dict(), Path(path).name)
+
+
 def model_config(cfg: Config) -> StreamingConfig:
     """The configured model's config (``model.student``, else ``model.checkpoint``), read without
     its weights; an untrained model's without either."""
@@ -45,12 +72,17 @@ def model_config(cfg: Config) -> StreamingConfig:
     return config
 
 
-def load_predictor(cfg: Config, device: torch.device) -> TorchPredictor:
-    """The student checkpoint if ``model.student`` is set, else ``model.checkpoint``.
+def load_predictor(cfg: Config, device: torch.device, shipped: ShippedModel | None = None) -> TorchPredictor:
+    """The ``shipped`` model if given, else the student checkpoint if ``model.student`` is set,
+    else ``model.checkpoint``.
 
     Without either, an untrained model with the synthetic rig's classes runs (for wiring checks;
     its outputs mean nothing) and a warning says so.
     """
+    if shipped is not None:
+        model = StreamingPerceiverIO(StreamingConfig.from_dict(shipped.config))
+        model.load_state_dict(shipped.weights)
+        return TorchPredictor(model, shipped.name, device)
     path = cfg.model.student or cfg.model.checkpoint
     if path is None:
         log.warning("model.checkpoint is not set: running an untrained model, its outputs mean nothing")

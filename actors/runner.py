@@ -8,14 +8,15 @@ One window's way, a method of `_Loop` per step, in this order in the file:
    (`actors.streams.StreamStatus`) numbers the window (``seq``) and counts it in flight.
 2. `_on_source`: the call's small `SourceEvent` comes back; the window stays in the object store.
    A window is held at the driver; an end of stream moves its record to ``ending``.
-3. `_send`: held windows go to the `ModelActor` in ``infer_many`` calls of up to a batch, when
-   `send_now` says so (one actor call costs the model actor about as much CPU as a small batch).
-   The model actor runs each stream's windows in ``seq`` order, in whatever order they arrive.
+3. `_send`: held windows go to their stream's model replica (`actors.replicas`) in ``infer_many``
+   calls of up to a batch, when `send_now` says so (one actor call costs the model actor about as
+   much CPU as a small batch). A replica runs each stream's windows in ``seq`` order, in whatever
+   order they arrive.
 4. `_on_model`: the call's list of outcomes comes back; each result goes to the `SinkActor` by
    reference, unread. A window the model failed on fails its stream (one ``errors`` row).
 5. `_on_sink`: the sink has taken the result; it commits it with its next flush.
 
-When a model call finds the actor dead, the loop's next step is `_recover_model`; when a source
+When a model call finds its replica dead, the loop's next step is `_recover_model`; when a source
 call finds its pool dead, once the pool's other calls have settled, `_recover_sources`. Both keep
 to one restart budget (`actors.restarts`). `stop` (SIGINT / SIGTERM) stops step 1; the loop ends
 once nothing is in flight or waiting for the sink.
@@ -30,16 +31,19 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 
 from actors.metrics import Metrics
-from actors.plan import plan_actors, shipped_inputs, start_distill, start_model, start_sink
+from actors.placement import Pending, await_started, describe
+from actors.plan import cluster_nodes, plan_actors, shipped_inputs, start_distill, start_sink
 from actors.pools import SourcePools, pool_name
-from actors.restarts import RestartBudget, RunFailed, await_restart, last_line
+from actors.predictor import ship_model
+from actors.replicas import ModelReplicas, delivered, replica_name
+from actors.restarts import RestartBudget, RunFailed, last_line
 from actors.source import ErrorRecord, SourceEvent
 from actors.streams import RunningPipeline, RunSummary, StreamStatus
 from pipeline.config import Config
-from pipeline.errors import CheckpointError, ConfigError, SourceRestarted
+from pipeline.errors import CheckpointError, ConfigError, ReplicaRestarted, SourceRestarted
 
 RESEND_SETTLE_S = 5.0
 SINK_TICK_S = 1.0
@@ -56,6 +60,7 @@ def run(
     realtime: bool | None = None,
     on_start: ProgressCallback | None = None,
     on_progress: ProgressCallback | None = None,
+    build: Any | None = None,
 ) -> RunSummary:
     """Run the pipeline on the already initialised Ray until every stream ends or `stop` drains it.
 
@@ -63,7 +68,7 @@ def run(
     ``realtime`` defaults to ``config.runtime.realtime``. ``on_start`` gets the `RunningPipeline`
     once the actors exist, ``on_progress`` after every step of the loop (a few times a second at
     least). With ``distill.enabled`` a `DistillActor` trains a student from the model's batches
-    (see `actors.distill`).
+    (see `actors.distill`). ``build`` replaces the replicas' model loader (the benches' stand-in).
     """
     if not ray.is_initialized():
         raise RuntimeError("actors.runner.run needs an initialised Ray (call ray.init first)")
@@ -72,32 +77,38 @@ def run(
                           "unset one of them")
     started = time.monotonic()
     out_dir = Path(output if output is not None else config.output.dir)
-    opts = plan_actors(config, ray.available_resources())
+    opts = plan_actors(config, cluster_nodes(), ray.get_runtime_context().get_node_id())
+    try:
+        model_ref = ray.put(ship_model(config)) if build is None else None
+        shipped = shipped_inputs(config)
+    except CheckpointError as exc:
+        raise RunFailed(f"the model's checkpoint could not be read here: {exc}") from None
     sink = start_sink(config, out_dir, opts)
     distill = start_distill(config, out_dir, opts, sink) if config.distill.enabled else None
-    model = start_model(config, opts, distill)
-    actors = [a for a in (sink, distill, model) if a is not None]
+    replicas = ModelReplicas(config, opts, distill, model_ref, build)
+    actors = [a for a in (sink, distill, *replicas.handles.values()) if a is not None]
     try:
+        wait = config.runtime.schedule_timeout_s
+        first = [Pending(sink.resume_points.remote([s.id for s in config.streams]), "the sink",
+                         describe(opts.sink_cpus, node=opts.driver_node))]
         if distill is not None:
-            _started(distill.info.remote(), "the distill actor")
-        info = _started(model.info.remote(), "the model actor")
-        resume = _started(sink.resume_points.remote([s.id for s in config.streams]), "the sink")
-        ray.get(sink.set_model.remote(info["model"]))
-        try:
-            shipped = shipped_inputs(config)
-        except CheckpointError as exc:
-            raise RunFailed(f"the model's config could not be read here: {exc}") from None
+            first.append(Pending(distill.info.remote(), "the distill actor", describe(opts.distill_cpus, opts.distill_gpus)))
+        resume, *answers = await_started(first + replicas.pending(), wait)
+        replicas.started(answers[-len(replicas.handles):])
+        ray.get(sink.set_model.remote(answers[-1]["model"]))
         pace = config.runtime.realtime if realtime is None else realtime
         pools = SourcePools(config, opts, realtime=pace, shipped=shipped)
         actors.extend(pools.handles.values())
-        pools.start()
+        pools.start(wait)
         pools.add({s.id: (resume.get(s.id, 0), 0, max_windows) for s in config.streams})
         streams = {s.id: StreamStatus(s.id, start_window=resume.get(s.id, 0)) for s in config.streams}
-        loop = _Loop(config, RunningPipeline(model, sink, pools.handles, streams, pools.assignment), pools, max_windows)
+        pipeline = RunningPipeline(replicas.handles["0"], sink, pools.handles, streams, pools.assignment,
+                                   replicas=replicas.handles, owners=replicas.assignment)
+        loop = _Loop(config, pipeline, pools, replicas, max_windows)
         if on_start is not None:
             on_start(loop.pipeline)
         loop.run(on_progress)
-        distilled = _finish_distill(model, distill) if distill is not None else None
+        distilled = replicas.finish_distill(distill) if distill is not None else None
         committed: dict[str, int] = {}
         try:
             committed = ray.get(sink.close.remote())
@@ -134,20 +145,23 @@ class _Call:
     seq: int
     window: ray.ObjectRef  # the Window (None at the end of the stream)
     result: ray.ObjectRef | None = None  # the model's WindowResult, once sent to the model
+    window_id: int | None = None  # once its source has delivered it
+    replica: str | None = None  # the replica it was sent to
 
 
 class _Loop:
     """The driver loop of one run (see the module docstring)."""
 
-    def __init__(self, cfg: Config, pipeline: RunningPipeline, pools: SourcePools, max_windows: int | None) -> None:
+    def __init__(self, cfg: Config, pipeline: RunningPipeline, pools: SourcePools, replicas: ModelReplicas,
+                 max_windows: int | None) -> None:
         self.cfg = cfg
         self.pipeline = pipeline
         self.pools = pools
+        self.replicas = replicas
         self.max_windows = max_windows
         self.budget = RestartBudget(cfg.runtime.max_restarts_per_hour)
         self.lost_pools: dict[str, list[tuple[str, BaseException]]] = {}  # pool -> (stream, error) of failed calls
         self.streams = pipeline.streams
-        self.model = pipeline.model
         self.sink = pipeline.sink
         self.source_calls: dict[ray.ObjectRef, _Call] = {}  # by the source event's reference
         self.held: list[_Call] = []  # decoded windows not yet sent to the model (see send_now)
@@ -155,16 +169,15 @@ class _Loop:
         self.late_ends: list[tuple[_Call, Any]] = []  # ends of stream read before an earlier call's reply
         self.model_calls: dict[ray.ObjectRef, list[_Call]] = {}  # by the model call's outcome list
         self.sink_calls: dict[ray.ObjectRef, list[str]] = {}  # stream id of each result written
-        self.model_lost = False  # a model call found the actor dead: recover before the next step
+        self.lost_replicas: set[str] = set()  # a model call found its replica dead: recover before the next step
         self.fatal: str | None = None
         self.metrics = Metrics()
-        self._open_told: list[str] | None = None  # the open streams the model actor was last told
         self._last_tick = time.monotonic()
 
     def run(self, on_progress: ProgressCallback | None) -> None:
         try:
             while True:
-                if self.model_lost:
+                if self.lost_replicas:
                     self._recover_model()
                 if self.lost_pools and not any(
                     self.pools.pool_of(c.stream_id) in self.lost_pools for c in self.source_calls.values()
@@ -252,6 +265,7 @@ class _Loop:
             errors.extend(ev.errors)
             if ev.window_id is not None:
                 st.decoded(ev.window_id)
+                call.window_id = ev.window_id
             if ev.window_id is not None and st.takes_windows:
                 self.held.append(call)
                 continue
@@ -271,32 +285,35 @@ class _Loop:
             self.held.remove(call)
             self.streams[call.stream_id].released(call.seq)
         size = self.cfg.model.batch_size
-        # The model already parks a later window of the stream and waits for this one (a threaded
-        # pool's replies can overtake each other): send it at once, whatever `send_now` says.
-        awaited = any(c.seq < self.sent_seq.get(c.stream_id, -1) for c in self.held)
-        if not (awaited or send_now(len(self.held), self._at_model(), size)):
-            return
-        waiting = [c for c in self.held if self.streams[c.stream_id].waits_for_chain(c.seq)]
-        held, self.held = [c for c in self.held if c not in waiting], waiting
-        # A call's results return together, so one huge call would leave the model idle while
-        # the driver refills it.
-        for i in range(0, len(held), size):
-            calls = held[i : i + size]
-            flags = [(c.seq, self.streams[c.stream_id].starts_chain(c.seq)) for c in calls]
-            outcomes, *results = self.model.infer_many.options(num_returns=len(calls) + 1).remote(
-                flags, *(c.window for c in calls)
-            )
-            for call, result in zip(calls, results):
-                call.result = result
-                self.sent_seq[call.stream_id] = max(call.seq, self.sent_seq.get(call.stream_id, -1))
-            self.model_calls[outcomes] = calls
+        by_replica: dict[str, list[_Call]] = {}
+        for c in self.held:
+            by_replica.setdefault(self.replicas.replica_of(c.stream_id), []).append(c)
+        self.held = []
+        for rid, mine in by_replica.items():
+            # The replica already parks a later window of the stream and waits for this one (a
+            # threaded pool's replies can overtake each other): send it at once, whatever `send_now` says.
+            awaited = any(c.seq < self.sent_seq.get(c.stream_id, -1) for c in mine)
+            if rid in self.lost_replicas or not (awaited or send_now(len(mine), self._at_model(rid), size)):
+                self.held.extend(mine)
+                continue
+            waiting = [c for c in mine if self.streams[c.stream_id].waits_for_chain(c.seq)]
+            self.held.extend(waiting)
+            ready = [c for c in mine if c not in waiting]
+            # A call's results return together, so one huge call would leave the model idle while
+            # the driver refills it.
+            for i in range(0, len(ready), size):
+                calls = ready[i : i + size]
+                flags = [(c.seq, self.streams[c.stream_id].starts_chain(c.seq)) for c in calls]
+                outcomes, *results = self.replicas.handle_of(rid).infer_many.options(
+                    num_returns=len(calls) + 1).remote(flags, *(c.window for c in calls))
+                for call, result in zip(calls, results):
+                    call.result, call.replica = result, rid
+                    self.sent_seq[call.stream_id] = max(call.seq, self.sent_seq.get(call.stream_id, -1))
+                self.model_calls[outcomes] = calls
 
     def _tell_open_streams(self) -> None:
-        """Tell the model actor which streams may still send windows (when that changed)."""
-        open_ids = sorted(sid for sid, st in self.streams.items() if st.open)
-        if open_ids != self._open_told:
-            self.model.set_open_streams.remote(open_ids)
-            self._open_told = open_ids
+        """Tell each replica which of its streams may still send windows (when that changed)."""
+        self.replicas.tell_open(sorted(sid for sid, st in self.streams.items() if st.open))
 
     # -- 4. from the model -----------------------------------------------------------------
     def _on_model(self, done: list[ray.ObjectRef]) -> None:
@@ -310,7 +327,7 @@ class _Loop:
             except RayTaskError as exc:  # the call itself failed: every window in it did
                 outcomes = [exc.cause if isinstance(exc.cause, BaseException) else exc] * len(self.model_calls[ref])
             except RayActorError:
-                self.model_lost = True
+                self.lost_replicas.add(self.model_calls[ref][0].replica)
                 continue
             for call, outcome in zip(self.model_calls.pop(ref), outcomes):
                 st = self.streams[call.stream_id]
@@ -331,27 +348,31 @@ class _Loop:
             self.sink_calls[ref] = [call.stream_id for call, _ in results]
 
     def _recover_model(self) -> None:
-        """Wait for the restarted model actor; keep the results the dead one delivered and resend
-        every other window sent to it, each stream's lowest window without a result starting a new
-        state chain."""
-        self.model_lost = False
-        self.pipeline.restarts += 1
-        self.metrics.restarts.inc(tags={"actor": "model"})
-        if not self.budget.spend("model actor"):
-            ray.kill(self.model, no_restart=True)
-            raise RunFailed(f"the model actor died more than {self.budget.per_hour} times within an hour")
-        await_restart(self.model, "the model actor")
-        # Calls to the dead incarnation fail quickly; a call sent while it restarted may sit in
-        # the new one waiting for its chain: it is resent too, and the resend supersedes it.
-        pending = list(self.model_calls)
-        ready, _ = ray.wait(pending, num_returns=len(pending), timeout=RESEND_SETTLE_S)
-        self._on_model([ref for ref in ready if _delivered(ref)])
-        resend = [call for calls in self.model_calls.values() for call in calls]
-        self.model_calls.clear()
-        for st in self.streams.values():
-            st.restart_chain()
-        self._open_told = None  # the new incarnation has not been told which streams are open
-        self.held = resend + self.held
+        """For each dead replica: wait for its restart, or move its streams to the live replicas
+        (`ModelReplicas.recover`); keep the results it delivered and resend every other window
+        sent to it, each of its streams' lowest window without a result starting a new state
+        chain, with one ``errors`` row per stream."""
+        lost, self.lost_replicas = sorted(self.lost_replicas), set()
+        errors: list[ErrorRecord] = []
+        for rid in lost:
+            self.pipeline.restarts += 1
+            self.metrics.restarts.inc(tags={"actor": "model"})
+            streams, why = self.replicas.recover(rid, self.budget)
+            # Calls to the dead incarnation fail quickly; a call sent while it restarted may sit in
+            # the new one waiting for its chain: it is resent too, and the resend supersedes it.
+            pending = [ref for ref, calls in self.model_calls.items() if calls[0].replica == rid]
+            ready, _ = ray.wait(pending, num_returns=len(pending), timeout=RESEND_SETTLE_S)
+            self._on_model([ref for ref in ready if delivered(ref)])
+            resend = [call for ref in pending for call in self.model_calls.pop(ref, [])]
+            for sid in [s for s in streams if self.streams[s].takes_windows]:
+                self.streams[sid].restart_chain()
+                first = min((c.window_id for c in resend if c.stream_id == sid and c.window_id is not None), default=None)
+                moved = "resumed in it" if why is None else f"moved to {replica_name(self.replicas.replica_of(sid))}"
+                msg = f"{replica_name(rid)} {'died' if why is None else f'was lost ({why})'}; stream {moved}, state reset"
+                errors.append(ErrorRecord.from_exception(sid, ReplicaRestarted(msg, stream_id=sid), first))
+            self.held = resend + self.held
+        if errors:
+            self.sink.write_errors.remote(errors)
 
     def _recover_sources(self) -> None:
         """Resume the streams of every pool whose calls failed (see the README's "Restarts"): each
@@ -402,9 +423,9 @@ class _Loop:
                 self.streams[sid].written()
 
     # -- bookkeeping -----------------------------------------------------------------------
-    def _at_model(self) -> int:
-        """Windows sent to the model and not yet returned."""
-        return sum(len(calls) for calls in self.model_calls.values())
+    def _at_model(self, replica: str | None = None) -> int:
+        """Windows sent to the model (to ``replica`` only, if given) and not yet returned."""
+        return sum(len(calls) for calls in self.model_calls.values() if replica in (None, calls[0].replica))
 
     def _publish(self) -> None:
         self.pipeline.model_queue = self._at_model() + len(self.held)
@@ -419,30 +440,3 @@ def _event(ref: ray.ObjectRef) -> SourceEvent | BaseException:
         return ray.get(ref)
     except (RayActorError, RayTaskError) as exc:
         return exc
-
-
-def _delivered(ref: ray.ObjectRef) -> bool:
-    """Whether a finished model call has its outcomes (not an error of the dead incarnation)."""
-    try:
-        ray.get(ref, timeout=0)
-        return True
-    except (RayActorError, RayTaskError, GetTimeoutError):
-        return False
-
-
-def _finish_distill(model: Any, distill: Any) -> dict[str, Any]:
-    """Let the student take the batches offered to it, save it and send its last rows to the sink
-    (before the sink closes). A distillation failure does not fail the run: it is reported."""
-    try:
-        dropped = ray.get(model.distill_flush.remote())
-        return {**ray.get(distill.finish.remote()), "dropped_windows": dropped}
-    except (RayActorError, RayTaskError) as exc:
-        return {"error": last_line(exc)}
-
-
-def _started(ref: ray.ObjectRef, what: str) -> Any:
-    """The result of an actor's first call; `RunFailed` naming the cause if the actor could not start."""
-    try:
-        return ray.get(ref)
-    except RayActorError as exc:
-        raise RunFailed(f"{what} could not start: {last_line(exc)}") from None

@@ -75,6 +75,11 @@ class SourceRestarted(SourceError):
     """The process decoding a stream died; the stream was resumed in a new one (reported, not raised)."""
 
 
+class ReplicaRestarted(PipelineError):
+    """The model replica running a stream died; the stream went on in a restarted or another
+    replica with its state reset (reported, not raised)."""
+
+
 class PointCloudError(SourceError):
     """A point-cloud file is malformed (bad size, empty scan, unreadable header)."""
 
