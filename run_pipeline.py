@@ -137,7 +137,9 @@ def start_ray(args: argparse.Namespace, num_cpus: int | None = None) -> bool:
     kwargs = {}
     if args.metrics_port is not None:
         kwargs["_metrics_export_port"] = args.metrics_port
+    # "local": a new Ray even when another cluster is up on this machine (Ray would join it).
     ray.init(
+        address="local",
         num_cpus=num_cpus or os.cpu_count(),
         include_dashboard=not args.no_dashboard,
         dashboard_host=args.dashboard_host,
@@ -177,7 +179,9 @@ class _SignalDrain:
             signal.signal(sig, handler)
 
     def _handle(self, signum: int, _frame: object) -> None:
-        if self.requested:
+        # Before the actors answer there is nothing to drain: the run ends at once.
+        if self.requested or self.pipeline is None:
+            self.requested = True
             raise KeyboardInterrupt
         self.requested = True
         print(f"{signal.Signals(signum).name}: draining windows in flight, then committing", file=sys.stderr)
@@ -218,7 +222,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                     on_progress=display.update,
                 )
     except KeyboardInterrupt:
-        print("interrupted again: stopped without draining; uncommitted windows are redone on resume", file=sys.stderr)
+        print("interrupted before the actors started: stopped" if drain.pipeline is None else
+              "interrupted again: stopped without draining; uncommitted windows are redone on resume", file=sys.stderr)
         return EXIT_FAILED
     except RunFailed as exc:
         print(f"run_pipeline.py: run failed: {exc}", file=sys.stderr)

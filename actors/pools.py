@@ -5,8 +5,10 @@ restarts.
 first of them each on a node that a stream is pinned to (``streams[].node``; more pools when more
 nodes are named), and assigns the streams to them by rendezvous hashing (`actors.assign`; a pinned
 stream goes to a pool on its node) and sends each stream's ``next`` calls to its pool. When a pool's
-process dies, Ray restarts it empty; `recover` then counts the restart against the actor's budget
-(`actors.restarts.RestartBudget`), waits for it, and returns its streams so that the runner adds
+process dies, Ray restarts it empty (an unpinned pool on any node, spread; a pinned one on its
+node only, waited for up to ``sources.node_wait_s`` when that node has left); `recover` then
+counts the restart against the actor's budget (`actors.restarts.RestartBudget`), waits for it,
+and returns its streams so that the runner adds
 them again (to the same pool: the assignment depends only on the stream and the live pools). A
 pool past its budget, or that does not come back, is killed for good and leaves the live set, so
 its streams go to their next pool by the same hashing.
@@ -21,7 +23,7 @@ import ray
 from actors.assign import assign, rendezvous, resolve_node
 from actors.placement import Pending, await_started, describe
 from actors.plan import ActorOptions, start_source_pool
-from actors.restarts import ActorGone, RestartBudget, await_restart
+from actors.restarts import RESTART_TIMEOUT_S, ActorGone, RestartBudget, await_restart
 from pipeline.config import Config, StreamConfig
 
 
@@ -42,6 +44,7 @@ class SourcePools:
         pinned = sorted({n for n in self._pins.values() if n is not None})
         self._nodes = {str(i): pinned[i] if i < len(pinned) else None for i in range(max(opts.source_actors, len(pinned)))}
         self._cpus = opts.source_cpus
+        self._node_wait_s = cfg.sources.node_wait_s
         self.handles: dict[str, Any] = {
             pid: start_source_pool(cfg, opts, int(pid), realtime=realtime, shipped=shipped, node=node)
             for pid, node in self._nodes.items()
@@ -93,8 +96,12 @@ class SourcePools:
         if not budget.spend(pool_name(pool)):
             why = f"it died more than {budget.per_hour} times within an hour"
         else:
+            node = self._nodes.get(pool)
+            gone = node is not None and not any(n["NodeID"] == node and n.get("Alive") for n in ray.nodes())
             try:
-                self._info[pool] = await_restart(self.handles[pool], pool_name(pool))
+                # A pool pinned to a node that left waits for it up to sources.node_wait_s.
+                wait = self._node_wait_s if gone else RESTART_TIMEOUT_S
+                self._info[pool] = await_restart(self.handles[pool], pool_name(pool), wait)
             except ActorGone as exc:
                 why = str(exc)
         if why is not None:

@@ -5,12 +5,11 @@ told, and their restarts.
 `actors.plan.plan_actors`), each loading the checkpoint the driver read once and put in the
 object store (`actors.predictor.ship_model`), and gives each stream to one replica by rendezvous
 hashing over the live replicas (`actors.assign`): a stream's latent state lives in its replica,
-and each replica batches its own streams. When a replica's process dies, Ray restarts it (on its
-planned node if it can, else wherever its ask fits); `recover` counts the restart against the
-actor's budget and waits for it, and its streams stay with it. A replica past its budget, or that
-does not come back (its node left and no other node has room for it within
-``runtime.schedule_timeout_s``), is killed for good and leaves the live set: its streams go to
-their next replica by the same hashing, and only they move. With no replica left the run fails.
+and each replica batches its own streams. When a replica's process dies, Ray restarts it on its
+node; `recover` counts the restart against the actor's budget and waits for it, and its streams
+stay with it. A replica whose node left, past its budget, or that does not come back, is killed
+for good and leaves the live set: its streams go to their next replica by the same hashing, and
+only they move (a replica is not brought back within the run). With no replica left the run fails.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from actors.assign import rendezvous
 from actors.placement import Pending, describe
 from actors.plan import ActorOptions, start_model
 from actors.predictor import ShippedModel
-from actors.restarts import RESTART_TIMEOUT_S, ActorGone, RestartBudget, RunFailed, await_restart, last_line
+from actors.restarts import ActorGone, RestartBudget, RunFailed, await_restart, last_line
 from pipeline.config import Config
 
 
@@ -45,7 +44,6 @@ class ModelReplicas:
             str(i): start_model(cfg, opts, i, distill, model, build) for i in range(len(opts.replicas))
         }
         self._asks = {str(i): describe(p.cpus, p.gpus, p.node) for i, p in enumerate(opts.replicas)}
-        self._wait_s = cfg.runtime.schedule_timeout_s
         self._streams = [s.id for s in cfg.streams]
         self._info: dict[str, dict[str, Any]] = {}
         self._told: dict[str, list[str] | None] = {}
@@ -94,14 +92,16 @@ class ModelReplicas:
         node = self.node_of(replica)
         node_left = node is not None and not any(n["NodeID"] == node and n.get("Alive") for n in ray.nodes())
         why = None
-        if not budget.spend(name):
+        if node_left:
+            # Its streams move at once rather than wait, maybe long, for room on another node.
+            why = "its node left"
+        elif not budget.spend(name):
             why = f"it died more than {budget.per_hour} times within an hour"
         else:
             try:
-                wait = self._wait_s if node_left else RESTART_TIMEOUT_S
-                self._info[replica] = await_restart(self.handles[replica], name, wait)
+                self._info[replica] = await_restart(self.handles[replica], name)
             except ActorGone as exc:
-                why = "its node left and no other node had room for it" if node_left else str(exc)
+                why = str(exc)
         self._told[replica] = None  # a new incarnation has not been told which streams are open
         if why is None:
             return streams, None
