@@ -18,6 +18,7 @@ from actors.distill import DistillActor
 from actors.model import ModelActor
 from actors.predictor import model_config
 from actors.sink import SinkActor
+from actors.source import OpenStream
 from actors.source_pool import SourcePoolActor
 from pipeline.config import Config, config_hash
 from pipeline.errors import ConfigError
@@ -211,11 +212,13 @@ def start_source_pool(
     realtime: bool,
     shipped: tuple[int | None, tuple[int | None, int] | None],
     node: str | None = None,
+    open_stream: OpenStream | None = None,
 ) -> Any:
     """Source pool actor number ``index``, shipping ``shipped`` (`shipped_inputs`) of each window:
     restarted by Ray (the runner keeps to the restart budget and adds its streams again), never
     retrying a call, with a thread for every call the in-flight bounds allow. With a ``node`` id it
-    runs on that node only (streams pinned there)."""
+    runs on that node only (streams pinned there), else spread over the nodes. ``open_stream``
+    replaces its streams' opener (the benches' replay)."""
     where = "SPREAD" if node is None else NodeAffinitySchedulingStrategy(node_id=node, soft=False)
     return (
         ray.remote(SourcePoolActor)
@@ -226,5 +229,5 @@ def start_source_pool(
             max_concurrency=cfg.runtime.max_in_flight + POOL_SPARE_CALLS,
             scheduling_strategy=where,
         )
-        .remote(cfg, index=index, realtime=realtime, shipped=shipped)
+        .remote(cfg, index=index, realtime=realtime, shipped=shipped, open_stream=open_stream)
     )

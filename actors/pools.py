@@ -24,6 +24,7 @@ from actors.assign import assign, rendezvous, resolve_node
 from actors.placement import Pending, await_started, describe
 from actors.plan import ActorOptions, start_source_pool
 from actors.restarts import RESTART_TIMEOUT_S, ActorGone, RestartBudget, await_restart
+from actors.source import OpenStream
 from pipeline.config import Config, StreamConfig
 
 
@@ -33,10 +34,11 @@ def pool_name(pool: str) -> str:
 
 
 class SourcePools:
-    """The pools of one run (see the module docstring); ``handles`` by pool id ("0", "1", ...)."""
+    """The pools of one run (see the module docstring); ``handles`` by pool id ("0", "1", ...);
+    ``open_stream`` replaces the sources' opener (the benches' replay)."""
 
     def __init__(self, cfg: Config, opts: ActorOptions, *, realtime: bool,
-                 shipped: tuple[int | None, tuple[int | None, int] | None]) -> None:
+                 shipped: tuple[int | None, tuple[int | None, int] | None], open_stream: OpenStream | None = None) -> None:
         nodes = ray.nodes() if any(s.node is not None for s in cfg.streams) else []
         self._pins: dict[str, str | None] = {
             s.id: None if s.node is None else resolve_node(s.id, s.node, nodes) for s in cfg.streams
@@ -46,7 +48,8 @@ class SourcePools:
         self._cpus = opts.source_cpus
         self._node_wait_s = cfg.sources.node_wait_s
         self.handles: dict[str, Any] = {
-            pid: start_source_pool(cfg, opts, int(pid), realtime=realtime, shipped=shipped, node=node)
+            pid: start_source_pool(cfg, opts, int(pid), realtime=realtime, shipped=shipped, node=node,
+                                   open_stream=open_stream)
             for pid, node in self._nodes.items()
         }
         self._streams = {s.id: s for s in cfg.streams}

@@ -40,7 +40,7 @@ from actors.pools import SourcePools, pool_name
 from actors.predictor import ship_model
 from actors.replicas import ModelReplicas, delivered, replica_name
 from actors.restarts import RestartBudget, RunFailed, last_line
-from actors.source import ErrorRecord, SourceEvent
+from actors.source import ErrorRecord, OpenStream, SourceEvent
 from actors.streams import RunningPipeline, RunSummary, StreamStatus
 from pipeline.config import Config
 from pipeline.errors import CheckpointError, ConfigError, ReplicaRestarted, SourceRestarted
@@ -61,6 +61,7 @@ def run(
     on_start: ProgressCallback | None = None,
     on_progress: ProgressCallback | None = None,
     build: Any | None = None,
+    open_stream: OpenStream | None = None,
 ) -> RunSummary:
     """Run the pipeline on the already initialised Ray until every stream ends or `stop` drains it.
 
@@ -68,7 +69,7 @@ def run(
     ``realtime`` defaults to ``config.runtime.realtime``. ``on_start`` gets the `RunningPipeline`
     once the actors exist, ``on_progress`` after every step of the loop (a few times a second at
     least). With ``distill.enabled`` a `DistillActor` trains a student from the model's batches
-    (see `actors.distill`). ``build`` replaces the replicas' model loader (the benches' stand-in).
+    (see `actors.distill`). ``build`` replaces the replicas' model loader and ``open_stream`` the sources' (the benches' stand-ins).
     """
     if not ray.is_initialized():
         raise RuntimeError("actors.runner.run needs an initialised Ray (call ray.init first)")
@@ -97,7 +98,7 @@ def run(
         replicas.started(answers[-len(replicas.handles):])
         ray.get(sink.set_model.remote(answers[-1]["model"]))
         pace = config.runtime.realtime if realtime is None else realtime
-        pools = SourcePools(config, opts, realtime=pace, shipped=shipped)
+        pools = SourcePools(config, opts, realtime=pace, shipped=shipped, open_stream=open_stream)
         actors.extend(pools.handles.values())
         pools.start(wait)
         pools.add({s.id: (resume.get(s.id, 0), 0, max_windows) for s in config.streams})
