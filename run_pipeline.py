@@ -273,8 +273,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     cfg = load(args)
     if args.replicas or args.streams:
-        from actors.replica_bench import bench_replicas  # local imports: the actors import Ray
-        from actors.scale_bench import bench_streams
+        from actors.replica_bench import bench_replicas  # local import: the actors import Ray
+        from actors.scale_bench import bench_streams  # local import: the actors import Ray
 
         sizes = {"total_windows": args.total_windows, "timeout_s": args.timeout, "output": args.output}
         table = (bench_replicas(cfg, args.replicas, **sizes) if args.replicas else
