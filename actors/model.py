@@ -138,7 +138,7 @@ class ModelActor:
             "device": str(self._device),
             "windows": self._windows_done,
             "distill_dropped": self._distill_dropped,
-            "node": ray.get_runtime_context().get_node_id(),
+            "node": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
             "threads": torch.get_num_threads(),
         }
 

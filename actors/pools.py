@@ -38,13 +38,15 @@ class SourcePools:
     ``open_stream`` replaces the sources' opener (the benches' replay)."""
 
     def __init__(self, cfg: Config, opts: ActorOptions, *, realtime: bool,
-                 shipped: tuple[int | None, tuple[int | None, int] | None], open_stream: OpenStream | None = None) -> None:
+                 shipped: tuple[int | None, tuple[int | None, int] | None],
+                 open_stream: OpenStream | None = None) -> None:
         nodes = ray.nodes() if any(s.node is not None for s in cfg.streams) else []
         self._pins: dict[str, str | None] = {
             s.id: None if s.node is None else resolve_node(s.id, s.node, nodes) for s in cfg.streams
         }
         pinned = sorted({n for n in self._pins.values() if n is not None})
-        self._nodes = {str(i): pinned[i] if i < len(pinned) else None for i in range(max(opts.source_actors, len(pinned)))}
+        count = max(opts.source_actors, len(pinned))
+        self._nodes = {str(i): pinned[i] if i < len(pinned) else None for i in range(count)}
         self._cpus = opts.source_cpus
         self._node_wait_s = cfg.sources.node_wait_s
         self.handles: dict[str, Any] = {

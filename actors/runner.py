@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
 from actors.metrics import Metrics
 from actors.placement import Pending, await_started, describe
@@ -69,7 +69,8 @@ def run(
     ``realtime`` defaults to ``config.runtime.realtime``. ``on_start`` gets the `RunningPipeline`
     once the actors exist, ``on_progress`` after every step of the loop (a few times a second at
     least). With ``distill.enabled`` a `DistillActor` trains a student from the model's batches
-    (see `actors.distill`). ``build`` replaces the replicas' model loader and ``open_stream`` the sources' (the benches' stand-ins).
+    (see `actors.distill`). ``build`` replaces the replicas' model loader and ``open_stream`` the
+    sources' (the benches' stand-ins).
     """
     if not ray.is_initialized():
         raise RuntimeError("actors.runner.run needs an initialised Ray (call ray.init first)")
@@ -93,7 +94,8 @@ def run(
         first = [Pending(sink.resume_points.remote([s.id for s in config.streams]), "the sink",
                          describe(opts.sink_cpus, node=opts.driver_node))]
         if distill is not None:
-            first.append(Pending(distill.info.remote(), "the distill actor", describe(opts.distill_cpus, opts.distill_gpus)))
+            first.append(Pending(distill.info.remote(), "the distill actor",
+                                 describe(opts.distill_cpus, opts.distill_gpus)))
         resume, *answers = await_started(first + replicas.pending(), wait)
         replicas.started(answers[-len(replicas.handles):])
         ray.get(sink.set_model.remote(answers[-1]["model"]))
@@ -325,7 +327,7 @@ class _Loop:
         for ref in done:
             try:
                 outcomes = ray.get(ref)
-            except RayTaskError as exc:  # the call itself failed: every window in it did
+            except (RayTaskError, ObjectLostError) as exc:  # the call failed, or lost its windows: all of them
                 outcomes = [exc.cause if isinstance(exc.cause, BaseException) else exc] * len(self.model_calls[ref])
             except RayActorError:
                 self.lost_replicas.add(self.model_calls[ref][0].replica)
@@ -367,9 +369,11 @@ class _Loop:
             resend = [call for ref in pending for call in self.model_calls.pop(ref, [])]
             for sid in [s for s in streams if self.streams[s].takes_windows]:
                 self.streams[sid].restart_chain()
-                first = min((c.window_id for c in resend if c.stream_id == sid and c.window_id is not None), default=None)
+                first = min((c.window_id for c in resend if c.stream_id == sid and c.window_id is not None),
+                            default=None)
                 moved = "resumed in it" if why is None else f"moved to {replica_name(self.replicas.replica_of(sid))}"
-                msg = f"{replica_name(rid)} {'died' if why is None else f'was lost ({why})'}; stream {moved}, state reset"
+                lost = "died" if why is None else f"was lost ({why})"
+                msg = f"{replica_name(rid)} {lost}; stream {moved}, state reset"
                 errors.append(ErrorRecord.from_exception(sid, ReplicaRestarted(msg, stream_id=sid), first))
             self.held = resend + self.held
         if errors:

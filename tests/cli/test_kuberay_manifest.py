@@ -37,5 +37,7 @@ def test_the_rayjob_entrypoint_parses_with_the_cli_and_its_config_is_valid():
     # A stream pinned by a custom resource: one worker group's nodes hold it.
     pins = {s.node for s in cfg.streams if s.node is not None}
     groups = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
-    held = [json.loads(json.loads(g["rayStartParams"]["resources"])) for g in groups if "resources" in g["rayStartParams"]]
+    # KubeRay's form: a JSON string of a JSON object, as `ray start --resources` takes it.
+    held = [json.loads(json.loads(g["rayStartParams"]["resources"]))
+            for g in groups if "resources" in g["rayStartParams"]]
     assert pins and all(sum(pin in r for r in held) == 1 for pin in pins)
