@@ -58,3 +58,8 @@ def await_started(pending: list[Pending], timeout_s: float) -> list[Any]:
         except RayActorError as exc:
             raise RunFailed(f"{p.what} could not start: {last_line(exc)}") from None
     return answers
+
+
+def node_alive(node_id: str) -> bool:
+    """Whether node ``node_id`` is a live node of the cluster (`ray.nodes()`)."""
+    return any(n["NodeID"] == node_id and n.get("Alive", True) for n in ray.nodes())

@@ -20,7 +20,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from actors.assign import rendezvous
-from actors.placement import Pending, describe
+from actors.placement import Pending, describe, node_alive
 from actors.plan import ActorOptions, start_model
 from actors.predictor import ShippedModel
 from actors.restarts import ActorGone, RestartBudget, RunFailed, await_restart, last_line
@@ -90,7 +90,7 @@ class ModelReplicas:
         streams = [sid for sid, rid in self.assignment.items() if rid == replica]
         name = replica_name(replica)
         node = self.node_of(replica)
-        node_left = node is not None and not any(n["NodeID"] == node and n.get("Alive") for n in ray.nodes())
+        node_left = node is not None and not node_alive(node)
         why = None
         if node_left:
             # Its streams move at once rather than wait, maybe long, for room on another node.

@@ -36,11 +36,11 @@ from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 from actors.metrics import Metrics
 from actors.placement import Pending, await_started, describe
 from actors.plan import cluster_nodes, plan_actors, shipped_inputs, start_distill, start_sink
-from actors.pools import SourcePools, pool_name
+from actors.pools import SourcePools, event_or_error, pool_name
 from actors.predictor import ship_model
 from actors.replicas import ModelReplicas, delivered, replica_name
 from actors.restarts import RestartBudget, RunFailed, last_line
-from actors.source import ErrorRecord, OpenStream, SourceEvent
+from actors.source import ErrorRecord, OpenStream
 from actors.streams import RunningPipeline, RunSummary, StreamStatus
 from pipeline.config import Config
 from pipeline.errors import CheckpointError, ConfigError, ReplicaRestarted, SourceRestarted
@@ -164,6 +164,7 @@ class _Loop:
         self.max_windows = max_windows
         self.budget = RestartBudget(cfg.runtime.max_restarts_per_hour)
         self.lost_pools: dict[str, list[tuple[str, BaseException]]] = {}  # pool -> (stream, error) of failed calls
+        self.lost_since = 0.0  # when the first of lost_pools was marked
         self.streams = pipeline.streams
         self.sink = pipeline.sink
         self.source_calls: dict[ray.ObjectRef, _Call] = {}  # by the source event's reference
@@ -182,9 +183,7 @@ class _Loop:
             while True:
                 if self.lost_replicas:
                     self._recover_model()
-                if self.lost_pools and not any(
-                    self.pools.pool_of(c.stream_id) in self.lost_pools for c in self.source_calls.values()
-                ):
+                if self.lost_pools and self._pools_settled():
                     self._recover_sources()
                 self._tell_open_streams()
                 if not self.pipeline.stopping:
@@ -251,7 +250,7 @@ class _Loop:
         try:
             events = ray.get(done)
         except (RayActorError, RayTaskError):
-            events = [_event(ref) for ref in done]
+            events = [event_or_error(ref) for ref in done]
         errors: list[ErrorRecord] = []
         pairs, self.late_ends = [*self.late_ends, *zip(calls, events)], []
         for call, ev in sorted(pairs, key=lambda pair: pair[0].seq):
@@ -262,6 +261,7 @@ class _Loop:
                 self.late_ends.append((call, ev))
                 continue
             if isinstance(ev, BaseException):
+                self.lost_since = self.lost_since if self.lost_pools else time.monotonic()
                 self.lost_pools.setdefault(self.pools.pool_of(call.stream_id), []).append((call.stream_id, ev))
                 st.released(call.seq)
                 continue
@@ -384,6 +384,10 @@ class _Loop:
         of a dead pool's streams is added again, restarted or moved, with one ``errors`` row; a
         failed call to a pool that did not die is a bug in it, and its stream fails."""
         lost, self.lost_pools = self.lost_pools, {}
+        for ref, call in list(self.source_calls.items()):  # calls that did not settle (see _pools_settled)
+            if self.pools.pool_of(call.stream_id) in lost:
+                del self.source_calls[ref]
+                self.streams[call.stream_id].released(call.seq)
         errors: list[ErrorRecord] = []
         starts: dict[str, tuple[int, int, int | None]] = {}
         for pool, failed in lost.items():
@@ -414,6 +418,12 @@ class _Loop:
         if errors:
             self.sink.write_errors.remote(errors)
 
+    def _pools_settled(self) -> bool:
+        """Whether the lost pools' other calls are in, or have had `RESEND_SETTLE_S` to come in
+        (a call queued for a pool that Ray cannot place again, its node gone, never comes back)."""
+        return time.monotonic() - self.lost_since >= RESEND_SETTLE_S or not any(
+            self.pools.pool_of(c.stream_id) in self.lost_pools for c in self.source_calls.values())
+
     # -- 5. sink ---------------------------------------------------------------------------
     def _on_sink(self, done: list[ray.ObjectRef]) -> None:
         """Count the results the sink has taken; `RunFailed` if it failed."""
@@ -437,11 +447,3 @@ class _Loop:
         self.metrics.queue_depth.set(self.pipeline.in_flight, tags={"stage": "in_flight"})
         self.metrics.queue_depth.set(self.pipeline.at_sink, tags={"stage": "sink"})
         self.metrics.streams_active.set(sum(1 for st in self.streams.values() if not st.finished))
-
-
-def _event(ref: ray.ObjectRef) -> SourceEvent | BaseException:
-    """One ``next`` call's event, or the error of a call that failed."""
-    try:
-        return ray.get(ref)
-    except (RayActorError, RayTaskError) as exc:
-        return exc

@@ -138,7 +138,7 @@ class RuntimeConfig(_Section):
     model actor's priority): they have read-ahead and buffering slack, the model has none, so where
     they share cores with it the model goes first. ``source_actors`` is how many source pool
     actors (processes) decode the streams, each hosting many: ``auto`` = the cluster's CPUs less
-    the model's, at least one, at most one per stream. ``max_restarts_per_hour`` is how often any
+    the model replicas', at least one, at most one per stream. ``max_restarts_per_hour`` is how often any
     one actor (model, source pool) may be restarted within an hour before the run gives it up.
     ``schedule_timeout_s`` is how long an actor may take to be placed on a node and answer at the
     start of a run before the run ends (exit 1) naming it and what it asked for.
