@@ -15,7 +15,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from actors.predictor import ShippedModel
 
 from actors.distill import DistillActor
-from actors.model import ModelActor
+from actors.model import BuildPredictor, ModelActor
 from actors.predictor import model_config
 from actors.sink import SinkActor
 from actors.source import OpenStream
@@ -182,7 +182,7 @@ def start_distill(cfg: Config, output: Path, opts: ActorOptions, sink: Any) -> A
 
 
 def start_model(cfg: Config, opts: ActorOptions, index: int, distill: Any | None,
-                model: ray.ObjectRef | ShippedModel | None, build: Any | None = None) -> Any:
+                model: ray.ObjectRef | ShippedModel | None, build: BuildPredictor | None = None) -> Any:
     """Model replica ``index`` (a `ModelActor`), restarted by Ray where it can place it (its
     planned node first; the runner keeps to the restart budget), never retrying a call (the runner
     resends); it may hold every window in flight at once. ``model`` is the checkpoint the driver

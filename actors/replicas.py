@@ -20,6 +20,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from actors.assign import rendezvous
+from actors.model import BuildPredictor
 from actors.placement import Pending, describe, node_alive
 from actors.plan import ActorOptions, start_model
 from actors.predictor import ShippedModel
@@ -39,7 +40,7 @@ class ModelReplicas:
     replaces the model loader (the benches' stand-in predictor)."""
 
     def __init__(self, cfg: Config, opts: ActorOptions, distill: Any | None,
-                 model: ray.ObjectRef | ShippedModel | None, build: Any | None = None) -> None:
+                 model: ray.ObjectRef | ShippedModel | None, build: BuildPredictor | None = None) -> None:
         self.handles: dict[str, Any] = {
             str(i): start_model(cfg, opts, i, distill, model, build) for i in range(len(opts.replicas))
         }

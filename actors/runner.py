@@ -34,6 +34,7 @@ import ray
 from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
 from actors.metrics import Metrics
+from actors.model import BuildPredictor
 from actors.placement import Pending, await_started, describe
 from actors.plan import cluster_nodes, plan_actors, shipped_inputs, start_distill, start_sink
 from actors.pools import SourcePools, event_or_error, pool_name
@@ -60,7 +61,7 @@ def run(
     realtime: bool | None = None,
     on_start: ProgressCallback | None = None,
     on_progress: ProgressCallback | None = None,
-    build: Any | None = None,
+    build: BuildPredictor | None = None,
     open_stream: OpenStream | None = None,
 ) -> RunSummary:
     """Run the pipeline on the already initialised Ray until every stream ends or `stop` drains it.
@@ -90,19 +91,18 @@ def run(
     replicas = ModelReplicas(config, opts, distill, model_ref, build)
     actors = [a for a in (sink, distill, *replicas.handles.values()) if a is not None]
     try:
-        wait = config.runtime.schedule_timeout_s
         first = [Pending(sink.resume_points.remote([s.id for s in config.streams]), "the sink",
                          describe(opts.sink_cpus, node=opts.driver_node))]
         if distill is not None:
             first.append(Pending(distill.info.remote(), "the distill actor",
                                  describe(opts.distill_cpus, opts.distill_gpus)))
-        resume, *answers = await_started(first + replicas.pending(), wait)
+        resume, *answers = await_started(first + replicas.pending(), config.runtime.schedule_timeout_s)
         replicas.started(answers[-len(replicas.handles):])
         ray.get(sink.set_model.remote(answers[-1]["model"]))
         pace = config.runtime.realtime if realtime is None else realtime
         pools = SourcePools(config, opts, realtime=pace, shipped=shipped, open_stream=open_stream)
         actors.extend(pools.handles.values())
-        pools.start(wait)
+        pools.start(config.runtime.schedule_timeout_s)
         pools.add({s.id: (resume.get(s.id, 0), 0, max_windows) for s in config.streams})
         streams = {s.id: StreamStatus(s.id, start_window=resume.get(s.id, 0)) for s in config.streams}
         pipeline = RunningPipeline(replicas.handles["0"], sink, pools.handles, streams, pools.assignment,
