@@ -206,7 +206,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             summary = run(cfg, output, max_windows=args.max_windows, realtime=args.realtime or None,
                           on_start=drain.attach, on_progress=display.update if live else status.update)
     except KeyboardInterrupt:
-        print("interrupted again: stopped without draining; uncommitted windows are redone on resume", file=sys.stderr)
+        print("interrupted before the actors started: stopped" if drain.pipeline is None else
+              "interrupted again: stopped without draining; uncommitted windows are redone on resume", file=sys.stderr)
         return EXIT_FAILED
     except RunFailed as exc:
         print(f"run_pipeline.py: run failed: {redact_text(str(exc))}", file=sys.stderr)
@@ -233,15 +234,19 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--streams", type=_stream_counts, metavar="N,N,...",
                    help="instead: the pipeline on N synthetic streams sharing --total-windows, for each N "
                         "(windows/s, first commit, peak RSS), each on a fresh local Ray")
+    p.add_argument("--replicas", type=_stream_counts, metavar="N,N,...",
+                   help="instead: 64 streams of replayed windows through N model replicas standing in for GPUs "
+                        "(200 ms a batch), for each N, on one local 4-node Ray (windows/s, ratio, CPU ms per window)")
     p.add_argument("--total-windows", type=_positive_int, default=768, metavar="N",
-                   help="with --streams: windows at every point, split evenly over its streams (default 768)")
+                   help="with --streams or --replicas: windows at every point, split evenly over its streams "
+                        "(default 768)")
     p.add_argument("--timeout", type=float, default=300.0, metavar="S",
-                   help="with --streams: drain a point's run after S seconds and mark it timed_out (default 300)")
+                   help="with --streams or --replicas: drain a point's run after S seconds (default 300)")
     add_ray_arguments(p)
 
 
 def _stream_counts(text: str) -> list[int]:
-    """``--streams 4,16,64`` as a list of positive counts."""
+    """``--streams 4,16,64`` (or ``--replicas 1,2,4``) as a list of positive counts."""
     return [_positive_int(x) for x in text.split(",")]
 
 
@@ -252,11 +257,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     cfg = load(args)
     check_published(cfg)
-    if args.streams:
+    if args.replicas or args.streams:
+        from actors.replica_bench import bench_replicas  # local import: the actors import Ray
         from actors.scale_bench import bench_streams  # local import: the actors import Ray
 
-        table = bench_streams(cfg, args.streams, total_windows=args.total_windows, timeout_s=args.timeout,
-                              output=args.output, start_ray=lambda: start_ray(args))
+        sizes = {"total_windows": args.total_windows, "timeout_s": args.timeout, "output": args.output}
+        table = (bench_replicas(cfg, args.replicas, **sizes) if args.replicas else
+                 bench_streams(cfg, args.streams, **sizes, start_ray=lambda: start_ray(args)))
         print(json.dumps(table, indent=2))
         return EXIT_OK
     if args.student is not None and not (args.student / "config.json").is_file():

@@ -1,7 +1,23 @@
-"""When the driver sends its decoded windows to the model actor (`send_now`), shared by the runner
-and the model-only benchmark."""
+"""A window on its way through the driver (`Call`) and when the driver sends decoded windows to
+the model (`send_now`), shared by the runner and the model-only benchmark."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ray
+
+
+@dataclass
+class Call:
+    """One window on its way from its source through the model."""
+
+    stream_id: str
+    seq: int
+    window: ray.ObjectRef  # the Window (None at the end of the stream)
+    result: ray.ObjectRef | None = None  # the model's WindowResult, once sent to the model
+    window_id: int | None = None  # once its source has delivered it
+    replica: str | None = None  # the replica it was sent to
 
 
 def send_now(held: int, at_model: int, batch_size: int) -> bool:

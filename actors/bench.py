@@ -35,7 +35,7 @@ import ray
 import torch
 
 from actors.model import ModelActor
-from actors.plan import plan_actors, shipped_inputs
+from actors.plan import cluster_nodes, plan_actors, shipped_inputs
 from actors.processes import actor_pids
 from actors.predictor import load_predictor
 from actors.batching import send_now
@@ -156,7 +156,7 @@ def model_only(cfg: Config, streams: dict[str, list[Window]]) -> tuple[float, in
     up to a batch, when `actors.batching.send_now` says so, by value (Ray inlines a window under
     its inline size limit in the call, as it does a source's result, and puts a larger one in
     the object store), and only the small outcome list comes back."""
-    opts = plan_actors(cfg, ray.available_resources())
+    opts = plan_actors(cfg, cluster_nodes())
     model = (
         ray.remote(ModelActor)
         .options(
@@ -315,7 +315,7 @@ def bench(
         "windows": {"model": model_n, "pipeline": pipe_n},
         "streams": len(cfg.streams),
         "batch_size": cfg.model.batch_size,
-        "device": plan_actors(cfg, ray.available_resources()).device,
+        "device": plan_actors(cfg, cluster_nodes()).device,
     }
 
 

@@ -51,14 +51,14 @@ class DistillWatch:
             return self._recover(exc, streams)
         return [] if pid == self._pid else self._recover(None, streams)
 
-    def finish(self, model: Any, streams: list[str]) -> tuple[dict[str, Any], list[ErrorRecord]]:
+    def finish(self, flush: Callable[[], int], streams: list[str]) -> tuple[dict[str, Any], list[ErrorRecord]]:
         """Let the student take the batches offered to it, save it and send its last rows to the
         sink (before the sink closes): a JSON-ready summary, and the ``errors`` rows of a restart
         found on the way. A distillation failure does not fail the run: it is reported."""
         rows: list[ErrorRecord] = []
         while self.gone is None:
             try:
-                dropped = ray.get(model.distill_flush.remote())
+                dropped = flush()  # the replicas' offered batches, taken
                 summary = ray.get(self.distill.finish.remote())
             except RayActorError as exc:  # died (or was restarting) at the end: finish the new one
                 rows += self._recover(exc, streams)

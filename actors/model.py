@@ -32,7 +32,7 @@ import torch
 
 from actors.distill import MAX_PENDING, teacher_outputs
 from actors.metrics import Metrics
-from actors.predictor import load_predictor
+from actors.predictor import ShippedModel, load_predictor
 from actors.results import WindowResult
 from perceiver_stream.batch import Batch
 from perceiver_stream.outputs import ModelOutput
@@ -87,8 +87,9 @@ class ModelActor:
 
     ``device`` is ``"cuda"`` or ``"cpu"`` (the runner resolves ``model.device: auto``);
     ``num_cpus`` sets torch's thread count, since Ray starts workers with one OpenMP thread.
-    ``build`` and ``collate`` default to the project's model loader and `pipeline.collate`.
-    ``distill`` is the DistillActor handle when the run distils a student.
+    ``model`` is the checkpoint the driver read (`actors.predictor.ship_model`; None: the actor
+    reads the config's). ``build`` and ``collate`` default to the project's model loader and
+    `pipeline.collate`. ``distill`` is the DistillActor handle when the run distils a student.
     """
 
     def __init__(
@@ -100,11 +101,12 @@ class ModelActor:
         build: BuildPredictor | None = None,
         collate: Collate | None = None,
         distill: Any | None = None,
+        model: ShippedModel | None = None,
     ) -> None:
         torch.set_num_threads(max(1, int(num_cpus)))
         self._cfg = cfg
         self._device = torch.device(device)
-        self._predictor = (build or load_predictor)(cfg, self._device)
+        self._predictor = build(cfg, self._device) if build is not None else load_predictor(cfg, self._device, model)
         self._collate = collate or pipeline_collate
         self._autocast = self._device.type == "cuda"
         self._batch_size = cfg.model.batch_size
@@ -137,6 +139,8 @@ class ModelActor:
             "device": str(self._device),
             "windows": self._windows_done,
             "distill_dropped": self._distill_dropped,
+            "node": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
+            "threads": torch.get_num_threads(),
         }
 
     async def distill_flush(self) -> int:

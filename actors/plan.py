@@ -1,5 +1,6 @@
-"""What a run asks of the cluster: Ray resources per actor, the actors started with them, and
-what the sources ship of a window."""
+"""What a run asks of the cluster: Ray resources per actor, planned node by node so that no actor
+asks more than one node offers, the actors started with them, and what the sources ship of a
+window."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from actors.predictor import ShippedModel
+
 from actors.distill import DistillActor
-from actors.model import ModelActor
+from actors.model import BuildPredictor, ModelActor
 from actors.predictor import model_config
 from actors.sink import SinkActor
+from actors.source import OpenStream
 from actors.source_pool import SourcePoolActor
 from pipeline.config import Config, config_hash
 from pipeline.errors import ConfigError
@@ -25,55 +29,122 @@ RESTART_ALWAYS = -1
 POOL_SPARE_CALLS = 4  # threads beyond the in-flight bound, for `info` and `add`
 
 
+@dataclass(frozen=True)
+class NodeOffer:
+    """One live Ray node and the logical resources it offers in all."""
+
+    node_id: str
+    cpus: float
+    gpus: float = 0.0
+
+
+@dataclass(frozen=True)
+class ReplicaPlan:
+    """One model replica's ask: its node (None: wherever Ray places it), CPUs and GPUs."""
+
+    node: str | None
+    cpus: float
+    gpus: float
+
+
 @dataclass
 class ActorOptions:
-    """Ray resources for the actors, derived from the cluster and the config."""
+    """Ray resources for the actors, derived from the cluster's nodes and the config."""
 
     device: str
-    model_cpus: float
-    model_gpus: float
+    replicas: list[ReplicaPlan]
     source_cpus: float  # per source pool actor
     sink_cpus: float
     source_actors: int = 1
     distill_cpus: float = 0.0
     distill_gpus: float = 0.0
     distill_device: str = "cpu"
+    driver_node: str | None = None  # the sink's node
+
+    @property
+    def model_cpus(self) -> float:
+        """The CPUs of the first replica."""
+        return self.replicas[0].cpus
+
+    @property
+    def model_gpus(self) -> float:
+        """The GPUs of the first replica."""
+        return self.replicas[0].gpus
 
 
-def plan_actors(cfg: Config, resources: dict[str, float]) -> ActorOptions:
-    """Resolve ``model.device`` / ``model.num_gpus`` against the cluster and split its CPUs.
+def cluster_nodes() -> list[NodeOffer]:
+    """The live nodes of the Ray this process has joined, from `ray.nodes()`."""
+    return [
+        NodeOffer(n["NodeID"], float(n["Resources"].get("CPU", 0.0)), float(n["Resources"].get("GPU", 0.0)))
+        for n in ray.nodes()
+        if n.get("Alive", True)
+    ]
 
-    On a CPU-only cluster the model gets half the CPUs (at least one) for torch threads and the
-    source pools and sink share the rest (with the distill actor when ``distill.enabled``); with a
-    GPU the model needs one CPU to feed it. ``runtime.source_actors: auto`` is the CPUs the model
-    leaves (at least one); never more pools than streams. A distilling run on a GPU shares it: the model asks for
-    ``model.num_gpus`` (default half a GPU) and the student trains on what is left, or on the CPU
-    when nothing is.
+
+def _floor(x: float) -> float:
+    """Rounded down to a thousandth (at least one), so shares never add up to more than a node has."""
+    return max(0.001, math.floor(x * 1000) / 1000)
+
+
+def _model_share(cpus: float) -> float:
+    """The CPUs of a node that go to the model replicas on it: half (whole CPUs, half of a lone one)."""
+    return float(int(cpus // 2)) if cpus >= 2 else cpus / 2
+
+
+def plan_actors(cfg: Config, nodes: list[NodeOffer], driver_node: str | None = None) -> ActorOptions:
+    """Resolve ``model.device`` / ``model.num_gpus`` / ``model.replicas`` against the cluster's
+    ``nodes`` and split each node's CPUs; no actor asks more than one node offers.
+
+    On a CPU-only cluster ``replicas: auto`` is one per node; replicas go to the nodes in turn,
+    largest first, and share half of their node's CPUs (whole CPUs; half of a 1-CPU node) for
+    torch threads. The source pools, the sink (on ``driver_node``) and the distill actor share
+    what the replicas leave: a pool asks at most what the node with the least left over can give
+    each of its even share of the pools. ``runtime.source_actors: auto`` is the CPUs the replicas
+    leave (at least one); never more pools than streams. With GPUs, ``auto`` is one replica per
+    GPU, each asking one CPU to feed it and ``model.num_gpus`` (default one; half a GPU when
+    distilling, the student trains on what is left, or on the CPU when nothing is).
     """
-    cpus = float(resources.get("CPU", 1.0))
-    gpus = float(resources.get("GPU", 0.0))
+    if not nodes:
+        raise ConfigError("the Ray cluster has no live node")
+    gpus = sum(n.gpus for n in nodes)
     device = cfg.model.device
     if device == "auto":
         device = "cuda" if gpus > 0 and cfg.model.num_gpus != 0 else "cpu"
     if device == "cuda" and gpus <= 0:
         raise ConfigError("model.device is cuda but the Ray cluster has no GPU")
     distill = cfg.distill.enabled
-    model_gpus = (cfg.model.num_gpus or (0.5 if distill else 1.0)) if device == "cuda" else 0.0
-    model_cpus = 1.0 if device == "cuda" else max(1.0, float(int(cpus // 2)))
-    rest = max(cpus - model_cpus, 0.0)
-    wanted = cfg.runtime.source_actors
-    n = min(len(cfg.streams), max(1, int(cpus - model_cpus)) if wanted == "auto" else wanted)
-    # Rounded down so the shares never add up to more than the cluster has (an actor that does
-    # not fit would wait forever).
+    wanted = cfg.model.replicas
+    left = {n.node_id: n.cpus for n in nodes}
+    if device == "cuda":
+        model_gpus = cfg.model.num_gpus or (0.5 if distill else 1.0)
+        count = max(1, int(gpus)) if wanted == "auto" else wanted
+        replicas = [ReplicaPlan(None, 1.0, model_gpus)] * count
+        # Where each replica lands is Ray's choice: take its CPU from every node's leftover alike.
+        for node in left:
+            left[node] = max(left[node] - count, 0.0)
+    else:
+        model_gpus = 0.0
+        count = len(nodes) if wanted == "auto" else wanted
+        order = sorted(nodes, key=lambda n: (-n.cpus, n.node_id))
+        hosts = [order[i % len(order)] for i in range(count)]
+        replicas = []
+        for node in hosts:
+            share = _model_share(node.cpus) / hosts.count(node)
+            replicas.append(ReplicaPlan(node.node_id, share if share < 1 else float(int(share)), 0.0))
+        for node in set(hosts):
+            left[node.node_id] -= _model_share(node.cpus)
+    rest = sum(left.values())
+    least = min(left.values())
+    n = min(len(cfg.streams), max(1, int(rest)) if cfg.runtime.source_actors == "auto" else cfg.runtime.source_actors)
+    per_node = math.ceil(n / len(nodes))
     source_share, distill_share = (0.6, 0.2) if distill else (0.8, 0.0)
-    source_cpus = max(0.001, min(1.0, math.floor(rest * source_share * 1000 / n) / 1000))
-    sink_cpus = max(0.001, min(1.0, math.floor(rest * 200) / 1000))
-    distill_cpus = max(0.001, min(1.0, math.floor(rest * distill_share * 1000) / 1000)) if distill else 0.0
-    distill_gpus = min(0.5, max(gpus - model_gpus, 0.0)) if distill and device == "cuda" else 0.0
+    source_cpus = _floor(min(1.0, least * source_share / per_node))
+    sink_cpus = _floor(min(1.0, left.get(driver_node, least) * 0.2))
+    distill_cpus = _floor(min(1.0, least * distill_share)) if distill else 0.0
+    distill_gpus = min(0.5, max(gpus - model_gpus * len(replicas), 0.0)) if distill and device == "cuda" else 0.0
     distill_device = "cuda" if distill_gpus > 0 else "cpu"
-    return ActorOptions(
-        device, model_cpus, model_gpus, source_cpus, sink_cpus, n, distill_cpus, distill_gpus, distill_device
-    )
+    return ActorOptions(device, replicas, source_cpus, sink_cpus, n, distill_cpus, distill_gpus, distill_device,
+                        driver_node)
 
 
 def shipped_frames(model_frames: int | None) -> int | None:
@@ -91,11 +162,13 @@ def shipped_inputs(cfg: Config) -> tuple[int | None, tuple[int | None, int] | No
 
 
 def start_sink(cfg: Config, output: str | Path, opts: ActorOptions) -> Any:
-    """The `SinkActor` writing under ``output`` (a folder or a URI), restarted by Ray
-    (`actors.sink_guard` resends what it had not committed), never retrying a call."""
+    """The `SinkActor` writing under ``output`` (a folder or a URI), on the driver's node (where a
+    local ``output`` is the folder the user sees), restarted by Ray (`actors.sink_guard` resends
+    what it had not committed), never retrying a call."""
+    where = None if opts.driver_node is None else NodeAffinitySchedulingStrategy(opts.driver_node, soft=False)
     return (
         ray.remote(SinkActor)
-        .options(num_cpus=opts.sink_cpus, max_restarts=RESTART_ALWAYS, max_task_retries=0)
+        .options(num_cpus=opts.sink_cpus, max_restarts=RESTART_ALWAYS, max_task_retries=0, scheduling_strategy=where)
         .remote(str(output), config_hash=config_hash(cfg), nice=cfg.runtime.helper_nice,
                 publish_every_s=cfg.output.publish_every_s, retain_days=cfg.output.retain_days)
     )
@@ -112,19 +185,26 @@ def start_distill(cfg: Config, output: Path, opts: ActorOptions, sink: Any) -> A
     )
 
 
-def start_model(cfg: Config, opts: ActorOptions, distill: Any | None) -> Any:
-    """The `ModelActor`, restarted by Ray (the runner keeps to the restart budget), never retrying
-    a call (the runner resends); it may hold every window in flight at once."""
+def start_model(cfg: Config, opts: ActorOptions, index: int, distill: Any | None,
+                model: ray.ObjectRef | ShippedModel | None, build: BuildPredictor | None = None) -> Any:
+    """Model replica ``index`` (a `ModelActor`), restarted by Ray where it can place it (its
+    planned node first; the runner keeps to the restart budget), never retrying a call (the runner
+    resends); it may hold every window in flight at once. ``model`` is the checkpoint the driver
+    read (`actors.predictor.ship_model`), put in the object store once for every replica;
+    ``build`` replaces the model loader (the benches' stand-in predictor)."""
+    plan = opts.replicas[index]
+    where = None if plan.node is None else NodeAffinitySchedulingStrategy(plan.node, soft=True)
     return (
         ray.remote(ModelActor)
         .options(
-            num_cpus=opts.model_cpus,
-            num_gpus=opts.model_gpus,
+            num_cpus=plan.cpus,
+            num_gpus=plan.gpus,
             max_restarts=RESTART_ALWAYS,
             max_task_retries=0,
             max_concurrency=cfg.runtime.max_in_flight + 16,
+            scheduling_strategy=where,
         )
-        .remote(cfg, device=opts.device, num_cpus=opts.model_cpus, distill=distill)
+        .remote(cfg, device=opts.device, num_cpus=plan.cpus, distill=distill, model=model, build=build)
     )
 
 
@@ -136,12 +216,14 @@ def start_source_pool(
     realtime: bool,
     shipped: tuple[int | None, tuple[int | None, int] | None],
     node: str | None = None,
+    open_stream: OpenStream | None = None,
 ) -> Any:
     """Source pool actor number ``index``, shipping ``shipped`` (`shipped_inputs`) of each window:
     restarted by Ray (the runner keeps to the restart budget and adds its streams again), never
     retrying a call, with a thread for every call the in-flight bounds allow. With a ``node`` id it
-    runs on that node only (streams pinned there)."""
-    where = None if node is None else NodeAffinitySchedulingStrategy(node_id=node, soft=False)
+    runs on that node only (streams pinned there), else spread over the nodes. ``open_stream``
+    replaces its streams' opener (the benches' replay)."""
+    where = "SPREAD" if node is None else NodeAffinitySchedulingStrategy(node_id=node, soft=False)
     return (
         ray.remote(SourcePoolActor)
         .options(
@@ -151,5 +233,5 @@ def start_source_pool(
             max_concurrency=cfg.runtime.max_in_flight + POOL_SPARE_CALLS,
             scheduling_strategy=where,
         )
-        .remote(cfg, index=index, realtime=realtime, shipped=shipped)
+        .remote(cfg, index=index, realtime=realtime, shipped=shipped, open_stream=open_stream)
     )

@@ -5,11 +5,13 @@ restarts.
 first of them each on a node that a stream is pinned to (``streams[].node``; more pools when more
 nodes are named), and assigns the streams to them by rendezvous hashing (`actors.assign`; a pinned
 stream goes to a pool on its node) and sends each stream's ``next`` calls to its pool. When a pool's
-process dies, Ray restarts it empty; `recover` then counts the restart against the actor's budget
-(`actors.restarts.RestartBudget`), waits for it, and returns its streams so that the runner adds
+process dies, Ray restarts it empty; `recover` then counts the restart against the actor's
+budget (`actors.restarts.RestartBudget`), waits for it (for a pinned pool whose node left, up to
+``sources.node_wait_s``), and returns its streams so that the runner adds
 them again (to the same pool: the assignment depends only on the stream and the live pools). A
-pool past its budget, or that does not come back, is killed for good and leaves the live set, so
-its streams go to their next pool by the same hashing.
+pool past its budget, that does not come back, or unpinned on a node that left (when other pools
+are live), is killed for good and leaves the live set, so its streams go to their next pool by
+the same hashing.
 """
 
 from __future__ import annotations
@@ -17,11 +19,22 @@ from __future__ import annotations
 from typing import Any
 
 import ray
+from ray.exceptions import RayActorError, RayTaskError
 
 from actors.assign import assign, rendezvous, resolve_node
+from actors.placement import Pending, await_started, describe, node_alive
 from actors.plan import ActorOptions, start_source_pool
-from actors.restarts import ActorGone, RestartBudget, await_restart
+from actors.restarts import RESTART_TIMEOUT_S, ActorGone, RestartBudget, await_restart
+from actors.source import OpenStream, SourceEvent
 from pipeline.config import Config, StreamConfig
+
+
+def event_or_error(ref: ray.ObjectRef) -> SourceEvent | BaseException:
+    """One ``next`` call's event, or the error of a call that failed."""
+    try:
+        return ray.get(ref)
+    except (RayActorError, RayTaskError) as exc:
+        return exc
 
 
 def pool_name(pool: str) -> str:
@@ -30,29 +43,36 @@ def pool_name(pool: str) -> str:
 
 
 class SourcePools:
-    """The pools of one run (see the module docstring); ``handles`` by pool id ("0", "1", ...)."""
+    """The pools of one run (see the module docstring); ``handles`` by pool id ("0", "1", ...);
+    ``open_stream`` replaces the sources' opener (the benches' replay)."""
 
     def __init__(self, cfg: Config, opts: ActorOptions, *, realtime: bool,
-                 shipped: tuple[int | None, tuple[int | None, int] | None]) -> None:
+                 shipped: tuple[int | None, tuple[int | None, int] | None],
+                 open_stream: OpenStream | None = None) -> None:
         nodes = ray.nodes() if any(s.node is not None for s in cfg.streams) else []
         self._pins: dict[str, str | None] = {
             s.id: None if s.node is None else resolve_node(s.id, s.node, nodes) for s in cfg.streams
         }
         pinned = sorted({n for n in self._pins.values() if n is not None})
+        count = max(opts.source_actors, len(pinned))
+        self._nodes = {str(i): pinned[i] if i < len(pinned) else None for i in range(count)}
+        self._cpus = opts.source_cpus
+        self._node_wait_s = cfg.sources.node_wait_s
         self.handles: dict[str, Any] = {
-            str(i): start_source_pool(cfg, opts, i, realtime=realtime, shipped=shipped,
-                                      node=pinned[i] if i < len(pinned) else None)
-            for i in range(max(opts.source_actors, len(pinned)))
+            pid: start_source_pool(cfg, opts, int(pid), realtime=realtime, shipped=shipped, node=node,
+                                   open_stream=open_stream)
+            for pid, node in self._nodes.items()
         }
         self._streams = {s.id: s for s in cfg.streams}
         self._info: dict[str, dict[str, Any]] = {}
         self.assignment: dict[str, str] = {}
 
-    def start(self) -> None:
-        """Wait for every pool to answer and assign the streams (raises `ActorGone` naming a pool
-        that could not start)."""
-        for pid, handle in self.handles.items():
-            self._info[pid] = await_restart(handle, pool_name(pid))
+    def start(self, timeout_s: float) -> None:
+        """Wait for every pool to answer and assign the streams (`RunFailed` naming a pool that
+        could not start, or was not placed within ``timeout_s``)."""
+        pending = [Pending(h.info.remote(), pool_name(pid), describe(self._cpus, node=self._nodes[pid]))
+                   for pid, h in self.handles.items()]
+        self._info = dict(zip(self.handles, await_started(pending, timeout_s)))
         self.assignment = assign(self._pins, {pid: info["node"] for pid, info in self._info.items()})
 
     def pool_of(self, stream_id: str) -> str:
@@ -82,23 +102,37 @@ class SourcePools:
         self.assignment[stream.id] = assign({stream.id: pin}, live)[stream.id]
 
     def restarted(self, pool: str) -> bool:
-        """Whether ``pool``'s process changed since it last answered (it died and was restarted)."""
+        """Whether ``pool``'s process changed since it last answered (it died and was restarted, or
+        its node left)."""
+        if self._node_left(pool):
+            return True
         try:
             info = await_restart(self.handles[pool], pool_name(pool))
         except ActorGone:
             return True
         return info["pid"] != self._info[pool]["pid"]
 
+    def _node_left(self, pool: str) -> bool:
+        """Whether the node ``pool`` last answered from has left the cluster."""
+        node = self._info.get(pool, {}).get("node")
+        return node is not None and not node_alive(node)
+
     def recover(self, pool: str, budget: RestartBudget) -> tuple[list[str], str | None]:
         """After ``pool`` died: the streams it hosted, now assigned to a live pool, and why it left
         the live set (None: it was restarted and keeps its streams)."""
         streams = [sid for sid, p in self.assignment.items() if p == pool]
         why = None
-        if not budget.spend(pool_name(pool)):
+        left, pinned = self._node_left(pool), self._nodes.get(pool) is not None
+        if left and not pinned and len(self.handles) > 1:
+            # Its streams move at once rather than wait, maybe long, for room on another node.
+            why = "its node left"
+        elif not budget.spend(pool_name(pool)):
             why = f"it died more than {budget.per_hour} times within an hour"
         else:
             try:
-                self._info[pool] = await_restart(self.handles[pool], pool_name(pool))
+                # A pool pinned to a node that left waits for it up to sources.node_wait_s.
+                wait = self._node_wait_s if left and pinned else RESTART_TIMEOUT_S
+                self._info[pool] = await_restart(self.handles[pool], pool_name(pool), wait)
             except ActorGone as exc:
                 why = str(exc)
         if why is not None:

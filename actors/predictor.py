@@ -1,10 +1,15 @@
-"""The model the ModelActor runs: a `StreamingPerceiverIO` loaded from the config's checkpoint, or a
-published Perceiver IO (a ``transformers`` ``save_pretrained`` folder, `perceiver_stream.deepmind.published`)."""
+"""The model the ModelActor runs: a `StreamingPerceiverIO` loaded from the config's checkpoint,
+read once by the driver and shipped to the replicas through Ray's object store (`ShippedModel`),
+so a replica on another node needs no copy of the checkpoint's folder; or a published Perceiver IO
+(a ``transformers`` ``save_pretrained`` folder, `perceiver_stream.deepmind.published`), which each
+replica reads from its path."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,6 +42,29 @@ class TorchPredictor:
         return self.model(batch, state)
 
 
+@dataclass
+class ShippedModel:
+    """A checkpoint as read by the driver: its model config (`StreamingConfig.to_dict`), its weights
+    (CPU tensors by name) and the name written to the outputs."""
+
+    config: dict[str, Any]
+    weights: dict[str, torch.Tensor]
+    name: str
+
+
+def ship_model(cfg: Config) -> ShippedModel | None:
+    """The checkpoint the run's replicas load (``model.student``, else ``model.checkpoint``), read
+    here; None without either (each replica builds the same untrained model)."""
+    path = cfg.model.student or cfg.model.checkpoint
+    if path is None or published_model(cfg) is not None:
+        return None
+    try:
+        model, _ = load_checkpoint(path, device="cpu")
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(str(exc), source=path) from None
+    return ShippedModel(model.config.to_dict(), model.state_dict(), Path(path).name)
+
+
 def model_config(cfg: Config) -> StreamingConfig | PublishedSpec:
     """The configured model's config (``model.student``, else ``model.checkpoint``), read without
     its weights; an untrained model's without either; a published model's `PublishedSpec`. Either
@@ -54,10 +82,11 @@ def model_config(cfg: Config) -> StreamingConfig | PublishedSpec:
     return config
 
 
-def load_predictor(cfg: Config, device: torch.device) -> TorchPredictor | PublishedPerceiver:
-    """The student checkpoint if ``model.student`` is set, else ``model.checkpoint``: a
-    perceiver-stream checkpoint, or a published model's ``save_pretrained`` folder (refused with
-    `ConfigError` when the config cannot feed it; its flow tiles go ``model.batch_size`` to a forward).
+def load_predictor(cfg: Config, device: torch.device,
+                   shipped: ShippedModel | None = None) -> TorchPredictor | PublishedPerceiver:
+    """A published model's ``save_pretrained`` folder (refused with `ConfigError` when the config
+    cannot feed it; its flow tiles go ``model.batch_size`` to a forward), else the ``shipped``
+    model if given, else the student checkpoint if ``model.student`` is set, else ``model.checkpoint``.
 
     Without either, an untrained model with the synthetic rig's classes runs (for wiring checks;
     its outputs mean nothing) and a warning says so.
@@ -68,6 +97,10 @@ def load_predictor(cfg: Config, device: torch.device) -> TorchPredictor | Publis
             return PublishedPerceiver(cfg.model.checkpoint, device, max_tiles=cfg.model.batch_size)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:  # unreadable, or weights of another model
             raise CheckpointError(str(exc), source=cfg.model.checkpoint) from None
+    if shipped is not None:
+        model = StreamingPerceiverIO(StreamingConfig.from_dict(shipped.config))
+        model.load_state_dict(shipped.weights)
+        return TorchPredictor(model, shipped.name, device)
     path = cfg.model.student or cfg.model.checkpoint
     if path is None:
         log.warning("model.checkpoint is not set: running an untrained model, its outputs mean nothing")

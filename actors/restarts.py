@@ -51,11 +51,12 @@ class ActorGone(RunFailed):
     or a pool that cannot start, the run cannot go on."""
 
 
-def await_restart(handle: Any, what: str) -> Any:
+def await_restart(handle: Any, what: str, timeout_s: float = RESTART_TIMEOUT_S) -> Any:
     """The answer of ``handle.info()`` once the (restarted) actor gives one; `ActorGone` if it is
-    dead for good or does not answer within `RESTART_TIMEOUT_S`."""
-    deadline = time.monotonic() + RESTART_TIMEOUT_S
-    late = f"{what} did not come back within {RESTART_TIMEOUT_S:.0f} s"
+    dead for good or does not answer within ``timeout_s`` (less for an actor whose node left:
+    Ray restarts it elsewhere only where its ask fits)."""
+    deadline = time.monotonic() + timeout_s
+    late = f"{what} did not come back within {timeout_s:g} s"
     while True:
         try:
             return ray.get(handle.info.remote(), timeout=max(deadline - time.monotonic(), 0.1))

@@ -8,16 +8,17 @@ One window's way, a method of `_Loop` per step, in this order in the file:
    (`actors.streams.StreamStatus`) numbers the window (``seq``) and counts it in flight.
 2. `_on_source`: the call's small `SourceEvent` comes back; the window stays in the object store.
    A window is held at the driver; an end of stream moves its record to ``ending``.
-3. `_send`: held windows go to the `ModelActor` in ``infer_many`` calls of up to a batch, when
-   `send_now` says so (one actor call costs the model actor about as much CPU as a small batch).
-   The model actor runs each stream's windows in ``seq`` order, in whatever order they arrive.
+3. `_send`: held windows go to their stream's model replica (`actors.replicas`) in ``infer_many``
+   calls of up to a batch, when `send_now` says so (one actor call costs the model actor about as
+   much CPU as a small batch). A replica runs each stream's windows in ``seq`` order, in whatever
+   order they arrive.
 4. `_on_model`: the call's list of outcomes comes back; each result goes to the `SinkActor` by
    reference, unread, through `actors.sink_guard.SinkGuard`, which keeps it until it is committed.
    A window the model failed on fails its stream (one ``errors`` row).
 5. `_on_sink`: the sink has taken the result; it commits it with its next flush (the guard
    recovers a sink that died, see there).
 
-When a model call finds the actor dead, the loop's next step is `_recover_model`; when a source
+When a model call finds its replica dead, the loop's next step is `_recover_model`; when a source
 call finds its pool dead, once the pool's other calls have settled, `_recover_sources`. Both keep
 to one restart budget (`actors.restarts`). `stop` (SIGINT / SIGTERM) stops step 1; the loop ends
 once nothing is in flight or waiting for the sink.
@@ -27,27 +28,30 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
 from actors.control import ControlServer, StreamControl
-from actors.deaths import death_cause, first_answer
-from actors.batching import send_now
+from actors.deaths import death_cause
+from actors.batching import Call, send_now
 from actors.distill_watch import DistillWatch
 from actors.metrics import Metrics
-from actors.plan import plan_actors, shipped_inputs, start_distill, start_model, start_sink
-from actors.pools import SourcePools, pool_name
-from actors.restarts import RestartBudget, RunFailed, await_restart, last_line
+from actors.model import BuildPredictor
+from actors.placement import Pending, await_started, describe
+from actors.plan import cluster_nodes, plan_actors, shipped_inputs, start_distill, start_sink
+from actors.pools import SourcePools, event_or_error, pool_name
+from actors.predictor import ship_model
+from actors.replicas import ModelReplicas, delivered, replica_name
+from actors.restarts import RestartBudget, RunFailed, last_line
 from actors.sink_guard import SinkGuard
-from actors.source import ErrorRecord, SourceEvent
+from actors.source import ErrorRecord, OpenStream
 from actors.streams import RunningPipeline, RunSummary, StreamStatus
 from pipeline.config import Config
-from pipeline.outputfs import is_uri
 from pipeline.errors import CheckpointError, ConfigError, ModelRestarted, SourceRestarted
+from pipeline.outputfs import is_uri
 from pipeline.stream_set import with_saved_streams
 
 RESEND_SETTLE_S = 5.0
@@ -65,6 +69,8 @@ def run(
     realtime: bool | None = None,
     on_start: ProgressCallback | None = None,
     on_progress: ProgressCallback | None = None,
+    build: BuildPredictor | None = None,
+    open_stream: OpenStream | None = None,
 ) -> RunSummary:
     """Run the pipeline on the already initialised Ray until every stream ends or `stop` drains it.
 
@@ -72,7 +78,8 @@ def run(
     ``realtime`` defaults to ``config.runtime.realtime``. ``on_start`` gets the `RunningPipeline`
     once the actors exist, ``on_progress`` after every step of the loop (a few times a second at
     least). With ``distill.enabled`` a `DistillActor` trains a student from the model's batches
-    (see `actors.distill`).
+    (see `actors.distill`). ``build`` replaces the replicas' model loader and ``open_stream`` the
+    sources' (the benches' stand-ins).
     """
     if not ray.is_initialized():
         raise RuntimeError("actors.runner.run needs an initialised Ray (call ray.init first)")
@@ -82,29 +89,35 @@ def run(
     started = time.monotonic()
     out_dir = str(output if output is not None else config.output.dir)  # a path or a URI (s3://...)
     config = with_saved_streams(config, out_dir)  # streams added or removed while an earlier run ran
-    opts = plan_actors(config, ray.available_resources())
+    opts = plan_actors(config, cluster_nodes(), ray.get_runtime_context().get_node_id())
+    try:
+        model_ref = ray.put(ship_model(config)) if build is None else None
+        shipped = shipped_inputs(config)
+    except CheckpointError as exc:
+        raise RunFailed(f"the model's checkpoint could not be read here: {exc}") from None
     sink = start_sink(config, out_dir, opts)
     distill = start_distill(config, out_dir, opts, sink) if config.distill.enabled else None
-    model = start_model(config, opts, distill)
-    actors = [a for a in (sink, distill, model) if a is not None]
+    replicas = ModelReplicas(config, opts, distill, model_ref, build)
+    actors = [a for a in (sink, distill, *replicas.handles.values()) if a is not None]
     control = None
     try:
+        first = [Pending(sink.resume_points.remote([s.id for s in config.streams]), "the sink",
+                         describe(opts.sink_cpus, node=opts.driver_node))]
         if distill is not None:
-            first_answer(distill.info.remote(), "the distill actor")
-        info = first_answer(model.info.remote(), "the model actor")
-        resume = first_answer(sink.resume_points.remote([s.id for s in config.streams]), "the sink")
-        ray.get(sink.set_model.remote(info["model"]))
-        try:
-            shipped = shipped_inputs(config)
-        except CheckpointError as exc:
-            raise RunFailed(f"the model's config could not be read here: {exc}") from None
+            first.append(Pending(distill.info.remote(), "the distill actor",
+                                 describe(opts.distill_cpus, opts.distill_gpus)))
+        resume, *answers = await_started(first + replicas.pending(), config.runtime.schedule_timeout_s)
+        replicas.started(answers[-len(replicas.handles):])
+        ray.get(sink.set_model.remote(answers[-1]["model"]))
         pace = config.runtime.realtime if realtime is None else realtime
-        pools = SourcePools(config, opts, realtime=pace, shipped=shipped)
+        pools = SourcePools(config, opts, realtime=pace, shipped=shipped, open_stream=open_stream)
         actors.extend(pools.handles.values())
-        pools.start()
+        pools.start(config.runtime.schedule_timeout_s)
         pools.add({s.id: (resume.get(s.id, 0), 0, max_windows) for s in config.streams})
         streams = {s.id: StreamStatus(s.id, start_window=resume.get(s.id, 0)) for s in config.streams}
-        loop = _Loop(config, RunningPipeline(model, sink, pools.handles, streams, pools.assignment), pools, max_windows)
+        pipeline = RunningPipeline(replicas.handles["0"], sink, pools.handles, streams, pools.assignment,
+                                   replicas=replicas.handles, owners=replicas.assignment)
+        loop = _Loop(config, pipeline, pools, replicas, max_windows)
         loop.distill = None if distill is None else DistillWatch(distill, loop.budget, loop.restarted)
         if not is_uri(out_dir):  # the endpoint's address is a local file: a run into a store has none
             control = ControlServer(Path(out_dir))  # once the sink holds the folder's lock: this run's
@@ -112,7 +125,8 @@ def run(
         if on_start is not None:
             on_start(loop.pipeline)
         loop.run(on_progress)
-        distilled, rows = (None, []) if loop.distill is None else loop.distill.finish(model, list(streams))
+        distilled, rows = (None, []) if loop.distill is None else loop.distill.finish(replicas.distill_flush,
+                                                                                     list(streams))
         loop.sink.write_errors(rows)
         try:
             committed = loop.sink.close()
@@ -134,41 +148,31 @@ def run(
             ray.kill(a)
 
 
-@dataclass
-class _Call:
-    """One window on its way from its source through the model."""
-
-    stream_id: str
-    seq: int
-    window: ray.ObjectRef  # the Window (None at the end of the stream)
-    window_id: int = -1  # once decoded
-    result: ray.ObjectRef | None = None  # the model's WindowResult, once sent to the model
-
-
 class _Loop:
     """The driver loop of one run (see the module docstring)."""
 
-    def __init__(self, cfg: Config, pipeline: RunningPipeline, pools: SourcePools, max_windows: int | None) -> None:
+    def __init__(self, cfg: Config, pipeline: RunningPipeline, pools: SourcePools, replicas: ModelReplicas,
+                 max_windows: int | None) -> None:
         self.cfg = cfg
         self.pipeline = pipeline
         self.pools = pools
+        self.replicas = replicas
         self.max_windows = max_windows
         self.budget = RestartBudget(cfg.runtime.max_restarts_per_hour)
         self.lost_pools: dict[str, list[tuple[str, BaseException]]] = {}  # pool -> (stream, error) of failed calls
+        self.lost_since = 0.0  # when the first of lost_pools was marked
         self.streams = pipeline.streams
-        self.model = pipeline.model
         self.sink = SinkGuard(pipeline.sink, self.budget, self.restarted)
         self.distill: DistillWatch | None = None
         self.control: StreamControl | None = None
-        self.source_calls: dict[ray.ObjectRef, _Call] = {}  # by the source event's reference
-        self.held: list[_Call] = []  # decoded windows not yet sent to the model (see send_now)
+        self.source_calls: dict[ray.ObjectRef, Call] = {}  # by the source event's reference
+        self.held: list[Call] = []  # decoded windows not yet sent to the model (see send_now)
         self.sent_seq: dict[str, int] = {}  # the highest seq of each stream sent to the model
-        self.late_ends: list[tuple[_Call, Any]] = []  # ends of stream read before an earlier call's reply
-        self.model_calls: dict[ray.ObjectRef, list[_Call]] = {}  # by the model call's outcome list
-        self.model_lost: BaseException | None = None  # a model call found the actor dead: recover first
+        self.late_ends: list[tuple[Call, Any]] = []  # ends of stream read before an earlier call's reply
+        self.model_calls: dict[ray.ObjectRef, list[Call]] = {}  # by the model call's outcome list
+        self.lost_replicas: dict[str, BaseException] = {}  # a model call found its replica dead: recover first
         self.fatal: str | None = None
         self.metrics = Metrics()
-        self._open_told: list[str] | None = None  # the open streams the model actor was last told
         self._last_tick = time.monotonic()
 
     def run(self, on_progress: ProgressCallback | None) -> None:
@@ -176,11 +180,9 @@ class _Loop:
             while True:
                 if self.control is not None:
                     self.control.serve()
-                if self.model_lost is not None:
+                if self.lost_replicas:
                     self._recover_model()
-                if self.lost_pools and not any(
-                    self.pools.pool_of(c.stream_id) in self.lost_pools for c in self.source_calls.values()
-                ):
+                if self.lost_pools and self._pools_settled():
                     self._recover_sources()
                 self._tell_open_streams()
                 if not self.pipeline.stopping:
@@ -232,7 +234,7 @@ class _Loop:
                 if st.asks_source and st.in_flight < per_stream and not lost:
                     seq = st.requested()
                     event, window = self.pools.handle_of(st.stream_id).next.remote(st.stream_id, seq)
-                    self.source_calls[event] = _Call(st.stream_id, seq, window)
+                    self.source_calls[event] = Call(st.stream_id, seq, window)
                     in_flight += 1
                     asked = True
 
@@ -249,7 +251,7 @@ class _Loop:
         try:
             events = ray.get(done)
         except (RayActorError, RayTaskError):
-            events = [_event(ref) for ref in done]
+            events = [event_or_error(ref) for ref in done]
         errors: list[ErrorRecord] = []
         pairs, self.late_ends = [*self.late_ends, *zip(calls, events)], []
         for call, ev in sorted(pairs, key=lambda pair: pair[0].seq):
@@ -260,6 +262,7 @@ class _Loop:
                 self.late_ends.append((call, ev))
                 continue
             if isinstance(ev, BaseException):
+                self.lost_since = self.lost_since if self.lost_pools else time.monotonic()
                 self.lost_pools.setdefault(self.pools.pool_of(call.stream_id), []).append((call.stream_id, ev))
                 st.released(call.seq)
                 continue
@@ -286,46 +289,49 @@ class _Loop:
             self.held.remove(call)
             self.streams[call.stream_id].released(call.seq)
         size = self.cfg.model.batch_size
-        # The model already parks a later window of the stream and waits for this one (a threaded
-        # pool's replies can overtake each other): send it at once, whatever `send_now` says.
-        awaited = any(c.seq < self.sent_seq.get(c.stream_id, -1) for c in self.held)
-        if not (awaited or send_now(len(self.held), self._at_model(), size)):
-            return
-        waiting = [c for c in self.held if self.streams[c.stream_id].waits_for_chain(c.seq)]
-        held, self.held = [c for c in self.held if c not in waiting], waiting
-        # A call's results return together, so one huge call would leave the model idle while
-        # the driver refills it.
-        for i in range(0, len(held), size):
-            calls = held[i : i + size]
-            flags = [(c.seq, self.streams[c.stream_id].starts_chain(c.seq)) for c in calls]
-            outcomes, *results = self.model.infer_many.options(num_returns=len(calls) + 1).remote(
-                flags, *(c.window for c in calls)
-            )
-            for call, result in zip(calls, results):
-                call.result = result
-                self.sent_seq[call.stream_id] = max(call.seq, self.sent_seq.get(call.stream_id, -1))
-            self.model_calls[outcomes] = calls
+        by_replica: dict[str, list[Call]] = {}
+        for c in self.held:
+            by_replica.setdefault(self.replicas.replica_of(c.stream_id), []).append(c)
+        self.held = []
+        for rid, mine in by_replica.items():
+            # The replica already parks a later window of the stream and waits for this one (a
+            # threaded pool's replies can overtake each other): send it at once, whatever `send_now` says.
+            awaited = any(c.seq < self.sent_seq.get(c.stream_id, -1) for c in mine)
+            if rid in self.lost_replicas or not (awaited or send_now(len(mine), self._at_model(rid), size)):
+                self.held.extend(mine)
+                continue
+            waiting = [c for c in mine if self.streams[c.stream_id].waits_for_chain(c.seq)]
+            self.held.extend(waiting)
+            ready = [c for c in mine if c not in waiting]
+            # A call's results return together, so one huge call would leave the model idle while
+            # the driver refills it.
+            for i in range(0, len(ready), size):
+                calls = ready[i : i + size]
+                flags = [(c.seq, self.streams[c.stream_id].starts_chain(c.seq)) for c in calls]
+                outcomes, *results = self.replicas.handle_of(rid).infer_many.options(
+                    num_returns=len(calls) + 1).remote(flags, *(c.window for c in calls))
+                for call, result in zip(calls, results):
+                    call.result, call.replica = result, rid
+                    self.sent_seq[call.stream_id] = max(call.seq, self.sent_seq.get(call.stream_id, -1))
+                self.model_calls[outcomes] = calls
 
     def _tell_open_streams(self) -> None:
-        """Tell the model actor which streams may still send windows (when that changed)."""
-        open_ids = sorted(sid for sid, st in self.streams.items() if st.open)
-        if open_ids != self._open_told:
-            self.model.set_open_streams.remote(open_ids)
-            self._open_told = open_ids
+        """Tell each replica which of its streams may still send windows (when that changed)."""
+        self.replicas.tell_open(sorted(sid for sid, st in self.streams.items() if st.open))
 
     # -- 4. from the model -----------------------------------------------------------------
     def _on_model(self, done: list[ray.ObjectRef]) -> None:
         """Read the finished model calls' outcomes and pass their results to the sink; a window the
         model failed on fails its stream. A call that found the actor dead stays for recovery."""
-        results: list[tuple[_Call, ray.ObjectRef]] = []
+        results: list[tuple[Call, ray.ObjectRef]] = []
         errors: list[ErrorRecord] = []
         for ref in done:
             try:
                 outcomes = ray.get(ref)
-            except RayTaskError as exc:  # the call itself failed: every window in it did
+            except (RayTaskError, ObjectLostError) as exc:  # the call failed, or lost its windows: all of them
                 outcomes = [exc.cause if isinstance(exc.cause, BaseException) else exc] * len(self.model_calls[ref])
             except RayActorError as exc:
-                self.model_lost = exc
+                self.lost_replicas[self.model_calls[ref][0].replica] = exc
                 continue
             for call, outcome in zip(self.model_calls.pop(ref), outcomes):
                 st = self.streams[call.stream_id]
@@ -345,36 +351,40 @@ class _Loop:
             self.sink.write([(call.stream_id, call.window_id, result) for call, result in results])
 
     def _recover_model(self) -> None:
-        """Wait for the restarted model actor; keep the results the dead one delivered and resend
-        every other window sent to it, each stream's lowest window without a result starting a new
-        state chain; one ``errors`` row per stream that still takes windows."""
-        why, self.model_lost = death_cause(self.model_lost), None
-        self.restarted("model")
-        if not self.budget.spend("model actor"):
-            ray.kill(self.model, no_restart=True)
-            raise RunFailed(f"the model actor died more than {self.budget.per_hour} times within an hour")
-        await_restart(self.model, "the model actor")
-        # Calls to the dead incarnation fail quickly; a call sent while it restarted may sit in
-        # the new one waiting for its chain: it is resent too, and the resend supersedes it.
-        pending = list(self.model_calls)
-        ready, _ = ray.wait(pending, num_returns=len(pending), timeout=RESEND_SETTLE_S)
-        self._on_model([ref for ref in ready if _delivered(ref)])
-        resend = [call for calls in self.model_calls.values() for call in calls]
-        self.model_calls.clear()
-        for st in self.streams.values():
-            st.restart_chain()
-        self._open_told = None  # the new incarnation has not been told which streams are open
-        self.held = resend + self.held
-        self.sink.write_errors([ErrorRecord.from_exception(sid, ModelRestarted(
-            f"the model actor died ({why}); restarted, {sum(c.stream_id == sid for c in resend)} windows resent, "
-            "state reset", stream_id=sid), min((c.window_id for c in resend if c.stream_id == sid), default=None))
-            for sid, st in self.streams.items() if st.takes_windows])
+        """For each dead replica: wait for its restart, or move its streams to the live replicas
+        (`ModelReplicas.recover`); keep the results it delivered and resend every other window
+        sent to it, each of its streams' lowest window without a result starting a new state
+        chain, with one ``errors`` row per stream."""
+        lost, self.lost_replicas = sorted(self.lost_replicas.items()), {}
+        errors: list[ErrorRecord] = []
+        for rid, exc in lost:
+            self.restarted("model")
+            streams, gone = self.replicas.recover(rid, self.budget)
+            # Calls to the dead incarnation fail quickly; a call sent while it restarted may sit in
+            # the new one waiting for its chain: it is resent too, and the resend supersedes it.
+            pending = [ref for ref, calls in self.model_calls.items() if calls[0].replica == rid]
+            ready, _ = ray.wait(pending, num_returns=len(pending), timeout=RESEND_SETTLE_S)
+            self._on_model([ref for ref in ready if delivered(ref)])
+            resend = [call for ref in pending for call in self.model_calls.pop(ref, [])]
+            what = f"died ({death_cause(exc)}); restarted" if gone is None else f"was lost ({gone}); stream moved to {{}}"
+            for sid in [s for s in streams if self.streams[s].takes_windows]:
+                self.streams[sid].restart_chain()
+                mine = [c.window_id for c in resend if c.stream_id == sid and c.window_id is not None]
+                msg = (f"{replica_name(rid)} {what.format(replica_name(self.replicas.replica_of(sid)))}, "
+                       f"{len(mine)} windows resent, state reset")
+                errors.append(ErrorRecord.from_exception(sid, ModelRestarted(msg, stream_id=sid), min(mine, default=None)))
+            self.held = resend + self.held
+        self.sink.write_errors(errors)
 
     def _recover_sources(self) -> None:
         """Resume the streams of every pool whose calls failed (see the README's "Restarts"): each
         of a dead pool's streams is added again, restarted or moved, with one ``errors`` row; a
         failed call to a pool that did not die is a bug in it, and its stream fails."""
         lost, self.lost_pools = self.lost_pools, {}
+        for ref, call in list(self.source_calls.items()):  # calls that did not settle (see _pools_settled)
+            if self.pools.pool_of(call.stream_id) in lost:
+                del self.source_calls[ref]
+                self.streams[call.stream_id].released(call.seq)
         errors: list[ErrorRecord] = []
         starts: dict[str, tuple[int, int, int | None]] = {}
         for pool, failed in lost.items():
@@ -405,6 +415,12 @@ class _Loop:
         if errors:
             self.sink.write_errors(errors)
 
+    def _pools_settled(self) -> bool:
+        """Whether the lost pools' other calls are in, or have had `RESEND_SETTLE_S` to come in
+        (a call queued for a pool that Ray cannot place again, its node gone, never comes back)."""
+        return time.monotonic() - self.lost_since >= RESEND_SETTLE_S or not any(
+            self.pools.pool_of(c.stream_id) in self.lost_pools for c in self.source_calls.values())
+
     # -- 5. sink ---------------------------------------------------------------------------
     def _on_sink(self, done: list[ray.ObjectRef]) -> None:
         """Count the results the sink has taken; `RunFailed` if it failed."""
@@ -416,9 +432,9 @@ class _Loop:
         self.metrics.restarts.inc(tags={"actor": actor})
 
     # -- bookkeeping -----------------------------------------------------------------------
-    def _at_model(self) -> int:
-        """Windows sent to the model and not yet returned."""
-        return sum(len(calls) for calls in self.model_calls.values())
+    def _at_model(self, replica: str | None = None) -> int:
+        """Windows sent to the model (to ``replica`` only, if given) and not yet returned."""
+        return sum(len(calls) for calls in self.model_calls.values() if replica in (None, calls[0].replica))
 
     def _publish(self) -> None:
         self.pipeline.model_queue = self._at_model() + len(self.held)
@@ -427,20 +443,3 @@ class _Loop:
         self.metrics.streams_active.set(sum(1 for st in self.streams.values() if not st.finished))
         if ended := self.pipeline.newly_finished():  # the sink has all their rows: it commits and publishes them
             self.sink.end_streams(ended)
-
-
-def _event(ref: ray.ObjectRef) -> SourceEvent | BaseException:
-    """One ``next`` call's event, or the error of a call that failed."""
-    try:
-        return ray.get(ref)
-    except (RayActorError, RayTaskError) as exc:
-        return exc
-
-
-def _delivered(ref: ray.ObjectRef) -> bool:
-    """Whether a finished model call has its outcomes (not an error of the dead incarnation)."""
-    try:
-        ray.get(ref, timeout=0)
-        return True
-    except (RayActorError, RayTaskError, GetTimeoutError):
-        return False

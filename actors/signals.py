@@ -26,7 +26,9 @@ class SignalDrain:
             signal.signal(sig, handler)
 
     def _handle(self, signum: int, _frame: object) -> None:
-        if self.requested:
+        # Before the actors answer there is nothing to drain: the run ends at once.
+        if self.requested or self.pipeline is None:
+            self.requested = True
             raise KeyboardInterrupt
         self.requested = True
         print(f"{signal.Signals(signum).name}: draining windows in flight, then committing", file=sys.stderr)

@@ -207,15 +207,19 @@ class RunSummary:
 class RunningPipeline:
     """The live run, handed to ``on_start`` / ``on_progress`` callbacks.
 
-    ``model``, ``sink`` and ``pools`` (the source pool actors by pool id) are the actor handles,
-    e.g. for a test to ``ray.kill(pipeline.model, no_restart=False)``; ``assignment`` the pool id
-    of each stream (`sources` its handle); ``streams`` the per-stream records; `stop` asks for a
-    drain.
+    ``model`` (the first model replica), ``replicas`` (by replica id), ``sink`` and ``pools`` (the
+    source pool actors by pool id) are the actor handles, e.g. for a test to
+    ``ray.kill(pipeline.model, no_restart=False)``; ``assignment`` the pool id of each stream
+    (`sources` its handle), ``owners`` its replica id; ``streams`` the per-stream records; `stop`
+    asks for a drain.
     """
 
     def __init__(self, model: Any, sink: Any, pools: dict[str, Any], streams: dict[str, StreamStatus],
-                 assignment: dict[str, str] | None = None) -> None:
+                 assignment: dict[str, str] | None = None, *, replicas: dict[str, Any] | None = None,
+                 owners: dict[str, str] | None = None) -> None:
         self.model = model
+        self.replicas = replicas if replicas is not None else {"0": model}
+        self.owners = owners if owners is not None else {}
         self.sink = sink
         self.pools = pools
         self.assignment = assignment if assignment is not None else {}

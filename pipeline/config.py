@@ -115,6 +115,9 @@ class SourcesConfig(_Section):
     read_timeout_s: float = Field(5.0, gt=0)
     reconnect_tries: int = Field(5, ge=0)
     reconnect_backoff_s: float = Field(1.0, ge=0)
+    # How long a stream pinned to a node (streams[].node) waits for that node to come back once
+    # no source actor is left on it, before the stream fails.
+    node_wait_s: float = Field(300.0, ge=0)
 
 
 class ModelConfig(_Section):
@@ -127,6 +130,9 @@ class ModelConfig(_Section):
     num_gpus: float | None = Field(None, ge=0)
     state: bool = True
     student: str | None = None  # run on a distilled student checkpoint instead
+    # Model actors, each owning a share of the streams: auto = one per GPU of the cluster, or one
+    # per node on a CPU-only cluster.
+    replicas: Literal["auto"] | Annotated[int, Field(ge=1)] = 1
 
 
 class RuntimeConfig(_Section):
@@ -136,8 +142,10 @@ class RuntimeConfig(_Section):
     model actor's priority): they have read-ahead and buffering slack, the model has none, so where
     they share cores with it the model goes first. ``source_actors`` is how many source pool
     actors (processes) decode the streams, each hosting many: ``auto`` = the cluster's CPUs less
-    the model's, at least one, at most one per stream. ``max_restarts_per_hour`` is how often any
+    the model replicas', at least one, at most one per stream. ``max_restarts_per_hour`` is how often any
     one actor (model, source pool) may be restarted within an hour before the run gives it up.
+    ``schedule_timeout_s`` is how long an actor may take to be placed on a node and answer at the
+    start of a run before the run ends (exit 1) naming it and what it asked for.
     """
 
     max_in_flight_per_stream: int = Field(4, ge=1)
@@ -146,6 +154,7 @@ class RuntimeConfig(_Section):
     helper_nice: int = Field(10, ge=0, le=19)
     source_actors: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
     max_restarts_per_hour: int = Field(10, ge=0)
+    schedule_timeout_s: float = Field(60.0, gt=0)
 
 
 class DistillConfig(_Section):

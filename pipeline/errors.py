@@ -89,7 +89,8 @@ class SinkRestarted(ActorRestarted):
 
 
 class ModelRestarted(ActorRestarted):
-    """The model actor died; its windows were resent and each affected stream's state was reset."""
+    """The model replica running a stream died; the stream went on in the restarted replica, or in
+    another one when its node left, with its windows resent and its state reset."""
 
 
 class DistillRestarted(ActorRestarted):

@@ -14,6 +14,7 @@ from perceiver_stream.checkpoint import save_checkpoint
 from perceiver_stream.config import StreamingConfig
 from perceiver_stream.streaming import StreamingPerceiverIO
 from pipeline.sources.synthetic import CLASSES
+from session_ray import SESSION_RAY
 from tiny import TINY
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -26,7 +27,7 @@ def ray_session():
     ``address="local"``: a new Ray of its own even when another cluster runs on the machine."""
     import ray  # here, not at the top: a session without a Ray test never imports it
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    ray.init(**SESSION_RAY, ignore_reinit_error=True)
     yield ray
     ray.shutdown()
 

@@ -137,3 +137,16 @@ def test_config_hash_is_stable_and_sensitive(tmp_path):
     data = yaml.safe_load(DEFAULT.read_text())
     reordered = write(tmp_path, dict(reversed(list(data.items()))))
     assert config_hash(parse_config(yaml.safe_load(reordered.read_text()), base_dir=DEFAULT.parent)) == config_hash(a)
+
+
+def test_scale_out_keys_have_defaults_and_are_validated():
+    cfg = load_config(DEFAULT)
+    assert (cfg.model.replicas, cfg.runtime.schedule_timeout_s, cfg.sources.node_wait_s) == (1, 60.0, 300.0)
+    cfg = load_config(DEFAULT, ["model.replicas=auto", "runtime.schedule_timeout_s=5", "sources.node_wait_s=0"])
+    assert (cfg.model.replicas, cfg.runtime.schedule_timeout_s, cfg.sources.node_wait_s) == ("auto", 5.0, 0.0)
+    assert load_config(DEFAULT, ["model.replicas=4"]).model.replicas == 4
+    for bad, key in (("model.replicas=0", "model.replicas"), ("model.replicas=many", "model.replicas"),
+                     ("runtime.schedule_timeout_s=0", "runtime.schedule_timeout_s"),
+                     ("sources.node_wait_s=-1", "sources.node_wait_s")):
+        with pytest.raises(ConfigError, match=key):
+            load_config(DEFAULT, [bad])
