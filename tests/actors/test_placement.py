@@ -8,9 +8,9 @@ import signal
 import pytest
 import ray
 
-import run_pipeline
 from actors.placement import Pending, await_started, describe
 from actors.restarts import RunFailed
+from actors.signals import SignalDrain
 
 
 def test_an_actor_that_cannot_be_placed_ends_the_wait_naming_it_and_its_ask(ray_session):
@@ -40,10 +40,10 @@ class _Running:
 
 
 def test_a_signal_before_the_actors_answer_ends_the_run_at_once_and_after_drains_it():
-    early = run_pipeline._SignalDrain()
+    early = SignalDrain()
     with pytest.raises(KeyboardInterrupt):
         early._handle(signal.SIGTERM, None)
-    drain, running = run_pipeline._SignalDrain(), _Running()
+    drain, running = SignalDrain(), _Running()
     drain.attach(running)
     drain._handle(signal.SIGTERM, None)
     assert running.stopped and drain.requested

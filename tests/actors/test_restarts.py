@@ -85,7 +85,7 @@ def test_a_model_actor_killed_mid_run_writes_one_row_per_stream_naming_the_death
     assert ids_by_stream(out) == {"m0": list(range(n)), "m1": list(range(n))}
     errors = rows(out, "errors").sort("stream_id")
     assert errors["kind"].to_list() == ["ModelRestarted"] * 2 and errors["stream_id"].to_list() == ["m0", "m1"]
-    assert all("the model actor died (its process ended; Ray reported no signal or exit code); restarted, " in m
+    assert all("model replica 0 died (its process ended; Ray reported no signal or exit code); restarted, " in m
                and m.endswith("windows resent, state reset") for m in errors["message"])
 
 
