@@ -213,8 +213,8 @@ def _encode(path: str | Path, frames: np.ndarray, fps: int) -> None:
 def write_rig(out: str | Path, *, train_clips: int = 48, eval_clips: int = 16, size: int = 64,
               seconds: float = 8.0, seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Render the rig under ``out``: ``train/`` clips from ``TRAIN_PHOTOS`` and ``eval/`` clips
-    from ``HELDOUT``, each folder with ``labels.csv`` and ``data.yaml`` (a ``train.data`` /
-    ``eval.data`` mapping). Returns a JSON-ready summary."""
+    from ``HELDOUT``, each folder with ``labels.csv``, ``data.yaml`` (a ``train.data`` / ``eval.data``
+    mapping) and ``clips.yaml`` (the same without labels). Returns a JSON-ready summary."""
     out = Path(out)
     summary: dict[str, Any] = {"out": str(out)}
     for split, count, pool, base in (("train", train_clips, TRAIN_PHOTOS, 0), ("eval", eval_clips, HELDOUT, 10_000)):
@@ -234,6 +234,7 @@ def write_rig(out: str | Path, *, train_clips: int = 48, eval_clips: int = 16, s
             w.writerow(["stream_id", "t_start", "t_end", "label"])
             w.writerows(rows)
         (folder / "data.yaml").write_text(yaml.safe_dump({"streams": streams, "labels": "labels.csv"}))
+        (folder / "clips.yaml").write_text(yaml.safe_dump({"streams": streams}))  # for runs that read no labels
         summary[split] = {"clips": count, "photos": sorted(pool), "data": str(folder / "data.yaml")}
     return summary
 

@@ -118,7 +118,7 @@ def lane_batches(
 ) -> Iterator[Batch]:
     """The main phase's collated batches from step ``start`` on, under `ChainDropout` (its draws
     seeded by ``start``)."""
-    plan = lane_plan([len(s) for s in streams], tc.batch_size, seed=tc.seeds[0], chain=tc.chain)
+    plan = lane_plan([len(s) for s in streams], tc.batch_size, seed=tc.seeds[0] if tc.seeds else 0, chain=tc.chain)
     for _ in range(start):
         next(plan)
     dropout = ChainDropout(tc.modality_dropout, torch.Generator().manual_seed(start))
