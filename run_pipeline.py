@@ -32,7 +32,7 @@ from typing import NoReturn
 from jobs.distill import distill_job
 from jobs.evaluate import MIN_WINDOWS, MODALITIES, evaluate, evaluate_config
 from jobs.inspect import summarize, write_pictures
-from jobs.texture_rig import add_rig_arguments, cmd_rig
+from jobs.rig_command import add_rig_arguments, cmd_rig
 from jobs.train import train_job
 from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError, PipelineError

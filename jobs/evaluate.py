@@ -102,7 +102,7 @@ def photometric_error(model: StreamingPerceiverIO, windows: list[Window], outs: 
         image1, image2, valid = last_pair(video, tuple(o.flow.shape[1:3]))
         valid = valid & o.flow_valid
         if bool(valid.any()):
-            back = backward_flow(model, video, o.state)
+            back = backward_flow(model, batch)
             errors += photometric_loss(image1[valid], image2[valid], o.flow[valid], back[valid])["photo_census"].tolist()
     return round(float(np.mean(errors)), 4) if errors else None
 

@@ -21,9 +21,7 @@ texture; ``HELDOUT`` are never drawn for training clips, only for evaluation cli
 
 from __future__ import annotations
 
-import argparse
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -238,19 +236,3 @@ def write_rig(out: str | Path, *, train_clips: int = 48, eval_clips: int = 16, s
         summary[split] = {"clips": count, "photos": sorted(pool), "data": str(folder / "data.yaml")}
     return summary
 
-
-def add_rig_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of ``run_pipeline.py rig``."""
-    p.add_argument("--out", type=Path, required=True, help="folder for the clips, flow sidecars and label tables")
-    p.add_argument("--clips", type=int, nargs=2, default=[48, 16], metavar=("TRAIN", "EVAL"),
-                   help="training and held-out clips (default 48 16)")
-    p.add_argument("--seconds", type=float, default=8.0, help="seconds per clip (default 8)")
-
-
-def cmd_rig(args: argparse.Namespace) -> int:
-    """``run_pipeline.py rig``: render the rig under ``--out``; prints a JSON summary, returns 0."""
-    if min(args.clips) < 1 or args.seconds <= 0:
-        raise ConfigError(f"--clips {args.clips} --seconds {args.seconds}: need at least one clip each and seconds > 0")
-    print(json.dumps(write_rig(args.out, train_clips=args.clips[0], eval_clips=args.clips[1], seconds=args.seconds),
-                     indent=2))
-    return 0

@@ -1,10 +1,12 @@
-"""`run_pipeline.py train`: train the fused model on the synthetic rig, with checkpoints and resume.
+"""`run_pipeline.py train`: train the fused model on the synthetic rig and recorded files, with
+checkpoints and resume.
 
 `train_job(cfg)` renders one synthetic stream per seed of ``train.seeds`` through the pipeline's
-windower and keeps its windows in memory (rendering costs far less than training on them), then
-drives the library's loop (`perceiver_stream.train.fit`) through two phases:
+windower and keeps its windows in memory (rendering costs far less than training on them), adds
+the recorded streams of ``train.data`` (decoded once, cached on disk: `jobs.files_dataset`),
+starts from a fresh model or the ``train.init`` checkpoint (`jobs.finetune`), then drives the library's loop (`perceiver_stream.train.fit`) through two phases:
 
-* main, ``train.steps`` steps: flow EPE + label cross-entropy (the label loss from step
+* main, ``train.steps`` steps: flow EPE (or ``train.flow_loss``'s term) + label cross-entropy (the label loss from step
   ``train.label_start`` on) under modality dropout, on every parameter but the ``labels.pool``
   reads (their gates stay shut). A batch is ``batch_size`` *lanes*: each lane walks ``train.chain``
   consecutive windows of one stream, the latent state carried as in the pipeline, then jumps to a
@@ -18,8 +20,9 @@ interrupted one would have seen. Checkpoints: every ``checkpoint_every`` steps a
 each phase to ``<output>/_checkpoints/train/step-NNNNNNN/`` (safetensors + config JSON + optimiser
 state); a run of the same config resumes from the latest and refuses one whose model, seeds, data
 or optimisation settings differ; a run without resume first deletes the earlier run's. At the end
-the model goes to ``train.checkpoint`` (metadata: seeds, class names, data settings) and is
-evaluated on the config's held-out synthetic streams.
+the model goes to ``train.checkpoint`` (metadata: seeds, content digests of the files, class
+names, data settings) and is evaluated on the config's held-out synthetic streams and ``eval.data``.
+Parameters that ``train.freeze`` names stay fixed in every phase.
 """
 
 from __future__ import annotations
@@ -352,10 +355,12 @@ def train_job(cfg: Config, *, resume: bool = True, progress: bool = True) -> dic
     final_meta = {**meta, "step": total}
     save_checkpoint(final_path, model, final_meta)
     results: dict[str, Any] = {}
-    for seed in tqdm(eval_seeds(cfg) if tc.final_eval else [], desc="evaluating", unit="seed", disable=not progress):
+    # Synthetic held-out streams score a model of the rig's classes: one trained on seeds.
+    heldout = eval_seeds(cfg) if tc.final_eval and tc.seeds else []
+    for seed in tqdm(heldout, desc="evaluating", unit="seed", disable=not progress):
         windows = heldout_windows(meta["data"], seed, tc.eval_windows, video_frames=frames)
         results[str(seed)] = {"all": evaluate_model(model, windows)}
-        if seed == eval_seeds(cfg)[0]:
+        if seed == heldout[0]:
             for name in config.modalities:
                 results[str(seed)][f"drop_{name}"] = evaluate_model(model, windows, drop=name)
     if tc.final_eval and isinstance(cfg.eval.data, DataConfig):

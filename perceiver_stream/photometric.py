@@ -10,10 +10,12 @@ model's flow grid: frames are area-resized to it) is
 * occlusions by forward-backward consistency: a pixel is occluded where ``|F + B(x + F)|^2 >
   0.01 (|F|^2 + |B(x + F)|^2) + 0.5``, with ``B`` the backward flow (stop-gradient mask).
 
-The backward flow ``B`` is the model's flow decoder run on the reversed pair with the same latents
-(`backward_flow`): the decoder's per-pixel queries read both frames' patches and their
-correlation, so swapping the frames asks for the reverse motion, at the cost of one more decoder
-pass rather than a whole forward pass.
+The backward flow ``B`` is the model's own flow for the reversed pair: a whole forward pass, without
+state and without gradient, on each window with its last two frames swapped (`backward_flow`). It
+only shapes the stop-gradient mask, so it costs a forward pass but no backward one. (The flow
+decoder alone on the swapped pair with the forward pass's latents was tried and is wrong: the
+latents encode the forward motion, and its mask kept 0.03 % of the pixels where the true
+forward-backward check keeps 99.8 %, on a real-texture clip with the shipped teacher.)
 """
 
 from __future__ import annotations
@@ -119,15 +121,19 @@ def photometric_loss(
             "photo_occluded": occluded}
 
 
-def backward_flow(model: StreamingPerceiverIO, video: ModalityBatch, latents: torch.Tensor) -> torch.Tensor:
-    """The flow decoder's flow for each row's last two frames swapped (see the module docstring)."""
+@torch.no_grad()
+def backward_flow(model: StreamingPerceiverIO, batch: Batch) -> torch.Tensor:
+    """The model's flow ``B x H x W x 2`` for each window's last two frames swapped (no state, no
+    gradient; see the module docstring)."""
+    video = batch.modalities[model.config.flow.modality]
     count = video.mask.sum(dim=1)
     rows = torch.arange(len(count), device=count.device)
     last, prev = (count - 1).clamp(min=0), (count - 2).clamp(min=0)
     values = video.values.clone()
     values[rows, last], values[rows, prev] = video.values[rows, prev], video.values[rows, last]
-    flow, _ = model.flow(replace(video, values=values), latents)
-    return flow.float()
+    reversed_ = replace(batch, modalities={**batch.modalities, model.config.flow.modality: replace(video, values=values)},
+                        targets=None)
+    return model(reversed_).flow.float()
 
 
 class PhotometricFlowLoss:
@@ -146,7 +152,7 @@ class PhotometricFlowLoss:
         valid = valid & output.flow_valid
         if not bool(valid.any()):
             return {}
-        back = backward_flow(self.model, video, output.state)
+        back = backward_flow(self.model, batch)
         parts = photometric_loss(image1[valid], image2[valid], output.flow[valid], back[valid],
                                  smooth_weight=self.smooth_weight)
         parts["flow_loss"] = parts.pop("photo")

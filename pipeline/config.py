@@ -208,7 +208,8 @@ class TrainConfig(_Section):
     trained checkpoint is written (default ``<output>/checkpoint``); periodic checkpoints with
     optimiser state go to ``<output>/_checkpoints/train/`` and a new run resumes from the latest
     (refused if the model, data or optimisation settings differ; ``steps`` may grow).
-    ``final_eval`` evaluates the result on the held-out streams (``eval_windows`` windows each).
+    ``final_eval`` evaluates the result on the held-out synthetic streams (``eval_windows`` windows each;
+    only when ``seeds`` trains on the rig) and on ``eval.data``.
     ``label_start``: the label loss joins the flow loss from this step on (0 = from the start).
     ``chain`` is how many consecutive windows a batch lane walks (carrying the latent state when
     ``carry_state``) before it jumps to a random window of another stream.
