@@ -1,9 +1,9 @@
-"""perceiver-stream's command line: ``python run_pipeline.py [run|train|eval|distill|inspect|bench|compact|streams]``.
+"""perceiver-stream's command line: ``python run_pipeline.py [run|train|eval|rig|distill|inspect|bench|compact|streams]``.
 
 ``run`` (the default) runs the pipeline over the config's streams on a local Ray (or the cluster
 at ``--address``) and writes Parquet under the output folder. ``train`` trains the model on the
-synthetic rig, ``eval`` scores a checkpoint (and a student) on a held-out synthetic seed,
-``distill`` distils a student offline (no Ray), ``inspect`` summarises an output folder and draws
+synthetic rig and files, ``eval`` scores a checkpoint on a held-out synthetic seed or files, ``rig``
+renders the real-texture rig, ``distill`` distils a student offline (no Ray), ``inspect`` summarises an output folder and draws
 its pictures; each prints JSON or lines. ``bench`` measures the model alone and the whole
 pipeline on the same config and prints JSON; ``compact`` publishes an output folder's rows;
 ``streams`` adds, removes or lists the streams of a running pipeline.
@@ -32,8 +32,9 @@ from typing import NoReturn
 
 from jobs.compact import add_compact_arguments, cmd_compact
 from jobs.distill import distill_job
-from jobs.evaluate import MIN_WINDOWS, MODALITIES, evaluate
+from jobs.evaluate import MIN_WINDOWS, MODALITIES, evaluate, evaluate_config
 from jobs.inspect import summarize, write_pictures
+from jobs.rig_command import add_rig_arguments, cmd_rig
 from jobs.streams import add_streams_arguments, cmd_streams
 from jobs.train import train_job
 from pipeline.config import Config, load_config
@@ -298,7 +299,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 # -- eval ----------------------------------------------------------------------------------------
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``eval``."""
-    p.add_argument("--seed", type=_seed, required=True, help="synthetic rig to evaluate on (not a training seed)")
+    p.add_argument("--seed", type=_seed, help="synthetic rig to evaluate on (not a training seed)")
+    p.add_argument("--config", type=Path, help="instead of --seed: score the recorded streams of this config's eval.data")
     p.add_argument(
         "--drop", metavar="MODALITY", help=f"remove a modality from every window ({', '.join(MODALITIES)}; "
         "several separated by commas, e.g. video,audio to score the points alone)"
@@ -322,9 +324,12 @@ def default_checkpoint() -> str:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a checkpoint on a held-out seed; prints the metrics JSON."""
+    if (args.seed is None) == (args.config is None):
+        raise UsageError("eval needs one of --seed (a synthetic rig) or --config (its eval.data)")
     checkpoint = args.checkpoint if args.checkpoint is not None else default_checkpoint()
     try:
-        result = evaluate(checkpoint, args.seed, drop=args.drop, student=args.student, windows=args.windows)
+        result = (evaluate_config(checkpoint, args.config, drop=args.drop) if args.config is not None else
+                  evaluate(checkpoint, args.seed, drop=args.drop, student=args.student, windows=args.windows))
     except PipelineError as exc:  # a refused seed, or a checkpoint that does not load: bad arguments
         raise UsageError(str(exc)) from None
     print(json.dumps(result, indent=2))
@@ -383,6 +388,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "train": Subcommand("train the model on the synthetic rig (checkpoints, resume)", add_train_arguments, cmd_train),
     "eval": Subcommand("score a checkpoint (and a student) on a held-out synthetic seed, as JSON", add_eval_arguments,
                        cmd_eval),
+    "rig": Subcommand("render the real-texture rig (clips, true flow, labels)", add_rig_arguments, cmd_rig),
     "distill": Subcommand("distil a student offline from model.checkpoint (no Ray), as JSON", add_distill_arguments,
                           cmd_distill),
     "inspect": Subcommand("summarise an output folder and write pictures under OUTPUT_DIR/_inspect/",

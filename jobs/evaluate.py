@@ -26,11 +26,14 @@ import numpy as np
 import torch
 
 from jobs.datasets import default_data_settings, heldout_windows
+from jobs.files_dataset import file_streams
 from perceiver_stream.checkpoint import load_checkpoint
 from perceiver_stream.outputs import ModelOutput
+from perceiver_stream.photometric import backward_flow, last_pair, photometric_loss
 from perceiver_stream.streaming import StreamingPerceiverIO, StreamStates
 from perceiver_stream.student import embedding_cosine
 from pipeline.collate import collate
+from pipeline.config import DataConfig, load_config
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.window import Window
 
@@ -85,23 +88,44 @@ def run_stream(model: StreamingPerceiverIO, windows: list[Window], *, batch_size
     return outs
 
 
+@torch.no_grad()
+def photometric_error(model: StreamingPerceiverIO, windows: list[Window], outs: list[ModelOutput]) -> float | None:
+    """Mean photometric data term (census, occlusion-masked: `perceiver_stream.photometric`) of the
+    model's flow over the windows with two frames; None when there is none."""
+    errors, i = [], 0
+    for o in outs:
+        batch = collate(windows[i : i + len(o.flow_valid)])
+        i += len(o.flow_valid)
+        video = batch.modalities.get(model.config.flow.modality) if model.config.flow is not None else None
+        if o.flow is None or video is None:
+            continue
+        image1, image2, valid = last_pair(video, tuple(o.flow.shape[1:3]))
+        valid = valid & o.flow_valid
+        if bool(valid.any()):
+            back = backward_flow(model, batch)
+            errors += photometric_loss(image1[valid], image2[valid], o.flow[valid], back[valid])["photo_census"].tolist()
+    return round(float(np.mean(errors)), 4) if errors else None
+
+
 def _metrics(outs: list[ModelOutput], windows: list[Window], with_flow: bool) -> dict[str, Any]:
-    labels = np.array([w.truth.label for w in windows])
+    labels = np.array([w.truth.label if w.truth is not None else -1 for w in windows])
     pred = torch.cat([o.label_logits for o in outs]).argmax(dim=1).numpy()
+    known = labels >= 0  # windows without a label are not counted
     epe, zero = [], []
     if with_flow:
         i = 0
         for o in outs:
             for r in range(len(o.flow_valid)):
-                truth = windows[i].truth.flow
+                truth = windows[i].truth.flow if windows[i].truth is not None else None
                 i += 1
                 if truth is None or o.flow is None or not bool(o.flow_valid[r]):
                     continue
                 epe.append(float(np.linalg.norm(o.flow[r].numpy() - truth, axis=-1).mean()))
                 zero.append(float(np.linalg.norm(truth, axis=-1).mean()))
     return {
-        "label_accuracy": round(float((pred == labels).mean()), 4),
-        "label_chance": round(float(np.bincount(labels).max() / len(labels)), 4),
+        "labelled": int(known.sum()),
+        "label_accuracy": round(float((pred[known] == labels[known]).mean()), 4) if known.any() else None,
+        "label_chance": round(float(np.bincount(labels[known]).max() / known.sum()), 4) if known.any() else None,
         "flow_epe": round(float(np.mean(epe)), 4) if epe else None,
         "flow_epe_zero": round(float(np.mean(zero)), 4) if zero else None,
     }
@@ -121,6 +145,7 @@ def evaluate_model(
     outs = run_stream(model, windows)
     result: dict[str, Any] = {"windows": len(windows), "drop": drop}
     result.update(_metrics(outs, windows, with_flow=not no_video))
+    result["photometric"] = None if no_video else photometric_error(model, windows, outs)
     if student is not None:
         student.eval()
         s_outs = run_stream(student, windows)
@@ -169,3 +194,42 @@ def evaluate(
     result.update(evaluate_model(model, heldout_windows(data, seed, windows, video_frames=frames),
                                  drop=drop, student=s_model))
     return result
+
+
+def evaluate_files(
+    checkpoint: str | Path, data: DataConfig, output_dir: str | Path, *, drop: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate ``checkpoint`` on recorded streams ``data`` (labels as indices into its class
+    names), each stream run with its state carried: ``{"streams", "windows", "labelled",
+    "label_accuracy", "flow_epe", "flow_epe_zero", "photometric"}`` over all their windows. Decoded
+    windows are cached under ``output_dir``. Raises ConfigError for a file the checkpoint was
+    trained on (by content) and for labels the checkpoint does not know."""
+    dropped(drop)
+    model, meta = load_model(checkpoint, "checkpoint")
+    settings = meta.get("data") or default_data_settings(model.config)
+    files = file_streams(data, settings, output_dir, video_frames=model.config.video_frames,
+                         classes=tuple(model.config.labels.class_names), progress=progress)
+    trained = set(meta.get("train_files", []))
+    seen = sorted(path for path, digest in files.digests.items() if digest in trained)
+    if seen:
+        raise ConfigError(f"{seen} were used to train checkpoint {checkpoint} (same contents); evaluate on "
+                          "held-out files", source=str(checkpoint))
+    windows = [w for s in files.streams for w in s]
+    no_video = "video" in dropped(drop)
+    model.eval()
+    outs = [o for s in files.streams for o in run_stream(model, [_without(w, drop) for w in s])]
+    result: dict[str, Any] = {"checkpoint": str(checkpoint), "streams": len(files.ids), "windows": len(windows),
+                              "drop": drop}
+    result.update(_metrics(outs, windows, with_flow=not no_video))
+    result["photometric"] = None if no_video else photometric_error(model, windows, outs)
+    return result
+
+
+def evaluate_config(checkpoint: str | Path, config: str | Path, *, drop: str | None = None) -> dict[str, Any]:
+    """`evaluate_files` on the ``eval.data`` of config file ``config`` (cache under its
+    ``output.dir``); ConfigError when it has none."""
+    cfg = load_config(config)
+    if not isinstance(cfg.eval.data, DataConfig):
+        raise ConfigError(f"{config} has no eval.data to evaluate on")
+    return evaluate_files(checkpoint, cfg.eval.data, cfg.output.dir, drop=drop)

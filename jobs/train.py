@@ -1,10 +1,12 @@
-"""`run_pipeline.py train`: train the fused model on the synthetic rig, with checkpoints and resume.
+"""`run_pipeline.py train`: train the fused model on the synthetic rig and recorded files, with
+checkpoints and resume.
 
 `train_job(cfg)` renders one synthetic stream per seed of ``train.seeds`` through the pipeline's
-windower and keeps its windows in memory (rendering costs far less than training on them), then
-drives the library's loop (`perceiver_stream.train.fit`) through two phases:
+windower and keeps its windows in memory (rendering costs far less than training on them), adds
+the recorded streams of ``train.data`` (decoded once, cached on disk: `jobs.files_dataset`),
+starts from a fresh model or the ``train.init`` checkpoint (`jobs.finetune`), then drives the library's loop (`perceiver_stream.train.fit`) through two phases:
 
-* main, ``train.steps`` steps: flow EPE + label cross-entropy (the label loss from step
+* main, ``train.steps`` steps: flow EPE (or ``train.flow_loss``'s term) + label cross-entropy (the label loss from step
   ``train.label_start`` on) under modality dropout, on every parameter but the ``labels.pool``
   reads (their gates stay shut). A batch is ``batch_size`` *lanes*: each lane walks ``train.chain``
   consecutive windows of one stream, the latent state carried as in the pipeline, then jumps to a
@@ -18,8 +20,9 @@ interrupted one would have seen. Checkpoints: every ``checkpoint_every`` steps a
 each phase to ``<output>/_checkpoints/train/step-NNNNNNN/`` (safetensors + config JSON + optimiser
 state); a run of the same config resumes from the latest and refuses one whose model, seeds, data
 or optimisation settings differ; a run without resume first deletes the earlier run's. At the end
-the model goes to ``train.checkpoint`` (metadata: seeds, class names, data settings) and is
-evaluated on the config's held-out synthetic streams.
+the model goes to ``train.checkpoint`` (metadata: seeds, content digests of the files, class
+names, data settings) and is evaluated on the config's held-out synthetic streams and ``eval.data``.
+Parameters that ``train.freeze`` names stay fixed in every phase.
 """
 
 from __future__ import annotations
@@ -36,17 +39,18 @@ import torch
 from tqdm import tqdm
 
 from jobs.datasets import data_settings, heldout_windows, synthetic_stream
-from jobs.evaluate import evaluate_model
+from jobs.evaluate import evaluate_files, evaluate_model
+from jobs.files_dataset import file_streams
+from jobs.finetune import class_names, flow_term, frozen, initial_model
 from perceiver_stream.batch import Batch
 from perceiver_stream.checkpoint import load_checkpoint, read_config, save_checkpoint
 from perceiver_stream.config import StreamingConfig
 from perceiver_stream.multimodal import drop_modalities
 from perceiver_stream.streaming import StreamingPerceiverIO
-from perceiver_stream.train import Phase, PooledBatch, PooledLabelObjective, SupervisedObjective, fit
+from perceiver_stream.train import FlowTerm, Phase, PooledBatch, PooledLabelObjective, SupervisedObjective, fit
 from pipeline.collate import collate
-from pipeline.config import Config, TrainConfig
+from pipeline.config import Config, DataConfig, TrainConfig
 from pipeline.errors import ConfigError
-from pipeline.sources.synthetic import CLASSES
 from pipeline.window import Window
 
 TRAIN_CHECKPOINTS = Path("_checkpoints") / "train"
@@ -117,7 +121,7 @@ def lane_batches(
 ) -> Iterator[Batch]:
     """The main phase's collated batches from step ``start`` on, under `ChainDropout` (its draws
     seeded by ``start``)."""
-    plan = lane_plan([len(s) for s in streams], tc.batch_size, seed=tc.seeds[0], chain=tc.chain)
+    plan = lane_plan([len(s) for s in streams], tc.batch_size, seed=tc.seeds[0] if tc.seeds else 0, chain=tc.chain)
     for _ in range(start):
         next(plan)
     dropout = ChainDropout(tc.modality_dropout, torch.Generator().manual_seed(start))
@@ -181,27 +185,33 @@ def _drop(batch: Batch, name: str) -> Batch:
 
 def _optimizer(model: StreamingPerceiverIO, tc: TrainConfig, *, pool_phase: bool) -> torch.optim.Optimizer:
     """AdamW over the parameters a phase trains: all but the ``labels.pool`` reads, or in the pool
-    phase those reads alone (the rest frozen)."""
+    phase those reads alone (the rest frozen); never those ``train.freeze`` names."""
     pool = {id(p) for p in model.pool_parameters()}
-    params = [p for p in model.parameters() if (id(p) in pool) == pool_phase]
+    fixed = frozen(model, tc.freeze)
+    params = [p for p in model.parameters() if (id(p) in pool) == pool_phase and id(p) not in fixed]
+    if not params:
+        raise ConfigError(f"train.freeze {tc.freeze} leaves the {'pool' if pool_phase else 'main'} phase "
+                          "nothing to train")
     for p in model.parameters():
-        p.requires_grad_(not pool_phase or id(p) in pool)
+        p.requires_grad_((not pool_phase or id(p) in pool) and id(p) not in fixed)
     return torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
 
 
 def phases(
     model: StreamingPerceiverIO, tc: TrainConfig, streams: list[list[Window]], video_frames: int | None,
-    *, start: int, resumed: Path | None, progress: bool,
+    *, start: int, resumed: Path | None, progress: bool, flow_loss: FlowTerm | None = None,
 ) -> Iterator[Phase]:
     """The phases left from step ``start`` on, each built when the one before has ended (the pool
     phase reads the windows with the main phase's weights). ``resumed``: the checkpoint whose
-    optimiser state continues (a pool phase resumed at its first step starts afresh)."""
+    optimiser state continues (a pool phase resumed at its first step starts afresh). ``flow_loss``:
+    the main phase's flow objective without truth (`jobs.finetune.flow_term`)."""
     if start < tc.steps:
         opt = _optimizer(model, tc, pool_phase=False)
         if resumed is not None:
             opt.load_state_dict(torch.load(resumed / OPTIMIZER, weights_only=True))
         objective = SupervisedObjective(model, flow_weight=tc.flow_weight, label_weight=tc.label_weight,
-                                        label_start=tc.label_start, carry_state=tc.carry_state)
+                                        label_start=tc.label_start, carry_state=tc.carry_state,
+                                        flow_term=flow_loss)
         yield Phase("main", 0, tc.steps, lane_batches(streams, tc, video_frames, start), objective, opt, tc.lr,
                     warmup_steps=tc.warmup_steps, grad_clip=tc.grad_clip)
     if tc.pool_steps and start < tc.steps + tc.pool_steps:
@@ -224,7 +234,8 @@ def _latest(folder: Path) -> Path | None:
 
 
 _RESUME_FIXED = ("batch_size", "lr", "weight_decay", "warmup_steps", "grad_clip", "modality_dropout",
-                 "flow_weight", "label_weight", "label_start", "carry_state", "chain")
+                 "flow_weight", "label_weight", "label_start", "carry_state", "chain", "init", "freeze",
+                 "flow_loss", "flow_teacher")
 
 
 def _differences(new: dict[str, Any], old: dict[str, Any], prefix: str = "") -> list[str]:
@@ -237,7 +248,7 @@ def _differences(new: dict[str, Any], old: dict[str, Any], prefix: str = "") -> 
 def _check_resumable(path: Path, config: StreamingConfig, meta: dict[str, Any]) -> None:
     saved, saved_meta = read_config(path)
     diffs = _differences(config.to_dict(), saved.to_dict())
-    diffs += [k for k in ("train_seeds", "seconds", "data") if saved_meta.get(k) != meta[k]]
+    diffs += [k for k in ("train_seeds", "seconds", "data", "train_files") if saved_meta.get(k) != meta.get(k)]
     # A run resumed under another optimisation would be neither run; only its length may change.
     saved_train = saved_meta.get("train", {})
     diffs += [f"train.{k}" for k in _RESUME_FIXED if k in saved_train and saved_train[k] != meta["train"][k]]
@@ -263,18 +274,6 @@ def _save(path: Path, model: StreamingPerceiverIO, opt: torch.optim.Optimizer, m
 # ---- the job ----------------------------------------------------------------------------------
 
 
-def build_model_config(cfg: Config) -> StreamingConfig:
-    """The model to train: ``train.model`` overrides, flow grid = ``video.size``, the rig's classes."""
-    overrides = dict(cfg.train.model)
-    if isinstance(overrides.get("flow", {}), dict):
-        overrides["flow"] = {"size": list(cfg.video.size or (64, 64)), **overrides.get("flow", {})}
-    overrides["labels"] = {**overrides.get("labels", {}), "class_names": list(CLASSES)}
-    try:
-        return StreamingConfig.from_dict(overrides)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"train.model: {e}") from None
-
-
 def eval_seeds(cfg: Config) -> list[int]:
     """The seeds of the config's synthetic streams (the held-out streams of the final evaluation)."""
     return [s.synthetic.seed for s in cfg.streams if s.synthetic is not None]
@@ -283,15 +282,18 @@ def eval_seeds(cfg: Config) -> list[int]:
 def train_job(cfg: Config, *, resume: bool = True, progress: bool = True) -> dict[str, Any]:
     """Train per ``cfg.train`` (see the module docstring); returns a JSON-ready summary: the final
     checkpoint path, steps, the step resumed from, timings, mean losses of the first and last 20
-    steps and the final evaluation of each held-out stream. Raises ConfigError for held-out seeds
-    that are also training seeds, a pool phase without pooled reads, a checkpoint it cannot resume."""
+    steps and the final evaluation of each held-out stream (and of ``eval.data``). Raises
+    ConfigError for held-out seeds that are also training seeds, a pool phase without pooled
+    reads, a checkpoint it cannot resume, a bad label table or ``train.freeze`` name."""
     tc = cfg.train
     overlap = sorted(set(eval_seeds(cfg)) & set(tc.seeds))
     if overlap:
         raise ConfigError(f"streams: seeds {overlap} are also train.seeds; evaluation streams must be held out")
     if tc.threads is not None:
         torch.set_num_threads(tc.threads)
-    config = build_model_config(cfg)
+    classes = class_names(cfg)
+    model, fresh = initial_model(cfg, classes)
+    config = model.config
     out_dir = Path(cfg.output.dir)
     ckpt_dir = out_dir / TRAIN_CHECKPOINTS
     final_path = Path(tc.checkpoint) if tc.checkpoint else out_dir / "checkpoint"
@@ -299,15 +301,19 @@ def train_job(cfg: Config, *, resume: bool = True, progress: bool = True) -> dic
         "train_seeds": list(tc.seeds),
         "seconds": tc.seconds,
         "data": data_settings(cfg),
-        "class_names": list(config.labels.class_names),
+        "class_names": list(classes),
         "train": tc.model_dump(mode="json", exclude={"checkpoint"}),
     }
-
-    torch.manual_seed(0)
-    model = StreamingPerceiverIO(config)
+    frozen(model, tc.freeze)  # a bad name fails before any decoding
     if tc.pool_steps and not model.pool_parameters():
         raise ConfigError("train.pool_steps trains the model's labels.pool reads, but train.model has none; "
                           "set train.model.labels.pool or train.pool_steps: 0")
+    frames = config.video_frames
+    t0 = time.perf_counter()
+    files = None
+    if isinstance(tc.data, DataConfig):
+        files = file_streams(tc.data, meta["data"], out_dir, video_frames=frames, classes=classes, progress=progress)
+        meta["train_files"] = sorted(set(files.digests.values()))
     total = tc.steps + tc.pool_steps
     start = 0
     if not resume:
@@ -321,10 +327,9 @@ def train_job(cfg: Config, *, resume: bool = True, progress: bool = True) -> dic
         model, saved = load_checkpoint(latest)
         start = int(saved["step"])
 
-    t0 = time.perf_counter()
-    frames = config.video_frames
     seeds = tqdm(tc.seeds, desc="rendering synthetic streams", unit="stream", disable=not progress)
     streams = [synthetic_stream(cfg, s, tc.seconds, video_frames=frames) for s in seeds]
+    streams += files.streams if files is not None else []
     render_s = time.perf_counter() - t0
 
     history: list[dict[str, float]] = []
@@ -341,7 +346,8 @@ def train_job(cfg: Config, *, resume: bool = True, progress: bool = True) -> dic
             shutil.rmtree(old, ignore_errors=True)
 
     t1, cpu1 = time.perf_counter(), time.process_time()
-    run = phases(model, tc, streams, frames, start=start, resumed=latest, progress=progress)
+    run = phases(model, tc, streams, frames, start=start, resumed=latest, progress=progress,
+                 flow_loss=flow_term(cfg, model))
     fit(model, run, start=start, callback=on_step, checkpoint=checkpoint, checkpoint_every=tc.checkpoint_every)
     bar.close()
     train_s, train_cpu_s = time.perf_counter() - t1, time.process_time() - cpu1
@@ -349,17 +355,22 @@ def train_job(cfg: Config, *, resume: bool = True, progress: bool = True) -> dic
     final_meta = {**meta, "step": total}
     save_checkpoint(final_path, model, final_meta)
     results: dict[str, Any] = {}
-    for seed in tqdm(eval_seeds(cfg) if tc.final_eval else [], desc="evaluating", unit="seed", disable=not progress):
+    # Synthetic held-out streams score a model of the rig's classes: one trained on seeds.
+    heldout = eval_seeds(cfg) if tc.final_eval and tc.seeds else []
+    for seed in tqdm(heldout, desc="evaluating", unit="seed", disable=not progress):
         windows = heldout_windows(meta["data"], seed, tc.eval_windows, video_frames=frames)
         results[str(seed)] = {"all": evaluate_model(model, windows)}
-        if seed == eval_seeds(cfg)[0]:
+        if seed == heldout[0]:
             for name in config.modalities:
                 results[str(seed)][f"drop_{name}"] = evaluate_model(model, windows, drop=name)
+    if tc.final_eval and isinstance(cfg.eval.data, DataConfig):
+        results["eval.data"] = evaluate_files(final_path, cfg.eval.data, out_dir, progress=progress)
     summary = {
         "checkpoint": str(final_path),
         "steps": total,
         "resumed_from": start,
         "params": sum(p.numel() for p in model.parameters()),
+        "new_weights": len(fresh) if tc.init is not None else None,
         "render_s": round(render_s, 1),
         "train_s": round(train_s, 1),
         "s_per_step": round(train_s / max(1, total - start), 4),

@@ -31,6 +31,7 @@ from perceiver_stream.streaming import StreamingPerceiverIO, StreamStates
 
 Parts = dict[str, torch.Tensor]
 Objective = Callable[[int, Any], tuple[torch.Tensor, Parts]]  # (step, batch) -> (loss, its parts)
+FlowTerm = Callable[[Batch, ModelOutput], Parts]  # a flow loss without truth: "flow_loss" and its parts
 
 
 def flow_epe(pred: torch.Tensor, truth: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -81,6 +82,8 @@ class SupervisedObjective:
 
     ``label_weight`` applies from step ``label_start`` on (0 before). With ``carry_state`` (and a
     model with state) each stream's latent state is carried from its previous window, detached.
+    ``flow_term`` (e.g. `perceiver_stream.photometric.PhotometricFlowLoss`) replaces the EPE to the
+    truth flow by its ``flow_loss``; the truth's EPE is still reported, detached, where known.
     """
 
     def __init__(
@@ -91,8 +94,9 @@ class SupervisedObjective:
         label_weight: float = 1.0,
         label_start: int = 0,
         carry_state: bool = True,
+        flow_term: FlowTerm | None = None,
     ) -> None:
-        self.model = model
+        self.model, self.flow_term = model, flow_term
         self.flow_weight, self.label_weight, self.label_start = flow_weight, label_weight, label_start
         self.carry = carry_state and model.config.state.carry
         self.states = StreamStates()
@@ -109,8 +113,13 @@ class SupervisedObjective:
             self.states.update(batch, output.state)
         parts = losses(output, batch.targets)
         zero = output.embedding.sum() * 0.0
+        flow = parts.get("flow_epe", zero)
+        if self.flow_term is not None:
+            parts = {k: v.detach() if k == "flow_epe" else v for k, v in parts.items()}
+            parts.update(self.flow_term(batch, output))
+            flow = parts.get("flow_loss", zero)
         label_weight = self.label_weight if step >= self.label_start else 0.0
-        return self.flow_weight * parts.get("flow_epe", zero) + label_weight * label_loss(parts, zero), parts
+        return self.flow_weight * flow + label_weight * label_loss(parts, zero), parts
 
 
 @dataclass

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from pipeline.envvars import Key, restore_templates, substitute_env
 from pipeline.errors import ConfigError
+from pipeline.overrides import apply_override, first_line, validation_message
 from pipeline.redact import redact_data
 
 # A stream id becomes a hive folder name (`stream_id=<id>`): keep it path-safe, and never
@@ -191,8 +192,27 @@ def student_checkpoint_path(output_dir: str | Path) -> Path:
     return Path(output_dir) / "_checkpoints" / "student"
 
 
+class DataConfig(_Section):
+    """Recorded streams to train or evaluate on (`jobs.files_dataset`): ``streams`` exactly as the
+    top-level ``streams`` list, and ``labels``, a CSV or Parquet table ``stream_id, t_start, t_end,
+    label`` (media seconds; None: no labels). A window takes the label that covers more than half
+    of it, or none."""
+
+    streams: list[StreamConfig] = Field(min_length=1)
+    labels: str | None = None
+
+    @field_validator("streams")
+    @classmethod
+    def _unique_ids(cls, v: list[StreamConfig]) -> list[StreamConfig]:
+        ids = [s.id for s in v]
+        twice = sorted({i for i in ids if ids.count(i) > 1})
+        if twice:
+            raise ValueError(f"stream ids {twice} are used twice")
+        return v
+
+
 class TrainConfig(_Section):
-    """`run_pipeline.py train`: synthetic seeds, optimisation and the model to build.
+    """`run_pipeline.py train`: synthetic seeds, recorded files, optimisation and the model to build.
 
     ``seeds`` are the synthetic rigs trained on (``seconds`` long each); the config's synthetic
     ``streams`` are the held-out streams of the final evaluation (they must not share a seed).
@@ -201,16 +221,28 @@ class TrainConfig(_Section):
     trained checkpoint is written (default ``<output>/checkpoint``); periodic checkpoints with
     optimiser state go to ``<output>/_checkpoints/train/`` and a new run resumes from the latest
     (refused if the model, data or optimisation settings differ; ``steps`` may grow).
-    ``final_eval`` evaluates the result on the held-out streams (``eval_windows`` windows each).
+    ``final_eval`` evaluates the result on the held-out synthetic streams (``eval_windows`` windows each;
+    only when ``seeds`` trains on the rig) and on ``eval.data``.
     ``label_start``: the label loss joins the flow loss from this step on (0 = from the start).
     ``chain`` is how many consecutive windows a batch lane walks (carrying the latent state when
     ``carry_state``) before it jumps to a random window of another stream.
     ``pool_steps``: after ``steps``, this many steps of ``pool_batch_size`` windows train the model's
     ``labels.pool`` reads alone (the rest frozen) on the label loss, each window lacking one other
     modality (`jobs.train.PoolPhase`).
+    ``data``: recorded streams trained on besides the seeds (``seeds: []`` for files alone); the
+    class names are then the label table's. ``init``: a checkpoint to start from (its model config;
+    ``model`` must be empty); ``freeze``: parameter-name prefixes kept fixed (``encoder``,
+    ``flow``, ``preprocess.video``...). ``flow_loss``: ``truth`` (EPE to the known flow),
+    ``photometric`` (self-supervised: census, smoothness, occlusion mask; no truth read) or
+    ``teacher`` (EPE to the flow of checkpoint ``flow_teacher``).
     """
 
     seeds: list[int] = Field(default_factory=lambda: list(range(16)))
+    data: DataConfig | str | None = None
+    init: str | None = None
+    freeze: list[str] = Field(default_factory=list)
+    flow_loss: Literal["truth", "photometric", "teacher"] = "truth"
+    flow_teacher: str | None = None
     seconds: float = Field(30.0, gt=0)
     steps: int = Field(2000, ge=1)
     batch_size: int = Field(16, ge=1)
@@ -237,11 +269,25 @@ class TrainConfig(_Section):
     @field_validator("seeds")
     @classmethod
     def _distinct_seeds(cls, v: list[int]) -> list[int]:
-        if not v:
-            raise ValueError("needs at least one seed")
         if len(set(v)) != len(v):
             raise ValueError("seeds must be distinct")
         return v
+
+    @model_validator(mode="after")
+    def _has_data(self) -> "TrainConfig":
+        if not self.seeds and self.data is None:
+            raise ValueError("needs at least one seed or train.data")
+        if (self.flow_loss == "teacher") != (self.flow_teacher is not None):
+            raise ValueError("flow_teacher (a checkpoint) is needed with flow_loss: teacher, and only then")
+        if self.init is not None and self.model:
+            raise ValueError("init takes the model from the checkpoint; leave model empty")
+        return self
+
+
+class EvalConfig(_Section):
+    """`run_pipeline.py eval --config`: recorded streams (and labels) to score a checkpoint on."""
+
+    data: DataConfig | str | None = None
 
 
 class OutputConfig(_Section):
@@ -266,6 +312,7 @@ class Config(_Section):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     # The strings that held ``${NAME}`` before substitution, by their place (`pipeline.envvars`).
     _env_templates: dict[Key, str] = PrivateAttr(default_factory=dict)
@@ -305,72 +352,6 @@ def _resolve(value: str | None, base: Path) -> str | None:
     return str(p if p.is_absolute() else (base / p).resolve())
 
 
-def _format_loc(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(p) for p in loc) or "<top level>"
-
-
-def _error_message(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif err["type"] == "missing":
-            msg = "required key is missing"
-        elif "input" in err and not isinstance(err["input"], (dict, list)):
-            msg = f"{msg} (got {err['input']!r})"
-        parts.append(f"{_format_loc(err['loc'])}: {msg}")
-    return "; ".join(parts)
-
-
-def apply_override(data: dict[str, Any], override: str) -> None:
-    """Apply one ``dotted.key=value`` override to raw config data in place.
-
-    The value is parsed as YAML (``3`` is an int, ``[64, 64]`` a list, ``null`` None); list items
-    are addressed by index, and index ``len(list)`` appends a new item.
-    """
-    key, sep, raw = override.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ConfigError(f"override {override!r}: expected dotted.key=value")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({_first_line(e)})") from None
-    parts = key.split(".")
-    node: Any = data
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        where = ".".join(parts[: i + 1])
-        if isinstance(node, list):
-            if not part.isdigit():
-                raise ConfigError(f"override {key}: {'.'.join(parts[:i]) or key} is a list, index it by number")
-            idx = int(part)
-            if idx > len(node):
-                raise ConfigError(f"override {key}: index {idx} is past the end of a list of {len(node)}")
-            if idx == len(node):
-                node.append(None)
-            if last:
-                node[idx] = value
-            else:
-                if node[idx] is None:
-                    node[idx] = [] if parts[i + 1].isdigit() else {}
-                node = node[idx]
-        elif isinstance(node, dict):
-            if last:
-                node[part] = value
-            else:
-                if node.get(part) is None:
-                    node[part] = [] if parts[i + 1].isdigit() else {}
-                node = node[part]
-        else:
-            raise ConfigError(f"override {key}: {where.rsplit('.', 1)[0]} is a value, not a section")
-
-
-def _first_line(e: Exception) -> str:
-    return " ".join(str(e).split())
-
-
 def parse_config(data: dict[str, Any], *, base_dir: Path | str = ".", source: str = "<config>") -> Config:
     """Validate raw config data (``${NAME}`` substituted from the environment) and resolve its
     relative paths against ``base_dir``."""
@@ -380,18 +361,46 @@ def parse_config(data: dict[str, Any], *, base_dir: Path | str = ".", source: st
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_error_message(e), source=source) from None
+        raise ConfigError(validation_message(e), source=source) from None
     cfg._env_templates = templates
     base = Path(base_dir).resolve()
-    for s in cfg.streams:
-        s.video = _resolve(s.video, base)
-        s.audio = _resolve(s.audio, base)
-        s.points = _resolve(s.points, base)
+    _resolve_streams(cfg.streams, base)
     cfg.model.checkpoint = _resolve(cfg.model.checkpoint, base)
     cfg.model.student = _resolve(cfg.model.student, base)
     cfg.train.checkpoint = _resolve(cfg.train.checkpoint, base)
+    cfg.train.init = _resolve(cfg.train.init, base)
+    cfg.train.flow_teacher = _resolve(cfg.train.flow_teacher, base)
+    for section in (cfg.train, cfg.eval):
+        if isinstance(section.data, str):
+            section.data = _data_file(Path(_resolve(section.data, base)))
+        elif section.data is not None:
+            _resolve_streams(section.data.streams, base)
+            section.data.labels = _resolve(section.data.labels, base)
     cfg.output.dir = _resolve(cfg.output.dir, base) or cfg.output.dir
     return cfg
+
+
+def _data_file(path: Path) -> DataConfig:
+    """The `DataConfig` in YAML file ``path``, its paths resolved against the file's folder."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+        data = DataConfig.model_validate(raw)
+    except OSError as e:
+        raise ConfigError(f"data file cannot be read: {e.strerror}", source=str(path)) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"not valid YAML: {first_line(e)}", source=str(path)) from None
+    except ValidationError as e:
+        raise ConfigError(validation_message(e), source=str(path)) from None
+    _resolve_streams(data.streams, path.parent)
+    data.labels = _resolve(data.labels, path.parent)
+    return data
+
+
+def _resolve_streams(streams: list[StreamConfig], base: Path) -> None:
+    for s in streams:
+        s.video = _resolve(s.video, base)
+        s.audio = _resolve(s.audio, base)
+        s.points = _resolve(s.points, base)
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -406,7 +415,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"not valid YAML: {_first_line(e)}", source=str(path)) from None
+        raise ConfigError(f"not valid YAML: {first_line(e)}", source=str(path)) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -22,6 +22,7 @@ import numpy as np
 
 from pipeline.config import Config, StreamConfig, parse_config
 from pipeline.errors import PipelineError
+from pipeline.sidecar import FlowSidecar, sidecar_path
 from pipeline.sources.audio import AudioDecoder, audio_chunks
 from pipeline.sources.live import MediaReader
 from pipeline.sources.points import read_point_scans
@@ -52,7 +53,7 @@ def open_stream(
     ``points``: ``(scans, max_points)`` keeps only the points a model's points adapter reads (see
     `read_points`), for a model that reads no more.
     ``truth=False`` leaves the synthetic rig's `Truth` out (it serves training and evaluation;
-    running the model does not read it).
+    running the model does not read it), and a clip's ``<clip>.flow.npz`` flow (`pipeline.sidecar`).
     """
     sid = stream_cfg.id
     truth_of = None
@@ -105,11 +106,20 @@ def open_stream(
         start_window=start_window,
         on_error=on_error,
     )
+    side = sidecar_path(stream_cfg.video) if truth and stream_cfg.video is not None else None
+    if side is not None:
+        flow = FlowSidecar(side, sid)
+        out = (_with_truth(w, flow) for w in out)
     if video_frames is not None:
         out = (_last_frames(w, video_frames) for w in out)
     if points is not None:
         out = (read_points(w, *points) for w in out)
     return out
+
+
+def _with_truth(w: Window, flow: FlowSidecar) -> Window:
+    w.truth = flow.truth(w)
+    return w
 
 
 def _kept_frames(times: np.ndarray, seconds: float, hop: float, k: int) -> np.ndarray:

@@ -48,7 +48,8 @@ def test_run_options():
 
 
 def test_only_implemented_subcommands_are_offered():
-    assert set(run_pipeline.SUBCOMMANDS) == {"run", "train", "eval", "distill", "inspect", "bench", "compact", "streams"}
+    assert set(run_pipeline.SUBCOMMANDS) == {"run", "train", "eval", "rig", "distill", "inspect", "bench", "compact",
+                                            "streams"}
     for name, sc in run_pipeline.SUBCOMMANDS.items():
         assert callable(sc.main) and sc.help
 
@@ -161,6 +162,8 @@ def test_eval_prints_the_metrics_of_a_checkpoint_and_its_student(trained, tmp_pa
         (["--seed", "77", "--drop", "smell"], "smell"),
         (["--seed", "77", "--windows", "10"], "200"),
         (["--seed", "-1"], "non-negative"),
+        ([], "one of --seed"),
+        (["--seed", "77", "--config", "x.yaml"], "one of --seed"),
     ],
 )
 def test_eval_refuses_training_seeds_and_bad_arguments_with_exit_2(trained, extra, needle, capsys):

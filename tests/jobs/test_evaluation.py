@@ -37,7 +37,8 @@ def test_eval_json_has_every_metric_in_range(checkpoints):
     assert 1 / len(CLASSES) <= out["label_chance"] < 0.5  # the rig balances its classes
     assert out["flow_epe"] > 0 and out["flow_epe_zero"] > 0
     assert -1.0 <= out["cosine_to_teacher"] <= 1.0
-    assert set(out["student"]) == {"label_accuracy", "label_chance", "flow_epe", "flow_epe_zero"}
+    assert set(out["student"]) == {"labelled", "label_accuracy", "label_chance", "flow_epe", "flow_epe_zero"}
+    assert out["labelled"] == MIN_WINDOWS and out["photometric"] > 0
     assert out["student"]["flow_epe_zero"] == out["flow_epe_zero"]  # same windows, same truth
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from jobs.datasets import synthetic_stream
-from jobs.train import ChainDropout, PoolPhase, build_model_config, lane_plan, train_job
+from jobs.finetune import build_model_config
+from jobs.train import ChainDropout, PoolPhase, lane_plan, train_job
 from paths import REPO
 from perceiver_stream.batch import Batch, ModalityBatch
 from perceiver_stream.checkpoint import load_checkpoint, read_config

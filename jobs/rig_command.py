@@ -1,0 +1,28 @@
+"""``run_pipeline.py rig``: its options and what runs it (the rig itself: `jobs.texture_rig`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from pipeline.errors import ConfigError
+
+
+def add_rig_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``run_pipeline.py rig``."""
+    p.add_argument("--out", type=Path, required=True, help="folder for the clips, flow sidecars and label tables")
+    p.add_argument("--clips", type=int, nargs=2, default=[48, 16], metavar=("TRAIN", "EVAL"),
+                   help="training and held-out clips (default 48 16)")
+    p.add_argument("--seconds", type=float, default=8.0, help="seconds per clip (default 8)")
+
+
+def cmd_rig(args: argparse.Namespace) -> int:
+    """``run_pipeline.py rig``: render the rig under ``--out``; prints a JSON summary, returns 0."""
+    if min(args.clips) < 1 or args.seconds <= 0:
+        raise ConfigError(f"--clips {args.clips} --seconds {args.seconds}: need at least one clip each and seconds > 0")
+    from jobs.texture_rig import write_rig  # local import: it needs scikit-image, a test extra the CLI does without
+
+    print(json.dumps(write_rig(args.out, train_clips=args.clips[0], eval_clips=args.clips[1], seconds=args.seconds),
+                     indent=2))
+    return 0

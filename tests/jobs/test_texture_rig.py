@@ -1,0 +1,66 @@
+"""The real-texture rig: its true flow explains its frames, its splits keep the held-out photographs apart,
+and the config keys that read its data files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from jobs.texture_rig import HELDOUT, PHOTOS, TRAIN_PHOTOS, photo, render_clip, write_rig
+from perceiver_stream.photometric import photometric_loss
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
+from pipeline.read import read_windows
+
+
+def test_the_true_flow_explains_the_decoded_frames(tmp_path):
+    segments = render_clip(tmp_path / "c.mp4", ["astronaut", "noise"], seed=3, size=32, seconds=1.2, segment=0.6)
+    assert [s[:2] for s in segments] == [(0.0, 0.6), (0.6, 1.2)]
+    w = list(read_windows({"id": "c", "video": str(tmp_path / "c.mp4")}, video={"size": [32, 32]}))[0]
+    a, b = (torch.from_numpy(w.video[i].copy()).permute(2, 0, 1)[None].float() / 255 for i in (-2, -1))
+    truth = torch.from_numpy(w.truth.flow)[None]
+    assert float(truth.norm(dim=-1).mean()) > 0.4
+    with_truth = photometric_loss(a, b, truth)["photo_census"]
+    zero = photometric_loss(a, b, torch.zeros_like(truth))["photo_census"]
+    assert float(with_truth) < 0.6 * float(zero)
+
+
+def test_splits_keep_the_held_out_photographs_apart(tmp_path):
+    summary = write_rig(tmp_path, train_clips=1, eval_clips=1, size=32, seconds=1.0, progress=False)
+    assert set(HELDOUT).isdisjoint(TRAIN_PHOTOS) and set(HELDOUT) | set(TRAIN_PHOTOS) == set(PHOTOS)
+    assert summary["eval"]["photos"] == sorted(HELDOUT)
+    for split in ("train", "eval"):
+        data = yaml.safe_load((tmp_path / split / "data.yaml").read_text())
+        (clip,) = data["streams"]
+        assert (tmp_path / split / clip["video"]).is_file()
+        assert (tmp_path / split / clip["video"]).with_suffix(".flow.npz").is_file()
+        assert clip["id"].split("-", 1)[1] in (HELDOUT if split == "eval" else TRAIN_PHOTOS)
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump({"streams": [{"id": "s", "synthetic": {"seed": 1}}],
+                                        "train": {"seeds": [], "data": "train/data.yaml"},
+                                        "eval": {"data": "eval/clips.yaml"}}))
+    cfg = load_config(cfg_path)
+    train_clip = yaml.safe_load((tmp_path / "train" / "data.yaml").read_text())["streams"][0]["video"]
+    assert cfg.train.data.streams[0].video == str(tmp_path / "train" / train_clip)
+    assert cfg.train.data.labels == str(tmp_path / "train" / "labels.csv") and cfg.eval.data.labels is None
+
+
+@pytest.mark.parametrize(("train", "message"), [
+    ({"seeds": []}, "needs at least one seed or train.data"),
+    ({"flow_loss": "teacher"}, "flow_teacher"),
+    ({"init": "x", "model": {"encoder": {}}}, "init takes the model from the checkpoint"),
+    ({"data": "missing.yaml"}, "data file cannot be read"),
+])
+def test_train_keys_are_checked(tmp_path, train, message):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump({"streams": [{"id": "s", "synthetic": {"seed": 1}}], "train": train}))
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_photos_are_colour_images_in_unit_range():
+    for name in ("chelsea", "grace_hopper", "gravel", "noise"):
+        img = photo(name)
+        assert img.ndim == 3 and img.shape[2] == 3 and 0 <= img.min() and img.max() <= 1 and np.ptp(img) > 0.3
