@@ -38,10 +38,14 @@ EPS = 1e-6
 _TYPES = {"video": VideoFrame, "audio": AudioChunk, "points": PointScan}
 # Video frames are copied once into a preallocated "slab" so that a window's frames are a view
 # of it, not a fresh stack (overlapping windows would otherwise copy every frame twice). A slab
-# holds about SLAB_BYTES (at least 4x the frames waiting for a window); the frames still waiting
-# when it fills move to the next one. A full slab is recycled once no window view of it is alive:
-# writing into fresh memory costs page faults that take ~10x longer than the copy itself.
+# holds about SLAB_BYTES but no more than SLAB_FRAMES frames (and at least 4x the frames waiting
+# for a window); the frames still waiting when it fills move to the next one. A full slab is
+# recycled once no window view of it is alive: writing into fresh memory costs page faults that
+# take ~10x longer than the copy itself. The frame cap matters for small frames: a 32 MiB slab
+# of 64x64 frames lasts 110 s at 25 fps, and its pages become resident as frames fill it, so a
+# stream's memory grew for minutes (3 slabs, ~96 MiB) and looked like a leak.
 SLAB_BYTES = 32 << 20
+SLAB_FRAMES = 256
 _RETIRED_SLABS = 2
 
 
@@ -75,7 +79,7 @@ class _Slabs:
         need = 4 * (len(keep) + 1)
         slab = self._recycled(image, need)
         if slab is None:
-            capacity = max(need, SLAB_BYTES // max(image.nbytes, 1))
+            capacity = max(need, min(SLAB_FRAMES, SLAB_BYTES // max(image.nbytes, 1)))
             slab = np.empty((capacity, *image.shape), image.dtype)
         for i, f in enumerate(keep):
             slab[i] = f.slab[f.index]
