@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ConfigError
+from pipeline.sources.policy import is_device
 
 # A stream id becomes a hive folder name (`stream_id=<id>`): keep it path-safe, and never
 # starting with "_" or "." (readers skip such names).
@@ -56,9 +57,20 @@ class StreamConfig(_Section):
     # The Ray node the sensor is attached to (a node id, a node IP, or a custom resource only that
     # node has): the stream is decoded there. None: any node.
     node: str | None = Field(None, min_length=1)
+    # Whether the end of data is a drop to reconnect (True) or the stream's end (False); None:
+    # guessed from the source (`pipeline.sources.policy`: RTSP/RTMP/UDP/SRT/TCP and devices are
+    # live, files and HTTP bodies end).
+    live: bool | None = None
+    # FFmpeg input format and demuxer/protocol options of the stream's video source (of its audio
+    # source when it has no video), e.g. format v4l2 for /dev/video0, options {rtsp_transport: tcp}.
+    format: str | None = Field(None, min_length=1)
+    options: dict[str, str | int | float | bool] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _sources_are_consistent(self) -> "StreamConfig":
+        media = [k for k, v in (("live", self.live), ("format", self.format), ("options", self.options)) if v]
+        if media and self.video is None and self.audio is None:
+            raise ValueError(f"{'/'.join(media)} apply to a video or audio source, and this stream has none")
         if self.synthetic is not None:
             given = [k for k in ("video", "audio", "points") if getattr(self, k) is not None]
             if given:
@@ -109,8 +121,9 @@ class SourcesConfig(_Section):
 
     open_timeout_s: float = Field(10.0, gt=0)
     read_timeout_s: float = Field(5.0, gt=0)
-    reconnect_tries: int = Field(5, ge=0)
+    reconnect_tries: int | None = Field(5, ge=0, description="null: retry for ever")
     reconnect_backoff_s: float = Field(1.0, ge=0)
+    max_backoff_s: float = Field(30.0, ge=0, description="the doubling wait between attempts stops growing here")
 
 
 class ModelConfig(_Section):
@@ -142,6 +155,9 @@ class RuntimeConfig(_Section):
     helper_nice: int = Field(10, ge=0, le=19)
     source_actors: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
     max_restarts_per_hour: int = Field(10, ge=0)
+    # A live stream further behind its live edge than this skips to it (a gap, a LagSkipped
+    # errors row); null: never skip (backpressure only). Files are never skipped.
+    max_lag_s: float | None = Field(None, gt=0)
 
 
 class DistillConfig(_Section):
@@ -357,8 +373,9 @@ def parse_config(data: dict[str, Any], *, base_dir: Path | str = ".", source: st
         raise ConfigError(_error_message(e), source=source) from None
     base = Path(base_dir).resolve()
     for s in cfg.streams:
-        s.video = _resolve(s.video, base)
-        s.audio = _resolve(s.audio, base)
+        if not is_device(s.format):  # a device name ("hw:0", "default") is not a path
+            s.video = _resolve(s.video, base)
+            s.audio = _resolve(s.audio, base)
         s.points = _resolve(s.points, base)
     cfg.model.checkpoint = _resolve(cfg.model.checkpoint, base)
     cfg.model.student = _resolve(cfg.model.student, base)

@@ -22,7 +22,7 @@ import numpy as np
 
 from pipeline.config import Config, StreamConfig, parse_config
 from pipeline.errors import PipelineError
-from pipeline.sources.audio import AudioDecoder, audio_chunks
+from pipeline.sources.audio import AudioDecoder
 from pipeline.sources.live import MediaReader
 from pipeline.sources.points import read_point_scans
 from pipeline.sources.synthetic import SyntheticRig
@@ -56,6 +56,7 @@ def open_stream(
     """
     sid = stream_cfg.id
     truth_of = None
+    readers: list[MediaReader] = []
     if stream_cfg.synthetic is not None:
         syn = stream_cfg.synthetic
         rig = SyntheticRig(
@@ -79,21 +80,20 @@ def open_stream(
     else:
         sources = {}
         decoders: list[Any] = []
+        # format/options name the stream's own media source: its video, else its audio.
+        media = {"on_error": on_error, "settings": cfg.sources, "live": stream_cfg.live, "max_lag_s": cfg.runtime.max_lag_s}
+        device = {"format": stream_cfg.format, "options": stream_cfg.options}
         if stream_cfg.video is not None:
             decoders.append(VideoDecoder(size=cfg.video.size, fps=cfg.video.fps))
             if stream_cfg.audio == "same":
                 decoders.append(AudioDecoder(rate=cfg.audio.rate, channels=cfg.audio.channels))
-            reader = MediaReader(stream_cfg.video, decoders, stream_id=sid, settings=cfg.sources, on_error=on_error)
-            sources.update(reader.tracks())
+            readers.append(MediaReader(stream_cfg.video, decoders, stream_id=sid, **media, **device))
+            sources.update(readers[-1].tracks())
         if stream_cfg.audio is not None and stream_cfg.audio != "same":
-            sources["audio"] = audio_chunks(
-                stream_cfg.audio,
-                stream_id=sid,
-                rate=cfg.audio.rate,
-                channels=cfg.audio.channels,
-                settings=cfg.sources,
-                on_error=on_error,
-            )
+            decoder = AudioDecoder(rate=cfg.audio.rate, channels=cfg.audio.channels)
+            own = device if stream_cfg.video is None else {}
+            readers.append(MediaReader(stream_cfg.audio, [decoder], stream_id=sid, **media, **own))
+            sources["audio"] = readers[-1].tracks()["audio"]
         if stream_cfg.points is not None:
             sources["points"] = read_point_scans(stream_cfg.points, stream_id=sid, on_error=on_error)
     out = windows(
@@ -105,11 +105,21 @@ def open_stream(
         start_window=start_window,
         on_error=on_error,
     )
+    if readers:
+        out = _delivered(out, readers)
     if video_frames is not None:
         out = (_last_frames(w, video_frames) for w in out)
     if points is not None:
         out = (read_points(w, *points) for w in out)
     return out
+
+
+def _delivered(windows_: Iterator[Window], readers: list[MediaReader]) -> Iterator[Window]:
+    """``windows_``, telling each reader when a window was delivered (its reconnect count restarts)."""
+    for w in windows_:
+        for r in readers:
+            r.window_done()
+        yield w
 
 
 def _kept_frames(times: np.ndarray, seconds: float, hop: float, k: int) -> np.ndarray:
@@ -170,6 +180,7 @@ def read_windows(
     video: dict[str, Any] | None = None,
     audio: dict[str, Any] | None = None,
     sources: dict[str, Any] | None = None,
+    max_lag_s: float | None = None,
     on_error: OnError | None = None,
 ) -> Iterator[Window]:
     """`pipeline.Window`s of one stream, without Ray.
@@ -179,6 +190,7 @@ def read_windows(
         ``{"id": "sim0", "synthetic": {"seed": 7, "seconds": 30}}``.
     video / audio / sources: the config sections of those names (``{"size": [64, 64]}``, ...);
         what is left out takes the config's defaults.
+    max_lag_s: ``runtime.max_lag_s``: a live source further behind than that skips to its live edge.
     on_error: called with each problem that does not end the stream (a reconnect, a skipped
         packet, dropped points); problems that end it are raised after the windows before them.
     Settings are validated like a config file: a bad one raises `pipeline.errors.ConfigError`.
@@ -189,6 +201,7 @@ def read_windows(
         "video": _section(video),
         "audio": _section(audio),
         "sources": _section(sources),
+        "runtime": {"max_lag_s": max_lag_s},
     }
     cfg = parse_config(data, base_dir=Path.cwd(), source="read_windows")
     return open_stream(cfg.streams[0], cfg, on_error=on_error)

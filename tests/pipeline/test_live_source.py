@@ -12,7 +12,7 @@ from clips import write_clip
 from live_server import ScriptedServer
 from pipeline import read_windows
 from pipeline.errors import SourceOpenError, SourceReconnected, SourceTimeout
-from pipeline.sources.live import SourceSettings, is_url
+from pipeline.sources.policy import SourceSettings, is_url
 
 FAST = {"open_timeout_s": 1.0, "read_timeout_s": 0.5, "reconnect_tries": 2, "reconnect_backoff_s": 0.05}
 
@@ -80,20 +80,23 @@ def test_repeated_breaks_each_reported(ts_bytes):
     assert sum(w.gap for w in ws) == 2
 
 
-def test_unreachable_url_fails_fast():
+def test_unreachable_url_is_retried_then_given_up():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}/cam.ts"
-    with pytest.raises(SourceOpenError, match="could not be opened") as e:
-        list(read_windows({"id": "cam0", "video": url}, sources=FAST))
+    errors = []
+    with pytest.raises(SourceOpenError, match="could not be opened.*gave up after reconnect_tries=2") as e:
+        list(read_windows({"id": "cam0", "video": url}, sources=FAST, on_error=errors.append))
     assert url in str(e.value) and "cam0" in str(e.value)
+    # The first failure is reported at once (a camera down at start shows before it gives up).
+    assert [type(x) for x in errors] == [SourceOpenError]
 
 
 def test_open_timeout(ts_bytes):
     with ScriptedServer(ts_bytes, [("mute",)]) as server:
         with pytest.raises(SourceTimeout, match="open_timeout_s=1.0"):
-            list(read_windows({"id": "cam0", "video": server.url}, sources=FAST))
+            list(read_windows({"id": "cam0", "video": server.url}, sources={**FAST, "reconnect_tries": 0}))
 
 
 def test_is_url_and_settings():
