@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 
 from actors.metrics import Metrics
 from pipeline.config import Config, StreamConfig
-from pipeline.errors import PipelineError
+from pipeline.errors import LagSkipped, PipelineError
 from pipeline.read import open_stream as read_stream
 from pipeline.window import Window
 
@@ -118,6 +118,9 @@ class StreamSource:
     def _on_error(self, exc: PipelineError) -> None:
         self._reported.append(ErrorRecord.from_exception(self._stream.id, exc))
         self._metrics.errors.inc(tags={"stream": self._stream.id, "kind": type(exc).__name__})
+        if isinstance(exc, LagSkipped):
+            skipped = max(1, round(exc.seconds / self._cfg.window.hop))
+            self._metrics.skipped_windows.inc(skipped, tags={"stream": self._stream.id})
 
     def _pace(self, window: Window) -> None:
         now = time.monotonic()

@@ -310,9 +310,9 @@ class MediaReader:
                     raise _Dropped(f"connection dropped ({_reason(e)})", False) from None
                 raise self._error(DecodeError, f"corrupt container ({_reason(e)})") from None
             if skipped > 0:
-                self._report(self._error(
-                    LagSkipped, f"fell more than runtime.max_lag_s={self.max_lag_s} behind the live edge; "
-                    f"skipped {skipped:.1f} s", seconds=skipped,
+                self._report(LagSkipped(
+                    f"fell more than runtime.max_lag_s={self.max_lag_s} s behind the live edge; skipped {skipped:.1f} s",
+                    seconds=skipped, stream_id=self.stream_id, source=self.source,
                 ))
                 if self._last_end is not None:
                     yield SourceBreak(self._last_end)
