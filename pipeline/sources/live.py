@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import errno
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -45,7 +44,6 @@ from typing import Any, Protocol
 
 import av
 
-from pipeline.sources.base import VideoFrame
 from pipeline.errors import (
     DecodeError,
     LagSkipped,
@@ -59,6 +57,7 @@ from pipeline.errors import (
 )
 from pipeline.sources.policy import SourceSettings, backoff_s, is_endless, is_live
 from pipeline.sources.pump import PacketPump
+from pipeline.sources.tee import Tee, kind_of
 
 # Formats whose index states the real duration; elsewhere (MPEG-TS, raw streams) FFmpeg guesses
 # it from the bit rate, so a short file is not evidence of truncation.
@@ -260,7 +259,7 @@ class MediaReader:
 
     def _stamp(self, record: Any, wall: float | None) -> Any:
         end = record.t + record.duration
-        kind = _kind_of(record)
+        kind = kind_of(record)
         self._ends[kind] = max(end, self._ends.get(kind, end))
         if self._last_end is None or end > self._last_end:
             self._last_end = end
@@ -373,45 +372,7 @@ class MediaReader:
         Records of the other kinds wait in a queue until their iterator asks; a `SourceBreak`
         goes to every iterator; an error is raised by each iterator once its queue is drained.
         """
-        return _Tee(iter(self), [d.kind for d in self.decoders]).iterators()
-
-
-class _Tee:
-    def __init__(self, records: Iterator[Any], kinds: list[str]) -> None:
-        self._records = records
-        self._queues: dict[str, deque] = {k: deque() for k in kinds}
-        self._done = False
-        self._error: BaseException | None = None
-
-    def iterators(self) -> dict[str, Iterator[Any]]:
-        return {k: self._iter(k) for k in self._queues}
-
-    def _iter(self, kind: str) -> Iterator[Any]:
-        queue = self._queues[kind]
-        while True:
-            while not queue:
-                if self._error is not None:
-                    raise self._error
-                if self._done:
-                    return
-                try:
-                    record = next(self._records)
-                except StopIteration:
-                    self._done = True
-                    continue
-                except BaseException as e:
-                    self._error = e
-                    raise
-                if isinstance(record, SourceBreak):
-                    for q in self._queues.values():
-                        q.append(record)
-                else:
-                    self._queues[_kind_of(record)].append(record)
-            yield queue.popleft()
-
-
-def _kind_of(record: Any) -> str:
-    return "video" if isinstance(record, VideoFrame) else "audio"
+        return Tee(iter(self), [d.kind for d in self.decoders], SourceBreak).iterators()
 
 
 def _recording_start(container: av.container.InputContainer) -> tuple[float, float] | None:
