@@ -388,7 +388,9 @@ def _recording_start(container: av.container.InputContainer) -> tuple[float, flo
         return None
     if created.tzinfo is None:
         created = created.replace(tzinfo=timezone.utc)
-    start = container.start_time / av.time_base if container.start_time is not None else 0.0
+    # Media time 0 is the recording's start; a stream clock that starts later (MPEG-TS) is offset.
+    # A negative start (an MP4 edit list hiding audio priming) is not.
+    start = max(0.0, container.start_time / av.time_base) if container.start_time is not None else 0.0
     return created.timestamp(), start
 
 
