@@ -12,6 +12,12 @@ result. RSS samples are autocorrelated (allocator and GC cycles), so the OLS int
 somewhat too narrow; the slope itself is unbiased.
 
     python bench/soak.py [--minutes 60] [--streams 8] [--interval 30] [--out bench/results/soak.json]
+    python bench/soak.py --analyse bench/results/soak.json [--warmup-minutes 5]
+
+A machine whose load changes during the soak moves the queues between stages (bounded by
+``runtime.max_in_flight``) and the allocators to new high-water marks: a step in RSS, not a
+leak, which an OLS line over the whole run reads as a slope. ``--analyse`` also gives the slope
+over the second half.
 """
 
 from __future__ import annotations
@@ -102,12 +108,22 @@ def rss_mb(processes: dict[str, psutil.Process]) -> dict[str, float]:
 
 
 def summarise(samples: list[dict], warmup_s: float) -> dict[str, dict | None]:
+    """Each process's slope over the samples from ``warmup_s`` on."""
     keys = sorted({k for s in samples for k in s["rss_mb"]})
     out = {}
     for key in keys:
         pts = [(s["t_s"], s["rss_mb"][key]) for s in samples if key in s["rss_mb"] and s["t_s"] >= warmup_s]
         out[key] = slope_per_hour([p[0] for p in pts], [p[1] for p in pts])
     return out
+
+
+def analyse(path: Path, warmup_s: float) -> dict:
+    """A saved soak's slopes from ``warmup_s`` on, and over its second half (after the high-water
+    marks that a busy machine pushes the queues and allocators to)."""
+    result = json.loads(path.read_text())
+    samples = result["samples"]
+    half = samples[-1]["t_s"] / 2 if samples else 0.0
+    return {"slopes_mb_per_hour": summarise(samples, warmup_s), "second_half_mb_per_hour": summarise(samples, half)}
 
 
 def table(slopes: dict[str, dict | None]) -> str:
@@ -130,7 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--interval", type=float, default=30.0, help="seconds between RSS samples")
     ap.add_argument("--warmup-minutes", type=float, default=5.0, help="left out of the slopes")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "soak.json")
+    ap.add_argument("--analyse", type=Path, metavar="JSON", help="only print the slopes of a saved soak")
     args = ap.parse_args(argv)
+    if args.analyse is not None:
+        slopes = analyse(args.analyse, args.warmup_minutes * 60)
+        print(f"after the first {args.warmup_minutes:g} minutes:\n{table(slopes['slopes_mb_per_hour'])}")
+        print(f"second half:\n{table(slopes['second_half_mb_per_hour'])}")
+        return 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="pstream-soak-"))
     cfg_path = work / "soak.yaml"
@@ -164,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
                 proc.kill()
         result["exit_code"] = proc.wait()
         result["ended"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        args.out.write_text(json.dumps(result, indent=1))
+        result.update(analyse(args.out, result["warmup_s"]))
         args.out.write_text(json.dumps(result, indent=1))
     print(table(result["slopes_mb_per_hour"]))
     print(f"exit code {result['exit_code']}; JSON: {args.out}; run log: {work / 'run.log'}")
