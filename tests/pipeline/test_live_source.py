@@ -14,7 +14,8 @@ import pytest
 from clips import write_clip
 from live_server import ScriptedServer
 from pipeline import read_windows
-from pipeline.errors import LagSkipped, SourceOpenError, SourceReconnected, SourceTimeout
+from pipeline.config import parse_config
+from pipeline.errors import ConfigError, LagSkipped, SourceOpenError, SourceReconnected, SourceTimeout
 from pipeline.sources.policy import SourceSettings, backoff_s, is_endless, is_live, is_url
 
 FAST = {"open_timeout_s": 1.0, "read_timeout_s": 0.5, "reconnect_tries": 2, "reconnect_backoff_s": 0.05}
@@ -230,3 +231,41 @@ def test_backoff_schedule_and_source_kinds():
     assert is_endless("/dev/video0", "v4l2") and is_endless("hw:0", "alsa") and is_endless("default", "pulse")
     assert is_endless("http://cam/mjpeg", live=True) and not is_endless("rtsp://cam/s", live=False)
     assert is_live("/dev/video0", "v4l2") and is_live("clip.ts", live=True) and not is_live("clip.ts")
+
+
+def test_camera_keys_in_a_config(tmp_path):
+    cfg = parse_config({
+        "streams": [
+            {"id": "door", "video": "rtsp://cam/s", "options": {"rtsp_transport": "tcp", "stimeout": 5000000}},
+            {"id": "desk", "video": "/dev/video0", "format": "v4l2"},
+            {"id": "mic", "audio": "hw:0", "format": "alsa"},
+            {"id": "mjpeg", "video": "http://cam/mjpeg", "live": True},
+            {"id": "clip", "video": "clips/a.mp4"},
+        ],
+        "sources": {"reconnect_tries": None, "max_backoff_s": 60},
+        "runtime": {"max_lag_s": 2.5},
+    }, base_dir=tmp_path)
+    door, desk, mic, mjpeg, clip = cfg.streams
+    assert door.options == {"rtsp_transport": "tcp", "stimeout": 5000000} and door.live is None
+    assert mic.audio == "hw:0" and desk.video == "/dev/video0"  # device names are not paths
+    assert clip.video == str(tmp_path / "clips" / "a.mp4")
+    assert mjpeg.live is True and cfg.runtime.max_lag_s == 2.5
+    settings = SourceSettings.of(cfg.sources)
+    assert settings.reconnect_tries is None and settings.max_backoff_s == 60
+    for bad in ({"id": "s", "synthetic": {"seed": 1}, "format": "v4l2"},
+                {"id": "s", "points": "scans/", "live": True}):
+        with pytest.raises(ConfigError, match="apply to a video or audio source"):
+            parse_config({"streams": [bad]}, base_dir=tmp_path)
+    with pytest.raises(ConfigError, match="max_lag_s"):
+        parse_config({"streams": [{"id": "s", "video": "a.mp4"}], "runtime": {"max_lag_s": 0}})
+
+
+def test_format_and_options_reach_ffmpeg(ts_bytes, tmp_path):
+    # The named format is the one FFmpeg opens with (an unknown one is an open error naming the
+    # stream), options go along.
+    raw = tmp_path / "feed"
+    raw.write_bytes(ts_bytes)
+    ws = list(read_windows({"id": "f", "video": str(raw), "format": "mpegts", "options": {"probesize": 500000}}))
+    assert len(ws) == 7
+    with pytest.raises(SourceOpenError, match="stream 'f'.*could not be opened"):
+        list(read_windows({"id": "f", "video": str(raw), "format": "no-such-format"}))
