@@ -47,6 +47,7 @@ class SourcePools:
         self._streams = {s.id: s for s in cfg.streams}
         self._info: dict[str, dict[str, Any]] = {}
         self.assignment: dict[str, str] = {}
+        self._stopped = False
 
     def start(self) -> None:
         """Wait for every pool to answer and assign the streams (raises `ActorGone` naming a pool
@@ -54,6 +55,13 @@ class SourcePools:
         for pid, handle in self.handles.items():
             self._info[pid] = await_restart(handle, pool_name(pid))
         self.assignment = assign(self._pins, {pid: info["node"] for pid, info in self._info.items()})
+
+    def stop(self) -> None:
+        """Tell every pool the run drains (`SourcePoolActor.stop`); once."""
+        if not self._stopped:
+            self._stopped = True
+            for handle in self.handles.values():
+                handle.stop.remote()
 
     def pool_of(self, stream_id: str) -> str:
         """The id of the pool hosting ``stream_id``."""

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from threading import Event
 
 from actors.metrics import Metrics
 from pipeline.config import Config, StreamConfig
@@ -77,7 +78,7 @@ class StreamSource:
     points adapter reads (`pipeline.read.read_points`); nor is the synthetic rig's ground truth,
     which running the model does not read. ``open_stream`` is `pipeline.read.open_stream` unless a
     test passes another callable with its signature; ``metrics`` the process's `Metrics` (shared by
-    the streams a pool hosts).
+    the streams a pool hosts); ``stop`` the pool's drain signal (`pipeline.read.open_stream`).
     """
 
     def __init__(
@@ -92,6 +93,7 @@ class StreamSource:
         points: tuple[int | None, int] | None = None,
         open_stream: OpenStream | None = None,
         metrics: Metrics | None = None,
+        stop: Event | None = None,
     ) -> None:
         self._stream = stream
         self._cfg = cfg
@@ -108,6 +110,7 @@ class StreamSource:
         self._last_window_id: int | None = None
         self._pace_origin: tuple[float, float] | None = None  # (media t_end, monotonic) of the first window
         self._metrics = metrics or Metrics()
+        self._stop = stop
         # Modalities this stream should deliver: a window without one of them counts as missing it.
         self._expected = (
             {"video", "audio", "points"}
@@ -158,6 +161,7 @@ class StreamSource:
                         video_frames=self._video_frames,
                         points=self._points,
                         truth=False,
+                        stop=self._stop,
                     )
                 )
             window = next(self._it)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from threading import Event
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,7 @@ def open_stream(
     video_frames: int | None = None,
     points: tuple[int | None, int] | None = None,
     truth: bool = True,
+    stop: Event | None = None,
 ) -> Iterator[Window]:
     """Windows of one configured stream, from window ``start_window`` on (see `windows`).
 
@@ -52,7 +54,8 @@ def open_stream(
     ``points``: ``(scans, max_points)`` keeps only the points a model's points adapter reads (see
     `read_points`), for a model that reads no more.
     ``truth=False`` leaves the synthetic rig's `Truth` out (it serves training and evaluation;
-    running the model does not read it).
+    running the model does not read it). ``stop``: once set, a live source waiting to reconnect
+    ends the stream (the run drains).
     """
     sid = stream_cfg.id
     truth_of = None
@@ -81,7 +84,8 @@ def open_stream(
         sources = {}
         decoders: list[Any] = []
         # format/options name the stream's own media source: its video, else its audio.
-        media = {"on_error": on_error, "settings": cfg.sources, "live": stream_cfg.live, "max_lag_s": cfg.runtime.max_lag_s}
+        media = {"on_error": on_error, "settings": cfg.sources, "live": stream_cfg.live, "max_lag_s": cfg.runtime.max_lag_s,
+             "stop": stop}
         device = {"format": stream_cfg.format, "options": stream_cfg.options}
         if stream_cfg.video is not None:
             decoders.append(VideoDecoder(size=cfg.video.size, fps=cfg.video.fps))

@@ -35,6 +35,7 @@ to the live edge: it reports `LagSkipped` naming the seconds skipped and yields 
 from __future__ import annotations
 
 import errno
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -106,6 +107,7 @@ class MediaReader:
     Iterating yields records of every decoder (`VideoFrame`, `AudioChunk`) in demux order and a
     `SourceBreak` after each reconnect or skip; `tracks` splits that into one iterator per
     modality. ``live`` is the stream's ``live`` key (None: guessed, see `pipeline.sources.policy`).
+    Once ``stop`` is set (the run drains), a source waiting to reconnect ends instead.
     Errors are `pipeline` errors naming ``stream_id`` and the source.
     """
 
@@ -121,6 +123,7 @@ class MediaReader:
         options: dict[str, Any] | None = None,
         live: bool | None = None,
         max_lag_s: float | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         self.source = str(source)
         self.decoders = list(decoders)
@@ -132,6 +135,7 @@ class MediaReader:
         self.live = is_live(self.source, format, live)
         self.endless = self.live and is_endless(self.source, format, live)
         self.max_lag_s = max_lag_s if self.live else None  # files are never skipped
+        self.stop = stop
         self._failures = 0  # reconnect attempts since a window was last delivered
         self._last_end: float | None = None  # over all modalities, for resuming after a break
         self._ends: dict[str, float] = {}  # per modality, for the truncation check
@@ -187,9 +191,9 @@ class MediaReader:
             self._recorded = _recording_start(container)
         return container
 
-    def _connect(self, cause: str | None, stalled: bool = False) -> av.container.InputContainer:
+    def _connect(self, cause: str | None, stalled: bool = False) -> av.container.InputContainer | None:
         """Open the source; a live one is retried with backoff (``cause``: why it is reconnected,
-        None for the first open, which is tried at once)."""
+        None for the first open, which is tried at once). None: ``stop`` was set while waiting."""
         if not self.live:
             return self._open()
         s = self.settings
@@ -204,7 +208,8 @@ class MediaReader:
                         raise self._error(type(last), f"{last.cause}; {gave_up}")
                     tail = f" (last: {last.cause})" if last is not None else ""
                     raise self._error(SourceTimeout if stalled else SourceError, f"{cause}; {gave_up}{tail}")
-                time.sleep(backoff_s(self._failures, s.reconnect_backoff_s, s.max_backoff_s))
+                if self._wait(backoff_s(self._failures, s.reconnect_backoff_s, s.max_backoff_s)):
+                    return None
             retry = True
             try:
                 container = self._open()
@@ -221,12 +226,19 @@ class MediaReader:
                 self._report(self._error(SourceReconnected, f"{why}; reconnected (attempt {self._failures})"))
             return container
 
+    def _wait(self, seconds: float) -> bool:
+        """Sleep ``seconds``; True when ``stop`` is set (before or meanwhile)."""
+        if self.stop is None:
+            time.sleep(seconds)
+            return False
+        return self.stop.wait(seconds)
+
     # -- reading ------------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[Any]:
         container = self._connect(None)
         resume_t: float | None = None
-        while True:
+        while container is not None:
             pump = self._pump(container)
             try:
                 for record in self._decode(container, pump, resume_t):
@@ -248,7 +260,7 @@ class MediaReader:
                     container.close()
             container = self._connect(cause, stalled)
             resume_t = self._last_end
-            if resume_t is not None:
+            if container is not None and resume_t is not None:
                 yield SourceBreak(resume_t)
 
     def _pump(self, container: av.container.InputContainer) -> PacketPump | None:
