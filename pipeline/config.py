@@ -57,12 +57,10 @@ class StreamConfig(_Section):
     # The Ray node the sensor is attached to (a node id, a node IP, or a custom resource only that
     # node has): the stream is decoded there. None: any node.
     node: str | None = Field(None, min_length=1)
-    # Whether the end of data is a drop to reconnect (True) or the stream's end (False); None:
-    # guessed from the source (`pipeline.sources.policy`: RTSP/RTMP/UDP/SRT/TCP and devices are
-    # live, files and HTTP bodies end).
+    # live: is an end of data a drop to reconnect (True) or the stream's end (False)? None: by the
+    # source (`pipeline.sources.policy`). format/options: FFmpeg's, for the video source (the audio
+    # one without video), e.g. format v4l2 for /dev/video0, options {rtsp_transport: tcp}.
     live: bool | None = None
-    # FFmpeg input format and demuxer/protocol options of the stream's video source (of its audio
-    # source when it has no video), e.g. format v4l2 for /dev/video0, options {rtsp_transport: tcp}.
     format: str | None = Field(None, min_length=1)
     options: dict[str, str | int | float | bool] = Field(default_factory=dict)
 
@@ -155,9 +153,7 @@ class RuntimeConfig(_Section):
     helper_nice: int = Field(10, ge=0, le=19)
     source_actors: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
     max_restarts_per_hour: int = Field(10, ge=0)
-    # A live stream further behind its live edge than this skips to it (a gap, a LagSkipped
-    # errors row); null: never skip (backpressure only). Files are never skipped.
-    max_lag_s: float | None = Field(None, gt=0)
+    max_lag_s: float | None = Field(None, gt=0, description="a live stream further behind skips to its live edge")
 
 
 class DistillConfig(_Section):
