@@ -222,7 +222,7 @@ class MediaReader:
                 stalled = isinstance(e, SourceTimeout)
                 continue
             if self._failures:
-                why = cause if cause is not None else f"could not be opened at first ({last.cause})"
+                why = cause if cause is not None else f"down at start ({last.cause})"
                 self._report(self._error(SourceReconnected, f"{why}; reconnected (attempt {self._failures})"))
             return container
 

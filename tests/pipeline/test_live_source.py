@@ -137,7 +137,7 @@ def test_camera_down_at_start_is_waited_for(ts_bytes):
         servers[0].__exit__()
     assert raised is None
     assert [type(e) for e in errors] == [SourceOpenError, SourceReconnected]
-    assert "could not be opened at first" in str(errors[1]) and "reconnected (attempt" in str(errors[1])
+    assert "down at start (could not be opened" in str(errors[1]) and "reconnected (attempt" in str(errors[1])
     assert int(str(errors[1]).split("attempt ")[1].rstrip(")")) >= 3
     check_continuous(ws)
     assert len(ws) == 7 and not any(w.gap for w in ws)  # the whole 4 s clip once it is up
