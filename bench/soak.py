@@ -146,10 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--interval", type=float, default=30.0, help="seconds between RSS samples")
     ap.add_argument("--warmup-minutes", type=float, default=5.0, help="left out of the slopes")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "soak.json")
-    ap.add_argument("--analyse", type=Path, metavar="JSON", help="only print the slopes of a saved soak")
+    ap.add_argument("--analyse", type=Path, metavar="JSON", help="only (re)compute the slopes of a saved soak, into it")
     args = ap.parse_args(argv)
     if args.analyse is not None:
         slopes = analyse(args.analyse, args.warmup_minutes * 60)
+        saved = json.loads(args.analyse.read_text())
+        args.analyse.write_text(json.dumps({**saved, **slopes, "warmup_s": args.warmup_minutes * 60}, indent=1))
         print(f"after the first {args.warmup_minutes:g} minutes:\n{table(slopes['slopes_mb_per_hour'])}")
         print(f"second half:\n{table(slopes['second_half_mb_per_hour'])}")
         return 0
