@@ -2,10 +2,12 @@
 
 Each connection plays the next step of a script over one payload (an MPEG-TS file's bytes):
 ``("full",)`` sends it all; ``("nolength",)`` sends it all without a Content-Length header (a
-body whose end only the closed connection tells); ``("stall", n)`` sends ``n`` bytes then goes silent until the server
-stops; ``("drop", n)`` sends ``n`` bytes then closes the connection mid-body; ``("mute",)``
-accepts and never answers. Every other response claims the full length, so a drop is visibly
-short. ``port`` (0: any free one) lets a test bring a server up on a URL a source already tries.
+body whose end only the closed connection tells); ``("paced", r)`` sends it all at ``r`` bytes
+per second (a live feed, or one faster than real time); ``("stall", n)`` sends ``n`` bytes then
+goes silent until the server stops; ``("drop", n)`` sends ``n`` bytes then closes the
+connection mid-body; ``("mute",)`` accepts and never answers. Every other response claims the
+full length, so a drop is visibly short. ``port`` (0: any free one) lets a test bring a server
+up on a URL a source already tries.
 """
 
 from __future__ import annotations

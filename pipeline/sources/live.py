@@ -281,7 +281,9 @@ class MediaReader:
             record.t_wall = wall
         return record
 
-    def _packets(self, container: av.container.InputContainer, pump: PacketPump | None) -> Iterator[tuple[av.Packet, float | None, float]]:
+    def _packets(
+        self, container: av.container.InputContainer, pump: PacketPump | None
+    ) -> Iterator[tuple[av.Packet, float | None, float]]:
         """``(packet, arrival wall time or None, media seconds skipped before it)`` of one connection."""
         if pump is None:
             for packet in container.demux([d.stream for d in self.decoders]):
