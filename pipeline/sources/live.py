@@ -9,7 +9,7 @@ options such as ``rtsp_transport: tcp``).
 Files: a missing, empty or non-media file raises at open; a packet the decoder rejects is reported
 (`DecodeError` through ``on_error``) and skipped; a container that ends well before the duration
 its index declares (MP4, Matroska, AVI, WAV, FLAC, Ogg) raises `DecodeError` after the frames it
-did hold. A file's samples carry ``t_wall`` = its ``creation_time`` metadata plus the sample's end
+did hold (`pipeline.sources.files`). A file's samples carry ``t_wall`` = its ``creation_time`` metadata plus the sample's end
 in media time since the file's start (None without that metadata).
 
 Live sources (a URL, a capture device, ``live: true``; see `pipeline.sources.policy`): packets are
@@ -39,7 +39,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -57,14 +56,10 @@ from pipeline.errors import (
     SourceTimeout,
 )
 from pipeline.sources.policy import SourceSettings, backoff_s, is_endless, is_live
+from pipeline.sources.files import recording_start, truncation
 from pipeline.sources.pump import PacketPump
 from pipeline.sources.tee import Tee, kind_of
 
-# Formats whose index states the real duration; elsewhere (MPEG-TS, raw streams) FFmpeg guesses
-# it from the bit rate, so a short file is not evidence of truncation.
-_INDEXED_FORMATS = {"mov", "mp4", "matroska", "webm", "avi", "wav", "flac", "ogg"}
-# How far short of the declared duration a file may end before it counts as truncated.
-_TRUNCATION_TOLERANCE_S = 0.5
 # Rejected packets in a row, with no frame in between, after which a file counts as corrupt.
 _MAX_BAD_PACKETS = 50
 # Records that start this far before the resume point of a reconnect repeat what was delivered.
@@ -188,7 +183,7 @@ class MediaReader:
             container.close()
             raise self._error(MissingStreamError, e.cause) from None
         if not self.live:
-            self._recorded = _recording_start(container)
+            self._recorded = recording_start(container)
         return container
 
     def _connect(self, cause: str | None, stalled: bool = False) -> av.container.InputContainer | None:
@@ -357,28 +352,9 @@ class MediaReader:
 
     def _check_complete(self, container: av.container.InputContainer) -> None:
         """Raise `DecodeError` when a file ended well before the duration its index declares."""
-        if not _INDEXED_FORMATS.intersection(container.format.name.split(",")):
-            return
-        ends = []
-        for d in self.decoders:
-            s = d.stream
-            if s.duration is not None and s.duration > 0:
-                ends.append((d.kind, float((s.start_time or 0) * s.time_base + s.duration * s.time_base)))
-        if len(ends) < len(self.decoders):
-            # Without per-stream durations only the container's can be used, and only when every
-            # track it holds is being decoded (a short audio track is not a truncated video).
-            n_av = len(container.streams.video) + len(container.streams.audio)
-            if container.duration is None or len(self.decoders) < n_av:
-                return
-            end = (container.start_time or 0) / av.time_base + container.duration / av.time_base
-            ends = [("media", end)]
-        for kind, declared in ends:
-            reached = self._ends.get(kind, self._last_end) if kind != "media" else self._last_end
-            reached = reached if reached is not None else 0.0
-            if reached < declared - _TRUNCATION_TOLERANCE_S:
-                raise self._error(
-                    DecodeError, f"truncated: {kind} ends at {reached:.2f} s but the file declares {declared:.2f} s"
-                )
+        short = truncation(container, self.decoders, self._ends, self._last_end)
+        if short is not None:
+            raise self._error(DecodeError, short)
 
     def tracks(self) -> dict[str, Iterator[Any]]:
         """One iterator per decoder kind, fed by a single pass over the container.
@@ -387,25 +363,6 @@ class MediaReader:
         goes to every iterator; an error is raised by each iterator once its queue is drained.
         """
         return Tee(iter(self), [d.kind for d in self.decoders], SourceBreak).iterators()
-
-
-def _recording_start(container: av.container.InputContainer) -> tuple[float, float] | None:
-    """A file's ``(creation_time as epoch seconds, media start time)``, or None without the metadata."""
-    text = container.metadata.get("creation_time")
-    if text is None:
-        text = next((s.metadata["creation_time"] for s in container.streams if "creation_time" in s.metadata), None)
-    if not text:
-        return None
-    try:
-        created = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    if created.tzinfo is None:
-        created = created.replace(tzinfo=timezone.utc)
-    # Media time 0 is the recording's start; a stream clock that starts later (MPEG-TS) is offset.
-    # A negative start (an MP4 edit list hiding audio priming) is not.
-    start = max(0.0, container.start_time / av.time_base) if container.start_time is not None else 0.0
-    return created.timestamp(), start
 
 
 def _reason(e: BaseException) -> str:
