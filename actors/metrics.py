@@ -121,3 +121,12 @@ class Metrics:
         return metrics.Gauge(
             "pstream_distill_cosine", "Cosine of student to teacher embeddings, last distillation step.", tag_keys=()
         )
+
+    @cached_property
+    def skipped_windows(self) -> metrics.Counter:
+        """Windows a live stream skipped to catch up with its live edge (``runtime.max_lag_s``), by ``stream``."""
+        return metrics.Counter(
+            "pstream_skipped_windows_total",
+            "Windows a live stream skipped because it fell further behind than runtime.max_lag_s.",
+            tag_keys=("stream",),
+        )

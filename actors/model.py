@@ -351,6 +351,7 @@ class ModelActor:
                         labels=[(names[j], float(p)) for p, j in zip(top_p[i].tolist(), top_i[i].tolist())],
                         embedding=np.ascontiguousarray(emb[i], dtype=np.float32),
                         model=self._predictor.name,
+                        t_wall=w.t_wall,
                     ),
                     flow=np.ascontiguousarray(flow[i], dtype=np.float32) if has_flow else None,
                     flow_t=float(w.video_t[-1]) if has_flow and w.video_t is not None else None,

@@ -66,6 +66,7 @@ class SourcePools:
         self._streams = {s.id: s for s in cfg.streams}
         self._info: dict[str, dict[str, Any]] = {}
         self.assignment: dict[str, str] = {}
+        self._stopped = False
 
     def start(self, timeout_s: float) -> None:
         """Wait for every pool to answer and assign the streams (`RunFailed` naming a pool that
@@ -74,6 +75,13 @@ class SourcePools:
                    for pid, h in self.handles.items()]
         self._info = dict(zip(self.handles, await_started(pending, timeout_s)))
         self.assignment = assign(self._pins, {pid: info["node"] for pid, info in self._info.items()})
+
+    def stop(self) -> None:
+        """Tell every pool the run drains (`SourcePoolActor.stop`); once."""
+        if not self._stopped:
+            self._stopped = True
+            for handle in self.handles.values():
+                handle.stop.remote()
 
     def pool_of(self, stream_id: str) -> str:
         """The id of the pool hosting ``stream_id``."""

@@ -187,6 +187,8 @@ class _Loop:
                 self._tell_open_streams()
                 if not self.pipeline.stopping:
                     self._request()
+                else:
+                    self.pools.stop()
                 idle = self.pipeline.in_flight == 0 and self.pipeline.at_sink == 0
                 if idle and (self.pipeline.stopping or not any(st.asks_source for st in self.streams.values())):
                     break

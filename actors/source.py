@@ -14,10 +14,11 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from threading import Event
 
 from actors.metrics import Metrics
 from pipeline.config import Config, StreamConfig
-from pipeline.errors import PipelineError
+from pipeline.errors import LagSkipped, PipelineError
 from pipeline.read import open_stream as read_stream
 from pipeline.redact import redact_text
 from pipeline.window import Window
@@ -82,7 +83,7 @@ class StreamSource:
     points adapter reads (`pipeline.read.read_points`); nor is the synthetic rig's ground truth,
     which running the model does not read. ``open_stream`` is `pipeline.read.open_stream` unless a
     test passes another callable with its signature; ``metrics`` the process's `Metrics` (shared by
-    the streams a pool hosts).
+    the streams a pool hosts); ``stop`` the pool's drain signal (`pipeline.read.open_stream`).
     """
 
     def __init__(
@@ -97,6 +98,7 @@ class StreamSource:
         points: tuple[int | None, int] | None = None,
         open_stream: OpenStream | None = None,
         metrics: Metrics | None = None,
+        stop: Event | None = None,
     ) -> None:
         self._stream = stream
         self._cfg = cfg
@@ -113,6 +115,7 @@ class StreamSource:
         self._last_window_id: int | None = None
         self._pace_origin: tuple[float, float] | None = None  # (media t_end, monotonic) of the first window
         self._metrics = metrics or Metrics()
+        self._stop = stop
         # Modalities this stream should deliver: a window without one of them counts as missing it.
         self._expected = (
             {"video", "audio", "points"}
@@ -123,6 +126,9 @@ class StreamSource:
     def _on_error(self, exc: PipelineError) -> None:
         self._reported.append(ErrorRecord.from_exception(self._stream.id, exc))
         self._metrics.errors.inc(tags={"stream": self._stream.id, "kind": type(exc).__name__})
+        if isinstance(exc, LagSkipped):
+            skipped = max(1, round(exc.seconds / self._cfg.window.hop))
+            self._metrics.skipped_windows.inc(skipped, tags={"stream": self._stream.id})
 
     def _pace(self, window: Window) -> None:
         now = time.monotonic()
@@ -161,6 +167,7 @@ class StreamSource:
                         video_frames=self._video_frames,
                         points=self._points,
                         truth=False,
+                        stop=self._stop,
                     )
                 )
             window = next(self._it)

@@ -64,6 +64,7 @@ class SourcePoolActor:
         self._streams: dict[str, _Hosted] = {}
         self._lock = threading.Lock()
         self._metrics = Metrics()
+        self._stopping = threading.Event()
 
     def info(self) -> dict[str, object]:
         """The pool's index, process id, node id and hosted streams (answers once it is up)."""
@@ -82,7 +83,7 @@ class SourcePoolActor:
             source = StreamSource(
                 stream, self._cfg, start_window=start, max_windows=max_windows, realtime=self._realtime,
                 video_frames=self._frames, points=self._points, open_stream=self._open_stream,
-                metrics=self._metrics,
+                metrics=self._metrics, stop=self._stopping,
             )
             with self._lock:
                 self._streams[stream.id] = _Hosted(source, first_seq)
@@ -91,6 +92,11 @@ class SourcePoolActor:
         """Stop hosting ``stream_id`` (removed from the run; its calls are over)."""
         with self._lock:
             self._streams.pop(stream_id, None)
+
+    def stop(self) -> None:
+        """The run drains: a live source waiting to reconnect (a camera that is down) ends its
+        stream instead of holding its ``next`` call, and the drain, open."""
+        self._stopping.set()
 
     @ray.method(num_returns=2)
     def next(self, stream_id: str, seq: int) -> tuple[SourceEvent, Window | None]:

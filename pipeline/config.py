@@ -27,6 +27,7 @@ from pipeline.envvars import Key, restore_templates, substitute_env
 from pipeline.errors import ConfigError
 from pipeline.overrides import apply_override, first_line, validation_message
 from pipeline.redact import redact_data
+from pipeline.sources.policy import is_device
 
 # A stream id becomes a hive folder name (`stream_id=<id>`): keep it path-safe, and never
 # starting with "_" or "." (readers skip such names).
@@ -61,9 +62,18 @@ class StreamConfig(_Section):
     # The Ray node the sensor is attached to (a node id, a node IP, or a custom resource only that
     # node has): the stream is decoded there. None: any node.
     node: str | None = Field(None, min_length=1)
+    # live: is an end of data a drop to reconnect (True) or the stream's end (False)? None: by the
+    # source (`pipeline.sources.policy`). format/options: FFmpeg's, for the video source (the audio
+    # one without video), e.g. format v4l2 for /dev/video0, options {rtsp_transport: tcp}.
+    live: bool | None = None
+    format: str | None = Field(None, min_length=1)
+    options: dict[str, str | int | float | bool] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _sources_are_consistent(self) -> "StreamConfig":
+        media = [k for k, v in (("live", self.live), ("format", self.format), ("options", self.options)) if v]
+        if media and self.video is None and self.audio is None:
+            raise ValueError(f"{'/'.join(media)} apply to a video or audio source, and this stream has none")
         if self.synthetic is not None:
             given = [k for k in ("video", "audio", "points") if getattr(self, k) is not None]
             if given:
@@ -114,11 +124,12 @@ class SourcesConfig(_Section):
 
     open_timeout_s: float = Field(10.0, gt=0)
     read_timeout_s: float = Field(5.0, gt=0)
-    reconnect_tries: int = Field(5, ge=0)
+    reconnect_tries: int | None = Field(5, ge=0, description="null: retry for ever")
     reconnect_backoff_s: float = Field(1.0, ge=0)
     # How long a stream pinned to a node (streams[].node) waits for that node to come back once
     # no source actor is left on it, before the stream fails.
     node_wait_s: float = Field(300.0, ge=0)
+    max_backoff_s: float = Field(30.0, ge=0, description="the doubling wait between attempts stops growing here")
 
 
 class ModelConfig(_Section):
@@ -156,6 +167,7 @@ class RuntimeConfig(_Section):
     source_actors: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
     max_restarts_per_hour: int = Field(10, ge=0)
     schedule_timeout_s: float = Field(60.0, gt=0)
+    max_lag_s: float | None = Field(None, gt=0, description="a live stream further behind skips to its live edge")
 
 
 class DistillConfig(_Section):
@@ -398,8 +410,9 @@ def _data_file(path: Path) -> DataConfig:
 
 def _resolve_streams(streams: list[StreamConfig], base: Path) -> None:
     for s in streams:
-        s.video = _resolve(s.video, base)
-        s.audio = _resolve(s.audio, base)
+        if not is_device(s.format):  # a device name ("hw:0", "default") is not a path
+            s.video = _resolve(s.video, base)
+            s.audio = _resolve(s.audio, base)
         s.points = _resolve(s.points, base)
 
 

@@ -76,6 +76,15 @@ class SourceReconnected(SourceError):
     """A live source dropped and was reconnected (reported, not raised)."""
 
 
+class LagSkipped(SourceError):
+    """A live stream fell further behind its live edge than ``runtime.max_lag_s`` and skipped
+    ``seconds`` of media to catch up (reported, not raised; the next window has gap=True)."""
+
+    def __init__(self, message: str, *, seconds: float, **kw) -> None:
+        super().__init__(message, **kw)
+        self.seconds = seconds
+
+
 class SourceRestarted(SourceError):
     """The process decoding a stream died; the stream was resumed in a new one (reported, not raised)."""
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from threading import Event
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,7 @@ import numpy as np
 from pipeline.config import Config, StreamConfig, parse_config
 from pipeline.errors import PipelineError
 from pipeline.sidecar import FlowSidecar, sidecar_path
-from pipeline.sources.audio import AudioDecoder, audio_chunks
+from pipeline.sources.audio import AudioDecoder
 from pipeline.sources.live import MediaReader
 from pipeline.sources.points import read_point_scans
 from pipeline.sources.synthetic import SyntheticRig
@@ -43,6 +44,7 @@ def open_stream(
     video_frames: int | None = None,
     points: tuple[int | None, int] | None = None,
     truth: bool = True,
+    stop: Event | None = None,
 ) -> Iterator[Window]:
     """Windows of one configured stream, from window ``start_window`` on (see `windows`).
 
@@ -53,10 +55,12 @@ def open_stream(
     ``points``: ``(scans, max_points)`` keeps only the points a model's points adapter reads (see
     `read_points`), for a model that reads no more.
     ``truth=False`` leaves the synthetic rig's `Truth` out (it serves training and evaluation;
-    running the model does not read it), and a clip's ``<clip>.flow.npz`` flow (`pipeline.sidecar`).
+    running the model does not read it), and a clip's ``<clip>.flow.npz`` flow (`pipeline.sidecar`). ``stop``: once set, a live source waiting to reconnect
+    ends the stream (the run drains).
     """
     sid = stream_cfg.id
     truth_of = None
+    readers: list[MediaReader] = []
     if stream_cfg.synthetic is not None:
         syn = stream_cfg.synthetic
         rig = SyntheticRig(
@@ -80,21 +84,21 @@ def open_stream(
     else:
         sources = {}
         decoders: list[Any] = []
+        # format/options name the stream's own media source: its video, else its audio.
+        media = {"on_error": on_error, "settings": cfg.sources, "live": stream_cfg.live, "max_lag_s": cfg.runtime.max_lag_s,
+             "stop": stop}
+        device = {"format": stream_cfg.format, "options": stream_cfg.options}
         if stream_cfg.video is not None:
             decoders.append(VideoDecoder(size=cfg.video.size, fps=cfg.video.fps))
             if stream_cfg.audio == "same":
                 decoders.append(AudioDecoder(rate=cfg.audio.rate, channels=cfg.audio.channels))
-            reader = MediaReader(stream_cfg.video, decoders, stream_id=sid, settings=cfg.sources, on_error=on_error)
-            sources.update(reader.tracks())
+            readers.append(MediaReader(stream_cfg.video, decoders, stream_id=sid, **media, **device))
+            sources.update(readers[-1].tracks())
         if stream_cfg.audio is not None and stream_cfg.audio != "same":
-            sources["audio"] = audio_chunks(
-                stream_cfg.audio,
-                stream_id=sid,
-                rate=cfg.audio.rate,
-                channels=cfg.audio.channels,
-                settings=cfg.sources,
-                on_error=on_error,
-            )
+            decoder = AudioDecoder(rate=cfg.audio.rate, channels=cfg.audio.channels)
+            own = device if stream_cfg.video is None else {}
+            readers.append(MediaReader(stream_cfg.audio, [decoder], stream_id=sid, **media, **own))
+            sources["audio"] = readers[-1].tracks()["audio"]
         if stream_cfg.points is not None:
             sources["points"] = read_point_scans(stream_cfg.points, stream_id=sid, on_error=on_error)
     out = windows(
@@ -110,6 +114,8 @@ def open_stream(
     if side is not None:
         flow = FlowSidecar(side, sid)
         out = (_with_truth(w, flow) for w in out)
+    if readers:
+        out = _delivered(out, readers)
     if video_frames is not None:
         out = (_last_frames(w, video_frames) for w in out)
     if points is not None:
@@ -120,6 +126,14 @@ def open_stream(
 def _with_truth(w: Window, flow: FlowSidecar) -> Window:
     w.truth = flow.truth(w)
     return w
+
+
+def _delivered(windows_: Iterator[Window], readers: list[MediaReader]) -> Iterator[Window]:
+    """``windows_``, telling each reader when a window was delivered (its reconnect count restarts)."""
+    for w in windows_:
+        for r in readers:
+            r.window_done()
+        yield w
 
 
 def _kept_frames(times: np.ndarray, seconds: float, hop: float, k: int) -> np.ndarray:
@@ -180,6 +194,7 @@ def read_windows(
     video: dict[str, Any] | None = None,
     audio: dict[str, Any] | None = None,
     sources: dict[str, Any] | None = None,
+    max_lag_s: float | None = None,
     on_error: OnError | None = None,
 ) -> Iterator[Window]:
     """`pipeline.Window`s of one stream, without Ray.
@@ -189,6 +204,7 @@ def read_windows(
         ``{"id": "sim0", "synthetic": {"seed": 7, "seconds": 30}}``.
     video / audio / sources: the config sections of those names (``{"size": [64, 64]}``, ...);
         what is left out takes the config's defaults.
+    max_lag_s: ``runtime.max_lag_s``: a live source further behind than that skips to its live edge.
     on_error: called with each problem that does not end the stream (a reconnect, a skipped
         packet, dropped points); problems that end it are raised after the windows before them.
     Settings are validated like a config file: a bad one raises `pipeline.errors.ConfigError`.
@@ -199,6 +215,7 @@ def read_windows(
         "video": _section(video),
         "audio": _section(audio),
         "sources": _section(sources),
+        "runtime": {"max_lag_s": max_lag_s},
     }
     cfg = parse_config(data, base_dir=Path.cwd(), source="read_windows")
     return open_stream(cfg.streams[0], cfg, on_error=on_error)

@@ -3,7 +3,10 @@
 Tables (DESIGN "Outputs"), each also partitioned by ``stream_id`` in its folder name:
 
 - ``windows``: one row per window: identity, media time (s), presence flags, top-k labels,
-  the ``D``-float32 embedding, the model's name;
+  the ``D``-float32 embedding, the model's name, and ``t_wall`` (UTC, µs; null when unknown: the
+  wall clock of the window's last sample, see `pipeline.window.Window.t_wall`), the last column,
+  added in place: parts written before it lack it and read back as null through a dataset
+  given this schema;
 - ``flow``: one row per window with two or more frames: ``height x width x 2`` float32 flow
   (dx right, dy down, pixels) stored row-major as ``list<float32>``, optionally a PNG frame;
 - ``student``: the distilled student's ``D``-float32 embedding and its cosine to the teacher's;
@@ -43,6 +46,7 @@ class WindowRow:
     labels: list[tuple[str, float]]  # top-k (label, score), best first
     embedding: np.ndarray  # D float32
     model: str
+    t_wall: float | None = None  # epoch seconds (UTC) of the window's last sample, None when unknown
 
 
 @dataclass
@@ -108,6 +112,7 @@ def table_schema(table: str, *, embedding_dim: int | None = None) -> pa.Schema:
                 pa.field("labels", pa.list_(LABEL_TYPE), nullable=False),
                 pa.field("embedding", pa.list_(pa.float32(), embedding_dim), nullable=False),
                 pa.field("model", pa.string(), nullable=False),
+                pa.field("t_wall", pa.timestamp("us", tz="UTC")),
             ]
         )
     if table == "flow":
@@ -173,6 +178,9 @@ def _windows_table(rows: Sequence[WindowRow]) -> pa.Table:
             labels,
             _embeddings(rows),
             pa.array([r.model for r in rows], pa.string()),
+            pa.array([None if r.t_wall is None else round(r.t_wall * 1e6) for r in rows], pa.int64()).cast(
+                pa.timestamp("us", tz="UTC")
+            ),
         ],
         schema=schema,
     )

@@ -38,6 +38,9 @@ class Window:
     points: list[np.ndarray] | None = None  # list of N_i x C float32 (x, y, z, features...)
     points_t: np.ndarray | None = None  # scans float64 seconds
     truth: Truth | None = None
+    # Wall clock (epoch seconds, UTC) of the window's last sample: when it reached its source for a
+    # live source, its recording time for a file with creation_time metadata; None when unknown.
+    t_wall: float | None = None
 
     @property
     def has_video(self) -> bool:

@@ -38,20 +38,24 @@ EPS = 1e-6
 _TYPES = {"video": VideoFrame, "audio": AudioChunk, "points": PointScan}
 # Video frames are copied once into a preallocated "slab" so that a window's frames are a view
 # of it, not a fresh stack (overlapping windows would otherwise copy every frame twice). A slab
-# holds about SLAB_BYTES (at least 4x the frames waiting for a window); the frames still waiting
-# when it fills move to the next one. A full slab is recycled once no window view of it is alive:
-# writing into fresh memory costs page faults that take ~10x longer than the copy itself.
+# holds about SLAB_BYTES but no more than SLAB_FRAMES frames (and at least 4x the frames waiting
+# for a window); the frames still waiting when it fills move to the next one. A full slab is
+# recycled once no window view of it is alive: writing into fresh memory costs page faults that
+# take ~10x longer than the copy itself. The frame cap matters for small frames: a 32 MiB slab
+# of 64x64 frames lasts 110 s at 25 fps, and its pages become resident as frames fill it, so a
+# stream's memory grew for minutes (3 slabs, ~96 MiB) and looked like a leak.
 SLAB_BYTES = 32 << 20
+SLAB_FRAMES = 256
 _RETIRED_SLABS = 2
 
 
 class _Frame:
     """A video frame whose image is row ``index`` of ``slab``."""
 
-    __slots__ = ("t", "duration", "slab", "index")
+    __slots__ = ("t", "duration", "slab", "index", "t_wall")
 
-    def __init__(self, t: float, duration: float, slab: np.ndarray, index: int) -> None:
-        self.t, self.duration, self.slab, self.index = t, duration, slab, index
+    def __init__(self, t: float, duration: float, slab: np.ndarray, index: int, t_wall: float | None) -> None:
+        self.t, self.duration, self.slab, self.index, self.t_wall = t, duration, slab, index, t_wall
 
 
 class _Slabs:
@@ -68,14 +72,14 @@ class _Slabs:
             self._renew(image, waiting)
         self.slab[self.used] = image
         self.used += 1
-        return _Frame(float(frame.t), float(frame.duration), self.slab, self.used - 1)
+        return _Frame(float(frame.t), float(frame.duration), self.slab, self.used - 1, frame.t_wall)
 
     def _renew(self, image: np.ndarray, waiting: deque) -> None:
         keep = [f for f in waiting if f.slab.shape[1:] == image.shape]
         need = 4 * (len(keep) + 1)
         slab = self._recycled(image, need)
         if slab is None:
-            capacity = max(need, SLAB_BYTES // max(image.nbytes, 1))
+            capacity = max(need, min(SLAB_FRAMES, SLAB_BYTES // max(image.nbytes, 1)))
             slab = np.empty((capacity, *image.shape), image.dtype)
         for i, f in enumerate(keep):
             slab[i] = f.slab[f.index]
@@ -275,9 +279,10 @@ class _Windower:
     def _build(self, k: int, ts: float, te: float) -> Window | None:
         lo, hi = ts - EPS, te - EPS
         w = Window(stream_id=self.stream_id, window_id=k, t_start=ts, t_end=te)
+        walls = []
         for tr in self.tracks:
             if tr.modality == "audio":
-                _audio_into(w, tr.buf, lo, hi)
+                walls.append(_audio_into(w, tr.buf, lo, hi))
                 continue
             items = []
             for item in tr.buf:
@@ -288,6 +293,7 @@ class _Windower:
             if not items:
                 continue
             times = np.array([it.t for it in items], np.float64)
+            walls.extend(getattr(it, "t_wall", None) for it in items)
             if tr.modality == "video":
                 w.video = _frames_array(items)
                 w.video_t = times
@@ -296,6 +302,8 @@ class _Windower:
                 w.points_t = times
         if w.video is None and w.audio is None and w.points is None:
             return None
+        known = [t for t in walls if t is not None]
+        w.t_wall = max(known) if known else None
         if self.truth is not None:
             w.truth = self.truth(ts, te, w.video_t)
         return w
@@ -315,9 +323,11 @@ def _frames_array(items: list[_Frame]) -> np.ndarray:
     return video
 
 
-def _audio_into(w: Window, chunks: deque, lo: float, hi: float) -> None:
-    """Put the samples of ``chunks`` with times in ``[lo, hi)`` on one grid in ``w``."""
+def _audio_into(w: Window, chunks: deque, lo: float, hi: float) -> float | None:
+    """Put the samples of ``chunks`` with times in ``[lo, hi)`` on one grid in ``w``; the wall
+    clock of the last sample taken (a chunk's ``t_wall`` less the part of it left out), or None."""
     pieces = []  # (time of first sample taken, samples)
+    wall = None
     for c in chunks:
         if c.t >= hi:
             break
@@ -326,8 +336,10 @@ def _audio_into(w: Window, chunks: deque, lo: float, hi: float) -> None:
         i1 = min(n, max(0, math.ceil((hi - c.t) * rate)))
         if i1 > i0:
             pieces.append((c.t + i0 / rate, c.samples[i0:i1], rate))
+            if c.t_wall is not None:
+                wall = max(wall or -math.inf, c.t_wall - (n - i1) / rate)
     if not pieces:
-        return
+        return None
     t_first = min(p[0] for p in pieces)
     rate = pieces[0][2]
     offsets = [round((t - t_first) * rate) for t, _, _ in pieces]
@@ -342,6 +354,7 @@ def _audio_into(w: Window, chunks: deque, lo: float, hi: float) -> None:
     w.audio = audio
     w.audio_rate = rate
     w.audio_t0 = t_first
+    return wall
 
 
 __all__ = ["EPS", "windows"]

@@ -55,20 +55,26 @@ def write_clip(
     audio_seconds: float | None = None,
     container_format: str | None = None,
     faststart: bool = False,
+    gop: int | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write a clip with an optional video track (``size`` = [H, W]) and an optional audio track.
 
     ``audio_seconds`` makes the audio track longer or shorter than the video; ``container_format``
-    forces the muxer (e.g. ``"mpegts"``); ``faststart`` puts an MP4's index before its data.
+    forces the muxer (e.g. ``"mpegts"``); ``faststart`` puts an MP4's index before its data;
+    ``gop`` sets the keyframe interval (frames); ``metadata`` the container's tags (``creation_time``).
     """
     path = Path(path)
     options = {"movflags": "faststart"} if faststart else {}
     with av.open(str(path), "w", format=container_format, options=options) as out:
+        out.metadata.update(metadata or {})
         vs = as_ = None
         if video_codec:
             vs = out.add_stream(video_codec, rate=fps)
             vs.height, vs.width = size
             vs.pix_fmt = "yuv420p"
+            if gop is not None:
+                vs.codec_context.gop_size = gop
             # Near-lossless so the frame index survives the codec.
             vs.options = {"qscale": "2"} if video_codec == "mpeg4" else {"crf": "10", "preset": "ultrafast"}
         if audio_codec:

@@ -18,6 +18,7 @@ class VideoFrame:
     t: float
     duration: float
     image: np.ndarray
+    t_wall: float | None = None  # epoch s when it reached its source (see `pipeline.window.Window.t_wall`)
 
 
 @dataclass
@@ -27,6 +28,7 @@ class AudioChunk:
     t: float
     rate: int
     samples: np.ndarray
+    t_wall: float | None = None  # epoch s when its last sample reached its source
 
     @property
     def duration(self) -> float:

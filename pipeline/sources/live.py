@@ -1,29 +1,42 @@
-"""Reading one media container, file or live URL: open/read timeouts, stalls, reconnects.
+"""Reading one media container, file or live source: open/read timeouts, stalls, reconnects, lag.
 
 `MediaReader` demuxes a container once and feeds its packets to one decoder per modality
 (`VideoDecoder`, `AudioDecoder`), so ``audio: same`` costs one demuxer and, for a live URL, one
-connection. `MediaReader.tracks` hands out one iterator per modality for the windower.
+connection. `MediaReader.tracks` hands out one iterator per modality for the windower. ``format``
+and ``options`` go to FFmpeg's ``av.open`` (an input format such as ``v4l2``, demuxer/protocol
+options such as ``rtsp_transport: tcp``).
 
 Files: a missing, empty or non-media file raises at open; a packet the decoder rejects is reported
 (`DecodeError` through ``on_error``) and skipped; a container that ends well before the duration
 its index declares (MP4, Matroska, AVI, WAV, FLAC, Ogg) raises `DecodeError` after the frames it
-did hold.
+did hold (`pipeline.sources.files`). A file's samples carry ``t_wall`` = its ``creation_time`` metadata plus the sample's end
+in media time since the file's start (None without that metadata).
 
-Live URLs (``rtsp://``, ``http(s)://``, ...): opening must finish within ``open_timeout_s``; a read
-that delivers nothing for ``read_timeout_s`` is a stall (FFmpeg's interrupt callback, through
-PyAV's ``timeout=(open, read)``); a stall, a dropped connection or corrupt data closes the
-connection and reopens it after ``reconnect_backoff_s * 2**(attempt-1)`` seconds, up to
-``reconnect_tries`` attempts in a row (a reconnect that delivers data resets the count). Each
+Live sources (a URL, a capture device, ``live: true``; see `pipeline.sources.policy`): packets are
+read on a thread (`pipeline.sources.pump.PacketPump`) and each sample carries ``t_wall``, the
+wall-clock time its packet arrived. Opening must finish within ``open_timeout_s``; a read that
+delivers nothing for ``read_timeout_s`` is a stall (FFmpeg's interrupt callback, through PyAV's
+``timeout=(open, read)``); a stall, a dropped connection, corrupt data or, for an endless source,
+the end of data closes the connection and reopens it after `policy.backoff_s` (doubling from
+``reconnect_backoff_s`` up to ``max_backoff_s``), up to ``reconnect_tries`` attempts (None: for
+ever). The first open is retried the same way (its failure is reported at once, so a camera that
+is down at start shows). The attempt count starts again only once a window was delivered
+(`window_done`), so a source that connects and drops again at once still runs out of tries. Each
 reconnect is reported as `SourceReconnected`, and the iterators yield a `SourceBreak` so the next
 window has ``gap=True``. Media time continues: if the new connection's clock restarts behind
-where the old one stopped, its times are shifted to resume there. The first open is not retried,
-so a wrong URL fails fast. A live source that ends normally (end of file over HTTP) ends the stream.
+where the old one stopped, its times are shifted to resume there. A finite source (an HTTP body)
+that ends, cleanly or, without a Content-Length, with FFmpeg's I/O error, ends the stream.
+
+``max_lag_s``: when decoding falls further behind what has arrived than that, the reader skips
+to the live edge: it reports `LagSkipped` naming the seconds skipped and yields a `SourceBreak`
+(the next window has ``gap=True``). Files are never skipped.
 """
 
 from __future__ import annotations
 
+import errno
+import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +44,9 @@ from typing import Any, Protocol
 
 import av
 
-from pipeline.sources.base import VideoFrame
 from pipeline.errors import (
     DecodeError,
+    LagSkipped,
     MissingStreamError,
     PipelineError,
     SourceError,
@@ -42,12 +55,11 @@ from pipeline.errors import (
     SourceReconnected,
     SourceTimeout,
 )
+from pipeline.sources.policy import SourceSettings, backoff_s, is_endless, is_live
+from pipeline.sources.files import recording_start, truncation
+from pipeline.sources.pump import PacketPump
+from pipeline.sources.tee import Tee, kind_of
 
-# Formats whose index states the real duration; elsewhere (MPEG-TS, raw streams) FFmpeg guesses
-# it from the bit rate, so a short file is not evidence of truncation.
-_INDEXED_FORMATS = {"mov", "mp4", "matroska", "webm", "avi", "wav", "flac", "ogg"}
-# How far short of the declared duration a file may end before it counts as truncated.
-_TRUNCATION_TOLERANCE_S = 0.5
 # Rejected packets in a row, with no frame in between, after which a file counts as corrupt.
 _MAX_BAD_PACKETS = 50
 # Records that start this far before the resume point of a reconnect repeat what was delivered.
@@ -56,29 +68,9 @@ _EPS = 1e-6
 
 @dataclass(frozen=True)
 class SourceBreak:
-    """A discontinuity in a source (a reconnect) after media time ``t``: the next window has gap=True."""
+    """A discontinuity in a source (a reconnect, a skip) after media time ``t``: the next window has gap=True."""
 
     t: float
-
-
-@dataclass(frozen=True)
-class SourceSettings:
-    """Timeouts and reconnects for live sources (the config's ``sources`` section)."""
-
-    open_timeout_s: float = 10.0
-    read_timeout_s: float = 5.0
-    reconnect_tries: int = 5
-    reconnect_backoff_s: float = 1.0
-
-    @classmethod
-    def of(cls, section: object | None) -> SourceSettings:
-        """Settings from a config section (any object or dict with these fields) or the defaults."""
-        if section is None:
-            return cls()
-        if isinstance(section, SourceSettings):
-            return section
-        get = section.get if isinstance(section, dict) else lambda k, d: getattr(section, k, d)
-        return cls(**{k: get(k, getattr(cls, k)) for k in cls.__dataclass_fields__})
 
 
 class Decoder(Protocol):
@@ -94,25 +86,23 @@ class Decoder(Protocol):
     def flush(self) -> list[Any]: ...
 
 
-def is_url(source: str) -> bool:
-    """True for a URL (``scheme://...``) other than ``file://``: a live source."""
-    scheme, sep, _ = source.partition("://")
-    return bool(sep) and scheme.isalnum() and scheme.lower() != "file"
-
-
 class _Dropped(Exception):
-    """A live connection stalled, dropped or sent garbage (internal: triggers a reconnect)."""
+    """A live connection stalled, dropped or sent garbage (internal: triggers a reconnect), or a
+    finite source ended in a way FFmpeg reports as an error (``ended``)."""
 
-    def __init__(self, cause: str, stalled: bool) -> None:
+    def __init__(self, cause: str, stalled: bool, *, ended: bool = False) -> None:
         super().__init__(cause)
         self.stalled = stalled
+        self.ended = ended
 
 
 class MediaReader:
-    """Reads one container (file or URL) and decodes its video and/or audio stream.
+    """Reads one container (file or live source) and decodes its video and/or audio stream.
 
     Iterating yields records of every decoder (`VideoFrame`, `AudioChunk`) in demux order and a
-    `SourceBreak` after each reconnect; `tracks` splits that into one iterator per modality.
+    `SourceBreak` after each reconnect or skip; `tracks` splits that into one iterator per
+    modality. ``live`` is the stream's ``live`` key (None: guessed, see `pipeline.sources.policy`).
+    Once ``stop`` is set (the run drains), a source waiting to reconnect ends instead.
     Errors are `pipeline` errors naming ``stream_id`` and the source.
     """
 
@@ -124,15 +114,28 @@ class MediaReader:
         stream_id: str,
         settings: object | None = None,
         on_error: Callable[[PipelineError], None] | None = None,
+        format: str | None = None,
+        options: dict[str, Any] | None = None,
+        live: bool | None = None,
+        max_lag_s: float | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         self.source = str(source)
         self.decoders = list(decoders)
         self.stream_id = stream_id
         self.settings = SourceSettings.of(settings)
         self.on_error = on_error
-        self.live = is_url(self.source)
+        self.format = format
+        self.options = {str(k): str(v) for k, v in (options or {}).items()}
+        self.live = is_live(self.source, format, live)
+        self.endless = self.live and is_endless(self.source, format, live)
+        self.max_lag_s = max_lag_s if self.live else None  # files are never skipped
+        self.stop = stop
+        self._failures = 0  # reconnect attempts since a window was last delivered
         self._last_end: float | None = None  # over all modalities, for resuming after a break
         self._ends: dict[str, float] = {}  # per modality, for the truncation check
+        self._recorded: tuple[float, float] | None = None  # a file's (creation epoch s, media start s)
+        self._last_wall: float | None = None  # arrival of the latest packet of a live source
 
     # -- errors -------------------------------------------------------------------------------
 
@@ -142,6 +145,10 @@ class MediaReader:
     def _report(self, error: PipelineError) -> None:
         if self.on_error is not None:
             self.on_error(error)
+
+    def window_done(self) -> None:
+        """A window of this source was delivered: reconnect attempts count from zero again."""
+        self._failures = 0
 
     # -- opening ------------------------------------------------------------------------------
 
@@ -155,11 +162,11 @@ class MediaReader:
                 raise self._error(SourceOpenError, "is a folder, not a media file")
             if path.stat().st_size == 0:
                 raise self._error(SourceOpenError, "the file is empty (0 bytes)")
+        kwargs: dict[str, Any] = {"format": self.format, "options": self.options}
+        if self.live:
+            kwargs["timeout"] = (s.open_timeout_s, s.read_timeout_s)
         try:
-            if self.live:
-                container = av.open(self.source, timeout=(s.open_timeout_s, s.read_timeout_s))
-            else:
-                container = av.open(self.source)
+            container = av.open(self.source, **kwargs)
         except av.error.ExitError:
             raise self._error(SourceTimeout, f"did not open within open_timeout_s={s.open_timeout_s}") from None
         except FileNotFoundError as e:
@@ -167,7 +174,7 @@ class MediaReader:
             raise self._error(cls, f"not found ({_reason(e)})") from None
         except av.error.InvalidDataError as e:
             raise self._error(SourceOpenError, f"not a readable media container ({_reason(e)})") from None
-        except (av.error.FFmpegError, OSError) as e:
+        except (av.error.FFmpegError, OSError, ValueError) as e:
             raise self._error(SourceOpenError, f"could not be opened ({_reason(e)})") from None
         try:
             for d in self.decoders:
@@ -175,19 +182,61 @@ class MediaReader:
         except MissingStreamError as e:
             container.close()
             raise self._error(MissingStreamError, e.cause) from None
+        if not self.live:
+            self._recorded = recording_start(container)
         return container
+
+    def _connect(self, cause: str | None, stalled: bool = False) -> av.container.InputContainer | None:
+        """Open the source; a live one is retried with backoff (``cause``: why it is reconnected,
+        None for the first open, which is tried at once). None: ``stop`` was set while waiting."""
+        if not self.live:
+            return self._open()
+        s = self.settings
+        retry = cause is not None
+        last: SourceError | None = None
+        while True:
+            if retry:
+                self._failures += 1
+                if s.gave_up(self._failures):
+                    gave_up = f"gave up after reconnect_tries={s.reconnect_tries} attempts"
+                    if cause is None:  # never opened
+                        raise self._error(type(last), f"{last.cause}; {gave_up}")
+                    tail = f" (last: {last.cause})" if last is not None else ""
+                    raise self._error(SourceTimeout if stalled else SourceError, f"{cause}; {gave_up}{tail}")
+                if self._wait(backoff_s(self._failures, s.reconnect_backoff_s, s.max_backoff_s)):
+                    return None
+            retry = True
+            try:
+                container = self._open()
+            except MissingStreamError:
+                raise
+            except SourceError as e:
+                if cause is None and last is None and not s.gave_up(1):
+                    self._report(e)  # down at start: say so now, not only when it comes up
+                last = e
+                stalled = isinstance(e, SourceTimeout)
+                continue
+            if self._failures:
+                why = cause if cause is not None else f"down at start ({last.cause})"
+                self._report(self._error(SourceReconnected, f"{why}; reconnected (attempt {self._failures})"))
+            return container
+
+    def _wait(self, seconds: float) -> bool:
+        """Sleep ``seconds``; True when ``stop`` is set (before or meanwhile)."""
+        if self.stop is None:
+            time.sleep(seconds)
+            return False
+        return self.stop.wait(seconds)
 
     # -- reading ------------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[Any]:
-        container = self._open()
-        failures = 0  # reconnect attempts since data last flowed
+        container = self._connect(None)
         resume_t: float | None = None
-        while True:
-            delivered = False
+        while container is not None:
+            pump = self._pump(container)
             try:
-                for record in self._decode(container, resume_t):
-                    delivered = True
+                for record in self._decode(container, pump, resume_t):
                     yield record
                 if not self.live:
                     self._check_complete(container)
@@ -195,58 +244,87 @@ class MediaReader:
             except _Dropped as drop:
                 for d in self.decoders:
                     for record in d.flush():
-                        yield self._stamp(record)
-                cause = str(drop)
-                stalled = drop.stalled
+                        yield self._stamp(record, self._last_wall)
+                if drop.ended:
+                    return
+                cause, stalled = str(drop), drop.stalled
             finally:
-                container.close()
-            if delivered:
-                failures = 0
-            container = None
-            while container is None:
-                failures += 1
-                if failures > self.settings.reconnect_tries:
-                    cls = SourceTimeout if stalled else SourceError
-                    raise self._error(
-                        cls, f"{cause}; gave up after reconnect_tries={self.settings.reconnect_tries} attempts"
-                    )
-                time.sleep(self.settings.reconnect_backoff_s * 2 ** (failures - 1))
-                try:
-                    container = self._open()
-                except SourceError as e:
-                    cause, stalled = f"{cause}; reconnect {failures} failed: {e.cause}", isinstance(e, SourceTimeout)
-            self._report(self._error(SourceReconnected, f"{cause}; reconnected (attempt {failures})"))
+                if pump is not None:
+                    pump.close()
+                else:
+                    container.close()
+            container = self._connect(cause, stalled)
             resume_t = self._last_end
-            if resume_t is not None:
+            if container is not None and resume_t is not None:
                 yield SourceBreak(resume_t)
 
-    def _stamp(self, record: Any) -> Any:
+    def _pump(self, container: av.container.InputContainer) -> PacketPump | None:
+        if not self.live:
+            return None
+        video = next((d.stream.index for d in self.decoders if d.kind == "video"), None)
+        return PacketPump(container, [d.stream for d in self.decoders], video_index=video, max_lag_s=self.max_lag_s)
+
+    def _stamp(self, record: Any, wall: float | None) -> Any:
         end = record.t + record.duration
-        kind = _kind_of(record)
+        kind = kind_of(record)
         self._ends[kind] = max(end, self._ends.get(kind, end))
         if self._last_end is None or end > self._last_end:
             self._last_end = end
+        if self._recorded is not None:
+            record.t_wall = self._recorded[0] + end - self._recorded[1]
+        else:
+            record.t_wall = wall
         return record
 
-    def _decode(self, container: av.container.InputContainer, resume_t: float | None) -> Iterator[Any]:
+    def _packets(
+        self, container: av.container.InputContainer, pump: PacketPump | None
+    ) -> Iterator[tuple[av.Packet, float | None, float]]:
+        """``(packet, arrival wall time or None, media seconds skipped before it)`` of one connection."""
+        if pump is None:
+            for packet in container.demux([d.stream for d in self.decoders]):
+                yield packet, None, 0.0
+            return
+        while True:
+            try:
+                arrived, skipped = pump.take()
+            except StopIteration:
+                return
+            yield arrived.packet, arrived.wall, skipped
+
+    def _decode(
+        self, container: av.container.InputContainer, pump: PacketPump | None, resume_t: float | None
+    ) -> Iterator[Any]:
         """Records of one connection; after a reconnect, times resume at ``resume_t``."""
         by_stream = {d.stream.index: d for d in self.decoders}
         rebase = resume_t is not None
         bad_run = 0
-        demux = container.demux([d.stream for d in self.decoders])
+        packets = self._packets(container, pump)
         while True:
             try:
-                packet = next(demux)
+                packet, wall, skipped = next(packets)
             except StopIteration:
+                if self.endless:
+                    raise _Dropped("the source ended (an endless source: reconnecting)", False) from None
                 return
             except av.error.ExitError:
                 if self.live:
                     raise _Dropped(f"stalled: no data for read_timeout_s={self.settings.read_timeout_s}", True)
                 raise self._error(DecodeError, "reading was interrupted") from None
             except (av.error.FFmpegError, OSError) as e:
+                if self.live and not self.endless and container.size <= 0 and getattr(e, "errno", None) == errno.EIO:
+                    # A body of unknown length: FFmpeg cannot tell its end from a drop; a finite source ends.
+                    raise _Dropped("ended", False, ended=True) from None
                 if self.live:
                     raise _Dropped(f"connection dropped ({_reason(e)})", False) from None
                 raise self._error(DecodeError, f"corrupt container ({_reason(e)})") from None
+            if skipped > 0:
+                self._report(LagSkipped(
+                    f"fell more than runtime.max_lag_s={self.max_lag_s} s behind the live edge; skipped {skipped:.1f} s",
+                    seconds=skipped, stream_id=self.stream_id, source=self.source,
+                ))
+                if self._last_end is not None:
+                    yield SourceBreak(self._last_end)
+            self._last_wall = wall
             decoder = by_stream[packet.stream.index]
             if rebase and packet.pts is not None:
                 # Keep media time running across the break: a clock that restarted is shifted on.
@@ -270,32 +348,13 @@ class MediaReader:
             for record in records:
                 if resume_t is not None and record.t < resume_t - _EPS:
                     continue
-                yield self._stamp(record)
+                yield self._stamp(record, wall)
 
     def _check_complete(self, container: av.container.InputContainer) -> None:
         """Raise `DecodeError` when a file ended well before the duration its index declares."""
-        if not _INDEXED_FORMATS.intersection(container.format.name.split(",")):
-            return
-        ends = []
-        for d in self.decoders:
-            s = d.stream
-            if s.duration is not None and s.duration > 0:
-                ends.append((d.kind, float((s.start_time or 0) * s.time_base + s.duration * s.time_base)))
-        if len(ends) < len(self.decoders):
-            # Without per-stream durations only the container's can be used, and only when every
-            # track it holds is being decoded (a short audio track is not a truncated video).
-            n_av = len(container.streams.video) + len(container.streams.audio)
-            if container.duration is None or len(self.decoders) < n_av:
-                return
-            end = (container.start_time or 0) / av.time_base + container.duration / av.time_base
-            ends = [("media", end)]
-        for kind, declared in ends:
-            reached = self._ends.get(kind, self._last_end) if kind != "media" else self._last_end
-            reached = reached if reached is not None else 0.0
-            if reached < declared - _TRUNCATION_TOLERANCE_S:
-                raise self._error(
-                    DecodeError, f"truncated: {kind} ends at {reached:.2f} s but the file declares {declared:.2f} s"
-                )
+        short = truncation(container, self.decoders, self._ends, self._last_end)
+        if short is not None:
+            raise self._error(DecodeError, short)
 
     def tracks(self) -> dict[str, Iterator[Any]]:
         """One iterator per decoder kind, fed by a single pass over the container.
@@ -303,45 +362,7 @@ class MediaReader:
         Records of the other kinds wait in a queue until their iterator asks; a `SourceBreak`
         goes to every iterator; an error is raised by each iterator once its queue is drained.
         """
-        return _Tee(iter(self), [d.kind for d in self.decoders]).iterators()
-
-
-class _Tee:
-    def __init__(self, records: Iterator[Any], kinds: list[str]) -> None:
-        self._records = records
-        self._queues: dict[str, deque] = {k: deque() for k in kinds}
-        self._done = False
-        self._error: BaseException | None = None
-
-    def iterators(self) -> dict[str, Iterator[Any]]:
-        return {k: self._iter(k) for k in self._queues}
-
-    def _iter(self, kind: str) -> Iterator[Any]:
-        queue = self._queues[kind]
-        while True:
-            while not queue:
-                if self._error is not None:
-                    raise self._error
-                if self._done:
-                    return
-                try:
-                    record = next(self._records)
-                except StopIteration:
-                    self._done = True
-                    continue
-                except BaseException as e:
-                    self._error = e
-                    raise
-                if isinstance(record, SourceBreak):
-                    for q in self._queues.values():
-                        q.append(record)
-                else:
-                    self._queues[_kind_of(record)].append(record)
-            yield queue.popleft()
-
-
-def _kind_of(record: Any) -> str:
-    return "video" if isinstance(record, VideoFrame) else "audio"
+        return Tee(iter(self), [d.kind for d in self.decoders], SourceBreak).iterators()
 
 
 def _reason(e: BaseException) -> str:
@@ -350,4 +371,4 @@ def _reason(e: BaseException) -> str:
     return str(text)
 
 
-__all__ = ["MediaReader", "SourceBreak", "SourceSettings", "is_url"]
+__all__ = ["MediaReader", "SourceBreak"]

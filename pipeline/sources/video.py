@@ -140,7 +140,7 @@ def decimate(frames: Iterator[Any], fps: float) -> Iterator[Any]:
             duration = decimator.keep(frame.t, frame.duration)
             if duration is None:
                 continue
-            frame = VideoFrame(t=frame.t, duration=duration, image=frame.image)
+            frame = VideoFrame(t=frame.t, duration=duration, image=frame.image, t_wall=frame.t_wall)
         yield frame
 
 

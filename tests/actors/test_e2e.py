@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import duckdb
@@ -88,6 +89,7 @@ def test_synthetic_run_writes_every_table_once(ray_session, tiny_checkpoint, tmp
     assert df["has_video"].all() and df["has_audio"].all() and df["has_points"].all()
     assert (df["t_end"] - df["t_start"]).to_list() == pytest.approx([1.0] * len(df))
     assert set(df["model"].to_list()) == {"tiny"}
+    assert df["t_wall"].is_null().all()  # a synthetic rig has no wall clock
     labels = df["labels"].to_list()[0]
     assert len(labels) == 5 and {x["label"] for x in labels} <= set(CLASSES)
     assert [x["score"] for x in labels] == sorted((x["score"] for x in labels), reverse=True)
@@ -105,7 +107,9 @@ def test_synthetic_run_writes_every_table_once(ray_session, tiny_checkpoint, tmp
 def test_run_over_pyav_clips(ray_session, tiny_checkpoint, tmp_path):
     streams = []
     for i, seconds in enumerate((2.0, 3.0)):
-        clip = write_clip(tmp_path / f"clip{i}.mp4", seconds=seconds, size=(32, 32), fps=10)
+        # clip0 knows when it was recorded: its windows' t_wall is that plus their media time.
+        meta = {"creation_time": "2026-03-04T14:05:00Z"} if i == 0 else None
+        clip = write_clip(tmp_path / f"clip{i}.mp4", seconds=seconds, size=(32, 32), fps=10, metadata=meta)
         streams.append({"id": f"cam{i}", "video": str(clip), "audio": "same"})
     cfg = parse_config(config_data(tiny_checkpoint, streams))
     expected = {
@@ -118,6 +122,11 @@ def test_run_over_pyav_clips(ray_session, tiny_checkpoint, tmp_path):
     assert ids_by_stream(out) == expected
     df = pl.from_arrow(read_table(out, "windows"))
     assert df["has_video"].all() and df["has_audio"].all() and not df["has_points"].any()
+    cam0 = df.filter(pl.col("stream_id") == "cam0")
+    created = datetime(2026, 3, 4, 14, 5, tzinfo=timezone.utc).timestamp()
+    lag = [t.timestamp() - created - e for t, e in zip(cam0["t_wall"].to_list(), cam0["t_end"].to_list())]
+    assert all(0 <= x <= 0.1 + 1e-6 for x in lag)  # within the last frame (10 fps) past t_end
+    assert df.filter(pl.col("stream_id") == "cam1")["t_wall"].is_null().all()
 
 
 def test_one_bad_stream_costs_one_error_row_and_exit_3(ray_session, tiny_checkpoint, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 from pathlib import Path
 
@@ -156,6 +157,27 @@ def test_a_pool_runs_each_streams_calls_in_seq_order_and_keeps_a_failure_to_its_
     assert pool.next("a", 3)[0].done  # the other pool's stream is unaffected
     with pytest.raises(KeyError, match="does not host"):
         pool.next("b", 0)
+
+
+def test_stop_ends_a_stream_whose_camera_is_down():
+    # A camera that never comes up, retried for ever: the drain's stop ends its pending call.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/cam.ts"
+    cfg = parse_config({"streams": [{"id": "cam", "video": url}], "runtime": {"helper_nice": 0},
+                        "sources": {"reconnect_tries": None, "reconnect_backoff_s": 0.05, "max_backoff_s": 0.2}})
+    pool = SourcePoolActor(cfg)
+    pool.add([(cfg.streams[0], 0, 0, None)])
+    got = []
+    caller = threading.Thread(target=lambda: got.append(pool.next("cam", 0)))
+    caller.start()
+    caller.join(timeout=1.0)
+    assert caller.is_alive()  # still waiting for the camera
+    pool.stop()
+    caller.join(timeout=5)
+    (event, window), = got
+    assert window is None and event.done and event.failure is None
+    assert [e.kind for e in event.errors] == ["SourceOpenError"]  # it was down from the start
 
 
 # -- on Ray ---------------------------------------------------------------------------------------

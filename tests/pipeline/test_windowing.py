@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -204,6 +205,21 @@ def test_video_is_read_only_and_survives_slab_recycling(monkeypatch):
         assert list(w.video[:, 1, 1, 2]) == [(first + j) % 256 for j in range(25)]
     with pytest.raises(ValueError):
         kept[0].video[0, 0, 0, 0] = 1
+
+
+def test_small_frames_hold_a_bounded_slab():
+    # 64x64 frames: a slab is capped at SLAB_FRAMES frames, not SLAB_BYTES (a 32 MiB slab filled
+    # page by page over 110 s of media made a stream's memory grow for minutes).
+    image = np.zeros((64, 64, 3), np.uint8)
+    frames = (VideoFrame(t=i / 25, duration=0.04, image=image) for i in range(2000))
+    tracemalloc.start()
+    try:
+        n = sum(1 for _ in windows("s", {"video": frames}, seconds=1.0, hop=0.5))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert n == 159
+    assert peak < (windowing._RETIRED_SLABS + 2) * windowing.SLAB_FRAMES * image.nbytes
 
 
 def test_bad_arguments():

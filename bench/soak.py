@@ -1,0 +1,203 @@
+"""Memory soak: the pipeline paced at media speed, the RSS of every actor process over time.
+
+Runs ``run_pipeline.py`` (``--realtime``, 8 synthetic streams by default, the default
+checkpoint) for ``--minutes``, samples the RSS of the driver and of every Ray actor process it
+started (found among the driver's descendants by their ``ray::Class`` process titles) every
+``--interval`` seconds, then drains the run with SIGINT. For each process it reports the RSS
+slope after the first ``--warmup-minutes`` in MB per hour, with its 95% confidence interval
+(ordinary least squares; a t interval). Target: an interval that includes 0, or under 1 MB/h.
+
+The JSON (``--out``) is rewritten after every sample, so a soak cut short still leaves its
+result. RSS samples are autocorrelated (allocator and GC cycles), so the OLS interval is
+somewhat too narrow; the slope itself is unbiased.
+
+    python bench/soak.py [--minutes 60] [--streams 8] [--interval 30] [--out bench/results/soak.json]
+    python bench/soak.py --analyse bench/results/soak.json [--warmup-minutes 5]
+
+A machine whose load changes during the soak moves the queues between stages (bounded by
+``runtime.max_in_flight``) and the allocators to new high-water marks: a step in RSS, not a
+leak, which an OLS line over the whole run reads as a slope. ``--analyse`` also gives the slope
+over the second half.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import psutil
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# Student's t 0.975 quantiles for 1..10 degrees of freedom; above, the expansion below is within 0.003.
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]
+
+
+def t975(df: int) -> float:
+    """Student's t 0.975 quantile (a table, then a Cornish-Fisher expansion around the normal)."""
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = statistics.NormalDist().inv_cdf(0.975)
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def slope_per_hour(t_s: list[float], rss_mb: list[float]) -> dict[str, float] | None:
+    """OLS slope of RSS (MB) on time, in MB per hour, with its 95% interval; None under 3 points."""
+    n = len(t_s)
+    if n < 3:
+        return None
+    t = np.asarray(t_s, np.float64) / 3600.0
+    y = np.asarray(rss_mb, np.float64)
+    tc = t - t.mean()
+    sxx = float(tc @ tc)
+    if sxx == 0:
+        return None
+    b = float(tc @ (y - y.mean())) / sxx
+    resid = y - y.mean() - b * tc
+    se = math.sqrt(float(resid @ resid) / (n - 2) / sxx)
+    h = t975(n - 2) * se
+    return {"slope_mb_h": b, "lo": b - h, "hi": b + h, "n": n, "first_mb": float(y[0]), "last_mb": float(y[-1])}
+
+
+def soak_config(streams: int, seconds: float) -> dict:
+    """The run's config: ``streams`` paced synthetic rigs lasting ``seconds``, the default model."""
+    cfg = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
+    cfg["streams"] = [{"id": f"soak{i}", "synthetic": {"seed": 5000 + i, "seconds": seconds}} for i in range(streams)]
+    cfg["model"]["checkpoint"] = str(ROOT / "checkpoints" / "default")
+    cfg["runtime"]["realtime"] = True
+    # Paced calls hold their in-flight slots while they wait for media time: with the default
+    # bounds (16 per stream, 32 in all) two streams would hold every slot and starve the others.
+    cfg["runtime"]["max_in_flight_per_stream"] = max(1, cfg["runtime"]["max_in_flight"] // streams)
+    cfg["distill"]["enabled"] = False
+    return cfg
+
+
+def actor_processes(driver: psutil.Process) -> dict[str, psutil.Process]:
+    """``{"Class:pid": process}`` for the driver and each Ray actor process below it."""
+    found = {f"driver:{driver.pid}": driver}
+    for p in driver.children(recursive=True):
+        try:
+            title = " ".join(p.cmdline())
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if not title.startswith("ray::"):
+            continue
+        name = title[5:].split()[0].split(".")[0]
+        if name and name != "IDLE":
+            found[f"{name}:{p.pid}"] = p
+    return found
+
+
+def rss_mb(processes: dict[str, psutil.Process]) -> dict[str, float]:
+    out = {}
+    for key, p in processes.items():
+        try:
+            out[key] = p.memory_info().rss / 2**20
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return out
+
+
+def summarise(samples: list[dict], warmup_s: float) -> dict[str, dict | None]:
+    """Each process's slope over the samples from ``warmup_s`` on."""
+    keys = sorted({k for s in samples for k in s["rss_mb"]})
+    out = {}
+    for key in keys:
+        pts = [(s["t_s"], s["rss_mb"][key]) for s in samples if key in s["rss_mb"] and s["t_s"] >= warmup_s]
+        out[key] = slope_per_hour([p[0] for p in pts], [p[1] for p in pts])
+    return out
+
+
+def analyse(path: Path, warmup_s: float) -> dict:
+    """A saved soak's slopes from ``warmup_s`` on, and over its second half (after the high-water
+    marks that a busy machine pushes the queues and allocators to)."""
+    result = json.loads(path.read_text())
+    samples = result["samples"]
+    half = samples[-1]["t_s"] / 2 if samples else 0.0
+    return {"slopes_mb_per_hour": summarise(samples, warmup_s), "second_half_mb_per_hour": summarise(samples, half)}
+
+
+def table(slopes: dict[str, dict | None]) -> str:
+    lines = [f"{'process':<28} {'n':>4} {'first MB':>9} {'last MB':>9} {'MB/h':>8} {'95% interval':>20}"]
+    for key, s in slopes.items():
+        if s is None:
+            lines.append(f"{key:<28} (too few samples after the warm-up)")
+            continue
+        interval = f"[{s['lo']:.2f}, {s['hi']:.2f}]"
+        lines.append(
+            f"{key:<28} {s['n']:>4} {s['first_mb']:>9.1f} {s['last_mb']:>9.1f} {s['slope_mb_h']:>8.2f} {interval:>20}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--minutes", type=float, default=60.0)
+    ap.add_argument("--streams", type=int, default=8)
+    ap.add_argument("--interval", type=float, default=30.0, help="seconds between RSS samples")
+    ap.add_argument("--warmup-minutes", type=float, default=5.0, help="left out of the slopes")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "soak.json")
+    ap.add_argument("--analyse", type=Path, metavar="JSON", help="only (re)compute the slopes of a saved soak, into it")
+    args = ap.parse_args(argv)
+    if args.analyse is not None:
+        slopes = analyse(args.analyse, args.warmup_minutes * 60)
+        saved = json.loads(args.analyse.read_text())
+        args.analyse.write_text(json.dumps({**saved, **slopes, "warmup_s": args.warmup_minutes * 60}, indent=1))
+        print(f"after the first {args.warmup_minutes:g} minutes:\n{table(slopes['slopes_mb_per_hour'])}")
+        print(f"second half:\n{table(slopes['second_half_mb_per_hour'])}")
+        return 0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="pstream-soak-"))
+    cfg_path = work / "soak.yaml"
+    # The streams outlast the soak, so no stream ends (and frees its memory) while it is measured.
+    cfg_path.write_text(yaml.safe_dump(soak_config(args.streams, args.minutes * 60 + 300)))
+    cmd = [sys.executable, str(ROOT / "run_pipeline.py"), "run", "--config", str(cfg_path),
+           "--output", str(work / "out"), "--realtime", "--no-progress", "--no-dashboard"]
+    log = (work / "run.log").open("w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    driver = psutil.Process(proc.pid)
+    result = {
+        "command": " ".join(sys.argv), "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "minutes": args.minutes, "streams": args.streams, "interval_s": args.interval,
+        "warmup_s": args.warmup_minutes * 60, "work_dir": str(work), "samples": [], "slopes_mb_per_hour": {},
+    }
+    t0 = time.monotonic()
+    end = t0 + args.minutes * 60
+    try:
+        while time.monotonic() < end and proc.poll() is None:
+            sample = {"t_s": round(time.monotonic() - t0, 1), "rss_mb": rss_mb(actor_processes(driver))}
+            result["samples"].append(sample)
+            result["slopes_mb_per_hour"] = summarise(result["samples"], result["warmup_s"])
+            args.out.write_text(json.dumps(result, indent=1))
+            time.sleep(max(0.0, min(args.interval, end - time.monotonic())))
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # a clean drain
+            try:
+                proc.wait(timeout=180)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        result["exit_code"] = proc.wait()
+        result["ended"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        args.out.write_text(json.dumps(result, indent=1))
+        result.update(analyse(args.out, result["warmup_s"]))
+        args.out.write_text(json.dumps(result, indent=1))
+    print(table(result["slopes_mb_per_hour"]))
+    print(f"exit code {result['exit_code']}; JSON: {args.out}; run log: {work / 'run.log'}")
+    return 0 if result["exit_code"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
