@@ -1,5 +1,6 @@
-"""A window on its way through the driver (`Call`) and when the driver sends decoded windows to
-the model (`send_now`), shared by the runner and the model-only benchmark."""
+"""A window on its way through the driver (`Call`), how many a stream may have in flight
+(`fair_share`), and when the driver sends decoded windows to the model (`send_now`), shared by the
+runner and the model-only benchmark."""
 
 from __future__ import annotations
 
@@ -27,3 +28,11 @@ def send_now(held: int, at_model: int, batch_size: int) -> bool:
     pays no latency. Holding them otherwise makes calls of about a batch, which is what spreads
     Ray's cost per call."""
     return held > 0 and (held >= batch_size or at_model < batch_size)
+
+
+def fair_share(per_stream: int, total: int, asking: int) -> int:
+    """The ``next`` calls one of ``asking`` streams may have in flight: ``per_stream``, but no more
+    than an equal share of the run's ``total`` (at least one). A paced source's call holds its slot
+    until its window's media time, so without the share the streams asked first would take every
+    slot of the run and the others would starve."""
+    return max(1, min(per_stream, -(-total // max(asking, 1))))

@@ -36,7 +36,7 @@ from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
 from actors.control import ControlServer, StreamControl
 from actors.deaths import death_cause
-from actors.batching import Call, send_now
+from actors.batching import Call, fair_share, send_now
 from actors.distill_watch import DistillWatch
 from actors.metrics import Metrics
 from actors.model import BuildPredictor
@@ -220,9 +220,11 @@ class _Loop:
 
     # -- 1. source -------------------------------------------------------------------------
     def _request(self) -> None:
-        """Top up each stream's ``next`` calls, one stream at a time in turn, within both bounds."""
-        per_stream = self.cfg.runtime.max_in_flight_per_stream
+        """Top up each stream's ``next`` calls, one stream at a time in turn, within both bounds
+        and each stream's `fair_share` of the run's."""
         total = self.cfg.runtime.max_in_flight
+        asking = sum(1 for st in self.streams.values() if st.asks_source)
+        per_stream = fair_share(self.cfg.runtime.max_in_flight_per_stream, total, asking)
         if self.pipeline.at_sink >= total:
             return
         in_flight = self.pipeline.in_flight
