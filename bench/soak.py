@@ -77,9 +77,6 @@ def soak_config(streams: int, seconds: float) -> dict:
     cfg["streams"] = [{"id": f"soak{i}", "synthetic": {"seed": 5000 + i, "seconds": seconds}} for i in range(streams)]
     cfg["model"]["checkpoint"] = str(ROOT / "checkpoints" / "default")
     cfg["runtime"]["realtime"] = True
-    # Paced calls hold their in-flight slots while they wait for media time: with the default
-    # bounds (16 per stream, 32 in all) two streams would hold every slot and starve the others.
-    cfg["runtime"]["max_in_flight_per_stream"] = max(1, cfg["runtime"]["max_in_flight"] // streams)
     cfg["distill"]["enabled"] = False
     return cfg
 
