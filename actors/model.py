@@ -9,8 +9,10 @@ Latent state is carried per stream, so a stream's windows run in order and one a
 actor alone keeps that order: the windows may arrive in any order, over several calls; each comes
 with its place in its source's order (``seq``, numbered by the runner) and whether it starts a state
 chain (a stream's first window in the run, or its first one resent after this actor was restarted);
-a window runs once its predecessor in the chain has. The state is reset on a chain start, a gap, or
-always when ``model.state`` is false, and the result says so (``state_reset``).
+a window runs once its predecessor in the chain has. A window still waiting when a newer chain of
+its stream starts, or its stream closes, fails at once: the runner gave it up (its predecessor was
+lost with a source pool, `actors.resume`). The state is reset on a chain start, a gap, or always
+when ``model.state`` is false, and the result says so (``state_reset``).
 
 With a DistillActor (``distill.enabled``), every ``distill.every_windows``-th batch is offered
 to it with the teacher's outputs, without waiting: at most ``actors.distill.MAX_PENDING`` offers
