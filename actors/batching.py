@@ -19,6 +19,7 @@ class Call:
     result: ray.ObjectRef | None = None  # the model's WindowResult, once sent to the model
     window_id: int | None = None  # once its source has delivered it
     replica: str | None = None  # the replica it was sent to
+    dropped: bool = False  # given up after its source lost an earlier call: the model's answer is ignored
 
 
 def send_now(held: int, at_model: int, batch_size: int) -> bool:

@@ -9,8 +9,10 @@ Latent state is carried per stream, so a stream's windows run in order and one a
 actor alone keeps that order: the windows may arrive in any order, over several calls; each comes
 with its place in its source's order (``seq``, numbered by the runner) and whether it starts a state
 chain (a stream's first window in the run, or its first one resent after this actor was restarted);
-a window runs once its predecessor in the chain has. The state is reset on a chain start, a gap, or
-always when ``model.state`` is false, and the result says so (``state_reset``).
+a window runs once its predecessor in the chain has. A window still waiting when a newer chain of
+its stream starts, or its stream closes, fails at once: the runner gave it up (its predecessor was
+lost with a source pool, `actors.resume`). The state is reset on a chain start, a gap, or always
+when ``model.state`` is false, and the result says so (``state_reset``).
 
 With a DistillActor (``distill.enabled``), every ``distill.every_windows``-th batch is offered
 to it with the teacher's outputs, without waiting: at most ``actors.distill.MAX_PENDING`` offers
@@ -159,6 +161,16 @@ class ModelActor:
         self._open = set(stream_ids)
         for sid in closed:
             self._states.forget(sid)
+            # The runner awaits nothing more of a closed stream: a window parked for it was given up.
+            self._give_up(sid, list(self._pending.get(sid, {})), "its stream is closed")
+
+    def _give_up(self, stream_id: str, seqs: list[int], why: str) -> None:
+        """Fail the parked windows ``seqs`` of ``stream_id`` (their predecessor will never come)."""
+        queued = self._pending.get(stream_id, {})
+        for seq in seqs:
+            item = queued.pop(seq)
+            if not item.future.done():
+                item.future.set_exception(RuntimeError(f"stream {stream_id!r} window {item.window.window_id}: {why}"))
 
     def queue_depth(self) -> int:
         """Windows parked in this actor."""
@@ -184,8 +196,13 @@ class ModelActor:
         if seq in queued and not queued[seq].future.done():
             # The runner resent this window after a restart: the new call takes its place.
             queued[seq].future.set_exception(RuntimeError(f"stream {sid!r} window {window.window_id} was resent"))
+        if not chain_start and seq < self._expected.get(sid, seq):
+            raise RuntimeError(f"stream {sid!r} window {window.window_id} came after a newer state chain began")
         queued[seq] = item
         if chain_start:
+            # Windows of an earlier chain still parked were given up by the runner (their source
+            # lost a call before them, so their predecessor never comes): they must not wait.
+            self._give_up(sid, [s for s in queued if s < seq], "a newer state chain began")
             self._expected[sid] = seq
             self._states.forget(sid)
         self._metrics.windows_in.inc(tags={"stage": "model", "stream": sid})

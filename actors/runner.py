@@ -46,6 +46,7 @@ from actors.pools import SourcePools, event_or_error, pool_name
 from actors.predictor import ship_model
 from actors.replicas import ModelReplicas, delivered, replica_name
 from actors.restarts import RestartBudget, RunFailed, last_line
+from actors.resume import drop_given_up
 from actors.sink_guard import SinkGuard
 from actors.source import ErrorRecord, OpenStream
 from actors.streams import RunningPipeline, RunSummary, StreamStatus
@@ -184,7 +185,8 @@ class _Loop:
                     self._recover_model()
                 if self.lost_pools and self._pools_settled():
                     self._recover_sources()
-                self._tell_open_streams()
+                # Each replica learns which streams may still send windows (when that changed).
+                self.replicas.tell_open(sorted(sid for sid, st in self.streams.items() if st.open))
                 if not self.pipeline.stopping:
                     self._request()
                 else:
@@ -268,12 +270,14 @@ class _Loop:
             if isinstance(ev, BaseException):
                 self.lost_since = self.lost_since if self.lost_pools else time.monotonic()
                 self.lost_pools.setdefault(self.pools.pool_of(call.stream_id), []).append((call.stream_id, ev))
+                st.lost(call.seq)
+                continue
+            if st.after_loss(call.seq):  # the restarted source decodes it again
                 st.released(call.seq)
                 continue
             errors.extend(ev.errors)
-            if ev.window_id is not None:
-                st.decoded(ev.window_id)
-                call.window_id = ev.window_id
+            st.decoded(call.seq, ev.window_id)
+            call.window_id = ev.window_id
             if ev.window_id is not None and st.takes_windows:
                 self.held.append(call)
                 continue
@@ -319,10 +323,6 @@ class _Loop:
                     self.sent_seq[call.stream_id] = max(call.seq, self.sent_seq.get(call.stream_id, -1))
                 self.model_calls[outcomes] = calls
 
-    def _tell_open_streams(self) -> None:
-        """Tell each replica which of its streams may still send windows (when that changed)."""
-        self.replicas.tell_open(sorted(sid for sid, st in self.streams.items() if st.open))
-
     # -- 4. from the model -----------------------------------------------------------------
     def _on_model(self, done: list[ray.ObjectRef]) -> None:
         """Read the finished model calls' outcomes and pass their results to the sink; a window the
@@ -339,6 +339,8 @@ class _Loop:
                 continue
             for call, outcome in zip(self.model_calls.pop(ref), outcomes):
                 st = self.streams[call.stream_id]
+                if call.dropped:  # given up and released (`drop_given_up`); decoded again
+                    continue
                 if not isinstance(outcome, BaseException):
                     results.append((call, call.result))
                     continue
@@ -369,7 +371,7 @@ class _Loop:
             pending = [ref for ref, calls in self.model_calls.items() if calls[0].replica == rid]
             ready, _ = ray.wait(pending, num_returns=len(pending), timeout=RESEND_SETTLE_S)
             self._on_model([ref for ref in ready if delivered(ref)])
-            resend = [call for ref in pending for call in self.model_calls.pop(ref, [])]
+            resend = [call for ref in pending for call in self.model_calls.pop(ref, []) if not call.dropped]
             what = f"died ({death_cause(exc)}); restarted" if gone is None else f"was lost ({gone}); stream moved to {{}}"
             for sid in [s for s in streams if self.streams[s].takes_windows]:
                 self.streams[sid].restart_chain()
@@ -388,7 +390,8 @@ class _Loop:
         for ref, call in list(self.source_calls.items()):  # calls that did not settle (see _pools_settled)
             if self.pools.pool_of(call.stream_id) in lost:
                 del self.source_calls[ref]
-                self.streams[call.stream_id].released(call.seq)
+                self.streams[call.stream_id].lost(call.seq)
+        self.held, self.late_ends = drop_given_up(self.streams.values(), self.held, self.late_ends, self.model_calls.values())
         errors: list[ErrorRecord] = []
         starts: dict[str, tuple[int, int, int | None]] = {}
         for pool, failed in lost.items():

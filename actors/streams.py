@@ -61,9 +61,14 @@ class StreamStatus:
     error: str | None = None
     next_seq: int = 0
     chain_from: int = 0  # seq of the window that starts the model's next state chain
-    next_window: int = -1  # the window id after the last one its source delivered (start_window before any)
-    delivered: int = 0  # windows its source delivered in this run
+    next_window: int = -1  # where its source resumes: the window after the last one delivered below its
+    # lowest call not answered (start_window before any)
+    delivered: int = 0  # windows its source delivered in this run (and the run kept)
     _in_flight: set[int] = field(default_factory=set, init=False, repr=False)
+    _answered: int = field(default=0, init=False, repr=False)  # its source's lowest call not answered
+    _ahead: dict[int, int | None] = field(default_factory=dict, init=False, repr=False)  # answers above it:
+    # seq -> window id (None: an end of stream)
+    _lost: int | None = field(default=None, init=False, repr=False)  # its lowest call lost with its source
 
     # -- what the runner may do with the stream --------------------------------------------
     @property
@@ -112,15 +117,44 @@ class StreamStatus:
         self._in_flight.add(seq)
         return seq
 
-    def decoded(self, window_id: int) -> None:
-        """Its source delivered window ``window_id``."""
-        self.delivered += 1
-        self.next_window = max(self.next_window, window_id + 1)
+    def decoded(self, seq: int, window_id: int | None) -> None:
+        """Its source answered call ``seq`` with window ``window_id`` (None: an end of stream)."""
+        if window_id is not None:
+            self.delivered += 1
+        self._ahead[seq] = window_id
+        while self._answered in self._ahead:  # answers may come out of order: resume after the last in order
+            answered = self._ahead.pop(self._answered)
+            self.next_window = self.next_window if answered is None else answered + 1
+            self._answered += 1
+
+    def lost(self, seq: int) -> None:
+        """Call ``seq`` was lost with its source (its process died before replying): no answer comes."""
+        self._lost = seq if self._lost is None else min(self._lost, seq)
+        self.released(seq)
+
+    def after_loss(self, seq: int) -> bool:
+        """Whether call ``seq`` comes after one lost with its source: its answer is given up, since the
+        restarted source decodes the lost window and those after it again."""
+        return self._lost is not None and seq > self._lost
+
+    def give_up(self) -> list[int]:
+        """The windows its source delivered after a call it lost leave the run, to be decoded again
+        (the model would wait for the lost one forever): returns their seqs, released here."""
+        given_up = sorted(s for s, window_id in self._ahead.items() if window_id is not None and self.after_loss(s))
+        self.delivered -= len(given_up)
+        for seq in given_up:
+            del self._ahead[seq]
+            if seq in self._in_flight:
+                self.released(seq)
+        return given_up
 
     def source_restarted(self) -> None:
-        """Its source was restarted (resuming at ``next_window``): the next window starts a new
-        state chain, since the calls lost with the old source left holes in ``seq``."""
-        self.chain_from = self.next_seq
+        """Its source was restarted, resuming at ``next_window``: its lowest window the run does not
+        own (see `give_up`). The next window starts a new state chain, since the calls lost with
+        the old source left holes in ``seq``."""
+        self._ahead.clear()
+        self._answered = self.chain_from = self.next_seq
+        self._lost = None
 
     def released(self, seq: int) -> None:
         """Window ``seq`` leaves the run without a result: an end of stream, a dropped or failed window."""
@@ -140,8 +174,8 @@ class StreamStatus:
 
     def restart_chain(self) -> None:
         """The model actor was restarted: the stream's lowest window without a result (or its next
-        one) starts a new state chain."""
-        self.chain_from = min(self._in_flight, default=self.next_seq)
+        one) starts a new state chain; not one after a lost call (`after_loss`), which is given up."""
+        self.chain_from = min((s for s in self._in_flight if not self.after_loss(s)), default=self.next_seq)
 
     # -- state -----------------------------------------------------------------------------
     def source_ended(self, error: str | None = None) -> None:

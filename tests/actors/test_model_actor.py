@@ -123,6 +123,29 @@ def test_a_resent_window_supersedes_the_one_waiting_for_its_chain():
     assert [r.window_id for r in fresh] == [0, 1] and pred.batches == [[("s0", 0)], [("s0", 1)]]
 
 
+def test_windows_waiting_for_a_lost_window_give_way_to_a_newer_chain_or_a_closed_stream():
+    # Seq 1 was lost with its source: 2 waits for it until the restarted source's chain starts at 4.
+    actor, pred = make_actor(make_cfg(2, max_wait_ms=1))
+    actor.set_open_streams(["s0", "s1"])
+
+    async def go():
+        ran = await actor.infer(0, True, window("s0", 0))
+        parked = asyncio.ensure_future(actor.infer(2, False, window("s0", 2)))
+        other = asyncio.ensure_future(actor.infer(1, False, window("s1", 1)))  # s1's chain has not started
+        await asyncio.sleep(0.05)
+        fresh = await actor.infer(4, True, window("s0", 1))
+        late = await asyncio.gather(actor.infer(3, False, window("s0", 3)), return_exceptions=True)  # after it
+        actor.set_open_streams(["s0"])  # s1 closed: nothing of it is awaited any more
+        return ran, fresh, await asyncio.gather(parked, other, return_exceptions=True), late
+
+    ran, fresh, (parked, other), (late,) = asyncio.run(go())
+    assert (ran.window_id, fresh.window_id, fresh.row.state_reset) == (0, 1, True)
+    assert isinstance(parked, RuntimeError) and "a newer state chain began" in str(parked)
+    assert isinstance(late, RuntimeError) and "after a newer state chain began" in str(late)
+    assert isinstance(other, RuntimeError) and "its stream is closed" in str(other)
+    assert pred.batches == [[("s0", 0)], [("s0", 1)]]
+
+
 def test_gap_and_state_off_reset_the_state():
     actor, _ = make_actor(make_cfg(1, max_wait_ms=1))
     actor.set_open_streams(["s0"])

@@ -7,7 +7,9 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 import threading
+import time
 from pathlib import Path
 
 import duckdb
@@ -16,6 +18,7 @@ import polars as pl
 import pyarrow.dataset as ds
 import pytest
 import ray
+from ray import cloudpickle
 
 from actors.assign import assign, rendezvous, resolve_node
 from actors.restarts import RestartBudget
@@ -24,6 +27,7 @@ from actors.source_pool import SourcePoolActor
 from actors.streams import RunningPipeline
 from pipeline.config import parse_config
 from pipeline.errors import ConfigError
+from pipeline.read import open_stream as read_stream
 from pipeline.window import Window
 from tiny import HW, RATE
 
@@ -208,6 +212,60 @@ def test_a_pool_actor_killed_mid_run_is_restarted_and_resumes_its_streams(ray_se
         reset = windows.filter((pl.col("stream_id") == sid) & (pl.col("window_id") == wid))["state_reset"]
         assert reset.to_list() == [True]
     assert 1 <= len(errors) <= 4 and errors["stream_id"].n_unique() == len(errors)
+
+
+class _DieWhenShipped:
+    """Rides on a window: pickling it (Ray storing the ``next`` call's reply, after the call has
+    returned and the stream's next call has started) waits until that next window was decoded and
+    its reply sent, then ends the pool's process: the driver gets window k+1 but never window k."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        decoded = Path(self.marker + ".next")
+        while not decoded.exists():
+            time.sleep(0.01)
+        time.sleep(2.0)  # call k+1 has returned: its reply goes out meanwhile
+        Path(self.marker).touch()  # once: the restarted pool decodes window k again and ships it
+        os._exit(1)
+
+
+def dying_open(marker: str, stream_id: str, at: int):
+    """The pipeline's reader, but the pool dies shipping window ``at`` of ``stream_id`` (once)."""
+
+    def open_stream(stream, cfg, **kw):
+        for w in read_stream(stream, cfg, **kw):
+            if stream.id == stream_id and not Path(marker).exists():
+                if w.window_id == at:
+                    w.truth = _DieWhenShipped(marker)
+                elif w.window_id == at + 1:
+                    Path(marker + ".next").touch()
+            yield w
+
+    return open_stream
+
+
+def test_a_pool_that_dies_between_a_call_and_its_reply_resumes_at_the_lost_window(ray_session, tiny_checkpoint,
+                                                                                 tmp_path):
+    # Window 2's call returns, window 3 is decoded and delivered, then the pool dies before window
+    # 2's reply leaves: a hole in seq. Windows after the hole are given up and decoded again.
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the pool unpickles dying_open
+    cfg = make_cfg(tiny_checkpoint, [synthetic("s0", 1, 4.0), synthetic("s1", 2, 4.0)], source_actors=1)
+    started = time.monotonic()
+
+    def watch(p: RunningPipeline) -> None:
+        assert time.monotonic() - started < 60, "the run stalled"  # as it did before the fix
+
+    out = tmp_path / "out"
+    summary = run(cfg, out, on_progress=watch, open_stream=dying_open(str(tmp_path / "died"), "s0", 2))
+    assert summary.exit_code == 0 and summary.restarts == 1
+    assert ids_by_stream(out) == {sid: list(range(7)) for sid in ("s0", "s1")}  # each window exactly once
+    errors = rows(out, "errors").filter(pl.col("stream_id") == "s0")
+    assert errors["kind"].to_list() == ["SourceRestarted"] and errors["window_id"].to_list() == [2]
+    assert "stream resumed at window 2" in errors["message"][0]
+    windows = rows(out, "windows").filter(pl.col("stream_id") == "s0").sort("window_id")
+    assert windows["state_reset"].to_list() == [True, False, True, False, False, False, False]
 
 
 def test_one_streams_bad_input_fails_only_that_stream_in_a_shared_pool(ray_session, tiny_checkpoint, tmp_path):

@@ -30,8 +30,8 @@ def test_status_line_every_interval_with_rate_lag_and_states(caplog):
     status = StatusLine(hop=0.5, every_s=30.0, clock=clock)
     status.update(p)  # t = 0: the reference point
     clock.t = 1.0
-    slow.decoded(0)
-    fast.decoded(10)
+    slow.decoded(0, 0)
+    fast.decoded(0, 10)
     status.update(p)  # both first seen decoding at t = 1
     clock.t = 29.0
     status.update(p)
@@ -39,9 +39,9 @@ def test_status_line_every_interval_with_rate_lag_and_states(caplog):
 
     clock.t = 31.0
     for w in range(1, 21):  # 20 more windows (10 media seconds) in 30 s: 20 s behind
-        slow.decoded(w)
+        slow.decoded(w, w)
     for w in range(11, 111):  # 100 more windows (50 media seconds) in 30 s: ahead of real time
-        fast.decoded(w)
+        fast.decoded(w - 10, w)
     slow.windows, fast.windows = 21, 62
     status.update(p)
     (rec,) = caplog.records

@@ -114,6 +114,32 @@ def test_the_chain_restarts_at_the_lowest_window_without_a_result():
     assert st.chain_from == st.next_seq == 5
 
 
+def test_a_source_that_lost_a_call_resumes_at_its_lowest_window_not_delivered():
+    # Calls 0..5 ask for windows 10, 11, 13 (12 was empty), 14, ...; the pool died after answering
+    # call 3 but before answering call 2, and call 5 had not come back.
+    st = StreamStatus("a", start_window=10)
+    seqs = [st.requested() for _ in range(6)]
+    st.decoded(1, 11)  # replies overtake each other
+    st.decoded(0, 10)
+    assert st.next_window == 12
+    st.to_sink(seqs[0])
+    st.decoded(3, 14)
+    assert (st.next_window, st.delivered) == (12, 3)  # call 2 has not answered
+    st.lost(2)
+    assert st.after_loss(3) and st.after_loss(5) and not st.after_loss(1)
+    st.restart_chain()  # a model restart now: window 14 (seq 3) will be given up, so 1 starts the chain
+    assert st.chain_from == 1
+    st.lost(seqs[5])  # a call the pool had not answered
+    assert st.give_up() == [3]  # window 14 leaves the run: decoded again after window 11
+    assert (st.in_flight, st.delivered, st.next_window) == (2, 2, 12)  # seqs 1 and 4 (4: an answer to come)
+    st.released(seqs[4])  # its answer, after the lost call, is dropped by the runner
+    st.source_restarted()
+    assert (st.chain_from, st.next_seq, st.after_loss(7)) == (6, 6, False)
+    assert st.requested() == 6
+    st.decoded(6, 12)
+    assert st.next_window == 13
+
+
 def test_the_run_totals_are_sums_of_the_stream_records():
     streams = {sid: StreamStatus(sid) for sid in ("a", "b")}
     p = RunningPipeline(None, None, {}, streams)
