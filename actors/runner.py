@@ -2,9 +2,8 @@
 
 One window's way, a method of `_Loop` per step, in this order in the file:
 
-1. `_request`: the loop calls ``next`` on the stream's source pool actor (`actors.pools`) while
-   the stream has fewer than ``runtime.max_in_flight_per_stream`` windows in flight and the run
-   fewer than ``runtime.max_in_flight`` (in flight, and waiting for the sink). The stream's record
+1. `_request`: the loop calls ``next`` on the stream's source pool actor (`actors.pools`) within
+   the in-flight bounds (`actors.batching.fair_share`). The stream's record
    (`actors.streams.StreamStatus`) numbers the window (``seq``) and counts it in flight.
 2. `_on_source`: the call's small `SourceEvent` comes back; the window stays in the object store.
    A window is held at the driver; an end of stream moves its record to ``ending``.
@@ -18,10 +17,10 @@ One window's way, a method of `_Loop` per step, in this order in the file:
 5. `_on_sink`: the sink has taken the result; it commits it with its next flush (the guard
    recovers a sink that died, see there).
 
-When a model call finds its replica dead, the loop's next step is `_recover_model`; when a source
-call finds its pool dead, once the pool's other calls have settled, `_recover_sources`. Both keep
-to one restart budget (`actors.restarts`). `stop` (SIGINT / SIGTERM) stops step 1; the loop ends
-once nothing is in flight or waiting for the sink.
+A model call that finds its replica dead leads to `_recover_model`; a source call that finds its
+pool dead, once the pool's other calls have settled, to `_recover_sources`; one restart budget
+(`actors.restarts`). `stop` (SIGINT / SIGTERM) stops step 1; the loop ends once nothing is in
+flight or waiting for the sink.
 """
 
 from __future__ import annotations
@@ -75,12 +74,10 @@ def run(
 ) -> RunSummary:
     """Run the pipeline on the already initialised Ray until every stream ends or `stop` drains it.
 
-    ``output`` defaults to ``config.output.dir``; ``max_windows`` caps windows per stream;
-    ``realtime`` defaults to ``config.runtime.realtime``. ``on_start`` gets the `RunningPipeline`
-    once the actors exist, ``on_progress`` after every step of the loop (a few times a second at
-    least). With ``distill.enabled`` a `DistillActor` trains a student from the model's batches
-    (see `actors.distill`). ``build`` replaces the replicas' model loader and ``open_stream`` the
-    sources' (the benches' stand-ins).
+    ``output`` (a folder or URI) defaults to ``config.output.dir``; ``max_windows`` caps windows
+    per stream; ``realtime`` defaults to ``config.runtime.realtime``. ``on_start`` gets the
+    `RunningPipeline` once the actors exist, ``on_progress`` after every step of the loop.
+    ``build`` replaces the replicas' model loader and ``open_stream`` the sources' (the benches').
     """
     if not ray.is_initialized():
         raise RuntimeError("actors.runner.run needs an initialised Ray (call ray.init first)")
