@@ -4,8 +4,10 @@
   label table's classes of ``train.data`` (sorted, those not already there), or the ``train.init``
   checkpoint's when neither labels anything.
 * `initial_model(cfg, classes)`: a fresh model of ``train.model``, or with ``train.init`` the
-  checkpoint's model: every weight kept (encoder, flow decoder, label reads), and a new label head
-  (``labels.head``) when the class names differ.
+  checkpoint's model (``train.model`` overrides deep-merged into its config): every weight of the
+  checkpoint that the model has in the same shape is kept (encoder, flow decoder, label reads); a new
+  label head (``labels.head``) when the class names differ, and any weight the overrides add (such
+  as ``labels.flow_read`` of ``labels.from_flow``), start afresh.
 * `frozen(model, names)`: the parameters that ``train.freeze``'s name prefixes select.
 * `flow_term(cfg, model)`: the ``train.flow_loss`` objective (None: EPE to the truth flow).
 """
@@ -66,12 +68,20 @@ def initial_model(cfg: Config, classes: tuple[str, ...]) -> tuple[StreamingPerce
     if base.config.flow is not None and tuple(base.config.flow.size) != size:
         raise ConfigError(f"video.size {list(size)} differs from the train.init checkpoint's flow grid "
                           f"{list(base.config.flow.size)}; set video.size to it", source=cfg.train.init)
-    if tuple(base.config.labels.class_names) == tuple(classes):
+    if tuple(base.config.labels.class_names) == tuple(classes) and not cfg.train.model:
         return base, []
-    model = StreamingPerceiverIO(base.config.merged({"labels": {"class_names": list(classes)}}))
-    kept = {k: v for k, v in base.state_dict().items() if not k.startswith(NEW_HEAD)}
+    overrides = dict(cfg.train.model)
+    overrides["labels"] = {**overrides.get("labels", {}), "class_names": list(classes)}
+    try:
+        model = StreamingPerceiverIO(base.config.merged(overrides))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"train.model: {e}") from None
+    new_head = tuple(base.config.labels.class_names) != tuple(classes)
+    old, own = base.state_dict(), model.state_dict()
+    kept = {k: v for k, v in old.items()
+            if k in own and own[k].shape == v.shape and not (new_head and k.startswith(NEW_HEAD))}
     model.load_state_dict(kept, strict=False)
-    return model, [n for n, _ in model.named_parameters() if n.startswith(NEW_HEAD)]
+    return model, [n for n, _ in model.named_parameters() if n not in kept]
 
 
 def frozen(model: StreamingPerceiverIO, names: list[str]) -> set[int]:
@@ -92,7 +102,7 @@ def frozen(model: StreamingPerceiverIO, names: list[str]) -> set[int]:
 def flow_term(cfg: Config, model: StreamingPerceiverIO) -> FlowTerm | None:
     """The ``train.flow_loss`` objective for ``model`` (None for ``truth``)."""
     if cfg.train.flow_loss == "photometric":
-        return PhotometricFlowLoss(model)
+        return PhotometricFlowLoss(model, smooth_weight=cfg.train.smooth_weight)
     if cfg.train.flow_loss == "teacher":
         teacher, _ = load_model(Path(cfg.train.flow_teacher), "train.flow_teacher")
         for p in teacher.parameters():

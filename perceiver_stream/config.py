@@ -160,11 +160,14 @@ class FlowSection:
 class LabelsSection:
     """The label decoder: ``class_names`` in index order (empty = no label decoder), ``heads`` of
     its cross-attention, and ``pool``: modalities whose label read also takes a gated max over
-    their tokens' content channels (the adapter's ``pool_channels``)."""
+    their tokens' content channels (the adapter's ``pool_channels``). ``from_flow``: the label read
+    also takes the model's own predicted flow, average-pooled to a 4 x 4 grid (no gradient into the
+    flow), for classes defined by motion that the latents carry too little of (camera pans)."""
 
     class_names: tuple[str, ...] = ()
     heads: int = 1
     pool: tuple[str, ...] = ()
+    from_flow: bool = False
 
     def __post_init__(self) -> None:
         self.class_names = tuple(str(c) for c in self.class_names)
@@ -240,6 +243,8 @@ class StreamingConfig:
         if self.encoder.latent_channels % self.labels.heads:
             raise ValueError(f"model config: encoder.latent_channels ({self.encoder.latent_channels}) is not "
                              f"divisible by labels.heads ({self.labels.heads})")
+        if self.labels.from_flow and (self.flow is None or not self.labels.class_names):
+            raise ValueError("model config: labels.from_flow needs a flow decoder and class_names")
         if self.flow is not None and self.modalities.get(self.flow.modality, {}).get("kind") != "video":
             raise ValueError(f"model config: flow.modality {self.flow.modality!r} is not a video modality of "
                              f"modalities {names}")

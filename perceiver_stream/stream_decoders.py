@@ -124,11 +124,15 @@ class LabelDecoder(nn.Module):
     modality to the width of its adapter's pooled channels: its read is the max over the modality's
     tokens of ``LayerNorm, Linear`` of those channels, times a learned gate (``pool_gates``) that
     starts at zero, so adding a pooled read leaves a model's outputs unchanged until it is trained.
-    The logits are ``head(sum of the group reads + sum of the pooled reads)``.
+    With ``from_flow``, ``flow_read`` (``Linear``) of the predicted flow average-pooled to a
+    ``FLOW_GRID`` x ``FLOW_GRID`` grid (detached; zero in rows without flow) joins the sum.
+    The logits are ``head(sum of the group reads + sum of the pooled reads [+ flow read])``.
     """
 
+    FLOW_GRID = 4
+
     def __init__(self, latent_channels: int, num_classes: int, *, heads: int, groups: Sequence[tuple[int, int]],
-                 pool: dict[str, int]) -> None:
+                 pool: dict[str, int], from_flow: bool = False) -> None:
         super().__init__()
         c = latent_channels
         self.groups = list(groups)
@@ -138,6 +142,7 @@ class LabelDecoder(nn.Module):
         self.pools = nn.ModuleDict({k: nn.Sequential(nn.LayerNorm(n), nn.Linear(n, c)) for k, n in pool.items()})
         # (A zero projection instead of a shut gate ties every token in the max: the read did not learn.)
         self.pool_gates = nn.Parameter(torch.zeros(len(pool))) if pool else None
+        self.flow_read = nn.Linear(2 * self.FLOW_GRID**2, c) if from_flow else None
 
     def group_reads(self, z: torch.Tensor) -> torch.Tensor:
         """Each latent group's read ``B x G x C``."""
@@ -159,10 +164,21 @@ class LabelDecoder(nn.Module):
             reads.append(torch.where(mask.any(dim=1, keepdim=True), pooled, 0.0))
         return torch.stack(reads, dim=1) * self.pool_gates[:, None]
 
-    def forward(self, z: torch.Tensor, tokens: Tokens) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(logits B x K, group_logits B x G x K)``: the labels, and each group's read alone through the head."""
+    def flow_features(self, flow: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """``B x 2 G^2``: flow ``B x H x W x 2`` (px) average-pooled to ``G x G`` (detached), zero where not ``valid``."""
+        pooled = F.adaptive_avg_pool2d(flow.detach().permute(0, 3, 1, 2), self.FLOW_GRID).flatten(1)
+        return torch.where(valid[:, None], pooled, 0.0)
+
+    def forward(self, z: torch.Tensor, tokens: Tokens, flow: tuple[torch.Tensor, torch.Tensor] | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits B x K, group_logits B x G x K)``: the labels, and each group's read alone through the
+        head; ``flow`` (``B x H x W x 2`` px, ``B`` valid) is read when the decoder has ``flow_read``."""
         reads = self.group_reads(z)
         read = reads.sum(dim=1)
         if self.pools:
             read = read + self.pooled_reads(tokens).sum(dim=1)
+        if self.flow_read is not None:
+            if flow is None:
+                raise ValueError("LabelDecoder with from_flow needs the predicted flow")
+            read = read + self.flow_read(self.flow_features(*flow).to(read.dtype))
         return self.head(read), self.head(reads)

@@ -85,6 +85,7 @@ class StreamingPerceiverIO(nn.Module):
             c, config.num_classes, heads=config.labels.heads, groups=list(zip([0, *ends[:-1]], ends)),
             pool={k: self.preprocess.adapters[k].pool_channels[1] - self.preprocess.adapters[k].pool_channels[0]
                   for k in config.labels.pool},
+            from_flow=config.labels.from_flow,
         ) if config.num_classes else None
         self.flow = FrameFlowDecoder(config.flow, c) if config.flow is not None else None
 
@@ -145,7 +146,7 @@ class StreamingPerceiverIO(nn.Module):
         if self.labels is None:
             logits = z.new_zeros(z.shape[0], 0)
         else:
-            logits, group_logits = self.labels(read, tok)
+            logits, group_logits = self.labels(read, tok, None if flow is None else (flow, flow_valid))
             group_logits = group_logits.float()
             group_valid = torch.stack([self._present(batch, k) for k in self.group_modality], dim=1)
         return ModelOutput(
@@ -160,7 +161,7 @@ class StreamingPerceiverIO(nn.Module):
 
     def latent_label_read(self, batch: Batch, state: torch.Tensor | None = None) -> torch.Tensor:
         """The latent groups' summed label read ``B x C`` (no tower, no flow). ``labels.head`` of it
-        plus `pooled_label_read` gives ``forward(batch, state).label_logits``."""
+        plus `pooled_label_read` gives ``forward(batch, state).label_logits`` (without ``labels.from_flow``)."""
         return self.labels.group_reads(self._read(self.preprocess(batch), batch.reset, state)).sum(dim=1)
 
     def pooled_label_read(self, batch: Batch) -> torch.Tensor:

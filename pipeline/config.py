@@ -242,11 +242,12 @@ class TrainConfig(_Section):
     ``labels.pool`` reads alone (the rest frozen) on the label loss, each window lacking one other
     modality (`jobs.train.PoolPhase`).
     ``data``: recorded streams trained on besides the seeds (``seeds: []`` for files alone); the
-    class names are then the label table's. ``init``: a checkpoint to start from (its model config;
-    ``model`` must be empty); ``freeze``: parameter-name prefixes kept fixed (``encoder``,
-    ``flow``, ``preprocess.video``...). ``flow_loss``: ``truth`` (EPE to the known flow),
+    class names are then the label table's. ``init``: a checkpoint to start from (its model config,
+    ``model`` overrides deep-merged into it, e.g. ``{labels: {from_flow: true}}``); ``freeze``:
+    parameter-name prefixes kept fixed (``encoder``, ``flow``, ``preprocess.video``...). ``flow_loss``: ``truth`` (EPE to the known flow),
     ``photometric`` (self-supervised: census, smoothness, occlusion mask; no truth read) or
-    ``teacher`` (EPE to the flow of checkpoint ``flow_teacher``).
+    ``teacher`` (EPE to the flow of checkpoint ``flow_teacher``); ``smooth_weight``: the weight
+    of ``photometric``'s edge-aware smoothness term against its census term.
     """
 
     seeds: list[int] = Field(default_factory=lambda: list(range(16)))
@@ -255,6 +256,7 @@ class TrainConfig(_Section):
     freeze: list[str] = Field(default_factory=list)
     flow_loss: Literal["truth", "photometric", "teacher"] = "truth"
     flow_teacher: str | None = None
+    smooth_weight: float = Field(1.0, ge=0)
     seconds: float = Field(30.0, gt=0)
     steps: int = Field(2000, ge=1)
     batch_size: int = Field(16, ge=1)
@@ -291,8 +293,6 @@ class TrainConfig(_Section):
             raise ValueError("needs at least one seed or train.data")
         if (self.flow_loss == "teacher") != (self.flow_teacher is not None):
             raise ValueError("flow_teacher (a checkpoint) is needed with flow_loss: teacher, and only then")
-        if self.init is not None and self.model:
-            raise ValueError("init takes the model from the checkpoint; leave model empty")
         return self
 
 

@@ -13,6 +13,7 @@ import yaml
 
 from jobs.evaluate import evaluate_files
 from jobs.files_dataset import file_streams
+from jobs.finetune import class_names, initial_model
 from jobs.texture_rig import CLASSES, render_clip
 from jobs.train import train_job
 from perceiver_stream.checkpoint import load_checkpoint
@@ -124,6 +125,22 @@ def test_finetune_from_a_checkpoint_on_files_with_photometric_flow(clips, tmp_pa
     assert result["windows"] == 3 and result["labelled"] == 3 and result["photometric"] > 0 and result["flow_epe_zero"] > 0
     with pytest.raises(ConfigError, match="were used to train"):
         evaluate_files(tmp_path / "final", cfg.train.data, tmp_path / "out", progress=False)
+
+
+def test_finetune_model_overrides_add_a_flow_read_and_keep_every_other_weight(clips, tmp_path, tiny_checkpoint):
+    cfg, _ = _finetune_config(clips, tmp_path, tiny_checkpoint, "train.model={labels: {from_flow: true}}")
+    base, _ = load_checkpoint(tiny_checkpoint)
+    classes = class_names(cfg)
+    model, fresh = initial_model(cfg, classes)
+    assert model.config.labels.from_flow and model.config.labels.class_names == classes
+    assert sorted(fresh) == ["labels.flow_read.bias", "labels.flow_read.weight", "labels.head.bias", "labels.head.weight"]
+    old = base.state_dict()
+    for name, p in model.state_dict().items():
+        if name not in fresh:
+            torch.testing.assert_close(p, old[name])
+    with pytest.raises(ConfigError, match="train.model: model config: labels.from_flow needs a flow decoder"):
+        initial_model(load_config(tmp_path / "finetune.yaml", ["train.model={flow: null, labels: {from_flow: true}}"]),
+                      classes)
 
 
 def test_cli_exits_2_on_a_bad_freeze_name_or_label_row(clips, tmp_path, tiny_checkpoint, capsys):

@@ -50,7 +50,7 @@ def test_splits_keep_the_held_out_photographs_apart(tmp_path):
 @pytest.mark.parametrize(("train", "message"), [
     ({"seeds": []}, "needs at least one seed or train.data"),
     ({"flow_loss": "teacher"}, "flow_teacher"),
-    ({"init": "x", "model": {"encoder": {}}}, "init takes the model from the checkpoint"),
+    ({"smooth_weight": -1}, "smooth_weight"),
     ({"data": "missing.yaml"}, "data file cannot be read"),
 ])
 def test_train_keys_are_checked(tmp_path, train, message):

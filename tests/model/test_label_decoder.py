@@ -151,3 +151,24 @@ def test_private_stem_channels_feed_the_pooled_read_alone(tiny_config):
     torch.testing.assert_close(tok.without_pos["video"][:, -last.shape[1]:], last)
     with pytest.raises(ValueError, match="pooled read alone"):
         StreamingPerceiverIO(tiny_config.merged({"modalities": {"video": private}}))
+
+
+@torch.no_grad()
+def test_labels_from_flow_read_the_pooled_predicted_flow(tiny_config):
+    torch.manual_seed(0)
+    base = StreamingPerceiverIO(tiny_config).eval()
+    m = StreamingPerceiverIO(tiny_config.merged({"labels": {"from_flow": True}})).eval()
+    assert base.labels.flow_read is None and m.labels.flow_read.in_features == 2 * 4 * 4
+    m.load_state_dict(base.state_dict(), strict=False)  # every weight but flow_read the same
+    batch = make_batch(b=2)
+    out, plain = m(batch), base(batch)
+    torch.testing.assert_close(out.flow, plain.flow)
+    feats = torch.nn.functional.adaptive_avg_pool2d(out.flow.permute(0, 3, 1, 2), 4).flatten(1)
+    read = m.latent_label_read(batch) + m.labels.flow_read(feats)
+    torch.testing.assert_close(out.label_logits, m.labels.head(read))
+    torch.testing.assert_close(out.group_logits, plain.group_logits)  # the groups' own reads ignore the flow
+    # a row without flow reads none: its labels are the plain model's
+    no_flow = m.labels.flow_features(out.flow, torch.tensor([True, False]))
+    assert no_flow[1].abs().sum() == 0 and no_flow[0].abs().sum() > 0
+    with pytest.raises(ValueError, match="from_flow needs a flow decoder"):
+        tiny_config.merged({"flow": None, "labels": {"from_flow": True}})
