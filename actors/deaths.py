@@ -1,15 +1,9 @@
-"""How an actor died or failed to start, in our words: the signal or exit code when Ray's error
-names one, never Ray's internals (actor id, process id, addresses)."""
+"""How an actor died, in our words: the signal or exit code when Ray's error names one, never
+Ray's internals (actor id, process id, addresses)."""
 
 from __future__ import annotations
 
 import re
-from typing import Any
-
-import ray
-from ray.exceptions import RayActorError
-
-from actors.restarts import RunFailed, last_line
 
 # Only a signal the error says the process got: Ray's boilerplate lists causes it merely suspects.
 _SIGNAL = re.compile(r"(?:killed by|received|terminated by) (?:signal )?(SIG[A-Z]{2,}|\d+)")
@@ -31,11 +25,3 @@ def death_cause(exc: BaseException | None) -> str:
     if m := _EXIT.search(text):
         return f"exited with code {m[1]}"
     return "its process ended; Ray reported no signal or exit code"
-
-
-def first_answer(ref: ray.ObjectRef, what: str) -> Any:
-    """The result of an actor's first call; `RunFailed` naming the cause if the actor could not start."""
-    try:
-        return ray.get(ref)
-    except RayActorError as exc:
-        raise RunFailed(f"{what} could not start: {last_line(exc)}") from None
