@@ -6,8 +6,9 @@ so a source or sink worker loads only the modules its actor needs.
 
 | module | what it holds |
 |---|---|
-| `runner` | `run`, the driver loop, `RunSummary`, `RunningPipeline` |
-| `streams` | `StreamStatus`, one stream's record and its states (`StreamState`) |
+| `runner`, `loop` | `run` (start and close a run), the driver loop (`Loop`) |
+| `resume` | what the loop gives up and decodes again when a pool or a node with windows is lost |
+| `streams` | `StreamStatus`, one stream's record and its states (`StreamState`), `RunSummary`, `RunningPipeline` |
 | `plan` | Ray resources per actor, what the sources ship of a window |
 | `source_pool`, `model`, `sink`, `distill` | the actors (a source pool hosts many streams) |
 | `source` | one stream's source inside a pool, `SourceEvent`, `ErrorRecord` |

@@ -27,8 +27,9 @@ from typing import Any
 import ray
 import torch
 
+from actors.memory import HeapTrimmer
 from actors.metrics import Metrics
-from actors.predictor import load_predictor
+from actors.predictor import ShippedModel, load_predictor
 from perceiver_stream.batch import Batch
 from perceiver_stream.checkpoint import read_config
 from perceiver_stream.distill import Distiller
@@ -56,24 +57,28 @@ class DistillActor:
 
     ``output`` is the run's output folder, ``sink`` the SinkActor handle the ``student`` rows go
     to; ``device`` and ``num_cpus`` as for the ModelActor. The teacher is the model the pipeline
-    runs (``model.checkpoint``); its weights initialise the student, its metadata (training seeds,
+    runs (``model.checkpoint``), as the driver read it (``teacher``, through the object store, so the
+    actor's node needs no copy of the checkpoint; read from its path only without one); its weights initialise the student, its metadata (training seeds,
     data settings) is kept in the student's checkpoint so ``eval --student`` refuses those seeds.
     """
 
-    def __init__(self, cfg: Config, output: str, sink: Any, *, device: str = "cpu", num_cpus: float = 1) -> None:
+    def __init__(self, cfg: Config, output: str, sink: Any, teacher: ShippedModel | None = None, *,
+                 device: str = "cpu", num_cpus: float = 1) -> None:
         torch.set_num_threads(max(1, int(num_cpus)))
         self._device = torch.device(device)
-        teacher = load_predictor(cfg, self._device).model
         meta: dict[str, Any] = {"teacher": cfg.model.checkpoint}
-        if cfg.model.checkpoint is not None:
-            t_meta = read_config(cfg.model.checkpoint)[1]
-            meta.update({k: t_meta[k] for k in ("train_seeds", "data", "class_names") if k in t_meta})
+        if teacher is not None:
+            t_meta = teacher.metadata
+        else:
+            t_meta = {} if cfg.model.checkpoint is None else read_config(cfg.model.checkpoint)[1]
+        meta.update({k: t_meta[k] for k in ("train_seeds", "data", "class_names") if k in t_meta})
+        teacher_model = load_predictor(cfg, self._device, teacher).model
         meta["distill_seeds"] = [s.synthetic.seed for s in cfg.streams if s.synthetic is not None]
         try:
-            self._distiller = Distiller(teacher, cfg.distill, metadata=meta)
+            self._distiller = Distiller(teacher_model, cfg.distill, metadata=meta)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"distill.student: {e}") from None
-        del teacher  # the student holds what it needs
+        del teacher, teacher_model  # the student holds what it needs
         self._path = student_checkpoint_path(output)
         self._resumed = (self._path / "config.json").is_file()
         if self._resumed:
@@ -86,6 +91,7 @@ class DistillActor:
         self._writes: list[ray.ObjectRef] = []
         self._cosine: list[float] = []
         self._metrics = Metrics()
+        self._trim = HeapTrimmer()
 
     def info(self) -> dict[str, Any]:
         """Where the student goes, whether it resumed one, its steps so far, and the process id."""
@@ -117,6 +123,7 @@ class DistillActor:
             self._distiller.save(self._path)
         self._metrics.latency.observe(time.perf_counter() - t0, tags={"stage": "distill"})
         self._metrics.distill_cosine.set(result.losses["cosine_to_teacher"])
+        self._trim()
         for sid, r in rows.items():
             self._metrics.windows_out.inc(len(r), tags={"stage": "distill", "stream": sid})
         return len(batch)

@@ -33,6 +33,7 @@ import ray
 import torch
 
 from actors.distill import MAX_PENDING, teacher_outputs
+from actors.memory import HeapTrimmer
 from actors.metrics import Metrics
 from actors.predictor import ShippedModel, load_predictor
 from actors.results import WindowResult
@@ -124,6 +125,7 @@ class ModelActor:
         # One thread: batches run one after another, on the thread that set torch's thread count.
         self._executor = ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(max(1, int(num_cpus)),))
         self._metrics = Metrics()
+        self._trim = HeapTrimmer()
         self._windows_done = 0
         self._distill = distill
         self._distill_every = cfg.distill.every_windows
@@ -325,6 +327,7 @@ class ModelActor:
         for it, res in zip(items, results):
             res.latency_s = now - it.arrived
             self._metrics.windows_out.inc(tags={"stage": "model", "stream": it.window.stream_id})
+        self._trim()
         return results
 
     def _offer(self, batch: Batch, out: ModelOutput) -> None:

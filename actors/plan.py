@@ -174,14 +174,16 @@ def start_sink(cfg: Config, output: str | Path, opts: ActorOptions) -> Any:
     )
 
 
-def start_distill(cfg: Config, output: Path, opts: ActorOptions, sink: Any) -> Any:
+def start_distill(cfg: Config, output: Path, opts: ActorOptions, sink: Any,
+                  teacher: ray.ObjectRef | None = None) -> Any:
     """The `DistillActor` training a student into ``output`` and sending its rows to ``sink``,
-    restarted by Ray from its last checkpoint (`actors.distill_watch`), never retrying a call."""
+    restarted by Ray from its last checkpoint (`actors.distill_watch`), never retrying a call;
+    ``teacher`` is the checkpoint the driver read (`actors.predictor.ship_model`)."""
     return (
         ray.remote(DistillActor)
         .options(num_cpus=opts.distill_cpus, num_gpus=opts.distill_gpus, max_restarts=RESTART_ALWAYS,
                  max_task_retries=0)
-        .remote(cfg, str(output), sink, device=opts.distill_device, num_cpus=max(opts.distill_cpus, 1))
+        .remote(cfg, str(output), sink, teacher, device=opts.distill_device, num_cpus=max(opts.distill_cpus, 1))
     )
 
 

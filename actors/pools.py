@@ -6,9 +6,9 @@ first of them each on a node that a stream is pinned to (``streams[].node``; mor
 nodes are named), and assigns the streams to them by rendezvous hashing (`actors.assign`; a pinned
 stream goes to a pool on its node) and sends each stream's ``next`` calls to its pool. When a pool's
 process dies, Ray restarts it empty; `recover` then counts the restart against the actor's
-budget (`actors.restarts.RestartBudget`), waits for it (for a pinned pool whose node left, up to
-``sources.node_wait_s``), and returns its streams so that the runner adds
-them again (to the same pool: the assignment depends only on the stream and the live pools). A
+budget (`actors.restarts.RestartBudget`), waits for it (a pool pinned to a node that left is
+awaited without blocking the run, up to ``sources.node_wait_s``: `poll`), and returns its streams
+so that the runner adds them again (to the same pool: the assignment depends only on the stream and the live pools). A
 pool past its budget, that does not come back, or unpinned on a node that left (when other pools
 are live), is killed for good and leaves the live set, so its streams go to their next pool by
 the same hashing.
@@ -16,15 +16,16 @@ the same hashing.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
 from actors.assign import assign, rendezvous, resolve_node
 from actors.placement import Pending, await_started, describe, node_alive
 from actors.plan import ActorOptions, start_source_pool
-from actors.restarts import RESTART_TIMEOUT_S, ActorGone, RestartBudget, await_restart
+from actors.restarts import RESTART_TIMEOUT_S, ActorGone, RestartBudget, await_restart, last_line
 from actors.source import OpenStream, SourceEvent
 from pipeline.config import Config, StreamConfig
 
@@ -67,6 +68,7 @@ class SourcePools:
         self._info: dict[str, dict[str, Any]] = {}
         self.assignment: dict[str, str] = {}
         self._stopped = False
+        self._awaited: dict[str, tuple[float, ray.ObjectRef]] = {}  # pool -> (deadline, its info call)
 
     def start(self, timeout_s: float) -> None:
         """Wait for every pool to answer and assign the streams (`RunFailed` naming a pool that
@@ -102,6 +104,26 @@ class SourcePools:
             by_pool.setdefault(self.assignment[sid], []).append((self._streams[sid], start, seq, cap))
         ray.get([self.handles[pid].add.remote(items) for pid, items in by_pool.items()])
 
+    def resume(self, starts: dict[str, tuple[int, int, int | None]],
+               timeout_s: float = RESTART_TIMEOUT_S) -> dict[str, list[tuple[str, BaseException]]]:
+        """`add` the streams again to their pools, which are not known to have died (the streams
+        go back to a window lost after delivery, `actors.resume.rewind`). Returns, by pool, the
+        streams of a pool whose node left or that did not answer within ``timeout_s``: the caller
+        recovers that pool as one whose calls failed, which adds them."""
+        by_pool: dict[str, dict[str, tuple[int, int, int | None]]] = {}
+        for sid, start in starts.items():
+            by_pool.setdefault(self.assignment[sid], {})[sid] = start
+        failed: dict[str, list[tuple[str, BaseException]]] = {}
+        for pid, mine in by_pool.items():
+            items = [(self._streams[sid], start, seq, cap) for sid, (start, seq, cap) in mine.items()]
+            try:
+                if self._node_left(pid):
+                    raise ActorGone(f"{pool_name(pid)}'s node left")
+                ray.get(self.handles[pid].add.remote(items), timeout=timeout_s)
+            except (ActorGone, RayActorError, GetTimeoutError) as exc:
+                failed[pid] = [(sid, exc) for sid in mine]
+        return failed
+
     def host(self, stream: StreamConfig) -> None:
         """Assign a stream added while running to a live pool (`add` then starts it there)."""
         pin = None if stream.node is None else resolve_node(stream.id, stream.node, ray.nodes())
@@ -125,10 +147,12 @@ class SourcePools:
         node = self._info.get(pool, {}).get("node")
         return node is not None and not node_alive(node)
 
-    def recover(self, pool: str, budget: RestartBudget) -> tuple[list[str], str | None]:
+    def recover(self, pool: str, budget: RestartBudget) -> tuple[list[str], str | None] | None:
         """After ``pool`` died: the streams it hosted, now assigned to a live pool, and why it left
-        the live set (None: it was restarted and keeps its streams)."""
-        streams = [sid for sid, p in self.assignment.items() if p == pool]
+        the live set (None: it was restarted and keeps its streams). None when the pool is pinned
+        to a node that left: it is awaited, without blocking, up to ``sources.node_wait_s``
+        (`awaits`, `poll`)."""
+        streams = self.hosted(pool)
         why = None
         left, pinned = self._node_left(pool), self._nodes.get(pool) is not None
         if left and not pinned and len(self.handles) > 1:
@@ -136,22 +160,63 @@ class SourcePools:
             why = "its node left"
         elif not budget.spend(pool_name(pool)):
             why = f"it died more than {budget.per_hour} times within an hour"
+        elif left and pinned:
+            self._awaited[pool] = (time.monotonic() + self._node_wait_s, self.handles[pool].info.remote())
+            return None
         else:
             try:
-                # A pool pinned to a node that left waits for it up to sources.node_wait_s.
-                wait = self._node_wait_s if left and pinned else RESTART_TIMEOUT_S
-                self._info[pool] = await_restart(self.handles[pool], pool_name(pool), wait)
+                self._info[pool] = await_restart(self.handles[pool], pool_name(pool), RESTART_TIMEOUT_S)
             except ActorGone as exc:
                 why = str(exc)
         if why is not None:
-            ray.kill(self.handles.pop(pool), no_restart=True)
-            self._info.pop(pool, None)
-            live = {pid: info["node"] for pid, info in self._info.items()}
-            for sid in streams:
-                pin = self._pins[sid]
-                home = [pid for pid, node in live.items() if pin is None or node == pin]
-                if home:
-                    self.assignment[sid] = rendezvous(sid, home)
-                else:
-                    del self.assignment[sid]
+            self._leave(pool)
         return streams, why
+
+    def awaits(self, stream_id: str) -> bool:
+        """Whether ``stream_id``'s pool is awaited on its pinned node (no ``next`` calls meanwhile)."""
+        return self.assignment.get(stream_id) in self._awaited
+
+    def poll(self) -> list[tuple[str, list[str], str | None]]:
+        """The awaited pools whose wait ended: ``(pool, its streams, why it left the live set)``,
+        why None when it was restarted on its node (then it keeps its streams)."""
+        ended = []
+        for pool, (deadline, ref) in list(self._awaited.items()):
+            why = None
+            if ray.wait([ref], timeout=0)[0]:
+                try:
+                    self._info[pool] = ray.get(ref)
+                except ActorUnavailableError:  # still restarting: ask again
+                    self._awaited[pool] = (deadline, self.handles[pool].info.remote())
+                    continue
+                except RayActorError as exc:
+                    why = f"it could not be restarted: {last_line(exc)}"
+                else:
+                    ended.append((pool, self.hosted(pool), None))
+                    del self._awaited[pool]
+                    continue
+            if why is None and time.monotonic() < deadline:
+                continue
+            streams = self.hosted(pool)
+            del self._awaited[pool]
+            self._leave(pool)
+            ended.append((pool, streams, why or f"its node did not come back within sources.node_wait_s = "
+                                                f"{self._node_wait_s:g} s"))
+        return ended
+
+    def hosted(self, pool: str) -> list[str]:
+        """The streams assigned to ``pool``."""
+        return [sid for sid, p in self.assignment.items() if p == pool]
+
+    def _leave(self, pool: str) -> None:
+        """Kill ``pool`` for good; its streams go to their next live pool (none: no longer hosted)."""
+        streams = self.hosted(pool)
+        ray.kill(self.handles.pop(pool), no_restart=True)
+        self._info.pop(pool, None)
+        live = {pid: info["node"] for pid, info in self._info.items()}
+        for sid in streams:
+            pin = self._pins[sid]
+            home = [pid for pid, node in live.items() if pin is None or node == pin]
+            if home:
+                self.assignment[sid] = rendezvous(sid, home)
+            else:
+                del self.assignment[sid]

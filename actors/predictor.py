@@ -7,7 +7,7 @@ replica reads from its path."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ class ShippedModel:
     config: dict[str, Any]
     weights: dict[str, torch.Tensor]
     name: str
+    metadata: dict[str, Any] = field(default_factory=dict)  # the checkpoint's (training seeds, data settings, ...)
 
 
 def ship_model(cfg: Config) -> ShippedModel | None:
@@ -59,10 +60,10 @@ def ship_model(cfg: Config) -> ShippedModel | None:
     if path is None or published_model(cfg) is not None:
         return None
     try:
-        model, _ = load_checkpoint(path, device="cpu")
+        model, meta = load_checkpoint(path, device="cpu")
     except (OSError, ValueError) as exc:
         raise CheckpointError(str(exc), source=path) from None
-    return ShippedModel(model.config.to_dict(), model.state_dict(), Path(path).name)
+    return ShippedModel(model.config.to_dict(), model.state_dict(), Path(path).name, meta)
 
 
 def model_config(cfg: Config) -> StreamingConfig | PublishedSpec:

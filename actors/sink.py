@@ -30,6 +30,7 @@ import numpy as np
 import ray
 from PIL import Image
 
+from actors.memory import HeapTrimmer
 from actors.metrics import Metrics
 from actors.results import WindowResult
 from actors.source import ErrorRecord, lower_priority
@@ -69,6 +70,7 @@ class SinkActor:
         self._student: dict[str, dict[int, StudentRow]] = {}
         self._oldest: float | None = None
         self._metrics = Metrics()
+        self._trim = HeapTrimmer()
 
     def info(self) -> dict[str, int]:
         """The sink's process id (another one after a restart)."""
@@ -124,6 +126,7 @@ class SinkActor:
     def tick(self) -> SinkReply:
         """Commit if the buffer is full or its oldest row has waited long enough; renew the lease."""
         self._writer.renew()
+        self._trim()
         if self._oldest is not None and (
             len(self._buffer) >= FLUSH_WINDOWS or time.monotonic() - self._oldest >= FLUSH_S
         ):

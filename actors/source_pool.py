@@ -20,6 +20,7 @@ import threading
 
 import ray
 
+from actors.memory import HeapTrimmer
 from actors.metrics import Metrics
 from actors.source import OpenStream, SourceEvent, StreamSource, lower_priority
 from pipeline.config import Config, StreamConfig
@@ -64,6 +65,7 @@ class SourcePoolActor:
         self._streams: dict[str, _Hosted] = {}
         self._lock = threading.Lock()
         self._metrics = Metrics()
+        self._trim = HeapTrimmer()
         self._stopping = threading.Event()
 
     def info(self) -> dict[str, object]:
@@ -116,3 +118,4 @@ class SourcePoolActor:
             with hosted.cond:
                 hosted.turn += 1
                 hosted.cond.notify_all()
+            self._trim()

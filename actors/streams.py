@@ -7,6 +7,7 @@
     running | ending --the model failed one of its windows--> failed
     running | ending --the run ended first (a signal, or it could not go on)--> stopped
                                                                    (or failed: the source ended with an error)
+    ending --windows lost after delivery are decoded again (`rewind`)--> running
 
 Any other change raises `IllegalTransition`.
 """
@@ -32,7 +33,7 @@ class StreamState(enum.StrEnum):
 
 _TRANSITIONS: dict[StreamState, frozenset[StreamState]] = {
     StreamState.RUNNING: frozenset({StreamState.ENDING, StreamState.FAILED, StreamState.STOPPED}),
-    StreamState.ENDING: frozenset({StreamState.DONE, StreamState.FAILED, StreamState.STOPPED}),
+    StreamState.ENDING: frozenset({StreamState.DONE, StreamState.FAILED, StreamState.STOPPED, StreamState.RUNNING}),
     StreamState.DONE: frozenset(),
     StreamState.FAILED: frozenset(),
     StreamState.STOPPED: frozenset(),
@@ -155,6 +156,23 @@ class StreamStatus:
         self._ahead.clear()
         self._answered = self.chain_from = self.next_seq
         self._lost = None
+
+    def rewind(self, seq: int, window_id: int, given_up: int) -> None:
+        """Window ``window_id`` (call ``seq``) was lost after its source delivered it (its data were
+        in the object store of a node that left): it and every later call of the stream leave the
+        run (``given_up`` of them had delivered a window), and its source decodes again from
+        ``window_id`` with a new state chain. A stream whose source had ended runs again."""
+        for s in [s for s in self._in_flight if s >= seq]:
+            self._in_flight.remove(s)
+        for s in [s for s in self._ahead if s >= seq]:
+            del self._ahead[s]
+        self.delivered -= given_up
+        self.next_window = window_id
+        self._answered = self.chain_from = self.next_seq
+        self._lost = None
+        if self.state is StreamState.ENDING:
+            self._move(StreamState.RUNNING)
+            self.error = None
 
     def released(self, seq: int) -> None:
         """Window ``seq`` leaves the run without a result: an end of stream, a dropped or failed window."""

@@ -162,3 +162,33 @@ def test_summary_exit_codes_follow_the_stream_states():
     assert summary(StreamState.DONE, StreamState.FAILED).exit_code == 3
     assert summary(StreamState.DONE, StreamState.FAILED).failed == ["s1"]
     assert summary(StreamState.FAILED, StreamState.FAILED).exit_code == 1
+
+
+def test_a_window_lost_after_delivery_sends_the_stream_back_to_it():
+    # Windows 10..14 were delivered (calls 0..4), 10 is written; 11 and 12 are at the model when the
+    # node holding window 11's data leaves; call 5 has not answered.
+    st = StreamStatus("a", start_window=10)
+    seqs = [st.requested() for _ in range(6)]
+    for seq in seqs[:5]:
+        st.decoded(seq, 10 + seq)
+    st.to_sink(seqs[0])
+    st.rewind(1, 11, given_up=4)  # windows 11..14 leave the run
+    assert (st.next_window, st.delivered, st.in_flight, st.at_sink) == (11, 1, 0, 1)
+    assert st.chain_from == st.next_seq == 6 and st.starts_chain(st.requested())
+    st.decoded(6, 11)
+    assert st.next_window == 12
+
+
+def test_a_stream_whose_source_ended_runs_again_when_its_last_windows_are_lost():
+    st = StreamStatus("a")
+    a, b, end = st.requested(), st.requested(), st.requested()
+    st.decoded(a, 0)
+    st.decoded(b, 1)
+    st.decoded(end, None)
+    st.released(end)
+    st.source_ended()
+    st.rewind(b, 1, given_up=1)
+    assert st.state is StreamState.RUNNING and st.asks_source and st.next_window == 1
+    st.to_sink(a)
+    st.written()
+    assert st.state is StreamState.RUNNING  # not done: window 1 is decoded again
