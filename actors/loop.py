@@ -38,7 +38,7 @@ from actors.batching import Call, fair_share, send_now
 from actors.distill_watch import DistillWatch
 from actors.memory import HeapTrimmer
 from actors.metrics import Metrics
-from actors.pools import SourcePools, event_or_error, pool_name
+from actors.pools import CALL_FAILED, SourcePools, event_or_error, pool_name
 from actors.replicas import ModelReplicas, delivered, replica_name
 from actors.restarts import RestartBudget, RunFailed, last_line
 from actors.resume import drop_given_up, rewind
@@ -166,7 +166,7 @@ class Loop:
         calls = [self.source_calls.pop(ref) for ref in done]
         try:
             events = ray.get(done)
-        except (RayActorError, RayTaskError):
+        except CALL_FAILED:
             events = [event_or_error(ref) for ref in done]
         errors: list[ErrorRecord] = []
         pairs, self.late_ends = [*self.late_ends, *zip(calls, events)], []
@@ -178,7 +178,8 @@ class Loop:
                 self.late_ends.append((call, ev))
                 continue
             if isinstance(ev, BaseException):
-                self._lose_pool(self.pools.pool_of(call.stream_id), [(call.stream_id, ev)])
+                if (pool := self.pools.pool_of(call.stream_id)) is not None:  # else its stream has ended already
+                    self._lose_pool(pool, [(call.stream_id, ev)])
                 st.lost(call.seq)
                 continue
             if st.after_loss(call.seq):  # the restarted source decodes it again
@@ -279,8 +280,7 @@ class Loop:
         starts = {sid: (w, self.streams[sid].next_seq, self._cap(sid)) for sid, w in back.items()
                   if self.pools.hosts(sid) and self.pools.pool_of(sid) not in self.lost_pools
                   and not self.pools.awaits(sid)}  # a pool being recovered adds the stream from there
-        for pool, failed in self.pools.resume(starts).items():
-            self._lose_pool(pool, failed)
+        self._add(starts)
 
     def _recover_model(self) -> None:
         """For each dead replica: wait for its restart, or move its streams to the live replicas
@@ -331,17 +331,15 @@ class Loop:
             self.restarted("source")
             cause = death_cause(failed[0][1])
             recovered = self.pools.recover(pool, self.budget)
-            if recovered is None:  # pinned to a node that left: awaited (`_poll_pools`)
+            if self.pools.awaited(pool):  # pinned to a node that left (`_poll_pools`)
                 self.awaited[pool] = cause
                 for sid in [s for s in self.pools.hosted(pool) if self.streams[s].asks_source]:
                     msg = (f"{pool_name(pool)} died ({cause}; its node left); stream waits up to "
                            f"sources.node_wait_s = {self.cfg.sources.node_wait_s:g} s for its node")
                     errors.append(ErrorRecord.from_exception(sid, SourceRestarted(msg, stream_id=sid),
                                                              self.streams[sid].next_window))
-                continue
             self._resume_pool(pool, *recovered, cause, errors, starts)
-        if starts:
-            self.pools.add(starts)
+        self._add(starts)
         if errors:
             self.sink.write_errors(errors)
 
@@ -369,10 +367,15 @@ class Loop:
         starts: dict[str, tuple[int, int, int | None]] = {}
         for pool, streams, why in self.pools.poll():
             self._resume_pool(pool, streams, why, self.awaited.pop(pool), errors, starts)
-        if starts:
-            self.pools.add(starts)
+        self._add(starts)
         if errors:
             self.sink.write_errors(errors)
+
+    def _add(self, starts: dict[str, tuple[int, int, int | None]]) -> None:
+        """Add the streams of ``starts`` to their pools; a pool that fails is recovered in turn
+        (its node may leave between the two)."""
+        for pool, failed in self.pools.resume(starts).items():
+            self._lose_pool(pool, failed)
 
     def _lose_pool(self, pool: str, failed: list[tuple[str, BaseException]]) -> None:
         """Mark ``pool`` for `_recover_sources`: ``failed`` are its streams' failed calls' errors."""

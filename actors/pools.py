@@ -20,7 +20,8 @@ import time
 from typing import Any
 
 import ray
-from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import (ActorUnavailableError, ActorUnschedulableError, GetTimeoutError, RayActorError,
+                            RayTaskError)
 
 from actors.assign import assign, rendezvous, resolve_node
 from actors.placement import Pending, await_started, describe, node_alive
@@ -28,13 +29,18 @@ from actors.plan import ActorOptions, start_source_pool
 from actors.restarts import RESTART_TIMEOUT_S, ActorGone, RestartBudget, await_restart, last_line
 from actors.source import OpenStream, SourceEvent
 from pipeline.config import Config, StreamConfig
+from pipeline.errors import ConfigError
+
+# A ``next`` call fails so when its pool died, or when it was pinned to a node that has left.
+CALL_FAILED = (RayActorError, RayTaskError, ActorUnschedulableError)
+NODE_LOOKUP_S = 1.0  # how often an awaited pool looks for a node matching its pin again
 
 
 def event_or_error(ref: ray.ObjectRef) -> SourceEvent | BaseException:
     """One ``next`` call's event, or the error of a call that failed."""
     try:
         return ray.get(ref)
-    except (RayActorError, RayTaskError) as exc:
+    except CALL_FAILED as exc:
         return exc
 
 
@@ -59,16 +65,20 @@ class SourcePools:
         self._nodes = {str(i): pinned[i] if i < len(pinned) else None for i in range(count)}
         self._cpus = opts.source_cpus
         self._node_wait_s = cfg.sources.node_wait_s
-        self.handles: dict[str, Any] = {
-            pid: start_source_pool(cfg, opts, int(pid), realtime=realtime, shipped=shipped, node=node,
-                                   open_stream=open_stream)
-            for pid, node in self._nodes.items()
-        }
+
+        def spawn(pid: str, node: str | None) -> Any:
+            return start_source_pool(cfg, opts, int(pid), realtime=realtime, shipped=shipped, node=node,
+                                     open_stream=open_stream)
+
+        self._spawn = spawn
+        self.handles: dict[str, Any] = {pid: spawn(pid, node) for pid, node in self._nodes.items()}
         self._streams = {s.id: s for s in cfg.streams}
         self._info: dict[str, dict[str, Any]] = {}
         self.assignment: dict[str, str] = {}
         self._stopped = False
-        self._awaited: dict[str, tuple[float, ray.ObjectRef]] = {}  # pool -> (deadline, its info call)
+        # pool -> (deadline, its info call; None once Ray cannot place it on its node id)
+        self._awaited: dict[str, tuple[float, ray.ObjectRef | None]] = {}
+        self._looked = 0.0  # when an awaited pool last looked for its node (`_find_node`)
 
     def start(self, timeout_s: float) -> None:
         """Wait for every pool to answer and assign the streams (`RunFailed` naming a pool that
@@ -85,9 +95,9 @@ class SourcePools:
             for handle in self.handles.values():
                 handle.stop.remote()
 
-    def pool_of(self, stream_id: str) -> str:
-        """The id of the pool hosting ``stream_id``."""
-        return self.assignment[stream_id]
+    def pool_of(self, stream_id: str) -> str | None:
+        """The id of the pool hosting ``stream_id`` (None once no live pool hosts it)."""
+        return self.assignment.get(stream_id)
 
     def hosts(self, stream_id: str) -> bool:
         """Whether a live pool hosts ``stream_id`` (False once its pinned node has none left)."""
@@ -106,10 +116,9 @@ class SourcePools:
 
     def resume(self, starts: dict[str, tuple[int, int, int | None]],
                timeout_s: float = RESTART_TIMEOUT_S) -> dict[str, list[tuple[str, BaseException]]]:
-        """`add` the streams again to their pools, which are not known to have died (the streams
-        go back to a window lost after delivery, `actors.resume.rewind`). Returns, by pool, the
-        streams of a pool whose node left or that did not answer within ``timeout_s``: the caller
-        recovers that pool as one whose calls failed, which adds them."""
+        """`add` the streams to their pools, the running loop's way: returns, by pool, the streams
+        of a pool whose node left or that did not answer within ``timeout_s`` (the caller recovers
+        that pool as one whose calls failed, which adds them again)."""
         by_pool: dict[str, dict[str, tuple[int, int, int | None]]] = {}
         for sid, start in starts.items():
             by_pool.setdefault(self.assignment[sid], {})[sid] = start
@@ -120,7 +129,7 @@ class SourcePools:
                 if self._node_left(pid):
                     raise ActorGone(f"{pool_name(pid)}'s node left")
                 ray.get(self.handles[pid].add.remote(items), timeout=timeout_s)
-            except (ActorGone, RayActorError, GetTimeoutError) as exc:
+            except (ActorGone, RayActorError, ActorUnschedulableError, GetTimeoutError) as exc:
                 failed[pid] = [(sid, exc) for sid in mine]
         return failed
 
@@ -147,11 +156,11 @@ class SourcePools:
         node = self._info.get(pool, {}).get("node")
         return node is not None and not node_alive(node)
 
-    def recover(self, pool: str, budget: RestartBudget) -> tuple[list[str], str | None] | None:
+    def recover(self, pool: str, budget: RestartBudget) -> tuple[list[str], str | None]:
         """After ``pool`` died: the streams it hosted, now assigned to a live pool, and why it left
-        the live set (None: it was restarted and keeps its streams). None when the pool is pinned
-        to a node that left: it is awaited, without blocking, up to ``sources.node_wait_s``
-        (`awaits`, `poll`)."""
+        the live set (None: it was restarted and keeps its streams). A pool pinned to a node that
+        left is awaited, without blocking, up to ``sources.node_wait_s`` (`awaited`, `poll`); it
+        keeps its pinned streams and the others move to the live pools (returned, why "its node left")."""
         streams = self.hosted(pool)
         why = None
         left, pinned = self._node_left(pool), self._nodes.get(pool) is not None
@@ -162,7 +171,11 @@ class SourcePools:
             why = f"it died more than {budget.per_hour} times within an hour"
         elif left and pinned:
             self._awaited[pool] = (time.monotonic() + self._node_wait_s, self.handles[pool].info.remote())
-            return None
+            live = [pid for pid in self._info if pid != pool and pid not in self._awaited]
+            moved = [sid for sid in streams if self._pins[sid] is None] if live else []
+            for sid in moved:
+                self.assignment[sid] = rendezvous(sid, live)
+            return moved, "its node left"
         else:
             try:
                 self._info[pool] = await_restart(self.handles[pool], pool_name(pool), RESTART_TIMEOUT_S)
@@ -172,28 +185,45 @@ class SourcePools:
             self._leave(pool)
         return streams, why
 
+    def awaited(self, pool: str) -> bool:
+        """Whether ``pool`` is awaited on its pinned node (`recover`)."""
+        return pool in self._awaited
+
     def awaits(self, stream_id: str) -> bool:
         """Whether ``stream_id``'s pool is awaited on its pinned node (no ``next`` calls meanwhile)."""
         return self.assignment.get(stream_id) in self._awaited
 
     def poll(self) -> list[tuple[str, list[str], str | None]]:
         """The awaited pools whose wait ended: ``(pool, its streams, why it left the live set)``,
-        why None when it was restarted on its node (then it keeps its streams)."""
+        why None when it was restarted on its node, or started on a node that its streams' pin
+        names again (a node that rejoins gets a new id: pin by IP or resource to be found again);
+        then it keeps its streams."""
         ended = []
+        look = time.monotonic() - self._looked >= NODE_LOOKUP_S
+        self._looked = time.monotonic() if look else self._looked
         for pool, (deadline, ref) in list(self._awaited.items()):
             why = None
-            if ray.wait([ref], timeout=0)[0]:
+            if ref is not None and ray.wait([ref], timeout=0)[0]:
                 try:
                     self._info[pool] = ray.get(ref)
                 except ActorUnavailableError:  # still restarting: ask again
                     self._awaited[pool] = (deadline, self.handles[pool].info.remote())
                     continue
+                except ActorUnschedulableError:  # its node id is gone for good: look for its pin elsewhere
+                    self._awaited[pool] = (deadline, None)
                 except RayActorError as exc:
                     why = f"it could not be restarted: {last_line(exc)}"
                 else:
                     ended.append((pool, self.hosted(pool), None))
                     del self._awaited[pool]
                     continue
+            if why is None and look and (node := self._find_node(pool)) is not None:
+                ray.kill(self.handles[pool], no_restart=True)
+                self.handles[pool], self._nodes[pool] = self._spawn(pool, node), node
+                for sid in self.hosted(pool):
+                    self._pins[sid] = node
+                self._awaited[pool] = (deadline, self.handles[pool].info.remote())
+                continue
             if why is None and time.monotonic() < deadline:
                 continue
             streams = self.hosted(pool)
@@ -202,6 +232,18 @@ class SourcePools:
             ended.append((pool, streams, why or f"its node did not come back within sources.node_wait_s = "
                                                 f"{self._node_wait_s:g} s"))
         return ended
+
+    def _find_node(self, pool: str) -> str | None:
+        """A live node, other than the one that left, that the pin of ``pool``'s streams names."""
+        nodes = ray.nodes()
+        for sid in self.hosted(pool):
+            try:
+                node = resolve_node(sid, self._streams[sid].node, nodes)
+            except ConfigError:
+                continue
+            if node != self._nodes[pool]:
+                return node
+        return None
 
     def hosted(self, pool: str) -> list[str]:
         """The streams assigned to ``pool``."""

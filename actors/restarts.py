@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import ray
-from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
+from ray.exceptions import ActorUnavailableError, ActorUnschedulableError, GetTimeoutError, RayActorError
 
 RESTART_TIMEOUT_S = 120.0
 HOUR_S = 3600.0
@@ -64,7 +64,7 @@ def await_restart(handle: Any, what: str, timeout_s: float = RESTART_TIMEOUT_S) 
             if time.monotonic() > deadline:
                 raise ActorGone(late) from None
             time.sleep(0.2)
-        except RayActorError as exc:
+        except (RayActorError, ActorUnschedulableError) as exc:
             raise ActorGone(f"{what} died and could not be restarted: {last_line(exc)}") from None
         except GetTimeoutError:
             raise ActorGone(late) from None

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
 from actors.deaths import death_cause
 from actors.restarts import ActorGone, RestartBudget, RunFailed, await_restart, last_line
@@ -87,6 +87,10 @@ class SinkGuard:
                     lost = exc
                 continue
             except RayTaskError as exc:
+                if isinstance(exc.cause, ObjectLostError):
+                    raise RunFailed("results of the model were lost with a node that left before the sink took "
+                                    "them; run again into the same output to redo the rows not committed "
+                                    f"({last_line(exc)})") from None
                 raise RunFailed(f"the sink failed, rows not committed are redone on resume: {last_line(exc)}") from None
             self._take(reply)
             restarted = restarted or (epoch == self._epoch and reply.pid != self._pid)
