@@ -54,6 +54,8 @@ def run(
     config = with_saved_streams(config, out_dir)  # streams added or removed while an earlier run ran
     opts = plan_actors(config, cluster_nodes(), ray.get_runtime_context().get_node_id())
     try:
+        # Held here for the whole run: a restarted replica reads it again as its constructor argument
+        # (what Ray's start-up warning about constructor arguments in the object store is about).
         model_ref = ray.put(ship_model(config)) if build is None else None
         shipped = shipped_inputs(config)
     except CheckpointError as exc:
