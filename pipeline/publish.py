@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 from pipeline.manifest import IdSet, ManifestStore, Part, StreamState
 from pipeline.outputfs import OutputFS
 
-ROW_GROUP_BYTES = 64 << 20  # a published file's row groups: about this many bytes of Arrow data
+ROW_GROUP_BYTES = 16 << 20  # row groups of published files and merged parts: about this many bytes of Arrow data
 PARTS_DIR = "_parts"
 MERGE_FANOUT = 8
 # a hidden part (part-<seq>-<token>), a published file (part-<period>-<piece>-<n>), or either's temporary file
@@ -118,26 +118,35 @@ def _schemas(out: OutputFS, parts: list[Part]) -> list[pa.Schema]:
 
 
 def _copy_parts(fh: BinaryIO, out: OutputFS, parts: list[Part], compression: str) -> None:
-    """Write the rows of ``parts`` (one schema) to ``fh`` as one Parquet file, reading one part at a
-    time, in row groups of about `ROW_GROUP_BYTES` (so memory stays about one row group)."""
+    """Write the rows of ``parts`` (one schema) to ``fh`` as one Parquet file, reading one row group
+    of one part at a time, in row groups of about `ROW_GROUP_BYTES`; then hand the buffers back to
+    the OS. A merged part is many row groups, so memory stays about two row groups, however large
+    the period."""
     w = None
     batch: list[pa.Table] = []
     size = 0
     try:
         for p in parts:
-            t = pq.read_table(out.path(p.path), filesystem=out.fs)
-            if w is None:
-                w = pq.ParquetWriter(fh, t.schema, compression=compression, use_dictionary=string_columns(t.schema))
-            batch.append(t)
-            size += t.nbytes
-            if size >= ROW_GROUP_BYTES:
-                w.write_table(pa.concat_tables(batch), row_group_size=1 << 30)
-                batch, size = [], 0
+            with pq.ParquetFile(out.path(p.path), filesystem=out.fs) as src:
+                for i in range(src.num_row_groups):
+                    t = src.read_row_group(i)
+                    if w is None:
+                        w = pq.ParquetWriter(fh, t.schema, compression=compression,
+                                             use_dictionary=string_columns(t.schema))
+                    batch.append(t)
+                    size += t.nbytes
+                    if size >= ROW_GROUP_BYTES:
+                        w.write_table(pa.concat_tables(batch), row_group_size=1 << 30)
+                        batch, size = [], 0
         if batch and w is not None:
             w.write_table(pa.concat_tables(batch), row_group_size=1 << 30)
     finally:
         if w is not None:
             w.close()
+        batch = []  # freed before the release below
+        # Arrow's allocator keeps freed pages for reuse; these copies are the largest allocations
+        # of a sink, so kept pages would hold its resident memory at the peak of the largest merge.
+        pa.default_memory_pool().release_unused()
 
 
 def merge_parts(out: OutputFS, store: ManifestStore, state: StreamState, stream_id: str,

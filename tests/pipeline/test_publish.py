@@ -15,8 +15,10 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 
+import pipeline.publish
 import run_pipeline
 from paths import REPO
 from pipeline.errors import OutputError
@@ -193,6 +195,22 @@ def test_hidden_parts_of_the_open_period_are_merged_and_read_once(tmp_path):
         assert glob_ids(tmp_path) == []
     assert glob_ids(tmp_path) == [("cam0", k) for k in range(100)]
     assert visible_files(tmp_path, "flow", "cam0") == ["part-000000-000-00.parquet"]
+
+
+def test_merges_and_publications_copy_row_group_by_row_group(tmp_path, monkeypatch):
+    """With row groups of about 3 flow rows, a level-2 part holds many row groups; the publication
+    reads them one at a time and keeps every row, in window order, in row groups of that size."""
+    monkeypatch.setattr(pipeline.publish, "ROW_GROUP_BYTES", 3 * frow(0).flow.nbytes + 1)
+    with writer(tmp_path, publish_every_s=3600) as w:
+        for k in range(64):
+            w.write("cam0", [wrow(k)], flow=[frow(k)])
+        (merged,) = [p for p in w.state("cam0").parts if p.table == "flow"]
+        assert merged.level == 2
+        assert pq.ParquetFile(tmp_path / merged.path).num_row_groups > 8
+    published = pq.ParquetFile(tmp_path / "flow" / "stream_id=cam0" / "part-000000-000-00.parquet")
+    sizes = [published.metadata.row_group(i).num_rows for i in range(published.num_row_groups)]
+    assert sum(sizes) == 64 and max(sizes) <= 6
+    assert published.read(columns=["window_id"]).column(0).to_pylist() == list(range(64))
 
 
 MERGE_CRASH = textwrap.dedent(
