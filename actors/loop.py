@@ -267,15 +267,18 @@ class Loop:
         if results:
             for call, _ in results:
                 self.streams[call.stream_id].to_sink(call.seq)
-            self.sink.write([(call.stream_id, call.window_id, result) for call, result in results])
+                call.window = None  # the model has run it; a result lost later is decoded again
+            self.sink.write([call for call, _ in results])
 
-    def _redecode(self, calls: list[Call]) -> None:
-        """A model call whose windows were lost with their data (`actors.resume.rewind`): each of its
-        streams goes back to its lowest lost window, decoded again by its pool, with one ``errors`` row."""
+    def _redecode(self, calls: list[Call], lost: str = "window {} was lost before the model ran it") -> None:
+        """Windows lost with their data on a node that left (`actors.resume.rewind`): a model call's
+        inputs, or (``lost`` says which, formatted with the window id) results the sink had not
+        taken. Each of their streams goes back to its lowest lost window, decoded again by its
+        pool, with one ``errors`` row."""
         back, self.held, self.late_ends = rewind(self.streams, [c for c in calls if not c.dropped], self.held,
                                                  self.late_ends, self.model_calls.values(), self.source_calls)
         self.sink.write_errors([ErrorRecord.from_exception(sid, SourceRestarted(
-            f"window {w} was lost before the model ran it (its data were on a node that left); the stream "
+            f"{lost.format(w)} (its data were on a node that left); the stream "
             f"goes back to window {w} and decodes it again, state reset", stream_id=sid), w) for sid, w in back.items()])
         starts = {sid: (w, self.streams[sid].next_seq, self._cap(sid)) for sid, w in back.items()
                   if self.pools.hosts(sid) and self.pools.pool_of(sid) not in self.lost_pools
@@ -394,9 +397,15 @@ class Loop:
 
     # -- 5. sink ---------------------------------------------------------------------------
     def _on_sink(self, done: list[ray.ObjectRef]) -> None:
-        """Count the results the sink has taken; `RunFailed` if it failed."""
-        for sid in self.sink.done(done):
+        """Count the results the sink has taken; decode again those lost before it took them;
+        `RunFailed` if it failed."""
+        taken, lost = self.sink.done(done)
+        for sid in taken:
             self.streams[sid].written()
+        for call in lost:
+            self.streams[call.stream_id].result_lost()
+        if lost := [c for c in lost if self.streams[c.stream_id].takes_windows]:
+            self._redecode(lost, "the model's result for window {} was lost before the sink took it")
 
     def restarted(self, actor: str) -> None:
         self.pipeline.restarts += 1

@@ -11,6 +11,10 @@ it spends a restart of the run's budget (`actors.restarts`), waits for the new s
 the dead one had committed and resends the rest; each stream that had sent windows gets one
 ``errors`` row (`SinkRestarted`). An ``errors`` batch the dead sink committed without replying is
 written again (that table is a log, not keyed by window).
+
+A model result larger than Ray inlines lives in the object store of its replica's node; a write
+call whose results left with that node fails without the sink taking any of them. `SinkGuard.done`
+hands that call's windows back to the runner, which decodes them again (`actors.resume.rewind`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 import ray
 from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
+from actors.batching import Call
 from actors.deaths import death_cause
 from actors.restarts import ActorGone, RestartBudget, RunFailed, await_restart, last_line
 from actors.sink import SinkReply
@@ -41,18 +46,19 @@ class SinkGuard:
         self._on_restart = on_restart
         self._pid = await_restart(sink, SINK)["pid"]
         self._epoch = 0  # restarts so far; a call sent before the last one may fail unnoticed
-        self.calls: dict[ray.ObjectRef, tuple[int, list[str]]] = {}  # epoch, streams of its windows
-        self._held: dict[str, dict[int, ray.ObjectRef]] = {}  # stream -> window -> result, not committed
+        # epoch, its windows, whether they are sent for the first time (not resent after a restart)
+        self.calls: dict[ray.ObjectRef, tuple[int, list[Call], bool]] = {}
+        self._held: dict[str, dict[int, Call]] = {}  # stream -> window -> its call (with its result), not committed
         self._errors: dict[int, list[ErrorRecord]] = {}  # batch -> rows, not committed
         self._batches = 0
         self.committed: dict[str, int] = {}  # windows committed in this run, per stream
         self._gone: str | None = None  # why the sink was given up (past its budget)
 
-    def write(self, results: list[tuple[str, int, ray.ObjectRef]]) -> None:
-        """Send ``(stream, window, result)`` to the sink, by reference, and keep them until committed."""
-        for sid, wid, ref in results:
-            self._held.setdefault(sid, {})[wid] = ref
-        self.calls[self.sink.write.remote(*(ref for *_, ref in results))] = (self._epoch, [r[0] for r in results])
+    def write(self, calls: list[Call]) -> None:
+        """Send each of ``calls``' result to the sink, by reference, and keep it until committed."""
+        for c in calls:
+            self._held.setdefault(c.stream_id, {})[c.window_id] = c
+        self.calls[self.sink.write.remote(*(c.result for c in calls))] = (self._epoch, calls, True)
 
     def write_errors(self, records: list[ErrorRecord]) -> None:
         """Send ``errors`` rows, kept until a reply names their batch."""
@@ -64,39 +70,49 @@ class SinkGuard:
 
     def tick(self) -> None:
         """Let the sink commit if its flush is due."""
-        self.calls[self.sink.tick.remote()] = (self._epoch, [])
+        self.calls[self.sink.tick.remote()] = (self._epoch, [], False)
 
     def end_streams(self, stream_ids: list[str]) -> None:
         """Streams that ended: the sink commits their rows and publishes all they committed."""
-        self.calls[self.sink.end_streams.remote(stream_ids)] = (self._epoch, [])
+        self.calls[self.sink.end_streams.remote(stream_ids)] = (self._epoch, [], False)
 
-    def done(self, refs: list[ray.ObjectRef]) -> list[str]:
-        """Read finished calls: the stream of each window the sink has taken (or that a restart
-        made this guard's to resend). Recovers a dead sink; `RunFailed` past the budget or when a
-        write failed in the sink itself."""
+    def done(self, refs: list[ray.ObjectRef]) -> tuple[list[str], list[Call]]:
+        """Read finished calls. Returns the stream of each window the sink has taken (or that a
+        restart made this guard's to resend), and the windows whose results were lost before the
+        sink took them (no longer held here: the runner decodes them again). Recovers a dead sink;
+        `RunFailed` past the budget or when a write failed in the sink itself."""
         taken: list[str] = []
-        lost: BaseException | None = None
+        results_lost: list[Call] = []
+        died: BaseException | None = None
         restarted = False
         for ref in refs:
-            epoch, streams = self.calls.pop(ref)
-            taken.extend(streams)
+            epoch, calls, first = self.calls.pop(ref)
             try:
                 reply = ray.get(ref)
             except RayActorError as exc:
+                taken.extend(c.stream_id for c in calls if first)
                 if epoch == self._epoch:
-                    lost = exc
+                    died = exc
                 continue
-            except RayTaskError as exc:
-                if isinstance(exc.cause, ObjectLostError):
-                    raise RunFailed("results of the model were lost with a node that left before the sink took "
-                                    "them; run again into the same output to redo the rows not committed "
+            except (RayTaskError, ObjectLostError) as exc:
+                cause = exc.cause if isinstance(exc, RayTaskError) else exc
+                if not isinstance(cause, ObjectLostError):
+                    raise RunFailed(f"the sink failed, rows not committed are redone on resume: {last_line(exc)}") from None
+                if not first:  # resent after a sink restart: the runner has counted them as taken
+                    raise RunFailed("results of the model were lost with a node that left while the sink restarted; "
+                                    "run again into the same output to redo the rows not committed "
                                     f"({last_line(exc)})") from None
-                raise RunFailed(f"the sink failed, rows not committed are redone on resume: {last_line(exc)}") from None
+                for c in calls:
+                    if self._held.get(c.stream_id, {}).get(c.window_id) is c:
+                        del self._held[c.stream_id][c.window_id]
+                results_lost.extend(calls)
+                continue
+            taken.extend(c.stream_id for c in calls if first)
             self._take(reply)
             restarted = restarted or (epoch == self._epoch and reply.pid != self._pid)
-        if lost is not None or restarted:
-            self._recover(lost)
-        return taken
+        if died is not None or restarted:
+            self._recover(died)
+        return taken, results_lost
 
     def close(self) -> dict[str, int]:
         """Commit what is left (recovering a sink that died meanwhile); windows committed in this
@@ -106,7 +122,9 @@ class SinkGuard:
         while True:
             pending = list(self.calls)
             ray.wait(pending, num_returns=len(pending))
-            self.done(pending)
+            if self.done(pending)[1]:  # the run's loop has ended: nothing decodes them again
+                raise RunFailed("results of the model were lost with a node that left before the sink took them; "
+                                "run again into the same output to redo the rows not committed")
             try:
                 reply = ray.get(self.sink.close.remote())
             except RayActorError as exc:
@@ -158,7 +176,7 @@ class SinkGuard:
                 f"the sink died ({why}); restarted, {len(left[sid])} windows redone", stream_id=sid))
             for sid in sorted(held)
         ])
-        resend = [(sid, w, self._held[sid][w]) for sid in sorted(left) for w in left[sid]]
+        resend = [self._held[sid][w] for sid in sorted(left) for w in left[sid]]
         for i in range(0, len(resend), RESEND_CHUNK):
             chunk = resend[i : i + RESEND_CHUNK]
-            self.calls[self.sink.write.remote(*(ref for *_, ref in chunk))] = (self._epoch, [])
+            self.calls[self.sink.write.remote(*(c.result for c in chunk))] = (self._epoch, chunk, False)

@@ -190,6 +190,11 @@ class StreamStatus:
         self.windows += 1
         self._settle()
 
+    def result_lost(self) -> None:
+        """One of its results went to the sink and was lost before the sink took it (the runner
+        decodes it again, `rewind`, while the stream still takes windows)."""
+        self.at_sink -= 1
+
     def restart_chain(self) -> None:
         """The model actor was restarted: the stream's lowest window without a result (or its next
         one) starts a new state chain; not one after a lost call (`after_loss`), which is given up."""

@@ -107,6 +107,19 @@ def rss_mb(processes: dict[str, psutil.Process]) -> dict[str, float]:
     return out
 
 
+def allocator_env(processes: dict[str, psutil.Process], known: dict) -> dict[str, dict[str, str]]:
+    """The ``MALLOC_*`` and ``LD_PRELOAD`` variables of each process not in ``known``."""
+    out = {}
+    for key, p in processes.items():
+        if key in known:
+            continue
+        try:
+            out[key] = {k: v for k, v in p.environ().items() if k.startswith(("MALLOC_", "LD_PRELOAD"))}
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return out
+
+
 def summarise(samples: list[dict], warmup_s: float) -> dict[str, dict | None]:
     """Each process's slope over the samples from ``warmup_s`` on."""
     keys = sorted({k for s in samples for k in s["rss_mb"]})
@@ -169,12 +182,15 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(sys.argv), "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "minutes": args.minutes, "streams": args.streams, "interval_s": args.interval,
         "warmup_s": args.warmup_minutes * 60, "work_dir": str(work), "samples": [], "slopes_mb_per_hour": {},
+        "allocator_env": {},  # per process: the allocator settings it runs with
     }
     t0 = time.monotonic()
     end = t0 + args.minutes * 60
     try:
         while time.monotonic() < end and proc.poll() is None:
-            sample = {"t_s": round(time.monotonic() - t0, 1), "rss_mb": rss_mb(actor_processes(driver))}
+            processes = actor_processes(driver)
+            sample = {"t_s": round(time.monotonic() - t0, 1), "rss_mb": rss_mb(processes)}
+            result["allocator_env"].update(allocator_env(processes, known=result["allocator_env"]))
             result["samples"].append(sample)
             result["slopes_mb_per_hour"] = summarise(result["samples"], result["warmup_s"])
             args.out.write_text(json.dumps(result, indent=1))

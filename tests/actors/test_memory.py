@@ -8,7 +8,7 @@ import ctypes.util
 import psutil
 import pytest
 
-from actors.memory import HeapTrimmer
+from actors.memory import ARENA_MAX, HeapTrimmer, allocator_env, limit_arenas
 
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 libc.malloc.restype = ctypes.c_void_p
@@ -34,3 +34,15 @@ def test_a_trim_returns_freed_heap_pages_that_free_alone_keeps():
     trimmer()
     assert trimmer.trims == 1 and rss().rss < before - 150 * 2**20
     libc.free(blocks[-1])
+
+
+def test_workers_get_the_arena_cap_unless_the_user_set_one(monkeypatch):
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert allocator_env() == {"MALLOC_ARENA_MAX": str(ARENA_MAX)}
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert allocator_env() == {"MALLOC_ARENA_MAX": "4"}
+
+
+@pytest.mark.skipif(HeapTrimmer()._trim is None, reason="mallopt's arena cap is glibc's")
+def test_the_driver_caps_its_own_arenas():
+    assert limit_arenas()

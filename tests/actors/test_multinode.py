@@ -17,9 +17,14 @@ import pytest
 import ray
 import yaml
 from ray.cluster_utils import Cluster
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import run_pipeline
+from actors.batching import Call
+from actors.restarts import RestartBudget
 from actors.runner import run
+from actors.sink import SinkActor
+from actors.sink_guard import SinkGuard
 from actors.streams import RunningPipeline
 from perceiver_stream.checkpoint import read_config
 from pipeline.config import parse_config
@@ -150,6 +155,38 @@ def test_a_worker_node_removed_mid_run_loses_and_repeats_nothing(cluster, tiny_c
     assert resent <= set(resets.select(["stream_id", "window_id"]).iter_rows())
     print("failover:", {"windows_per_stream": n, "state_reset_after_start": resets.height,
                         "errors": errors.group_by("kind").len().to_dicts()})
+
+
+def test_results_lost_with_their_node_before_the_sink_took_them_go_back_to_the_runner(cluster, tmp_path):
+    # A model result over Ray's inline size lives on its replica's node; the write call that sends
+    # it to the sink fails once that node has left. The guard hands its windows back (the runner
+    # decodes them again) instead of ending the run.
+    c, _ = cluster
+    node = c.add_node(num_cpus=1, object_store_memory=STORE)
+    c.wait_for_nodes()
+
+    class Replica:  # a local class: Ray ships it by value
+        def result(self, n: int) -> bytes:
+            return bytes(n)
+
+    replica = ray.remote(Replica).options(
+        num_cpus=1, max_task_retries=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False)
+    ).remote()
+    big = replica.result.remote(256 * 1024)  # over the fixture's 16 KB inline size
+    ray.wait([big], fetch_local=False)
+    c.remove_node(node)
+    sink = ray.remote(SinkActor).options(num_cpus=0, max_restarts=-1, max_task_retries=0).remote(
+        str(tmp_path / "out"), config_hash="h")
+    guard = SinkGuard(sink, RestartBudget(3), lambda _actor: None)
+    call = Call("a", 4, None, result=big, window_id=9)
+    guard.write([call])
+    pending = list(guard.calls)
+    ray.wait(pending, num_returns=len(pending), timeout=60)
+    taken, lost = guard.done(pending)
+    assert taken == [] and lost == [call]
+    assert ray.get(sink.uncommitted.remote({"a": [9]})) == {"a": [9]}  # nothing of it reached the sink
+    assert guard.close() == {}  # and nothing is left held to resend
+    ray.kill(sink)
 
 
 @pytest.mark.parametrize("comes_back", [True, False], ids=["node-comes-back", "node-stays-away"])

@@ -192,3 +192,23 @@ def test_a_stream_whose_source_ended_runs_again_when_its_last_windows_are_lost()
     st.to_sink(a)
     st.written()
     assert st.state is StreamState.RUNNING  # not done: window 1 is decoded again
+
+
+def test_a_result_lost_before_the_sink_took_it_sends_an_ended_stream_back_to_its_window():
+    # Windows 10 and 11 went to the sink after the source ended; 10 is taken, 11's result is lost
+    # with its replica's node: the stream does not end but decodes 11 again in a new chain.
+    st = StreamStatus("a", start_window=10)
+    first, second, end = st.requested(), st.requested(), st.requested()
+    st.decoded(first, 10)
+    st.decoded(second, 11)
+    st.decoded(end, None)
+    st.released(end)
+    st.source_ended()
+    st.to_sink(first)
+    st.to_sink(second)
+    st.written()
+    st.result_lost()
+    assert st.state is StreamState.ENDING and st.at_sink == 0 and st.windows == 1
+    st.rewind(second, 11, given_up=1)
+    assert st.state is StreamState.RUNNING and (st.next_window, st.delivered) == (11, 1)
+    assert st.starts_chain(st.requested())
