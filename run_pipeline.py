@@ -134,13 +134,11 @@ def start_ray(args: argparse.Namespace, num_cpus: int | None = None) -> bool:
     test): the run uses it and leaves it running. Otherwise logs the dashboard and metrics endpoints.
     """
     import ray  # local import: Ray adds ~0.7 s to every start (--help, train, eval); only run and bench need it
-    from actors.memory import allocator_env, limit_arenas  # local import: beside the other actors' imports
+    from actors.memory import allocator_env  # local import: beside the other actors' imports
     from actors.status import announce  # local import: the actors import Ray
 
     if ray.is_initialized():
         return False
-    limit_arenas()  # before ray.init starts the driver's threads
-    workers = {"env_vars": allocator_env()}  # every worker of the run, on every node (actors.memory)
     adopt_logger("ray")  # Ray's driver lines in our level and format (it set up its logger when imported)
     if args.address:
         ignored = [
@@ -154,8 +152,8 @@ def start_ray(args: argparse.Namespace, num_cpus: int | None = None) -> bool:
         ]
         if ignored:
             logging.warning("%s belong to the cluster at %s and are ignored", ", ".join(ignored), args.address)
-        announce(ray.init(address=args.address, log_to_driver=False, configure_logging=False,
-                          runtime_env=workers).dashboard_url, package_version())
+        announce(ray.init(address=args.address, log_to_driver=False, configure_logging=False).dashboard_url,
+                 package_version())
         return True
     kwargs = {}
     if args.metrics_port is not None:
@@ -167,7 +165,7 @@ def start_ray(args: argparse.Namespace, num_cpus: int | None = None) -> bool:
         dashboard_host=args.dashboard_host,
         log_to_driver=False,
         configure_logging=False,  # Ray's driver lines go through our handler (level, format, redaction)
-        runtime_env=workers,
+        runtime_env={"env_vars": allocator_env()},  # every worker of the run (actors.memory)
         **kwargs,
     )
     announce(ctx.dashboard_url, package_version())

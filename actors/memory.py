@@ -7,10 +7,11 @@ resident for the rest of a run of weeks, and its RSS cannot tell that from a lea
 calls ``malloc_trim(0)`` at most once a period, from the code the process runs anyway, so its RSS
 follows what it holds (as Dask's workers do). Elsewhere than glibc it does nothing.
 
-Trimming cannot return a page that still holds one live block, and with an arena per thread the
-live blocks of a threaded actor (the model's and the sink's call threads, Arrow's and torch's
-pools) are spread over many arenas. `allocator_env` caps the arenas of every Ray worker of a run
-(``MALLOC_ARENA_MAX``, read by glibc when a process starts); `limit_arenas` caps the driver's own.
+Trimming cannot return a page that still holds one live block, and the model's and the sink's
+native heaps (torch, Arrow, Ray's core worker, many threads) fragment so that their RSS still
+steps up at each new peak. Where the machine has jemalloc (Debian's ``libjemalloc2``), which
+returns dirty pages on a timer and keeps per-thread caches small, `allocator_env` preloads it
+into every Ray worker of a local run (as Ray's own guidance for long-lived workers suggests).
 """
 
 from __future__ import annotations
@@ -22,39 +23,21 @@ import threading
 import time
 
 TRIM_EVERY_S = 60.0
-ARENA_MAX = 2  # glibc's default is 8 per core
-_M_ARENA_MAX = -8  # mallopt's parameter number (malloc.h)
-
-
-def _libc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name) if name else None
-    except OSError:
-        return None
 
 
 def allocator_env() -> dict[str, str]:
-    """Environment variables for every Ray worker of a run: glibc's arena cap, ``ARENA_MAX`` unless
-    the user's environment sets its own."""
-    return {"MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", str(ARENA_MAX))}
-
-
-def limit_arenas() -> bool:
-    """Cap this process's glibc arenas as `allocator_env` caps the workers'; call it before the
-    process starts threads. False where the C library is not glibc."""
-    libc = _libc()
-    try:
-        return bool(libc is not None and libc.mallopt(_M_ARENA_MAX, int(allocator_env()["MALLOC_ARENA_MAX"])))
-    except AttributeError:  # no mallopt: not glibc
-        return False
+    """Environment variables for the Ray workers of a local run: jemalloc preloaded where the
+    machine has it (found as the dynamic loader finds libraries), nothing otherwise or when the
+    user's environment already sets ``LD_PRELOAD``."""
+    jemalloc = ctypes.util.find_library("jemalloc")
+    return {} if jemalloc is None or "LD_PRELOAD" in os.environ else {"LD_PRELOAD": jemalloc}
 
 
 def _malloc_trim() -> ctypes._CFuncPtr | None:
-    libc = _libc()
+    name = ctypes.util.find_library("c")
     try:
-        return None if libc is None else libc.malloc_trim
-    except AttributeError:  # not glibc (musl, macOS): nothing to trim
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
         return None
 
 

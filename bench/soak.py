@@ -107,6 +107,18 @@ def rss_mb(processes: dict[str, psutil.Process]) -> dict[str, float]:
     return out
 
 
+def threads(processes: dict[str, psutil.Process]) -> dict[str, int]:
+    """Each process's thread count: a threaded actor's pool grows with the calls it holds at once,
+    and each new thread's stack and allocator caches are a step in its RSS."""
+    out = {}
+    for key, p in processes.items():
+        try:
+            out[key] = p.num_threads()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return out
+
+
 def allocator_env(processes: dict[str, psutil.Process], known: dict) -> dict[str, dict[str, str]]:
     """The ``MALLOC_*`` and ``LD_PRELOAD`` variables of each process not in ``known``."""
     out = {}
@@ -189,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         while time.monotonic() < end and proc.poll() is None:
             processes = actor_processes(driver)
-            sample = {"t_s": round(time.monotonic() - t0, 1), "rss_mb": rss_mb(processes)}
+            sample = {"t_s": round(time.monotonic() - t0, 1), "rss_mb": rss_mb(processes),
+                      "threads": threads(processes)}
             result["allocator_env"].update(allocator_env(processes, known=result["allocator_env"]))
             result["samples"].append(sample)
             result["slopes_mb_per_hour"] = summarise(result["samples"], result["warmup_s"])

@@ -8,7 +8,7 @@ import ctypes.util
 import psutil
 import pytest
 
-from actors.memory import ARENA_MAX, HeapTrimmer, allocator_env, limit_arenas
+from actors.memory import HeapTrimmer, allocator_env
 
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 libc.malloc.restype = ctypes.c_void_p
@@ -36,13 +36,12 @@ def test_a_trim_returns_freed_heap_pages_that_free_alone_keeps():
     libc.free(blocks[-1])
 
 
-def test_workers_get_the_arena_cap_unless_the_user_set_one(monkeypatch):
-    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
-    assert allocator_env() == {"MALLOC_ARENA_MAX": str(ARENA_MAX)}
-    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
-    assert allocator_env() == {"MALLOC_ARENA_MAX": "4"}
-
-
-@pytest.mark.skipif(HeapTrimmer()._trim is None, reason="mallopt's arena cap is glibc's")
-def test_the_driver_caps_its_own_arenas():
-    assert limit_arenas()
+def test_workers_preload_jemalloc_where_the_machine_has_it(monkeypatch):
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: "libjemalloc.so.2" if name == "jemalloc" else None)
+    assert allocator_env() == {"LD_PRELOAD": "libjemalloc.so.2"}
+    monkeypatch.setenv("LD_PRELOAD", "")  # the user's own choice (here: none) wins
+    assert allocator_env() == {}
+    monkeypatch.delenv("LD_PRELOAD")
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    assert allocator_env() == {}
