@@ -11,7 +11,7 @@ Trimming cannot return a page that still holds one live block, and the model's a
 native heaps (torch, Arrow, Ray's core worker, many threads) fragment so that their RSS still
 steps up at each new peak. Where the machine has jemalloc (Debian's ``libjemalloc2``), which
 returns dirty pages on a timer and keeps per-thread caches small, `allocator_env` preloads it
-into every Ray worker of a local run (as Ray's own guidance for long-lived workers suggests).
+into every Ray worker of a local run (Ray's issue threads on worker fragmentation advise the same).
 """
 
 from __future__ import annotations
