@@ -404,8 +404,8 @@ class Loop:
             self.streams[sid].written()
         for call in lost:
             self.streams[call.stream_id].result_lost()
-        if lost := [c for c in lost if self.streams[c.stream_id].takes_windows]:
-            self._redecode(lost, "the model's result for window {} was lost before the sink took it")
+        if redo := [c for c in lost if self.streams[c.stream_id].takes_windows]:
+            self._redecode(redo, "the model's result for window {} was lost before the sink took it")
 
     def restarted(self, actor: str) -> None:
         self.pipeline.restarts += 1

@@ -17,7 +17,8 @@ somewhat too narrow; the slope itself is unbiased.
 A machine whose load changes during the soak moves the queues between stages (bounded by
 ``runtime.max_in_flight``) and the allocators to new high-water marks: a step in RSS, not a
 leak, which an OLS line over the whole run reads as a slope. ``--analyse`` also gives the slope
-over the second half.
+over the second half. Each sample also records every process's thread count, and the JSON each
+process's allocator settings (``MALLOC_*``, ``LD_PRELOAD``; see `actors.memory.allocator_env`).
 """
 
 from __future__ import annotations
@@ -108,8 +109,7 @@ def rss_mb(processes: dict[str, psutil.Process]) -> dict[str, float]:
 
 
 def threads(processes: dict[str, psutil.Process]) -> dict[str, int]:
-    """Each process's thread count: a threaded actor's pool grows with the calls it holds at once,
-    and each new thread's stack and allocator caches are a step in its RSS."""
+    """Each process's thread count (a step in RSS that comes with new threads shows here)."""
     out = {}
     for key, p in processes.items():
         try:
@@ -119,7 +119,7 @@ def threads(processes: dict[str, psutil.Process]) -> dict[str, int]:
     return out
 
 
-def allocator_env(processes: dict[str, psutil.Process], known: dict) -> dict[str, dict[str, str]]:
+def allocator_settings(processes: dict[str, psutil.Process], known: dict) -> dict[str, dict[str, str]]:
     """The ``MALLOC_*`` and ``LD_PRELOAD`` variables of each process not in ``known``."""
     out = {}
     for key, p in processes.items():
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             processes = actor_processes(driver)
             sample = {"t_s": round(time.monotonic() - t0, 1), "rss_mb": rss_mb(processes),
                       "threads": threads(processes)}
-            result["allocator_env"].update(allocator_env(processes, known=result["allocator_env"]))
+            result["allocator_env"].update(allocator_settings(processes, known=result["allocator_env"]))
             result["samples"].append(sample)
             result["slopes_mb_per_hour"] = summarise(result["samples"], result["warmup_s"])
             args.out.write_text(json.dumps(result, indent=1))
