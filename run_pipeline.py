@@ -30,6 +30,11 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import NoReturn
 
+from actors.memory import allocator_env, preload_driver
+
+if __name__ == "__main__":
+    preload_driver()  # before the imports below: the driver of a run of weeks under jemalloc too (actors.memory)
+
 from jobs.compact import add_compact_arguments, cmd_compact
 from jobs.distill import distill_job
 from jobs.evaluate import MIN_WINDOWS, MODALITIES, evaluate, evaluate_config
@@ -134,7 +139,6 @@ def start_ray(args: argparse.Namespace, num_cpus: int | None = None) -> bool:
     test): the run uses it and leaves it running. Otherwise logs the dashboard and metrics endpoints.
     """
     import ray  # local import: Ray adds ~0.7 s to every start (--help, train, eval); only run and bench need it
-    from actors.memory import allocator_env  # local import: beside the other actors' imports
     from actors.status import announce  # local import: the actors import Ray
 
     if ray.is_initialized():
@@ -432,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default: ``sys.argv[1:]``), run the subcommand, return its exit code."""
+    if argv is None:
+        preload_driver()  # the `perceiver-stream` script (done before the imports for run_pipeline.py)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help", "--version")):
         argv.insert(0, "run")

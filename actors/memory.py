@@ -11,7 +11,8 @@ Trimming cannot return a page that still holds one live block, and the model's a
 native heaps (torch, Arrow, Ray's core worker, many threads) fragment so that their RSS still
 steps up at each new peak. Where the machine has jemalloc (Debian's ``libjemalloc2``), which
 returns dirty pages on a timer and keeps per-thread caches small, `allocator_env` preloads it
-into every Ray worker of a local run (Ray's issue threads on worker fragmentation advise the same).
+into every Ray worker of a local run (Ray's issue threads on worker fragmentation advise the same)
+and `preload_driver` into the driver of ``run``.
 """
 
 from __future__ import annotations
@@ -19,18 +20,37 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import sys
 import threading
 import time
 
 TRIM_EVERY_S = 60.0
 
 
+def jemalloc() -> str | None:
+    """The jemalloc library a run preloads (found as the dynamic loader finds libraries), or None:
+    the machine has none, or the user's environment sets ``LD_PRELOAD`` to something else
+    (``LD_PRELOAD=`` turns the preload off)."""
+    lib = ctypes.util.find_library("jemalloc")
+    return lib if lib is not None and os.environ.get("LD_PRELOAD", lib) == lib else None
+
+
 def allocator_env() -> dict[str, str]:
-    """Environment variables for the Ray workers of a local run: jemalloc preloaded where the
-    machine has it (found as the dynamic loader finds libraries), nothing otherwise or when the
-    user's environment already sets ``LD_PRELOAD``."""
-    jemalloc = ctypes.util.find_library("jemalloc")
-    return {} if jemalloc is None or "LD_PRELOAD" in os.environ else {"LD_PRELOAD": jemalloc}
+    """Environment variables for the Ray workers of a local run: `jemalloc` preloaded, if any."""
+    lib = jemalloc()
+    return {} if lib is None else {"LD_PRELOAD": lib}
+
+
+def preload_driver() -> None:
+    """Re-execute this process with `jemalloc` preloaded, unless it already is or there is none.
+
+    The driver of a run lives as long as its workers. A library can be preloaded only when a
+    process starts, so the command line starts itself again, with the same interpreter options and
+    arguments (``sys.orig_argv``), before it has done anything; the process id stays the same.
+    """
+    lib = jemalloc()
+    if lib is not None and os.environ.get("LD_PRELOAD") != lib:
+        os.execve(sys.executable, sys.orig_argv, {**os.environ, "LD_PRELOAD": lib})
 
 
 def _malloc_trim() -> ctypes._CFuncPtr | None:

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import psutil
 import pytest
 
-from actors.memory import HeapTrimmer, allocator_env
+from actors.memory import HeapTrimmer, allocator_env, jemalloc, preload_driver
+
+ROOT = Path(__file__).resolve().parents[2]
 
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 libc.malloc.restype = ctypes.c_void_p
@@ -45,3 +51,37 @@ def test_workers_preload_jemalloc_where_the_machine_has_it(monkeypatch):
     monkeypatch.delenv("LD_PRELOAD")
     monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
     assert allocator_env() == {}
+
+
+def test_the_command_line_starts_itself_again_under_jemalloc_once(monkeypatch):
+    calls = []
+    monkeypatch.setattr(os, "execve", lambda path, args, env: calls.append((path, args, env)))
+    monkeypatch.setattr(sys, "orig_argv", ["python", "-X", "utf8", "run_pipeline.py", "--max-windows", "3"])
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: "libjemalloc.so.2" if name == "jemalloc" else None)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    preload_driver()
+    assert len(calls) == 1
+    path, args, env = calls[0]
+    assert path == sys.executable and args == sys.orig_argv and env["LD_PRELOAD"] == "libjemalloc.so.2"
+    monkeypatch.setenv("LD_PRELOAD", "libjemalloc.so.2")  # the process it started: preloaded already
+    preload_driver()
+    monkeypatch.setenv("LD_PRELOAD", "")  # the user's choice wins
+    preload_driver()
+    assert len(calls) == 1
+
+
+@pytest.mark.skipif(jemalloc() is None, reason="this machine has no jemalloc")
+def test_run_pipeline_runs_itself_again_with_jemalloc_mapped(tmp_path):
+    # The probe says whether jemalloc is mapped, then runs the command line as `python run_pipeline.py`
+    # does: it starts the probe again under the preload, which says so and runs the command.
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        f"import runpy, sys; sys.path.insert(0, {str(ROOT)!r})\n"
+        "print('jemalloc' in open('/proc/self/maps').read(), flush=True)\n"
+        f"sys.argv = [{str(ROOT / 'run_pipeline.py')!r}, '--version']\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    out = subprocess.run([sys.executable, str(probe)], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[:2] == ["False", "True"] and len(out.stdout.splitlines()) == 3
