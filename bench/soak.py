@@ -119,12 +119,11 @@ def threads(processes: dict[str, psutil.Process]) -> dict[str, int]:
     return out
 
 
-def allocator_settings(processes: dict[str, psutil.Process], known: dict) -> dict[str, dict[str, str]]:
-    """The ``MALLOC_*`` and ``LD_PRELOAD`` variables of each process not in ``known``."""
+def allocator_settings(processes: dict[str, psutil.Process]) -> dict[str, dict[str, str]]:
+    """The ``MALLOC_*`` and ``LD_PRELOAD`` variables of each process (read at every sample: the
+    driver starts itself again under jemalloc, `actors.memory.preload_driver`)."""
     out = {}
     for key, p in processes.items():
-        if key in known:
-            continue
         try:
             out[key] = {k: v for k, v in p.environ().items() if k.startswith(("MALLOC_", "LD_PRELOAD"))}
         except (psutil.NoSuchProcess, psutil.AccessDenied):
@@ -203,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             processes = actor_processes(driver)
             sample = {"t_s": round(time.monotonic() - t0, 1), "rss_mb": rss_mb(processes),
                       "threads": threads(processes)}
-            result["allocator_env"].update(allocator_settings(processes, known=result["allocator_env"]))
+            result["allocator_env"].update(allocator_settings(processes))
             result["samples"].append(sample)
             result["slopes_mb_per_hour"] = summarise(result["samples"], result["warmup_s"])
             args.out.write_text(json.dumps(result, indent=1))
