@@ -97,17 +97,9 @@ _seed = _int_in("a non-negative integer seed", 0)
 # -- shared options ------------------------------------------------------------------------------
 def add_config_arguments(p: argparse.ArgumentParser, default: Path = DEFAULT_CONFIG) -> None:
     """``--config`` (default ``default``) and repeatable ``--set``."""
-    p.add_argument(
-        "--config", type=Path, default=default, help=f"YAML config (default: configs/{default.name})"
-    )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value by dotted key, e.g. --set model.batch_size=4 (repeatable)",
-    )
+    p.add_argument("--config", type=Path, default=default, help=f"YAML config (default: configs/{default.name})")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value by dotted key, e.g. --set model.batch_size=4 (repeatable)")
 
 
 def add_log_arguments(p: argparse.ArgumentParser) -> None:
@@ -120,9 +112,7 @@ def add_log_arguments(p: argparse.ArgumentParser) -> None:
 def add_ray_arguments(p: argparse.ArgumentParser) -> None:
     """Where Ray runs and what it exposes."""
     p.add_argument("--address", help="join this Ray cluster (e.g. ray://host:10001 or auto); default: start a local Ray")
-    p.add_argument(
-        "--dashboard-host", default="127.0.0.1", help="interface the Ray dashboard binds to (default 127.0.0.1)"
-    )
+    p.add_argument("--dashboard-host", default="127.0.0.1", help="interface the Ray dashboard binds to (default 127.0.0.1)")
     p.add_argument("--no-dashboard", action="store_true", help="do not start the Ray dashboard")
     p.add_argument("--metrics-port", type=_port, help="serve Prometheus metrics on this port (ray_pstream_* series)")
 
