@@ -31,7 +31,7 @@ def jemalloc() -> str | None:
     """The jemalloc library a run preloads (found as the dynamic loader finds libraries), or None:
     the machine has none, or the user's environment sets ``LD_PRELOAD`` to something else
     (``LD_PRELOAD=`` turns the preload off)."""
-    lib = ctypes.util.find_library("jemalloc")
+    lib = ctypes.util.find_library("jemalloc") if sys.platform.startswith("linux") else None  # LD_PRELOAD is the Linux loader's
     return lib if lib is not None and os.environ.get("LD_PRELOAD", lib) == lib else None
 
 
