@@ -12,7 +12,7 @@ native heaps (torch, Arrow, Ray's core worker, many threads) fragment so that th
 steps up at each new peak. Where the machine has jemalloc (Debian's ``libjemalloc2``), which
 returns dirty pages on a timer and keeps per-thread caches small, `allocator_env` preloads it
 into every Ray worker of a local run (Ray's issue threads on worker fragmentation advise the same)
-and `preload_driver` into the driver of ``run``.
+and `preload_driver` into the command line's own process (every subcommand; for ``run``, the driver).
 """
 
 from __future__ import annotations
