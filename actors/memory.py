@@ -10,9 +10,12 @@ follows what it holds (as Dask's workers do). Elsewhere than glibc it does nothi
 Trimming cannot return a page that still holds one live block, and the model's and the sink's
 native heaps (torch, Arrow, Ray's core worker, many threads) fragment so that their RSS still
 steps up at each new peak. Where the machine has jemalloc (Debian's ``libjemalloc2``), which
-returns dirty pages on a timer and keeps per-thread caches small, `allocator_env` preloads it
-into every Ray worker of a local run (Ray's issue threads on worker fragmentation advise the same)
-and `preload_driver` into the command line's own process (every subcommand; for ``run``, the driver).
+keeps per-thread caches small, `allocator_env` preloads it into every Ray worker of a local run
+(Ray's issue threads on worker fragmentation advise the same) and `preload_driver` into the
+command line's own process (every subcommand; for ``run``, the driver). jemalloc returns an
+arena's freed pages only as that arena is used again; an arena whose thread went idle after a
+peak (the sink's maintenance thread after a publication) keeps them, so under jemalloc the
+trimmer purges every arena instead of calling ``malloc_trim``.
 """
 
 from __future__ import annotations
@@ -23,8 +26,11 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
+from functools import partial
 
 TRIM_EVERY_S = 60.0
+_ALL_ARENAS = 4096  # jemalloc's MALLCTL_ARENAS_ALL: "arena.<i>.purge" for every arena
 
 
 def jemalloc() -> str | None:
@@ -53,10 +59,15 @@ def preload_driver() -> None:
         os.execve(sys.executable, sys.orig_argv, {**os.environ, "LD_PRELOAD": lib})
 
 
-def _malloc_trim() -> ctypes._CFuncPtr | None:
+def _heap_release() -> Callable[[], object] | None:
+    """The call that gives the process's freed heap pages back to the OS: jemalloc's purge of every
+    arena when jemalloc is the process's allocator, else glibc's ``malloc_trim(0)``, else None."""
+    mallctl = getattr(ctypes.CDLL(None), "mallctl", None)  # present only when jemalloc is loaded
+    if mallctl is not None:
+        return partial(mallctl, f"arena.{_ALL_ARENAS}.purge".encode(), None, None, None, 0)
     name = ctypes.util.find_library("c")
     try:
-        return ctypes.CDLL(name).malloc_trim if name else None
+        return partial(ctypes.CDLL(name).malloc_trim, 0) if name else None
     except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
         return None
 
@@ -68,7 +79,7 @@ class HeapTrimmer:
     def __init__(self, every_s: float = TRIM_EVERY_S) -> None:
         self.every_s = every_s
         self.trims = 0
-        self._trim = _malloc_trim()
+        self._trim = _heap_release()
         self._last = time.monotonic()
         self._lock = threading.Lock()
 
@@ -79,5 +90,5 @@ class HeapTrimmer:
             if time.monotonic() - self._last < self.every_s:
                 return
             self._last = time.monotonic()
-        self._trim(0)
+        self._trim()
         self.trims += 1

@@ -2,8 +2,9 @@
 
 Rows are buffered and committed together (hidden part files, then the manifest) when
 ``FLUSH_WINDOWS`` windows are buffered or the oldest has waited ``FLUSH_S``, and on `close`.
-Each commit publishes the stream's closed periods; `end_streams` (a stream that ended) and
-`close` (the run drains) publish everything committed. `tick` also renews an object store's
+After each commit the writer's maintenance thread merges the stream's parts and publishes its
+closed periods, while the next commits go on; `end_streams` (a stream that ended) and `close` (the
+run drains) publish everything committed before they return. `tick` also renews an object store's
 lease; the lease's owner is the actor's id, so a restarted sink takes its own folder back.
 Windows already committed for a stream (a resumed run, or results resent after a restart) are
 dropped, so ``(stream_id, window_id)`` stays unique. The buffer is bounded by the flush policy and
@@ -63,7 +64,8 @@ class SinkActor:
         lower_priority(nice)
         actor = ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
         self._writer = OutputWriter(output, model_name=model, config_hash=config_hash, publish_every_s=publish_every_s,
-                                    retain_days=retain_days, owner=None if actor is None else f"sink actor {actor}")
+                                    retain_days=retain_days, owner=None if actor is None else f"sink actor {actor}",
+                                    background=True)
         self._buffer: list[WindowResult] = []
         self._errors: list[ErrorRecord] = []
         self._error_batches: list[int] = []

@@ -22,7 +22,8 @@ object write, also where rename is not atomic), so a window is committed exactly
 rows of that call (in every table) are. On open, files the manifest does not name are deleted,
 so a restart never duplicates a row.
 
-**Publishing** (`pipeline.publish`): after each commit, the open period's hidden parts are merged
+**Publishing** (`pipeline.publish`): after each commit (inside `write`, or with ``background`` on the
+writer's `pipeline.maintenance` thread), the open period's hidden parts are merged
 (a few per table at any time) and every *closed* period of the stream
 (``publish_every_s`` of media time, a later window committed) is published as one file per
 table; `publish` with ``everything=True`` (a stream that ended, `close`, the ``compact`` command)
@@ -57,6 +58,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from pipeline.errors import OutputError
+from pipeline.maintenance import Maintenance
 from pipeline.manifest import MANIFEST_DIR, KEYED_TABLES, IdSet, ManifestStore, StreamState, old_manifests, stream_ids
 from pipeline.outputfs import OutputFS, open_output
 from pipeline.ownership import LEASE_S, FolderLock, Lease, default_owner
@@ -85,6 +87,9 @@ class OutputWriter:
     ``retain_days``: delete published periods that much media time older than a stream's latest
     window (None: keep all). ``owner`` names this writer in an object store's lease (default:
     host, pid and a random token); a writer with the same owner takes over its own live lease.
+    ``background``: merges and publications after a commit run on a thread of the writer
+    (`pipeline.maintenance`), so `write` returns once the rows are committed; an error there (a
+    full disk) is raised by the next `write` or `renew`.
     Not safe for two processes at once (the folder is locked or leased); calls from several
     threads of one process are serialised.
     """
@@ -100,6 +105,7 @@ class OutputWriter:
         retain_days: float | None = None,
         owner: str | None = None,
         lease_s: float = LEASE_S,
+        background: bool = False,
     ) -> None:
         if publish_every_s <= 0 or (retain_days is not None and retain_days <= 0):
             raise ValueError("publish_every_s and retain_days must be positive")
@@ -109,7 +115,8 @@ class OutputWriter:
         self.compression = compression
         self.publish_every_s = float(publish_every_s)
         self.retain_days = retain_days
-        self._mutex = threading.Lock()
+        self._mutex = threading.Lock()  # the streams' state: commits, and maintenance's reads and records
+        self._maintaining = threading.Lock()  # one maintenance at a time; taken before _mutex, never inside it
         self._streams: dict[str, _Stream] = {}
         self._owner = FolderLock(self.out) if self.out.local else Lease(self.out, owner or default_owner(), lease_s)
         self._closed = False
@@ -118,6 +125,7 @@ class OutputWriter:
         except BaseException:
             self._owner.release()
             raise
+        self._maintenance = Maintenance(self._maintain_closed) if background else None
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -182,6 +190,8 @@ class OutputWriter:
         self._check_open()
         if not _STREAM_ID.match(stream_id):
             raise ValueError(f"stream id {stream_id!r} cannot be a folder name (letters, digits, _ . -)")
+        if self._maintenance is not None:
+            self._maintenance.check()
         with self._mutex:
             self._owner.renew()  # a writer that lost its lease must not commit
             s = self._stream(stream_id)
@@ -205,8 +215,11 @@ class OutputWriter:
                 for p in parts:  # not committed: take the parts back
                     self.out.delete(p["path"])
                 raise
-            self._maintain(stream_id, everything=False)
-            return sorted(r.window_id for r in fresh["windows"])
+        if self._maintenance is None:
+            self._maintain_closed(stream_id)
+        else:
+            self._maintenance.due(stream_id)
+        return sorted(r.window_id for r in fresh["windows"])
 
     def _split(self, state: StreamState, fresh: dict[str, list], errors: Sequence[ErrorRow]) -> dict:
         """The call's rows grouped by ``(table, period)``, in table order."""
@@ -257,25 +270,37 @@ class OutputWriter:
         Returns, per stream, the periods ``published`` and ``retired``."""
         self._check_open()
         with self._mutex:
-            ids = [stream_id] if stream_id is not None else list(self._streams)
-            return {sid: self._maintain(sid, everything=everything) for sid in ids if sid in self._streams}
+            ids = [sid for sid in ([stream_id] if stream_id is not None else list(self._streams)) if sid in self._streams]
+        return {sid: self._maintain(sid, everything=everything) for sid in ids}
+
+    def _maintain_closed(self, stream_id: str) -> None:
+        self._maintain(stream_id, everything=False)
 
     def _maintain(self, stream_id: str, *, everything: bool) -> dict[str, list[int]]:
-        s = self._streams[stream_id]
-        state, every = s.state, self._every(s.state)
-        due = sorted({p.period for p in state.parts if everything or closed(state, p.period, every)})
-        for k in due:
-            publish(self.out, s.store, state, stream_id, k, compression=self.compression)
-        merge_parts(self.out, s.store, state, stream_id, compression=self.compression)
-        gone = [] if self.retain_days is None else retire(self.out, s.store, state, every, self.retain_days)
-        if due or gone or s.store.records >= COMPACT_EVERY:
-            s.store.compact(state)
-        return {"published": due, "retired": gone}
+        """Publish the due periods, merge parts, retire old periods and compact the manifest of one
+        stream. The copies run without `_mutex` (commits go on); it guards each read and record."""
+        with self._maintaining:
+            with self._mutex:
+                s = self._streams[stream_id]
+                state, every = s.state, self._every(s.state)
+                due = sorted({p.period for p in state.parts if everything or closed(state, p.period, every)})
+            for k in due:
+                publish(self.out, s.store, state, stream_id, k, compression=self.compression, lock=self._mutex)
+            merge_parts(self.out, s.store, state, stream_id, compression=self.compression, lock=self._mutex)
+            with self._mutex:
+                gone = [] if self.retain_days is None else retire(self.out, s.store, state, every, self.retain_days)
+                if due or gone or s.store.records >= COMPACT_EVERY:
+                    s.store.compact(state)
+            return {"published": due, "retired": gone}
 
     def renew(self) -> None:
-        """Renew the object store lease when due (call it every few seconds); nothing locally."""
+        """Renew the object store lease when due (call it every few seconds); nothing locally.
+        Raises what stopped the background maintenance, if anything did."""
         self._check_open()
-        self._owner.renew()
+        if self._maintenance is not None:
+            self._maintenance.check()
+        with self._mutex:
+            self._owner.renew()
 
     # -- closing ---------------------------------------------------------------------------
 
@@ -288,9 +313,13 @@ class OutputWriter:
         if self._closed:
             return
         try:
+            if self._maintenance is not None:
+                self._maintenance.drain()
             if publish:
                 self.publish(everything=True)
         finally:
+            if self._maintenance is not None:
+                self._maintenance.stop()
             self._closed = True
             self._owner.release()
 

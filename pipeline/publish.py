@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 import re
 import uuid
+from contextlib import AbstractContextManager, nullcontext
 from typing import BinaryIO
 
 import pyarrow as pa
@@ -67,18 +68,22 @@ def published_name(table: str, stream_id: str, period: int, piece: int, n: int) 
 
 
 def publish(out: OutputFS, store: ManifestStore, state: StreamState, stream_id: str, period: int,
-            *, compression: str = "zstd") -> list[dict]:
-    """Publish the unpublished parts of ``period`` (see the module docstring); returns the files."""
-    parts = state.unpublished(period)
+            *, compression: str = "zstd", lock: AbstractContextManager = nullcontext()) -> list[dict]:
+    """Publish the unpublished parts of ``period`` (see the module docstring); returns the files.
+    ``lock`` guards ``state`` against concurrent commits: held to read it and to append the record,
+    not during the copy (parts committed meanwhile are published by a later call, as the next piece)."""
+    with lock:
+        parts = state.unpublished(period)
+        piece = len(state.periods[period].pieces) if period in state.periods else 0
     if not parts:
         return []
-    piece = len(state.periods[period].pieces) if period in state.periods else 0
     files: list[dict] = []
     try:
         for table in dict.fromkeys(p.table for p in parts):
             files.extend(_merge_table(out, [p for p in parts if p.table == table], table, stream_id, period,
                                       piece, compression))
-        store.append(state, {"kind": "publish", "period": period, "files": files, "parts": [p.path for p in parts]})
+        with lock:
+            store.append(state, {"kind": "publish", "period": period, "files": files, "parts": [p.path for p in parts]})
     except BaseException:
         for f in files:  # not recorded: withdraw them, the parts stay committed
             out.delete(f["path"])
@@ -150,14 +155,15 @@ def _copy_parts(fh: BinaryIO, out: OutputFS, parts: list[Part], compression: str
 
 
 def merge_parts(out: OutputFS, store: ManifestStore, state: StreamState, stream_id: str,
-                *, compression: str = "zstd") -> int:
+                *, compression: str = "zstd", lock: AbstractContextManager = nullcontext()) -> int:
     """Merge every `MERGE_FANOUT` unpublished parts of one table, period and level (see the module
-    docstring); returns the merges done."""
+    docstring); returns the merges done. ``lock`` as for `publish`."""
     merges, skip = 0, set()
     while True:
         groups: dict[tuple[str, int, int], list[Part]] = {}
-        for p in state.parts:
-            groups.setdefault((p.table, p.period, p.level), []).append(p)
+        with lock:
+            for p in state.parts:
+                groups.setdefault((p.table, p.period, p.level), []).append(p)
         full = [(k, g[:MERGE_FANOUT]) for k, g in groups.items() if len(g) >= MERGE_FANOUT and k not in skip]
         if not full:
             return merges
@@ -171,7 +177,8 @@ def merge_parts(out: OutputFS, store: ManifestStore, state: StreamState, stream_
         ids = None if parts[0].ids is None else IdSet(r for p in parts for r in p.ids or []).ranges()
         into = Part(rel, table, period, sum(p.rows for p in parts), ids, level + 1)
         try:
-            store.append(state, {"kind": "merge", "parts": [p.path for p in parts], "into": vars(into)})
+            with lock:
+                store.append(state, {"kind": "merge", "parts": [p.path for p in parts], "into": vars(into)})
         except BaseException:
             out.delete(rel)
             raise
