@@ -70,30 +70,34 @@ def test_the_command_line_starts_itself_again_under_jemalloc_once(monkeypatch):
     assert len(calls) == 1
 
 
+def run_probe(tmp_path: Path, code: str, env: dict[str, str]) -> str:
+    """Stdout of ``code`` run as a script by this interpreter with ``env`` (the repository importable)."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(f"import sys; sys.path.insert(0, {str(ROOT)!r})\n" + code)
+    out = subprocess.run([sys.executable, str(probe)], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
 @pytest.mark.skipif(jemalloc() is None, reason="this machine has no jemalloc")
 def test_run_pipeline_runs_itself_again_with_jemalloc_mapped(tmp_path):
     # The probe says whether jemalloc is mapped, then runs the command line as `python run_pipeline.py`
     # does: it starts the probe again under the preload, which says so and runs the command.
-    probe = tmp_path / "probe.py"
-    probe.write_text(
-        f"import runpy, sys; sys.path.insert(0, {str(ROOT)!r})\n"
-        "print('jemalloc' in open('/proc/self/maps').read(), flush=True)\n"
-        f"sys.argv = [{str(ROOT / 'run_pipeline.py')!r}, '--version']\n"
-        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    out = subprocess.run([sys.executable, str(probe)], env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines()[:2] == ["False", "True"] and len(out.stdout.splitlines()) == 3
+    out = run_probe(tmp_path, "import runpy\n"
+                    "print('jemalloc' in open('/proc/self/maps').read(), flush=True)\n"
+                    f"sys.argv = [{str(ROOT / 'run_pipeline.py')!r}, '--version']\n"
+                    "runpy.run_path(sys.argv[0], run_name='__main__')\n",
+                    {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"})
+    assert out.splitlines()[:2] == ["False", "True"] and len(out.splitlines()) == 3
 
 
 @pytest.mark.skipif(jemalloc() is None, reason="this machine has no jemalloc")
 def test_under_jemalloc_the_trimmer_purges_freed_pages_of_an_idle_arena(tmp_path):
     # jemalloc hands an arena's freed pages back only as that arena is used again (or after its
     # decay time, checked on use): 200 MB freed and then left idle stay resident until a purge.
-    probe = tmp_path / "probe.py"
-    probe.write_text(
-        f"import ctypes, sys; sys.path.insert(0, {str(ROOT)!r})\n"
+    out = run_probe(
+        tmp_path,
+        "import ctypes\n"
         "import psutil\n"
         "from actors.memory import HeapTrimmer\n"
         "heap = ctypes.CDLL(None)\n"
@@ -107,10 +111,8 @@ def test_under_jemalloc_the_trimmer_purges_freed_pages_of_an_idle_arena(tmp_path
         "before = rss()\n"
         "trimmer = HeapTrimmer(every_s=0.0)\n"
         "trimmer()\n"
-        "print(before, rss(), trimmer.trims)\n"
+        "print(before, rss(), trimmer.trims)\n",
+        {**os.environ, "LD_PRELOAD": jemalloc()},
     )
-    env = {**os.environ, "LD_PRELOAD": jemalloc()}
-    out = subprocess.run([sys.executable, str(probe)], env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    before, after, trims = map(int, out.stdout.split())
+    before, after, trims = map(int, out.split())
     assert trims == 1 and after < before - 150, (before, after)
