@@ -5,7 +5,7 @@ A publication copies a whole period of a stream (an hour of flow is tens of MB) 
 an eighth of one; done inside a commit, every other stream's commit waits for the copy and the
 pipeline behind the sink stalls with it. On its own thread, with the manifest's lock held only to
 read the state and to append a record (see `pipeline.publish`), a commit waits at most for one
-record. Every copy's memory is allocated and freed on this one thread, whose allocator caches
+record, a retirement's deletions or a manifest compaction. Every copy's memory is allocated and freed on this one thread, whose allocator caches
 the copy hands back when it ends (`pipeline.publish._copy_parts`).
 """
 
@@ -20,14 +20,14 @@ class Maintenance:
     first, once however many marks a stream gets while it waits. The first exception stops the
     work; `check` (and `drain`) raise it in the caller's thread from then on."""
 
-    def __init__(self, work: Callable[[str], None], *, name: str = "output-maintenance") -> None:
+    def __init__(self, work: Callable[[str], None]) -> None:
         self._work = work
         self._due: dict[str, None] = {}
         self._busy = False
         self._stopping = False
         self._failure: BaseException | None = None
         self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread = threading.Thread(target=self._run, name="output-maintenance", daemon=True)
         self._thread.start()
 
     def due(self, stream_id: str) -> None:
