@@ -18,7 +18,8 @@ A machine whose load changes during the soak moves the queues between stages (bo
 ``runtime.max_in_flight``) and the allocators to new high-water marks: a step in RSS, not a
 leak, which an OLS line over the whole run reads as a slope. ``--analyse`` also gives the slope
 over the second half. Each sample also records every process's thread count, and the JSON each
-process's allocator settings (``MALLOC_*``, ``LD_PRELOAD``; see `actors.memory.allocator_env`).
+process's allocator settings (``MALLOC_*``, ``LD_PRELOAD``; see `actors.memory.allocator_env`), and
+the RSS of any child process running one of the sink's large copies (`pipeline.partcopy`).
 """
 
 from __future__ import annotations
@@ -96,6 +97,19 @@ def actor_processes(driver: psutil.Process) -> dict[str, psutil.Process]:
         if name and name != "IDLE":
             found[f"{name}:{p.pid}"] = p
     return found
+
+
+def copy_children_mb(driver: psutil.Process) -> list[float]:
+    """RSS (MB) of the child processes running a sink's large copies at this moment
+    (`pipeline.partcopy`): short-lived, so kept apart from the actors' slopes."""
+    out = []
+    for p in driver.children(recursive=True):
+        try:
+            if "pipeline.partcopy" in p.cmdline():
+                out.append(p.memory_info().rss / 2**20)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return out
 
 
 def rss_mb(processes: dict[str, psutil.Process]) -> dict[str, float]:
@@ -201,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         while time.monotonic() < end and proc.poll() is None:
             processes = actor_processes(driver)
             sample = {"t_s": round(time.monotonic() - t0, 1), "rss_mb": rss_mb(processes),
-                      "threads": threads(processes)}
+                      "threads": threads(processes), "copy_children_mb": copy_children_mb(driver)}
             result["allocator_env"].update(allocator_settings(processes))
             result["samples"].append(sample)
             result["slopes_mb_per_hour"] = summarise(result["samples"], result["warmup_s"])

@@ -5,8 +5,8 @@ A publication copies a whole period of a stream (an hour of flow is tens of MB) 
 an eighth of one; done inside a commit, every other stream's commit waits for the copy and the
 pipeline behind the sink stalls with it. On its own thread, with the manifest's lock held only to
 read the state and to append a record (see `pipeline.publish`), a commit waits at most for one
-record, a retirement's deletions or a manifest compaction. Every copy's memory is allocated and freed on this one thread, whose allocator caches
-the copy hands back when it ends (`pipeline.publish._copy_parts`).
+record, a retirement's deletions or a manifest compaction. The large copies run in child
+processes and the small ones on this thread (`pipeline.partcopy`).
 """
 
 from __future__ import annotations

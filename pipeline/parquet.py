@@ -62,7 +62,8 @@ from pipeline.maintenance import Maintenance
 from pipeline.manifest import MANIFEST_DIR, KEYED_TABLES, IdSet, ManifestStore, StreamState, old_manifests, stream_ids
 from pipeline.outputfs import OutputFS, open_output
 from pipeline.ownership import LEASE_S, FolderLock, Lease, default_owner
-from pipeline.publish import PARTS_DIR, closed, merge_parts, period_of, publish, retire, string_columns, stray_files
+from pipeline.partcopy import string_columns
+from pipeline.publish import PARTS_DIR, closed, merge_parts, period_of, publish, retire, stray_files
 from pipeline.redact import redact_text
 from pipeline.tables import SCHEMA_VERSION, TABLES, ErrorRow, FlowRow, StudentRow, WindowRow, to_arrow
 

@@ -37,15 +37,14 @@ import math
 import re
 import uuid
 from contextlib import AbstractContextManager, nullcontext
-from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.manifest import IdSet, ManifestStore, Part, StreamState
 from pipeline.outputfs import OutputFS
+from pipeline.partcopy import copy_parts
 
-ROW_GROUP_BYTES = 16 << 20  # row groups of published files and merged parts: about this many bytes of Arrow data
 PARTS_DIR = "_parts"
 MERGE_FANOUT = 8
 # a hidden part (part-<seq>-<token>), a published file (part-<period>-<piece>-<n>), or either's temporary file
@@ -108,7 +107,7 @@ def _merge_table(out: OutputFS, parts: list[Part], table: str, stream_id: str, p
     try:
         for n, group in enumerate(groups):
             rel = published_name(table, stream_id, period, piece, n)
-            out.write_atomic(rel, lambda fh, group=group: _copy_parts(fh, out, group, compression))
+            copy_parts(out, rel, group, compression)
             files.append({"table": table, "path": rel, "rows": sum(p.rows for p in group)})
     except BaseException:
         for f in files:
@@ -120,38 +119,6 @@ def _merge_table(out: OutputFS, parts: list[Part], table: str, stream_id: str, p
 def _schemas(out: OutputFS, parts: list[Part]) -> list[pa.Schema]:
     """Each part's schema, with its metadata (read from the footers only)."""
     return [pq.read_schema(out.path(p.path), filesystem=out.fs) for p in parts]
-
-
-def _copy_parts(fh: BinaryIO, out: OutputFS, parts: list[Part], compression: str) -> None:
-    """Write the rows of ``parts`` (one schema) to ``fh`` as one Parquet file, reading one row group
-    of one part at a time, in row groups of about `ROW_GROUP_BYTES`; then hand the buffers back to
-    the OS. A merged part is many row groups, so memory stays about two row groups, however large
-    the period."""
-    w = None
-    batch: list[pa.Table] = []
-    size = 0
-    try:
-        for p in parts:
-            with pq.ParquetFile(out.path(p.path), filesystem=out.fs) as src:
-                for i in range(src.num_row_groups):
-                    t = src.read_row_group(i)
-                    if w is None:
-                        w = pq.ParquetWriter(fh, t.schema, compression=compression,
-                                             use_dictionary=string_columns(t.schema))
-                    batch.append(t)
-                    size += t.nbytes
-                    if size >= ROW_GROUP_BYTES:
-                        w.write_table(pa.concat_tables(batch), row_group_size=1 << 30)
-                        batch, size = [], 0
-        if batch and w is not None:
-            w.write_table(pa.concat_tables(batch), row_group_size=1 << 30)
-    finally:
-        if w is not None:
-            w.close()
-        batch = []  # freed before the release below
-        # Arrow's allocator keeps freed pages for reuse; these copies are the largest allocations
-        # of a sink, so kept pages would hold its resident memory at the peak of the largest merge.
-        pa.default_memory_pool().release_unused()
 
 
 def merge_parts(out: OutputFS, store: ManifestStore, state: StreamState, stream_id: str,
@@ -173,7 +140,7 @@ def merge_parts(out: OutputFS, store: ManifestStore, state: StreamState, stream_
             skip.add((table, period, level))  # another model's rows among them: published as they are
             continue
         rel = f"{PARTS_DIR}/{table}/stream_id={stream_id}/part-{state.seq + 1:08d}-{uuid.uuid4().hex[:8]}.parquet"
-        out.write_atomic(rel, lambda fh: _copy_parts(fh, out, parts, compression))
+        copy_parts(out, rel, parts, compression)
         ids = None if parts[0].ids is None else IdSet(r for p in parts for r in p.ids or []).ranges()
         into = Part(rel, table, period, sum(p.rows for p in parts), ids, level + 1)
         try:
@@ -212,25 +179,3 @@ def stray_files(files: list[str], states: list[StreamState]) -> list[str]:
     or retired, temporary files). Files of other names are left alone."""
     live = {p.path for st in states for p in st.parts} | {f["path"] for st in states for f in st.published()}
     return [rel for rel in files if _OURS.match(rel.rpartition("/")[2]) and rel not in live]
-
-
-def string_columns(schema: pa.Schema) -> list[str]:
-    """Parquet paths of the string leaves of ``schema``: the only columns worth a dictionary.
-
-    Float columns (flow, embeddings) have few repeats, and building a dictionary for them
-    costs about 5x the rest of the write for nothing.
-    """
-    paths: list[str] = []
-
-    def walk(t: pa.DataType, path: str) -> None:
-        if pa.types.is_string(t) or pa.types.is_large_string(t):
-            paths.append(path)
-        elif pa.types.is_struct(t):
-            for f in t:
-                walk(f.type, f"{path}.{f.name}")
-        elif pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
-            walk(t.value_type, f"{path}.list.element")
-
-    for f in schema:
-        walk(f.type, f.name)
-    return paths

@@ -24,6 +24,7 @@ from moto.server import ThreadedMotoServer
 from paths import REPO
 from perceiver_stream.checkpoint import read_config
 
+import pipeline.partcopy
 from pipeline.errors import OutputError
 from pipeline.parquet import ErrorRow, FlowRow, OutputWriter, WindowRow
 from pipeline.reader import open_dataset
@@ -89,7 +90,10 @@ def writer(uri: str, **kw) -> OutputWriter:
     return OutputWriter(uri, model_name="tiny", config_hash="h", **kw)
 
 
-def test_write_publish_and_read_back_over_s3(s3, s3_server):
+@pytest.mark.parametrize("child_from", [None, 0], ids=["copies-here", "copies-in-a-child"])
+def test_write_publish_and_read_back_over_s3(s3, s3_server, child_from, monkeypatch):
+    if child_from is not None:  # every merge and publication in a child process, which opens the store itself
+        monkeypatch.setattr(pipeline.partcopy, "CHILD_COPY_BYTES", child_from)
     with writer(s3, publish_every_s=10) as w:
         for start in range(0, 40, 8):  # 20 s of media time: period 0 published on the way
             w.write("cam0", [wrow(k) for k in range(start, start + 8)], flow=[frow(k) for k in range(start, start + 8)])

@@ -18,7 +18,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-import pipeline.publish
+import pipeline.partcopy
 import run_pipeline
 from paths import REPO
 from pipeline.errors import OutputError
@@ -200,7 +200,7 @@ def test_hidden_parts_of_the_open_period_are_merged_and_read_once(tmp_path):
 def test_merges_and_publications_copy_row_group_by_row_group(tmp_path, monkeypatch):
     """With row groups of about 3 flow rows, a level-2 part holds many row groups; the publication
     reads them one at a time and keeps every row, in window order, in row groups of that size."""
-    monkeypatch.setattr(pipeline.publish, "ROW_GROUP_BYTES", 3 * frow(0).flow.nbytes + 1)
+    monkeypatch.setattr(pipeline.partcopy, "ROW_GROUP_BYTES", 3 * frow(0).flow.nbytes + 1)
     with writer(tmp_path, publish_every_s=3600) as w:
         for k in range(64):
             w.write("cam0", [wrow(k)], flow=[frow(k)])
