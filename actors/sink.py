@@ -3,8 +3,9 @@
 Rows are buffered and committed together (hidden part files, then the manifest) when
 ``FLUSH_WINDOWS`` windows are buffered or the oldest has waited ``FLUSH_S``, and on `close`.
 After each commit the writer's maintenance thread merges the stream's parts and publishes its
-closed periods, while the next commits go on; `end_streams` (a stream that ended) and `close` (the
-run drains) publish everything committed before they return. `tick` also renews an object store's
+closed periods, while the next commits go on; `end_streams` (a stream that ended) has it publish
+everything that stream committed the same way, and `close` (the run drains) publishes everything
+committed before it returns. `tick` also renews an object store's
 lease; the lease's owner is the actor's id, so a restarted sink takes its own folder back.
 Windows already committed for a stream (a resumed run, or results resent after a restart) are
 dropped, so ``(stream_id, window_id)`` stays unique. The buffer is bounded by the flush policy and
@@ -177,10 +178,11 @@ class SinkActor:
         return take
 
     def end_streams(self, stream_ids: list[str]) -> SinkReply:
-        """Streams that ended: commit their buffered rows and publish all they committed."""
+        """Streams that ended: commit their buffered rows, and publish all they committed on the
+        writer's maintenance thread (the other streams' commits go on meanwhile)."""
         reply = self.flush()
         for sid in stream_ids:
-            self._writer.publish(sid, everything=True)
+            self._writer.finish(sid)
         return reply
 
     def close(self) -> SinkReply:

@@ -26,8 +26,8 @@ so a restart never duplicates a row.
 writer's `pipeline.maintenance` thread), the open period's hidden parts are merged
 (a few per table at any time) and every *closed* period of the stream
 (``publish_every_s`` of media time, a later window committed) is published as one file per
-table; `publish` with ``everything=True`` (a stream that ended, `close`, the ``compact`` command)
-also publishes the open period. ``retain_days`` then deletes old periods, and the stream's
+table; `finish` (a stream that ended), `close` and `publish` with ``everything=True`` (the
+``compact`` command) also publish the open period. ``retain_days`` then deletes old periods, and the stream's
 manifest is compacted into one snapshot whenever it publishes or has `COMPACT_EVERY` objects.
 
 Rows for window ids already committed to a table are skipped, which makes ``(stream_id,
@@ -119,6 +119,7 @@ class OutputWriter:
         self._mutex = threading.Lock()  # the streams' state: commits, and maintenance's reads and records
         self._maintaining = threading.Lock()  # one maintenance at a time; taken before _mutex, never inside it
         self._streams: dict[str, _Stream] = {}
+        self._ended: set[str] = set()  # streams `finish`ed, no window since: publish their open period too
         self._owner = FolderLock(self.out) if self.out.local else Lease(self.out, owner or default_owner(), lease_s)
         self._closed = False
         try:
@@ -126,7 +127,7 @@ class OutputWriter:
         except BaseException:
             self._owner.release()
             raise
-        self._maintenance = Maintenance(self._maintain_closed) if background else None
+        self._maintenance = Maintenance(self._maintain_due) if background else None
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -216,8 +217,10 @@ class OutputWriter:
                 for p in parts:  # not committed: take the parts back
                     self.out.delete(p["path"])
                 raise
+            if fresh["windows"]:  # the stream runs again (late student or errors rows leave it ended)
+                self._ended.discard(stream_id)
         if self._maintenance is None:
-            self._maintain_closed(stream_id)
+            self._maintain_due(stream_id)
         else:
             self._maintenance.due(stream_id)
         return sorted(r.window_id for r in fresh["windows"])
@@ -274,8 +277,26 @@ class OutputWriter:
             ids = [sid for sid in ([stream_id] if stream_id is not None else list(self._streams)) if sid in self._streams]
         return {sid: self._maintain(sid, everything=everything) for sid in ids}
 
-    def _maintain_closed(self, stream_id: str) -> None:
-        self._maintain(stream_id, everything=False)
+    def finish(self, stream_id: str) -> None:
+        """``stream_id`` ended: publish every row it committed, the open period too, as `publish`
+        with ``everything`` does; with ``background``, on the maintenance thread (this returns at
+        once, and other streams' commits go on during the copy). Rows written after it (a late
+        ``student`` row) are published as they commit, until a new ``windows`` row starts the
+        stream again."""
+        self._check_open()
+        with self._mutex:
+            if stream_id not in self._streams:
+                return
+            self._ended.add(stream_id)
+        if self._maintenance is None:
+            self._maintain_due(stream_id)
+        else:
+            self._maintenance.due(stream_id)
+
+    def _maintain_due(self, stream_id: str) -> None:
+        with self._mutex:
+            everything = stream_id in self._ended
+        self._maintain(stream_id, everything=everything)
 
     def _maintain(self, stream_id: str, *, everything: bool) -> dict[str, list[int]]:
         """Publish the due periods, merge parts, retire old periods and compact the manifest of one

@@ -5,6 +5,7 @@ the sink stops with one line on a full disk."""
 from __future__ import annotations
 
 import errno
+import time
 from pathlib import Path
 
 import duckdb
@@ -62,7 +63,10 @@ def test_the_sink_publishes_an_ended_stream_and_stops_with_one_line_on_a_full_di
     sink = SinkActor(str(tmp_path), config_hash="h", model="tiny")
     assert sink.resume_points(["a", "b"]) == {"a": 0, "b": 0}
     sink.write(*(result("a", k) for k in range(3)), result("b", 0))
-    sink.end_streams(["a"])  # commits everything buffered, publishes "a" only
+    sink.end_streams(["a"])  # commits everything buffered; "a" is published on the writer's thread
+    deadline = time.monotonic() + 10
+    while glob_ids(tmp_path, "a") != [0, 1, 2] and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert glob_ids(tmp_path, "a") == [0, 1, 2] and glob_ids(tmp_path, "b") == []
 
     def full(self, rel, fill):

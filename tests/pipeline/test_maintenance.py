@@ -135,3 +135,34 @@ def test_rows_of_a_period_committed_during_its_copy_are_published_as_its_next_pi
     assert glob_ids(tmp_path, "flow") == [("cam0", k) for k in range(4)]
     assert visible_files(tmp_path, "flow", "cam0") == ["part-000000-001-00.parquet"]
     assert visible_files(tmp_path, "windows", "cam0") == ["part-000000-000-00.parquet", "part-000001-000-00.parquet"]
+
+
+def test_an_ended_stream_is_published_on_the_thread_while_other_streams_commit(tmp_path, monkeypatch):
+    copying, release = threading.Event(), threading.Event()
+    real = pipeline.publish._merge_table
+
+    def slow_merge(*args, **kw):
+        copying.set()
+        assert release.wait(10), "the test never released the copy"
+        return real(*args, **kw)
+
+    monkeypatch.setattr(pipeline.publish, "_merge_table", slow_merge)
+    w = writer(tmp_path)
+    w.write("cam0", [wrow(k) for k in range(5)])  # all in the open period 0
+    w.write("cam1", [wrow(0)])
+    w.finish("cam0")  # returns while its open period is copied
+    assert copying.wait(10)
+    w.write("cam1", [wrow(k) for k in range(1, 4)])
+    w.write("cam0", flow=[frow(k) for k in range(2)])  # late rows of the ended stream
+    assert glob_ids(tmp_path) == [] and w.committed("cam1") == set(range(4))
+    release.set()
+    w._maintenance.drain()
+    # The ended stream is published, its late rows as the next piece; cam1's open period is not.
+    assert glob_ids(tmp_path) == [("cam0", k) for k in range(5)]
+    assert glob_ids(tmp_path, "flow") == [("cam0", 0), ("cam0", 1)]
+    assert visible_files(tmp_path, "flow", "cam0") == ["part-000000-001-00.parquet"]
+    w.write("cam0", [wrow(5)])  # it runs again: its open period waits like any other
+    w._maintenance.drain()
+    assert glob_ids(tmp_path) == [("cam0", k) for k in range(5)]
+    w.close()
+    assert glob_ids(tmp_path) == [("cam0", k) for k in range(6)] + [("cam1", k) for k in range(4)]
