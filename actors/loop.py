@@ -274,12 +274,19 @@ class Loop:
         """Windows lost with their data on a node that left (`actors.resume.rewind`): a model call's
         inputs, or (``lost`` says which, formatted with the window id) results the sink had not
         taken. Each of their streams goes back to its lowest lost window, decoded again by its
-        pool, with one ``errors`` row."""
+        pool (or ends there, when no pool is left for it), with one ``errors`` row."""
         back, self.held, self.late_ends = rewind(self.streams, [c for c in calls if not c.dropped], self.held,
                                                  self.late_ends, self.model_calls.values(), self.source_calls)
-        self.sink.write_errors([ErrorRecord.from_exception(sid, SourceRestarted(
-            f"{lost.format(w)} (its data were on a node that left); the stream "
-            f"goes back to window {w} and decodes it again, state reset", stream_id=sid), w) for sid, w in back.items()])
+        errors = []
+        for sid, w in back.items():
+            if self.pools.hosts(sid) or not self.streams[sid].asks_source:
+                then = f"goes back to window {w} and decodes it again, state reset"
+            else:  # its pool left for good (its pinned node did not come back): nothing can decode it
+                then = f"ends at window {w}, no source actor is left for it"
+                self.streams[sid].source_ended(f"SourceRestarted: {lost.format(w)}; the stream {then}")
+            errors.append(ErrorRecord.from_exception(sid, SourceRestarted(
+                f"{lost.format(w)} (its data were on a node that left); the stream {then}", stream_id=sid), w))
+        self.sink.write_errors(errors)
         starts = {sid: (w, self.streams[sid].next_seq, self._cap(sid)) for sid, w in back.items()
                   if self.pools.hosts(sid) and self.pools.pool_of(sid) not in self.lost_pools
                   and not self.pools.awaits(sid)}  # a pool being recovered adds the stream from there
