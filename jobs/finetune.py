@@ -9,6 +9,8 @@
   label head (``labels.head``) when the class names differ, and any weight the overrides add (such
   as ``labels.flow_read`` of ``labels.from_flow``), start afresh.
 * `frozen(model, names)`: the parameters that ``train.freeze``'s name prefixes select.
+* `inherited_data(cfg)`: the seeds and files the ``train.init`` checkpoint (and its own ancestors)
+  was trained on, which the new checkpoint records too, so `eval` refuses them.
 * `flow_term(cfg, model)`: the ``train.flow_loss`` objective (None: EPE to the truth flow).
 """
 
@@ -97,6 +99,14 @@ def frozen(model: StreamingPerceiverIO, names: list[str]) -> set[int]:
                               "(or deeper, e.g. preprocess.video)")
         ids.update(id(p) for p in hit)
     return ids
+
+
+def inherited_data(cfg: Config) -> tuple[list[int], list[str]]:
+    """The training seeds and file digests recorded in the ``train.init`` checkpoint (none without one)."""
+    if cfg.train.init is None:
+        return [], []
+    _, meta = load_model(cfg.train.init, "train.init checkpoint")
+    return list(meta.get("train_seeds", [])), list(meta.get("train_files", []))
 
 
 def flow_term(cfg: Config, model: StreamingPerceiverIO) -> FlowTerm | None:

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from jobs.datasets import data_settings, heldout_windows, synthetic_stream
 from jobs.evaluate import evaluate_files, evaluate_model
 from jobs.files_dataset import file_streams
-from jobs.finetune import class_names, flow_term, frozen, initial_model
+from jobs.finetune import class_names, flow_term, frozen, inherited_data, initial_model
 from perceiver_stream.batch import Batch
 from perceiver_stream.checkpoint import load_checkpoint, read_config, save_checkpoint
 from perceiver_stream.config import StreamingConfig
@@ -286,9 +286,11 @@ def train_job(cfg: Config, *, resume: bool = True, progress: bool = True) -> dic
     ConfigError for held-out seeds that are also training seeds, a pool phase without pooled
     reads, a checkpoint it cannot resume, a bad label table or ``train.freeze`` name."""
     tc = cfg.train
-    overlap = sorted(set(eval_seeds(cfg)) & set(tc.seeds))
+    init_seeds, init_files = inherited_data(cfg)
+    overlap = sorted(set(eval_seeds(cfg)) & (set(tc.seeds) | set(init_seeds)))
     if overlap:
-        raise ConfigError(f"streams: seeds {overlap} are also train.seeds; evaluation streams must be held out")
+        raise ConfigError(f"streams: seeds {overlap} are also train.seeds (or the train.init checkpoint's); "
+                          "evaluation streams must be held out")
     if tc.threads is not None:
         torch.set_num_threads(tc.threads)
     classes = class_names(cfg)
@@ -298,7 +300,7 @@ def train_job(cfg: Config, *, resume: bool = True, progress: bool = True) -> dic
     ckpt_dir = out_dir / TRAIN_CHECKPOINTS
     final_path = Path(tc.checkpoint) if tc.checkpoint else out_dir / "checkpoint"
     meta: dict[str, Any] = {
-        "train_seeds": list(tc.seeds),
+        "train_seeds": sorted(set(tc.seeds) | set(init_seeds)),
         "seconds": tc.seconds,
         "data": data_settings(cfg),
         "class_names": list(classes),
@@ -313,7 +315,9 @@ def train_job(cfg: Config, *, resume: bool = True, progress: bool = True) -> dic
     files = None
     if isinstance(tc.data, DataConfig):
         files = file_streams(tc.data, meta["data"], out_dir, video_frames=frames, classes=classes, progress=progress)
-        meta["train_files"] = sorted(set(files.digests.values()))
+        meta["train_files"] = sorted(set(files.digests.values()) | set(init_files))
+    elif init_files:
+        meta["train_files"] = sorted(init_files)
     total = tc.steps + tc.pool_steps
     start = 0
     if not resume:

@@ -127,6 +127,8 @@ class FlowSection:
     corr_radius:  a local correlation volume of this radius (px) joins each pixel's query (0 = none).
     query_hidden: with h > 0, a two-layer 3x3 convolution of the frame pair (6 -> h -> channels) too.
     stride:       decode on frames averaged over ``s x s`` blocks, then upsample bilinearly (divides ``size``).
+    refine:       steps of `FlowRefiner` (warp, correlate, correct) on the full grid after the decoder (0 = none);
+    refine_channels: the refiner's convolution width.
     """
 
     modality: str = "video"
@@ -139,6 +141,8 @@ class FlowSection:
     corr_radius: int = 0
     query_hidden: int = 0
     stride: int = 1
+    refine: int = 0
+    refine_channels: int = 32
 
     def __post_init__(self) -> None:
         self.size = tuple(int(x) for x in self.size)  # type: ignore[assignment]
@@ -147,8 +151,10 @@ class FlowSection:
         for name in ("pos_bands", "channels", "widening"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model config: flow.{name} must be at least 1, got {getattr(self, name)}")
-        if self.corr_radius < 0 or self.query_hidden < 0:
-            raise ValueError("model config: flow.corr_radius and flow.query_hidden must be >= 0")
+        if self.corr_radius < 0 or self.query_hidden < 0 or self.refine < 0:
+            raise ValueError("model config: flow.corr_radius, flow.query_hidden and flow.refine must be >= 0")
+        if self.refine_channels < 1:
+            raise ValueError(f"model config: flow.refine_channels must be at least 1, got {self.refine_channels}")
         if self.stride < 1 or any(n % self.stride for n in self.size):
             raise ValueError(f"model config: flow.stride ({self.stride}) must be >= 1 and divide flow.size "
                              f"{list(self.size)}")

@@ -3,7 +3,8 @@
 Both read the latents ``z`` (``B x M x C``) through the library's cross-attention:
 
 * `FrameFlowDecoder`: one query per pixel of the flow grid, built from the frame pair (3x3 patches,
-  an optional correlation volume and convolution) plus a Fourier code of the pixel's position.
+  an optional correlation volume and convolution) plus a Fourier code of the pixel's position;
+  optionally refined by warping (`FlowRefiner`).
 * `LabelDecoder`: one learned query per latent group, each reading its group alone; the reads are
   summed with gated max-pooled reads of some modalities' token contents, then mapped to class scores.
 """
@@ -21,6 +22,7 @@ from perceiver_stream.attention import CrossAttention
 from perceiver_stream.batch import ModalityBatch
 from perceiver_stream.config import FlowSection
 from perceiver_stream.decoders import CrossAttentionDecoder
+from perceiver_stream.flow_refine import FlowRefiner
 from perceiver_stream.fourier import fourier_channels, grid_fourier_features
 from perceiver_stream.perceiver import Tokens
 
@@ -54,7 +56,8 @@ class FrameFlowDecoder(nn.Module):
     A pixel's query is ``patch_proj`` of its 3x3 patches in both frames (and correlation volume),
     plus ``query_conv`` of the frame pair when configured, plus ``pos_proj`` of its Fourier position
     code (computed once); the queries attend to the latents (``attend``: one cross-attention layer
-    and a linear map to 2 channels, in chunks of ``config.chunk``), times ``config.scale``.
+    and a linear map to 2 channels, in chunks of ``config.chunk``), times ``config.scale``; with
+    ``config.refine`` > 0, `FlowRefiner` (``refine``) then corrects it on the full grid.
     """
 
     def __init__(self, config: FlowSection, latent_channels: int) -> None:
@@ -72,6 +75,7 @@ class FrameFlowDecoder(nn.Module):
             fc, latent_channels, 2, qk_channels=fc, v_channels=fc, widening_factor=config.widening,
             use_query_residual=True,
         )
+        self.refine = FlowRefiner(config.refine, config.refine_channels) if config.refine else None
         self._cache = _Cache()
 
     def _positions(self, device: torch.device) -> torch.Tensor:
@@ -98,6 +102,7 @@ class FrameFlowDecoder(nn.Module):
                 return None, valid
             frames, z = frames[rows], z[rows]
         n, s = z.shape[0], self.config.stride
+        full = frames
         if s > 1:
             x = F.avg_pool2d(frames.flatten(0, 1).permute(0, 3, 1, 2).float(), s)
             frames = x.permute(0, 2, 3, 1).reshape(n, 2, *x.shape[2:], 3)
@@ -112,6 +117,8 @@ class FrameFlowDecoder(nn.Module):
         if s > 1:
             out = F.interpolate(out.permute(0, 3, 1, 2), scale_factor=s, mode="bilinear", align_corners=False)
             out = out.permute(0, 2, 3, 1)
+        if self.refine is not None:
+            out = self.refine(full, out)
         flow = out if rows is None else out.new_zeros(b, *out.shape[1:]).index_copy(0, rows, out)
         return flow, valid
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from jobs.evaluate import evaluate_files
+from jobs.evaluate import evaluate, evaluate_files
 from jobs.files_dataset import file_streams
 from jobs.finetune import class_names, initial_model
 from jobs.texture_rig import CLASSES, render_clip
@@ -141,6 +141,27 @@ def test_finetune_model_overrides_add_a_flow_read_and_keep_every_other_weight(cl
     with pytest.raises(ConfigError, match="train.model: model config: labels.from_flow needs a flow decoder"):
         initial_model(load_config(tmp_path / "finetune.yaml", ["train.model={flow: null, labels: {from_flow: true}}"]),
                       classes)
+
+
+def test_finetune_adds_a_refiner_trains_it_alone_and_inherits_the_init_checkpoints_seeds(clips, tmp_path, tiny_checkpoint):
+    cfg, _ = _finetune_config(
+        clips, tmp_path, tiny_checkpoint, "train.model={flow: {refine: 1, refine_channels: 4}}",
+        "train.freeze=[preprocess, encoder, modality_gate, state_norm, state_proj, state_gate, final_norm, labels, "
+        "flow.patch_proj, flow.pos_proj, flow.attend]", "train.label_weight=0", "train.lr=0.01")
+    base, _ = load_checkpoint(tiny_checkpoint)
+    summary = train_job(cfg, progress=False)
+    model, meta = load_checkpoint(tmp_path / "final")
+    # new: the refiner's weights and a label head for the clips' classes (kept fixed here)
+    assert model.config.flow.refine == 1 and summary["new_weights"] == len(list(model.flow.refine.parameters())) + 2
+    old = base.state_dict()
+    changed = {n for n, p in model.state_dict().items() if n in old and not torch.equal(p, old[n])}
+    assert not changed - {"labels.head.weight", "labels.head.bias"}
+    grown = [n for n, p in model.state_dict().items() if n.startswith("flow.refine.net.6.") and p.abs().sum() > 0]
+    assert grown  # the zero-initialised last layer was trained
+    # the init checkpoint was trained on seeds 0 and 1: so is this one, for evaluation's refusal
+    assert meta["train_seeds"] == [0, 1]
+    with pytest.raises(ConfigError, match="seed 1 was used to train"):
+        evaluate(tmp_path / "final", 1)
 
 
 def test_cli_exits_2_on_a_bad_freeze_name_or_label_row(clips, tmp_path, tiny_checkpoint, capsys):
