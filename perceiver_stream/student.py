@@ -29,13 +29,14 @@ from perceiver_stream.streaming import StreamingPerceiverIO
 def student_config(teacher: StreamingConfig, overrides: dict[str, Any] | None = None) -> StreamingConfig:
     """The student's config: ``teacher`` with nested ``overrides`` deep-merged in (`config.deep_merge`:
     ``{"encoder": {"num_latents": 8}, "modalities": {"points": {"max_points": 128}}}``). Defaults:
-    a quarter of the latents, one self-attention layer applied once, half the flow channels. The
+    a quarter of the latents, one self-attention layer applied once, half the flow channels and no
+    flow refiner (``flow.refine`` would cost the student more than the rest of its flow decoder). The
     modalities, the latent width, the flow grid and the classes stay the teacher's, so outputs are
     comparable: an override that changes them raises ValueError, as does an invalid one."""
     defaults: dict[str, Any] = {"encoder": {"num_latents": max(8, teacher.encoder.num_latents // 4),
                                             "self_attends_per_block": 1, "num_blocks": 1}}
     if teacher.flow is not None:
-        defaults["flow"] = {"channels": max(16, teacher.flow.channels // 2)}
+        defaults["flow"] = {"channels": max(16, teacher.flow.channels // 2), "refine": 0}
     config = teacher.merged(deep_merge(defaults, dict(overrides or {})))
     changed = []
     if config.encoder.latent_channels != teacher.encoder.latent_channels:

@@ -51,6 +51,10 @@ def test_student_config_is_smaller_and_comparable(teacher_config):
     assert s.encoder.self_attends_per_block * s.encoder.num_blocks < 4 and s.flow.channels < teacher.flow.channels
     assert s.encoder.latent_channels == teacher.encoder.latent_channels and s.labels == teacher.labels
     assert student_config(teacher, {"encoder": {"num_latents": 5}}).encoder.num_latents == 5
+    # a refining teacher's student has no refiner unless asked for one
+    refining = teacher.merged({"flow": {"refine": 2}})
+    assert student_config(refining).flow.refine == 0
+    assert student_config(refining, {"flow": {"refine": 1}}).flow.refine == 1
     with pytest.raises(ValueError, match="latent_channels"):
         student_config(teacher, {"encoder": {"latent_channels": 16}})
     with pytest.raises(ValueError, match="no option"):

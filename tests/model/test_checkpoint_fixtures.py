@@ -3,7 +3,8 @@ on the recorded batch (tests/fixtures/record_checkpoints.py wrote both from the 
 the recorded config.json files are in the flat "streaming-v1" format the checkpoints shipped in).
 
 Float kernels differ in the last bits between kinds of CPU, so the fixture holds one recording per
-kind of CPU, each made by the shipped code; today's outputs must equal one of them bit for bit."""
+kind of CPU, each made by the shipped code; today's outputs must equal this kind's bit for bit, or,
+on a kind with no recording, one of them to float noise (1e-4)."""
 
 from __future__ import annotations
 
@@ -44,10 +45,16 @@ def test_shipped_checkpoint_gives_recorded_outputs_from_recorded_config(name, co
     torch.set_num_threads(2)
     got = run(model, [batch_from_dict(b) for b in doc["batches"]])
     differences = {r["cpu"]: _max_difference(got, r["outputs"][name]) for r in doc["recordings"]}
-    assert 0.0 in differences.values(), (
-        f"{name}: no recording is matched bit for bit on {cpu_kind()}; largest difference from each: "
-        f"{differences}. If this is a new kind of CPU and the differences are float noise (< 1e-4), "
-        "add its recording with the shipped code (tests/fixtures/record_checkpoints.py --add)")
+    if cpu_kind() in differences:
+        assert differences[cpu_kind()] == 0.0, (
+            f"{name}: the recording of this kind of CPU ({cpu_kind()}) is not matched bit for bit; "
+            f"largest difference from each recording: {differences}")
+    else:
+        # A kind of CPU with no recording of its own: its kernels round differently, so only float
+        # noise is allowed (add its recording with the shipped code: record_checkpoints.py --add).
+        assert min(differences.values()) < 1e-4, (
+            f"{name}: {cpu_kind()} has no recording and differs from every one by more than float "
+            f"noise: {differences}")
 
 
 @pytest.mark.parametrize("name", ["default", "student"])
