@@ -7,12 +7,14 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 
-from jobs.evaluate import MIN_WINDOWS, MODALITIES, _without, dropped, evaluate
+from jobs.evaluate import MIN_WINDOWS, MODALITIES, _without, dropped, evaluate, evaluate_files
+from jobs.texture_rig import write_rig
 from paths import REPO
 from perceiver_stream.checkpoint import read_config, save_checkpoint
 from perceiver_stream.streaming import StreamingPerceiverIO
-from pipeline.config import load_config
+from pipeline.config import DataConfig, load_config
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.sources.synthetic import CLASSES
 from pipeline.window import Window
@@ -102,13 +104,28 @@ def test_shipped_checkpoint_meets_the_flow_target_on_unseen_seeds():
 
 
 @pytest.mark.slow
+def test_shipped_checkpoint_meets_the_flow_target_on_the_held_out_photographs(tmp_path):
+    # the real-texture rig's 12 eval clips, as `rig --clips N 12` renders them (held-out photographs)
+    write_rig(tmp_path, train_clips=0, eval_clips=12, progress=False)
+    data = DataConfig.model_validate({"streams": [
+        {**s, "video": str(tmp_path / "eval" / s["video"])}
+        for s in yaml.safe_load((tmp_path / "eval" / "clips.yaml").read_text())["streams"]]})
+    out = evaluate_files(_shipped_checkpoint(), data, tmp_path, progress=False)
+    assert out["windows"] == 180 and out["flow_epe"] <= 0.3 * out["flow_epe_zero"], out
+
+
+@pytest.mark.slow
 def test_shipped_checkpoint_meets_the_label_targets_on_unseen_seeds():
+    # seeds 500-504, 400 windows each (the state carried through each): pooled over the seeds,
+    # at least 0.95 with every modality and 0.75 with any one dropped
     ckpt = _shipped_checkpoint()
-    for seed in (500, 501):
-        assert evaluate(ckpt, seed)["label_accuracy"] >= 0.90
-        for drop in ("video", "audio", "points"):
-            out = evaluate(ckpt, seed, drop=drop)
-            assert out["label_accuracy"] >= 0.75, (seed, drop, out)
+    drops = (None, "video", "audio", "points")
+    scores = {drop: [] for drop in drops}
+    for seed in range(500, 505):  # seed by seed: each seed's windows are rendered once
+        for drop in drops:
+            scores[drop].append(evaluate(ckpt, seed, drop=drop, windows=400)["label_accuracy"])
+    for drop, accuracies in scores.items():
+        assert np.mean(accuracies) >= (0.95 if drop is None else 0.75), (drop, accuracies)
 
 
 @pytest.mark.slow
