@@ -58,7 +58,9 @@ def test_the_first_error_of_the_work_is_raised_in_the_callers_thread():
     m.stop()
 
 
-def test_commits_go_on_while_a_closed_period_is_published(tmp_path, monkeypatch):
+@pytest.fixture
+def held_copy(monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """Publication's table merge held until the test sets ``release``: ``(copying, release)``."""
     copying, release = threading.Event(), threading.Event()
     real = pipeline.publish._merge_table
 
@@ -68,6 +70,11 @@ def test_commits_go_on_while_a_closed_period_is_published(tmp_path, monkeypatch)
         return real(*args, **kw)
 
     monkeypatch.setattr(pipeline.publish, "_merge_table", slow_merge)
+    return copying, release
+
+
+def test_commits_go_on_while_a_closed_period_is_published(tmp_path, held_copy):
+    copying, release = held_copy
     w = writer(tmp_path)
     w.write("cam0", [wrow(k) for k in range(12)])  # period 0: windows 0-11 (t_start < 60 s)
     w.write("cam0", [wrow(12)])  # period 0 is closed: its publication starts on the thread
@@ -137,16 +144,8 @@ def test_rows_of_a_period_committed_during_its_copy_are_published_as_its_next_pi
     assert visible_files(tmp_path, "windows", "cam0") == ["part-000000-000-00.parquet", "part-000001-000-00.parquet"]
 
 
-def test_an_ended_stream_is_published_on_the_thread_while_other_streams_commit(tmp_path, monkeypatch):
-    copying, release = threading.Event(), threading.Event()
-    real = pipeline.publish._merge_table
-
-    def slow_merge(*args, **kw):
-        copying.set()
-        assert release.wait(10), "the test never released the copy"
-        return real(*args, **kw)
-
-    monkeypatch.setattr(pipeline.publish, "_merge_table", slow_merge)
+def test_an_ended_stream_is_published_on_the_thread_while_other_streams_commit(tmp_path, held_copy):
+    copying, release = held_copy
     w = writer(tmp_path)
     w.write("cam0", [wrow(k) for k in range(5)])  # all in the open period 0
     w.write("cam1", [wrow(0)])
