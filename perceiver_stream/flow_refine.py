@@ -1,11 +1,9 @@
 """Refinement of a flow estimate by warping, as RAFT's update steps do, with a small CNN.
 
-The flow decoder's per-pixel queries read a correlation volume of the raw frames: a coarse match
-that a cross-attention and one MLP turn into flow at about half the true magnitude on unseen
-photographs. `FlowRefiner` improves it iteratively: frame 2 is warped back by the current flow, so
-what is left is a small residual motion, and a convolutional net reads the warped pair's local
-correlation (`local_correlation`, radius `RADIUS`), the current flow and both frames, and adds
-its correction. The warp and the net read the flow detached (as in RAFT), so no gradient flows
+`FlowRefiner` improves the flow decoder's estimate step by step: frame 2 is warped back by the
+current flow, so what is left is a small residual motion, and a convolutional net reads the
+warped pair's local correlation (`local_correlation`, radius `RADIUS`), the current flow and both
+frames, and adds its correction. The warp and the net read the flow detached (as in RAFT), so no gradient flows
 through the sampling positions; the corrections add up, so the first estimate learns from the
 refined flow's error.
 """
@@ -27,7 +25,7 @@ FLOW_NORM = 2.0
 def warp(frames: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     """``frames`` (``B x H x W x C``, any float scale) sampled at ``p + flow(p)`` (``B x H x W x 2`` px,
     dx right, dy down), bilinearly, the border repeated outside the frame: ``B x H x W x C``."""
-    b, h, w, _ = frames.shape
+    _, h, w, _ = frames.shape
     ys = torch.arange(h, dtype=flow.dtype, device=flow.device)
     xs = torch.arange(w, dtype=flow.dtype, device=flow.device)
     gx = (xs[None, None, :] + flow[..., 0]) * (2.0 / max(w - 1, 1)) - 1.0
