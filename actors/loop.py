@@ -279,13 +279,15 @@ class Loop:
                                                  self.late_ends, self.model_calls.values(), self.source_calls)
         errors = []
         for sid, w in back.items():
-            if self.pools.hosts(sid) or not self.streams[sid].asks_source:
-                then = f"goes back to window {w} and decodes it again, state reset"
-            else:  # its pool left for good (its pinned node did not come back): nothing can decode it
-                then = f"ends at window {w}, no source actor is left for it"
-                self.streams[sid].source_ended(f"SourceRestarted: {lost.format(w)}; the stream {then}")
-            errors.append(ErrorRecord.from_exception(sid, SourceRestarted(
-                f"{lost.format(w)} (its data were on a node that left); the stream {then}", stream_id=sid), w))
+            # A stream whose pool left for good (its pinned node did not come back) has nothing to decode it.
+            orphaned = not self.pools.hosts(sid) and self.streams[sid].asks_source
+            then = (f"ends at window {w}, no source actor is left for it" if orphaned
+                    else f"goes back to window {w} and decodes it again, state reset")
+            error = SourceRestarted(f"{lost.format(w)} (its data were on a node that left); the stream {then}",
+                                    stream_id=sid)
+            if orphaned:
+                self.streams[sid].source_ended(f"SourceRestarted: {error}")
+            errors.append(ErrorRecord.from_exception(sid, error, w))
         self.sink.write_errors(errors)
         starts = {sid: (w, self.streams[sid].next_seq, self._cap(sid)) for sid, w in back.items()
                   if self.pools.hosts(sid) and self.pools.pool_of(sid) not in self.lost_pools
