@@ -22,6 +22,9 @@ texture; ``HELDOUT`` are never drawn for training clips, only for evaluation cli
 from __future__ import annotations
 
 import csv
+import functools
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -208,25 +211,39 @@ def _encode(path: str | Path, frames: np.ndarray, fps: int) -> None:
         container.mux(stream.encode())
 
 
+def _render_job(job: tuple[str, str, Path, list[str], int], *, size: int, seconds: float) -> list[tuple[float, float, str]]:
+    _, _, clip, photos, seed = job
+    return render_clip(clip, photos, seed=seed, size=size, seconds=seconds)
+
+
 def write_rig(out: str | Path, *, train_clips: int = 48, eval_clips: int = 16, size: int = 64,
-              seconds: float = 8.0, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+              seconds: float = 8.0, seed: int = 0, workers: int = 1, progress: bool = True) -> dict[str, Any]:
     """Render the rig under ``out``: ``train/`` clips from ``TRAIN_PHOTOS`` and ``eval/`` clips
     from ``HELDOUT``, each folder with ``labels.csv``, ``data.yaml`` (a ``train.data`` / ``eval.data``
-    mapping) and ``clips.yaml`` (the same without labels). Returns a JSON-ready summary."""
+    mapping) and ``clips.yaml`` (the same without labels). ``workers`` processes render clips side
+    by side; each clip is seeded by its index, so the files do not depend on them. Returns a
+    JSON-ready summary."""
     out = Path(out)
     summary: dict[str, Any] = {"out": str(out)}
+    jobs: list[tuple[str, str, Path, list[str], int]] = []  # split, stream id, clip, photos, seed
     for split, count, pool, base in (("train", train_clips, TRAIN_PHOTOS, 0), ("eval", eval_clips, HELDOUT, 10_000)):
-        folder = out / split
-        folder.mkdir(parents=True, exist_ok=True)
-        rows, streams = [], []
-        for i in tqdm(range(count), desc=f"rendering {split} clips", unit="clip", disable=not progress):
+        (out / split).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
             rng = np.random.default_rng([seed, base + i])
-            chosen = list(rng.choice(pool, size=1 + int(rng.integers(1, 4)), replace=len(pool) < 4))
+            chosen = [str(p) for p in rng.choice(pool, size=1 + int(rng.integers(1, 4)), replace=len(pool) < 4)]
             sid = f"{split}{i:03d}-{chosen[0]}"
-            clip = folder / f"{sid}.mp4"
-            for t0, t1, label in render_clip(clip, chosen, seed=seed * 100_000 + base + i, size=size, seconds=seconds):
-                rows.append((sid, round(t0, 4), round(t1, 4), label))
-            streams.append({"id": sid, "video": clip.name})
+            jobs.append((split, sid, out / split / f"{sid}.mp4", chosen, seed * 100_000 + base + i))
+    render = functools.partial(_render_job, size=size, seconds=seconds)
+    # Spawned, not forked: a fork of a process that has run OpenMP threads (torch) can hang. An
+    # executor starts processes only when given work, so one worker renders in this process.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as executor:
+        results = (executor.map if workers > 1 else map)(render, jobs)
+        segments = list(tqdm(results, total=len(jobs), desc="rendering clips", unit="clip", disable=not progress))
+    for split, count, pool, _ in (("train", train_clips, TRAIN_PHOTOS, 0), ("eval", eval_clips, HELDOUT, 10_000)):
+        folder = out / split
+        mine = [(job, segs) for job, segs in zip(jobs, segments) if job[0] == split]
+        rows = [(sid, round(t0, 4), round(t1, 4), label) for (_, sid, _, _, _), segs in mine for t0, t1, label in segs]
+        streams = [{"id": sid, "video": clip.name} for (_, sid, clip, _, _), _ in mine]
         with open(folder / "labels.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["stream_id", "t_start", "t_end", "label"])
@@ -235,4 +252,3 @@ def write_rig(out: str | Path, *, train_clips: int = 48, eval_clips: int = 16, s
         (folder / "clips.yaml").write_text(yaml.safe_dump({"streams": streams}))  # for runs that read no labels
         summary[split] = {"clips": count, "photos": sorted(pool), "data": str(folder / "data.yaml")}
     return summary
-

@@ -64,3 +64,18 @@ def test_photos_are_colour_images_in_unit_range():
     for name in ("chelsea", "grace_hopper", "gravel", "noise"):
         img = photo(name)
         assert img.ndim == 3 and img.shape[2] == 3 and 0 <= img.min() and img.max() <= 1 and np.ptp(img) > 0.3
+
+
+def test_clips_rendered_by_two_processes_are_the_ones_rendered_by_one(tmp_path):
+    write_rig(tmp_path / "one", train_clips=2, eval_clips=1, size=32, seconds=0.6, progress=False)
+    write_rig(tmp_path / "two", train_clips=2, eval_clips=1, size=32, seconds=0.6, workers=2, progress=False)
+    for split in ("train", "eval"):
+        for name in ("labels.csv", "data.yaml"):
+            assert (tmp_path / "one" / split / name).read_text() == (tmp_path / "two" / split / name).read_text()
+        clips = sorted(p.name for p in (tmp_path / "one" / split).glob("*.mp4"))
+        assert len(clips) == (2 if split == "train" else 1)
+        for clip in clips:
+            a, b = tmp_path / "one" / split / clip, tmp_path / "two" / split / clip
+            assert a.read_bytes() == b.read_bytes()
+            fa, fb = np.load(a.with_suffix(".flow.npz")), np.load(b.with_suffix(".flow.npz"))
+            assert np.array_equal(fa["flow"], fb["flow"]) and np.array_equal(fa["times"], fb["times"])
