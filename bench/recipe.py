@@ -8,7 +8,8 @@ shipped teacher: run it on a checkout whose teacher you mean to replace.
 
     python bench/recipe.py [--out bench/results/recipe.json] [--from N]
 
-``--from N`` starts at step N (0-3), reusing what the steps before it wrote.
+``--from N`` starts at step N (0-3), reusing what the steps before it wrote; their times are
+taken from the report already at ``--out``, so the total stays the whole recipe's.
 """
 
 from __future__ import annotations
@@ -46,8 +47,11 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "recipe.json")
     p.add_argument("--from", dest="first", type=int, default=0, choices=range(len(STEPS)))
     args = p.parse_args()
-    report: dict[str, object] = {"steps": []}
-    total = 0.0
+    earlier = json.loads(args.out.read_text())["steps"][:args.first] if args.first and args.out.exists() else []
+    if len(earlier) < args.first:
+        raise SystemExit(f"--from {args.first}: {args.out} lacks the times of the steps before it")
+    report: dict[str, object] = {"steps": earlier}
+    total = sum(step["wall_s"] for step in earlier)
     for name, cmd in STEPS[args.first:]:
         seconds, summary = run_step(cmd)
         total += seconds
