@@ -38,7 +38,7 @@ def write_clip(path: Path, seconds: float, fps: int = 25, height: int = 480, wid
         stream.options = {"preset": "veryfast", "crf": "23"}
         for i in range(n):
             img = np.stack([(xx + 4 * i) % 256, (yy + 2 * i) % 256, (xx + yy + i) % 256], -1).astype(np.uint8)
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format="yuv420p")
             frame.pts, frame.time_base = i, Fraction(1, fps)
             for packet in stream.encode(frame):
                 out.mux(packet)

@@ -70,7 +70,7 @@ def panned_photo_clip(
         stream.width, stream.height, stream.pix_fmt = cw, ch, "yuv420p"
         stream.options = {"crf": "18", "preset": "veryfast"}
         for x, y in offsets:
-            frame = av.VideoFrame.from_ndarray(photo[y : y + ch, x : x + cw], format="rgb24")
+            frame = av.VideoFrame.from_ndarray(photo[y : y + ch, x : x + cw], format="rgb24").reformat(format="yuv420p")
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
     flow = np.zeros((n, 2), dtype=np.float32)

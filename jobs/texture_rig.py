@@ -207,7 +207,9 @@ def _encode(path: str | Path, frames: np.ndarray, fps: int) -> None:
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": "18", "preset": "veryfast"}
         for f in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+            # Converted here, not by the encoder: PyAV 18's implicit conversion in `encode` gives
+            # different bytes from run to run in a long-lived process.
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24").reformat(format="yuv420p")))
         container.mux(stream.encode())
 
 

@@ -82,7 +82,7 @@ def write_clip(
             as_.layout = "mono" if audio_channels == 1 else "stereo"
         n_frames = int(round(seconds * fps)) if vs else 0
         for i in range(n_frames):
-            frame = av.VideoFrame.from_ndarray(frame_image(i, *size), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(frame_image(i, *size), format="rgb24").reformat(format="yuv420p")
             frame.pts = i
             frame.time_base = Fraction(1, fps)
             for packet in vs.encode(frame):
