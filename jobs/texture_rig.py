@@ -115,13 +115,12 @@ def _motion(rng: np.random.Generator, *, speed: tuple[float, float], spin: float
     return shift, np.deg2rad(rng.uniform(-spin, spin)), 1 + rng.uniform(-zoom, zoom) / 100
 
 
-def render_clip(
-    path: str | Path, photos: list[str], *, seed: int, size: int = 64, seconds: float = 8.0, fps: int = 25,
-    segment: float = 2.0,
-) -> list[tuple[float, float, str]]:
-    """Write clip ``path`` (H.264, ``size`` x ``size``) with background ``photos[0]`` and foreground
-    crops of the others, and its ``.flow.npz`` sidecar; returns each segment's ``(t_start,
-    t_end, label)``."""
+def clip_frames(
+    photos: list[str], *, seed: int, size: int = 64, seconds: float = 8.0, fps: int = 25, segment: float = 2.0,
+) -> tuple[np.ndarray, np.ndarray, list[tuple[float, float, str]]]:
+    """A clip's frames ``n x size x size x 3`` uint8 with background ``photos[0]`` and foreground
+    crops of the others, its true flows ``n-1 x size x size x 2`` (px) and each segment's
+    ``(t_start, t_end, label)``; a function of its arguments alone."""
     rng = np.random.default_rng([seed, 11])
     big = size * SUPERSAMPLE
     n = int(round(seconds * fps))
@@ -159,8 +158,18 @@ def render_clip(
                     move = _affine(1, 0, -2 * shift * SUPERSAMPLE) @ move
             layer.maps.append(move @ prev)
     frames, flows = _render(layers, big, n)
+    return frames, flows, segments
+
+
+def render_clip(
+    path: str | Path, photos: list[str], *, seed: int, size: int = 64, seconds: float = 8.0, fps: int = 25,
+    segment: float = 2.0,
+) -> list[tuple[float, float, str]]:
+    """Write `clip_frames` as clip ``path`` (H.264) and its ``.flow.npz`` sidecar; returns each
+    segment's ``(t_start, t_end, label)``."""
+    frames, flows, segments = clip_frames(photos, seed=seed, size=size, seconds=seconds, fps=fps, segment=segment)
     _encode(path, frames, fps)
-    times = np.arange(n, dtype=np.float64) / fps
+    times = np.arange(len(frames), dtype=np.float64) / fps
     np.savez_compressed(Path(path).with_suffix(".flow.npz"), times=times, flow=flows.astype(np.float16))
     return segments
 
@@ -207,8 +216,8 @@ def _encode(path: str | Path, frames: np.ndarray, fps: int) -> None:
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": "18", "preset": "veryfast"}
         for f in frames:
-            # Converted here, not by the encoder: PyAV 18's implicit conversion in `encode` gives
-            # different bytes from run to run in a long-lived process.
+            # Converted here: the encoder's own conversion (PyAV 18) gave different bytes from call
+            # to call in one process. x264 can still differ in bytes between processes.
             container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24").reformat(format="yuv420p")))
         container.mux(stream.encode())
 
@@ -223,7 +232,8 @@ def write_rig(out: str | Path, *, train_clips: int = 48, eval_clips: int = 16, s
     """Render the rig under ``out``: ``train/`` clips from ``TRAIN_PHOTOS`` and ``eval/`` clips
     from ``HELDOUT``, each folder with ``labels.csv``, ``data.yaml`` (a ``train.data`` / ``eval.data``
     mapping) and ``clips.yaml`` (the same without labels). ``workers`` processes render clips side
-    by side; each clip is seeded by its index, so the files do not depend on them. Returns a
+    by side; each clip is seeded by its index, so its frames, flow and labels do not depend on them
+    (the H.264 bytes may: x264 is not bit-exact across processes). Returns a
     JSON-ready summary."""
     out = Path(out)
     summary: dict[str, Any] = {"out": str(out)}
