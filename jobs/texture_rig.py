@@ -217,7 +217,7 @@ def _encode(path: str | Path, frames: np.ndarray, fps: int) -> None:
         stream.options = {"crf": "18", "preset": "veryfast"}
         for f in frames:
             # Converted here: the encoder's own conversion (PyAV 18) gave different bytes from call
-            # to call in one process. x264 can still differ in bytes between processes.
+            # to call in one process. The bytes can still differ between processes (frames do not).
             container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24").reformat(format="yuv420p")))
         container.mux(stream.encode())
 
@@ -233,7 +233,7 @@ def write_rig(out: str | Path, *, train_clips: int = 48, eval_clips: int = 16, s
     from ``HELDOUT``, each folder with ``labels.csv``, ``data.yaml`` (a ``train.data`` / ``eval.data``
     mapping) and ``clips.yaml`` (the same without labels). ``workers`` processes render clips side
     by side; each clip is seeded by its index, so its frames, flow and labels do not depend on them
-    (the H.264 bytes may: x264 is not bit-exact across processes). Returns a
+    (the H.264 bytes may differ). Returns a
     JSON-ready summary."""
     out = Path(out)
     summary: dict[str, Any] = {"out": str(out)}

@@ -92,7 +92,7 @@ def test_clips_rendered_by_two_processes_are_the_ones_rendered_by_one(tmp_path):
             a, b = tmp_path / "one" / split / stream["video"], tmp_path / "two" / split / stream["video"]
             fa, fb = np.load(a.with_suffix(".flow.npz")), np.load(b.with_suffix(".flow.npz"))
             assert np.array_equal(fa["flow"], fb["flow"]) and np.array_equal(fa["times"], fb["times"])
-            # The video: x264 is not bit-exact across processes, so the two files decode to the same
+            # The video: the H.264 bytes can differ between processes, so the two files decode to the same
             # frames within the codec's error (about 3.5 grey levels at this size), not bit for bit.
             decoded = []
             for clip in (a, b):
