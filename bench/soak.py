@@ -122,6 +122,21 @@ def rss_mb(processes: dict[str, psutil.Process]) -> dict[str, float]:
     return out
 
 
+def rss_parts_mb(processes: dict[str, psutil.Process]) -> dict[str, dict[str, float]]:
+    """Each process's RSS split as Linux counts it (``/proc/PID/status``): ``anon`` (its heaps),
+    ``file`` (mapped files: libraries), ``shmem`` (shared memory it has touched: Ray's object store,
+    whose pages a process counts once it has written or read an object there)."""
+    out = {}
+    for key, p in processes.items():
+        try:
+            status = Path(f"/proc/{p.pid}/status").read_text()
+        except OSError:
+            continue
+        kb = {line.split(":")[0]: int(line.split()[1]) for line in status.splitlines() if line.startswith("Rss")}
+        out[key] = {part: kb.get(f"Rss{part.capitalize()}", 0) / 1024 for part in ("anon", "file", "shmem")}
+    return out
+
+
 def threads(processes: dict[str, psutil.Process]) -> dict[str, int]:
     """Each process's thread count (a step in RSS that comes with new threads shows here)."""
     out = {}
@@ -215,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         while time.monotonic() < end and proc.poll() is None:
             processes = actor_processes(driver)
             sample = {"t_s": round(time.monotonic() - t0, 1), "rss_mb": rss_mb(processes),
+                      "rss_parts_mb": rss_parts_mb(processes),
                       "threads": threads(processes), "copy_children_mb": copy_children_mb(driver)}
             result["allocator_env"].update(allocator_settings(processes))
             result["samples"].append(sample)

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from actors.memory import HeapTrimmer, allocator_env, jemalloc, preload_driver
+from actors.memory import JEMALLOC_CONF, HeapTrimmer, allocator_env, jemalloc, preload_driver
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,8 +44,11 @@ def test_a_trim_returns_freed_heap_pages_that_free_alone_keeps():
 
 def test_workers_preload_jemalloc_where_the_machine_has_it(monkeypatch):
     monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv("MALLOC_CONF", raising=False)
     monkeypatch.setattr(ctypes.util, "find_library", lambda name: "libjemalloc.so.2" if name == "jemalloc" else None)
-    assert allocator_env() == {"LD_PRELOAD": "libjemalloc.so.2"}
+    assert allocator_env() == {"LD_PRELOAD": "libjemalloc.so.2", "MALLOC_CONF": JEMALLOC_CONF}
+    monkeypatch.setenv("MALLOC_CONF", "narenas:1")  # the user's settings win
+    assert allocator_env() == {"LD_PRELOAD": "libjemalloc.so.2", "MALLOC_CONF": "narenas:1"}
     monkeypatch.setenv("LD_PRELOAD", "")  # the user's own choice (here: none) wins
     assert allocator_env() == {}
     monkeypatch.delenv("LD_PRELOAD")
@@ -59,10 +62,12 @@ def test_the_command_line_starts_itself_again_under_jemalloc_once(monkeypatch):
     monkeypatch.setattr(sys, "orig_argv", ["python", "-X", "utf8", "run_pipeline.py", "--max-windows", "3"])
     monkeypatch.setattr(ctypes.util, "find_library", lambda name: "libjemalloc.so.2" if name == "jemalloc" else None)
     monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv("MALLOC_CONF", raising=False)
     preload_driver()
     assert len(calls) == 1
     path, args, env = calls[0]
-    assert path == sys.executable and args == sys.orig_argv and env["LD_PRELOAD"] == "libjemalloc.so.2"
+    assert path == sys.executable and args == sys.orig_argv
+    assert env["LD_PRELOAD"] == "libjemalloc.so.2" and env["MALLOC_CONF"] == JEMALLOC_CONF
     monkeypatch.setenv("LD_PRELOAD", "libjemalloc.so.2")  # the process it started: preloaded already
     preload_driver()
     monkeypatch.setenv("LD_PRELOAD", "")  # the user's choice wins
@@ -91,28 +96,43 @@ def test_run_pipeline_runs_itself_again_with_jemalloc_mapped(tmp_path):
     assert out.splitlines()[:2] == ["False", "True"] and len(out.splitlines()) == 3
 
 
+FREE_AND_IDLE = (
+    "import ctypes\n"
+    "import psutil\n"
+    "heap = ctypes.CDLL(None)\n"
+    "heap.malloc.restype = ctypes.c_void_p\n"
+    "heap.free.argtypes = [ctypes.c_void_p]\n"
+    "heap.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]\n"
+    "blocks = [heap.malloc(4096) for _ in range(50_000)]\n"
+    "for b in blocks: heap.memset(b, 1, 4096)\n"
+    "for b in blocks[:-1]: heap.free(b)\n"
+    "rss = lambda: psutil.Process().memory_info().rss >> 20\n"
+    "before = rss()\n"
+)
+
+
+@pytest.mark.skipif(jemalloc() is None, reason="this machine has no jemalloc")
+def test_under_the_runs_jemalloc_settings_an_idle_arena_hands_its_pages_back_by_itself(tmp_path):
+    # 200 MB freed and then left idle: with `allocator_env`'s settings jemalloc's background threads
+    # return the pages within seconds, with no call into the allocator; with its defaults they stay.
+    code = FREE_AND_IDLE + "import time\ntime.sleep(4)\nprint(before, rss())\n"
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_CONF"}
+    before, after = map(int, run_probe(tmp_path, code, {**env, **allocator_env()}).split())
+    assert after < before - 150, (before, after)
+    before, after = map(int, run_probe(tmp_path, code, {**env, "LD_PRELOAD": jemalloc()}).split())
+    assert after > before - 50, (before, after)
+
+
 @pytest.mark.skipif(jemalloc() is None, reason="this machine has no jemalloc")
 def test_under_jemalloc_the_trimmer_purges_freed_pages_of_an_idle_arena(tmp_path):
-    # jemalloc hands an arena's freed pages back only as that arena is used again (or after its
-    # decay time, checked on use): 200 MB freed and then left idle stay resident until a purge.
-    out = run_probe(
-        tmp_path,
-        "import ctypes\n"
-        "import psutil\n"
+    # jemalloc's defaults (no background threads) hand an arena's freed pages back only as that
+    # arena is used again: 200 MB freed and then left idle stay resident until a purge.
+    code = FREE_AND_IDLE + (
         "from actors.memory import HeapTrimmer\n"
-        "heap = ctypes.CDLL(None)\n"
-        "heap.malloc.restype = ctypes.c_void_p\n"
-        "heap.free.argtypes = [ctypes.c_void_p]\n"
-        "heap.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]\n"
-        "blocks = [heap.malloc(4096) for _ in range(50_000)]\n"
-        "for b in blocks: heap.memset(b, 1, 4096)\n"
-        "for b in blocks[:-1]: heap.free(b)\n"
-        "rss = lambda: psutil.Process().memory_info().rss >> 20\n"
-        "before = rss()\n"
         "trimmer = HeapTrimmer(every_s=0.0)\n"
         "trimmer()\n"
-        "print(before, rss(), trimmer.trims)\n",
-        {**os.environ, "LD_PRELOAD": jemalloc()},
+        "print(before, rss(), trimmer.trims)\n"
     )
-    before, after, trims = map(int, out.split())
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_CONF"}
+    before, after, trims = map(int, run_probe(tmp_path, code, {**env, "LD_PRELOAD": jemalloc()}).split())
     assert trims == 1 and after < before - 150, (before, after)
