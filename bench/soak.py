@@ -2,14 +2,15 @@
 
 Runs ``run_pipeline.py`` (``--realtime``, 8 synthetic streams by default, the default
 checkpoint) for ``--minutes``, samples the RSS of the driver and of every Ray actor process it
-started (found among the driver's descendants by their ``ray::Class`` process titles) every
-``--interval`` seconds, then drains the run with SIGINT. For each process it reports the RSS
-slope after the first ``--warmup-minutes`` in MB per hour, with its 95% confidence interval
-(ordinary least squares; a t interval). Target: an interval that includes 0, or under 1 MB/h.
+started (found among the driver's descendants by their ``ray::Class`` process titles), each
+sample the mean of readings every ``--read-every`` second over ``--interval`` seconds, then drains the run with SIGINT. For each process it reports the RSS
+slope after the first ``--warmup-minutes`` in MB per hour (ordinary least squares) with two 95%
+intervals: the textbook t interval and the Newey-West one, which allows for the autocorrelation
+of RSS samples (allocator and GC cycles, steps), under which the textbook one is too narrow.
+Target: an interval that includes 0, or under 1 MB/h.
 
 The JSON (``--out``) is rewritten after every sample, so a soak cut short still leaves its
-result. RSS samples are autocorrelated (allocator and GC cycles), so the OLS interval is
-somewhat too narrow; the slope itself is unbiased.
+result.
 
     python bench/soak.py [--minutes 60] [--streams 8] [--interval 30] [--out bench/results/soak.json]
     python bench/soak.py --analyse bench/results/soak.json [--warmup-minutes 5]
@@ -55,8 +56,19 @@ def t975(df: int) -> float:
     return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
 
+def newey_west_lags(n: int) -> int:
+    """The Bartlett kernel's lag count for ``n`` samples (the usual ``4 (n/100)^(2/9)`` rule)."""
+    return int(4 * (n / 100) ** (2 / 9))
+
+
 def slope_per_hour(t_s: list[float], rss_mb: list[float]) -> dict[str, float] | None:
-    """OLS slope of RSS (MB) on time, in MB per hour, with its 95% interval; None under 3 points."""
+    """OLS slope of RSS (MB) on time, in MB per hour, with two 95% intervals; None under 3 points.
+
+    ``lo``/``hi``: the textbook t interval, which assumes independent residuals. ``nw_lo``/``nw_hi``:
+    the Newey-West (Bartlett kernel, `newey_west_lags`) interval, which stays right when the
+    residuals are autocorrelated (an allocator cycle longer than the sampling interval, steps);
+    ``r1`` is the residuals' lag-1 autocorrelation, which says how far apart the two may be.
+    """
     n = len(t_s)
     if n < 3:
         return None
@@ -68,9 +80,15 @@ def slope_per_hour(t_s: list[float], rss_mb: list[float]) -> dict[str, float] | 
         return None
     b = float(tc @ (y - y.mean())) / sxx
     resid = y - y.mean() - b * tc
-    se = math.sqrt(float(resid @ resid) / (n - 2) / sxx)
-    h = t975(n - 2) * se
-    return {"slope_mb_h": b, "lo": b - h, "hi": b + h, "n": n, "first_mb": float(y[0]), "last_mb": float(y[-1])}
+    q = t975(n - 2)
+    h = q * math.sqrt(float(resid @ resid) / (n - 2) / sxx)
+    u = tc * resid
+    lags = newey_west_lags(n)
+    s = float(u @ u) + sum(2 * (1 - k / (lags + 1)) * float(u[k:] @ u[:-k]) for k in range(1, lags + 1))
+    h_nw = q * math.sqrt(max(s, 0.0) * n / (n - 2)) / sxx
+    r1 = float(resid[1:] @ resid[:-1] / (resid @ resid)) if float(resid @ resid) > 0 else 0.0
+    return {"slope_mb_h": b, "lo": b - h, "hi": b + h, "nw_lo": b - h_nw, "nw_hi": b + h_nw, "r1": r1,
+            "n": n, "first_mb": float(y[0]), "last_mb": float(y[-1])}
 
 
 def soak_config(streams: int, seconds: float) -> dict:
@@ -112,28 +130,43 @@ def copy_children_mb(driver: psutil.Process) -> list[float]:
     return out
 
 
-def rss_mb(processes: dict[str, psutil.Process]) -> dict[str, float]:
-    out = {}
-    for key, p in processes.items():
-        try:
-            out[key] = p.memory_info().rss / 2**20
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return out
-
-
 def rss_parts_mb(processes: dict[str, psutil.Process]) -> dict[str, dict[str, float]]:
-    """Each process's RSS split as Linux counts it (``/proc/PID/status``): ``anon`` (its heaps),
-    ``file`` (mapped files: libraries), ``shmem`` (shared memory it has touched: Ray's object store,
-    whose pages a process counts once it has written or read an object there)."""
+    """Each process's RSS in MB as Linux counts it (``/proc/PID/status``): ``total``, and its
+    parts ``anon`` (its heaps), ``file`` (mapped files: libraries), ``shmem`` (shared memory it
+    has touched: Ray's object store, whose pages a process counts once it has written or read an
+    object there)."""
     out = {}
     for key, p in processes.items():
         try:
             status = Path(f"/proc/{p.pid}/status").read_text()
         except OSError:
             continue
-        kb = {line.split(":")[0]: int(line.split()[1]) for line in status.splitlines() if line.startswith("Rss")}
-        out[key] = {part: kb.get(f"Rss{part.capitalize()}", 0) / 1024 for part in ("anon", "file", "shmem")}
+        kb = {line.split(":")[0]: int(line.split()[1]) for line in status.splitlines() if line.startswith(("Rss", "VmRSS"))}
+        out[key] = {"total": kb.get("VmRSS", 0) / 1024,
+                    **{part: kb.get(f"Rss{part.capitalize()}", 0) / 1024 for part in ("anon", "file", "shmem")}}
+    return out
+
+
+def interval_mean(processes: dict[str, psutil.Process], seconds: float, every: float) -> dict[str, dict[str, float]]:
+    """`rss_parts_mb` read every ``every`` seconds for ``seconds``, averaged per process, with the
+    range of ``total`` (``min``, ``max``) and the number of ``reads``. A sample is the mean over
+    its interval, not one reading: an actor's RSS swings by several MB on cycles of seconds (a
+    paced stream's buffers, allocator decay), and single readings 30 s apart alias those cycles
+    into slow waves that a line fitted over an hour reads as a trend."""
+    reads: dict[str, list[dict[str, float]]] = {}
+    end = time.monotonic() + seconds
+    while True:
+        for key, parts in rss_parts_mb(processes).items():
+            reads.setdefault(key, []).append(parts)
+        left = end - time.monotonic()
+        if left <= 0:
+            break
+        time.sleep(min(every, left))
+    out = {}
+    for key, rows in reads.items():
+        totals = [r["total"] for r in rows]
+        out[key] = {part: sum(r[part] for r in rows) / len(rows) for part in rows[0]}
+        out[key].update(min=min(totals), max=max(totals), reads=len(rows))
     return out
 
 
@@ -180,15 +213,16 @@ def analyse(path: Path, warmup_s: float) -> dict:
 
 
 def table(slopes: dict[str, dict | None]) -> str:
-    lines = [f"{'process':<28} {'n':>4} {'first MB':>9} {'last MB':>9} {'MB/h':>8} {'95% interval':>20}"]
+    lines = [f"{'process':<28} {'n':>4} {'first MB':>9} {'last MB':>9} {'MB/h':>8} {'95% (OLS)':>17} "
+             f"{'95% (Newey-West)':>17} {'r1':>6}"]
     for key, s in slopes.items():
         if s is None:
             lines.append(f"{key:<28} (too few samples after the warm-up)")
             continue
-        interval = f"[{s['lo']:.2f}, {s['hi']:.2f}]"
-        lines.append(
-            f"{key:<28} {s['n']:>4} {s['first_mb']:>9.1f} {s['last_mb']:>9.1f} {s['slope_mb_h']:>8.2f} {interval:>20}"
-        )
+        ols = f"[{s['lo']:.2f}, {s['hi']:.2f}]"
+        nw = f"[{s['nw_lo']:.2f}, {s['nw_hi']:.2f}]" if "nw_lo" in s else ""
+        lines.append(f"{key:<28} {s['n']:>4} {s['first_mb']:>9.1f} {s['last_mb']:>9.1f} {s['slope_mb_h']:>8.2f} "
+                     f"{ols:>17} {nw:>17} {s.get('r1', float('nan')):>6.2f}")
     return "\n".join(lines)
 
 
@@ -197,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--minutes", type=float, default=60.0)
     ap.add_argument("--streams", type=int, default=8)
     ap.add_argument("--interval", type=float, default=30.0, help="seconds between RSS samples")
+    ap.add_argument("--read-every", type=float, default=1.0, help="seconds between the RSS readings a sample averages")
     ap.add_argument("--warmup-minutes", type=float, default=5.0, help="left out of the slopes")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "soak.json")
     ap.add_argument("--analyse", type=Path, metavar="JSON", help="only (re)compute the slopes of a saved soak, into it")
@@ -220,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     driver = psutil.Process(proc.pid)
     result = {
         "command": " ".join(sys.argv), "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "minutes": args.minutes, "streams": args.streams, "interval_s": args.interval,
+        "minutes": args.minutes, "streams": args.streams, "interval_s": args.interval, "read_every_s": args.read_every,
         "warmup_s": args.warmup_minutes * 60, "work_dir": str(work), "samples": [], "slopes_mb_per_hour": {},
         "allocator_env": {},  # per process: the allocator settings it runs with
     }
@@ -229,14 +264,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         while time.monotonic() < end and proc.poll() is None:
             processes = actor_processes(driver)
-            sample = {"t_s": round(time.monotonic() - t0, 1), "rss_mb": rss_mb(processes),
-                      "rss_parts_mb": rss_parts_mb(processes),
-                      "threads": threads(processes), "copy_children_mb": copy_children_mb(driver)}
+            span = min(args.interval, end - time.monotonic())
+            t_mid = time.monotonic() - t0 + span / 2
+            means = interval_mean(processes, span, args.read_every)
+            sample = {"t_s": round(t_mid, 1), "rss_mb": {k: m["total"] for k, m in means.items()},
+                      "rss_parts_mb": means, "threads": threads(processes), "copy_children_mb": copy_children_mb(driver)}
             result["allocator_env"].update(allocator_settings(processes))
             result["samples"].append(sample)
             result["slopes_mb_per_hour"] = summarise(result["samples"], result["warmup_s"])
             args.out.write_text(json.dumps(result, indent=1))
-            time.sleep(max(0.0, min(args.interval, end - time.monotonic())))
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)  # a clean drain

@@ -1,10 +1,13 @@
-"""bench/soak.py's statistics: the OLS slope in MB per hour and its 95% t interval."""
+"""bench/soak.py's statistics: the OLS slope in MB per hour, its 95% t interval and its Newey-West interval."""
 
 from __future__ import annotations
 
 import importlib.util
+import threading
+import time
 
 import numpy as np
+import psutil
 import pytest
 
 from paths import REPO
@@ -39,3 +42,40 @@ def test_summary_leaves_out_the_warm_up():
     samples = [{"t_s": t, "rss_mb": {"SourcePoolActor:1": (100.0 if t < 300 else 200.0) + t / 1e4}} for t in range(0, 1200, 30)]
     (only,) = soak.summarise(samples, 300).values()
     assert only["n"] == 30 and only["slope_mb_h"] == pytest.approx(0.36)  # 1e-4 MB/s, the step left out
+
+
+def test_newey_west_interval_widens_for_autocorrelated_samples():
+    # A random walk (each sample its predecessor plus noise) has no trend, but its OLS residuals
+    # are strongly autocorrelated: the textbook interval is too narrow, Newey-West's is wider.
+    t = np.arange(0, 3600, 30.0)
+    walk = 300 + np.cumsum(np.random.default_rng(1).normal(0, 0.5, len(t)))
+    s = soak.slope_per_hour(list(t), list(walk))
+    assert s["r1"] > 0.5
+    assert s["nw_hi"] - s["nw_lo"] > 1.5 * (s["hi"] - s["lo"])
+    assert s["nw_lo"] < s["slope_mb_h"] < s["nw_hi"]
+    # With independent noise the two agree to within the kernel's small-sample shrinkage.
+    white = soak.slope_per_hour(list(t), list(300 + np.random.default_rng(2).normal(0, 0.5, len(t))))
+    assert abs(white["r1"]) < 0.3
+    assert 0.6 < (white["nw_hi"] - white["nw_lo"]) / (white["hi"] - white["lo"]) < 1.4
+    assert soak.newey_west_lags(110) == 4 and soak.newey_west_lags(200) == 4 and soak.newey_west_lags(1000) == 6
+
+
+def test_a_sample_is_the_mean_of_its_interval_readings():
+    me = psutil.Process()
+    ballast = []
+    # Memory that grows during the interval: the mean lies between the first and the last reading.
+    def grow():
+        for _ in range(5):
+            ballast.append(np.ones(4 << 20 >> 3))  # 4 MiB each
+            time.sleep(0.05)
+
+    before = me.memory_info().rss / 2**20
+    worker = threading.Thread(target=grow)
+    worker.start()
+    (m,) = soak.interval_mean({"me": me}, 0.4, 0.02).values()
+    worker.join()
+    after = me.memory_info().rss / 2**20
+    assert m["reads"] >= 10
+    assert m["min"] <= m["total"] <= m["max"] and before - 1 <= m["min"] and m["max"] <= after + 1
+    assert m["max"] - m["min"] >= 12  # it saw the growth, not one reading
+    assert m["anon"] + m["file"] + m["shmem"] == pytest.approx(m["total"], abs=0.5)
