@@ -3,10 +3,11 @@
 Runs ``run_pipeline.py`` (``--realtime``, 8 synthetic streams by default, the default
 checkpoint) for ``--minutes``, samples the RSS of the driver and of every Ray actor process it
 started (found among the driver's descendants by their ``ray::Class`` process titles), each
-sample the mean of readings every ``--read-every`` second over ``--interval`` seconds, then drains the run with SIGINT. For each process it reports the RSS
-slope after the first ``--warmup-minutes`` in MB per hour (ordinary least squares) with two 95%
-intervals: the textbook t interval and the Newey-West one, which allows for the autocorrelation
-of RSS samples (allocator and GC cycles, steps), under which the textbook one is too narrow.
+sample the mean of readings every ``--read-every`` second over ``--interval`` seconds, then
+drains the run with SIGINT. For each process it reports the RSS slope after the first
+``--warmup-minutes`` in MB per hour (ordinary least squares) with two 95% intervals: the
+textbook t interval and the Newey-West one, which allows for the autocorrelation of RSS samples
+(allocator and GC cycles, steps), under which the textbook one is too narrow.
 Target: an interval that includes 0, or under 1 MB/h.
 
 The JSON (``--out``) is rewritten after every sample, so a soak cut short still leaves its
@@ -150,9 +151,9 @@ def rss_parts_mb(processes: dict[str, psutil.Process]) -> dict[str, dict[str, fl
 def interval_mean(processes: dict[str, psutil.Process], seconds: float, every: float) -> dict[str, dict[str, float]]:
     """`rss_parts_mb` read every ``every`` seconds for ``seconds``, averaged per process, with the
     range of ``total`` (``min``, ``max``) and the number of ``reads``. A sample is the mean over
-    its interval, not one reading: an actor's RSS swings by several MB on cycles of seconds (a
-    paced stream's buffers, allocator decay), and single readings 30 s apart alias those cycles
-    into slow waves that a line fitted over an hour reads as a trend."""
+    its interval, not one reading: an actor's RSS swings by up to 20 MB within seconds, and single
+    readings 30 s apart alias that swing into slow waves that a line fitted over an hour reads as
+    a trend."""
     reads: dict[str, list[dict[str, float]]] = {}
     end = time.monotonic() + seconds
     while True:
@@ -220,9 +221,9 @@ def table(slopes: dict[str, dict | None]) -> str:
             lines.append(f"{key:<28} (too few samples after the warm-up)")
             continue
         ols = f"[{s['lo']:.2f}, {s['hi']:.2f}]"
-        nw = f"[{s['nw_lo']:.2f}, {s['nw_hi']:.2f}]" if "nw_lo" in s else ""
+        nw = f"[{s['nw_lo']:.2f}, {s['nw_hi']:.2f}]"
         lines.append(f"{key:<28} {s['n']:>4} {s['first_mb']:>9.1f} {s['last_mb']:>9.1f} {s['slope_mb_h']:>8.2f} "
-                     f"{ols:>17} {nw:>17} {s.get('r1', float('nan')):>6.2f}")
+                     f"{ols:>17} {nw:>17} {s['r1']:>6.2f}")
     return "\n".join(lines)
 
 
