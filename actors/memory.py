@@ -19,6 +19,12 @@ threads, the sink's maintenance thread after a publication) keeps them, and whic
 pages when the RSS is read made the source pool's RSS swing by 35 MB. `JEMALLOC_CONF` starts
 jemalloc's background threads, which return every arena's pages once they have been free for a
 second; the trimmer's purge of every arena stays for a ``MALLOC_CONF`` of the user's own.
+
+pyarrow allocates its buffers from a pool of its own, mimalloc by default, which keeps freed
+segments for reuse outside jemalloc's decay: the sink's Parquet merges and publications stepped its
+RSS up by tens of MB that it kept. Under jemalloc, `allocator_env` points Arrow at the process's
+allocator (``ARROW_DEFAULT_MEMORY_POOL=system``), so its pages are returned like the rest;
+``bench/copy_memory.py`` measures the difference.
 """
 
 from __future__ import annotations
@@ -49,9 +55,16 @@ def jemalloc() -> str | None:
 
 def allocator_env() -> dict[str, str]:
     """Environment variables for the Ray workers of a local run: `jemalloc` preloaded, if any, with
-    `JEMALLOC_CONF` unless the user's environment sets ``MALLOC_CONF``."""
+    `JEMALLOC_CONF` and Arrow's memory pool on it, unless the user's environment sets ``MALLOC_CONF``
+    or ``ARROW_DEFAULT_MEMORY_POOL``."""
     lib = jemalloc()
-    return {} if lib is None else {"LD_PRELOAD": lib, "MALLOC_CONF": os.environ.get("MALLOC_CONF", JEMALLOC_CONF)}
+    if lib is None:
+        return {}
+    return {
+        "LD_PRELOAD": lib,
+        "MALLOC_CONF": os.environ.get("MALLOC_CONF", JEMALLOC_CONF),
+        "ARROW_DEFAULT_MEMORY_POOL": os.environ.get("ARROW_DEFAULT_MEMORY_POOL", "system"),
+    }
 
 
 def preload_driver() -> None:

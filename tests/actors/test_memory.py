@@ -45,10 +45,13 @@ def test_a_trim_returns_freed_heap_pages_that_free_alone_keeps():
 def test_workers_preload_jemalloc_where_the_machine_has_it(monkeypatch):
     monkeypatch.delenv("LD_PRELOAD", raising=False)
     monkeypatch.delenv("MALLOC_CONF", raising=False)
+    monkeypatch.delenv("ARROW_DEFAULT_MEMORY_POOL", raising=False)
     monkeypatch.setattr(ctypes.util, "find_library", lambda name: "libjemalloc.so.2" if name == "jemalloc" else None)
-    assert allocator_env() == {"LD_PRELOAD": "libjemalloc.so.2", "MALLOC_CONF": JEMALLOC_CONF}
+    jemalloc_env = {"LD_PRELOAD": "libjemalloc.so.2", "MALLOC_CONF": JEMALLOC_CONF, "ARROW_DEFAULT_MEMORY_POOL": "system"}
+    assert allocator_env() == jemalloc_env
     monkeypatch.setenv("MALLOC_CONF", "narenas:1")  # the user's settings win
-    assert allocator_env() == {"LD_PRELOAD": "libjemalloc.so.2", "MALLOC_CONF": "narenas:1"}
+    monkeypatch.setenv("ARROW_DEFAULT_MEMORY_POOL", "mimalloc")
+    assert allocator_env() == {**jemalloc_env, "MALLOC_CONF": "narenas:1", "ARROW_DEFAULT_MEMORY_POOL": "mimalloc"}
     monkeypatch.setenv("LD_PRELOAD", "")  # the user's own choice (here: none) wins
     assert allocator_env() == {}
     monkeypatch.delenv("LD_PRELOAD")
@@ -136,3 +139,27 @@ def test_under_jemalloc_the_trimmer_purges_freed_pages_of_an_idle_arena(tmp_path
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_CONF"}
     before, after, trims = map(int, run_probe(tmp_path, code, {**env, "LD_PRELOAD": jemalloc()}).split())
     assert trims == 1 and after < before - 150, (before, after)
+
+
+@pytest.mark.skipif(jemalloc() is None, reason="this machine has no jemalloc")
+def test_under_the_runs_settings_arrow_allocates_from_jemalloc_and_its_freed_buffers_go_back(tmp_path):
+    # The sink's Parquet merges allocate through Arrow's default pool: under `allocator_env` that
+    # pool is the process's own allocator, so 200 MB of buffers freed and left idle are returned.
+    code = (
+        "import time\n"
+        "import psutil\n"
+        "import pyarrow as pa\n"
+        "rss = lambda: psutil.Process().memory_info().rss >> 20\n"
+        "start = rss()\n"
+        "buffers = [pa.allocate_buffer(64 * 1024) for _ in range(3200)]\n"
+        "for b in buffers: memoryview(b).cast('B')[::4096] = b'\\x01' * (len(b) // 4096)\n"
+        "peak = rss()\n"
+        "del buffers, b\n"
+        "time.sleep(4)\n"
+        "print(pa.default_memory_pool().backend_name, start, peak, rss())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_CONF", "ARROW_DEFAULT_MEMORY_POOL")}
+    backend, start, peak, after = run_probe(tmp_path, code, {**env, **allocator_env()}).split()
+    start, peak, after = int(start), int(peak), int(after)
+    assert backend == "system" and peak > start + 150, (backend, start, peak)
+    assert after < peak - 150, (start, peak, after)
