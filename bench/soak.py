@@ -20,8 +20,9 @@ A machine whose load changes during the soak moves the queues between stages (bo
 ``runtime.max_in_flight``) and the allocators to new high-water marks: a step in RSS, not a
 leak, which an OLS line over the whole run reads as a slope. ``--analyse`` also gives the slope
 over the second half. Each sample also records every process's thread count, and the JSON each
-process's allocator settings (``MALLOC_*``, ``LD_PRELOAD``; see `actors.memory.allocator_env`), and
-the RSS of any child process running one of the sink's large copies (`pipeline.partcopy`).
+process's allocator settings (``MALLOC_*``, ``LD_PRELOAD``, ``ARROW_DEFAULT_MEMORY_POOL``; see
+`actors.memory.allocator_env`), and the RSS of any child process running one of the sink's large
+copies (`pipeline.partcopy`).
 """
 
 from __future__ import annotations
@@ -182,13 +183,17 @@ def threads(processes: dict[str, psutil.Process]) -> dict[str, int]:
     return out
 
 
+ALLOCATOR_VARIABLES = ("MALLOC_", "LD_PRELOAD", "ARROW_DEFAULT_MEMORY_POOL")
+
+
 def allocator_settings(processes: dict[str, psutil.Process]) -> dict[str, dict[str, str]]:
-    """The ``MALLOC_*`` and ``LD_PRELOAD`` variables of each process (read at every sample: the
-    driver starts itself again under jemalloc, `actors.memory.preload_driver`)."""
+    """The ``MALLOC_*``, ``LD_PRELOAD`` and ``ARROW_DEFAULT_MEMORY_POOL`` variables of each process
+    (read at every sample: the driver starts itself again under jemalloc,
+    `actors.memory.preload_driver`)."""
     out = {}
     for key, p in processes.items():
         try:
-            out[key] = {k: v for k, v in p.environ().items() if k.startswith(("MALLOC_", "LD_PRELOAD"))}
+            out[key] = {k: v for k, v in p.environ().items() if k.startswith(ALLOCATOR_VARIABLES)}
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     return out
