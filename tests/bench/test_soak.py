@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import mmap
 import threading
 import time
 
@@ -61,14 +62,16 @@ def test_newey_west_interval_widens_for_autocorrelated_samples():
 
 
 def test_a_sample_is_the_mean_of_its_interval_readings():
-    # 20 MiB allocated early in a 1 s interval: the sample's range spans that growth, its mean
-    # lies within the range, and its parts add up to the total.
+    # 20 MiB mapped and written early in a 1 s interval: the sample's range spans that growth, its
+    # mean lies within the range, and its parts add up to the total. Fresh mappings, since the
+    # heap may hold freed pages of earlier tests that an allocation would reuse without growing.
     me = psutil.Process()
     ballast = []
 
     def grow():
         for _ in range(5):
-            ballast.append(np.ones(4 << 20 >> 3))  # 4 MiB each
+            ballast.append(mmap.mmap(-1, 4 << 20))  # 4 MiB each, resident once written
+            ballast[-1].write(b"\x01" * (4 << 20))
             time.sleep(0.05)
 
     before = me.memory_info().rss / 2**20
