@@ -19,7 +19,8 @@ result.
 A machine whose load changes during the soak moves the queues between stages (bounded by
 ``runtime.max_in_flight``) and the allocators to new high-water marks: a step in RSS, not a
 leak, which an OLS line over the whole run reads as a slope. ``--analyse`` also gives the slope
-over the second half. Each sample also records every process's thread count, and the JSON each
+over the second half. Each sample also records every process's thread count and the RSS of its
+threads' stacks (`stacks_mb`), and the JSON each
 process's allocator settings (``MALLOC_*``, ``LD_PRELOAD``, ``ARROW_DEFAULT_MEMORY_POOL``; see
 `actors.memory.allocator_env`), and the RSS of any child process running one of the sink's large
 copies (`pipeline.partcopy`).
@@ -30,6 +31,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
+import resource
 import signal
 import statistics
 import subprocess
@@ -172,6 +175,32 @@ def interval_mean(processes: dict[str, psutil.Process], seconds: float, every: f
     return out
 
 
+def stacks_mb(processes: dict[str, psutil.Process]) -> dict[str, float]:
+    """Each process's RSS (MB) in its threads' stacks: the anonymous mappings of the thread stack
+    size (``ulimit -s``) right after a guard page (``/proc/PID/smaps``). A stack's pages stay
+    resident once a call has run deep on it, so a pool of threads that take turns at the deep
+    work (decoding, serialising) grows in RSS until each has: a bounded warm-up, told apart here
+    from the heap (``anon`` less this)."""
+    size_kb = resource.getrlimit(resource.RLIMIT_STACK)[0] // 1024
+    out = {}
+    for key, p in processes.items():
+        try:
+            text = Path(f"/proc/{p.pid}/smaps").read_text()
+        except OSError:
+            continue
+        total_kb, guard = 0, False
+        for block in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", text):
+            head = block.split("\n", 1)[0].split()
+            start, stop = (int(x, 16) for x in head[0].split("-"))
+            kb = (stop - start) // 1024
+            if guard and kb == size_kb and head[1] == "rw-p" and len(head) == 5:
+                rss = re.search(r"^Rss:\s+(\d+)", block, re.M)
+                total_kb += int(rss.group(1)) if rss else 0
+            guard = kb == 4 and head[1] == "---p"
+        out[key] = total_kb / 1024
+    return out
+
+
 def threads(processes: dict[str, psutil.Process]) -> dict[str, int]:
     """Each process's thread count (a step in RSS that comes with new threads shows here)."""
     out = {}
@@ -274,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
             t_mid = time.monotonic() - t0 + span / 2
             means = interval_mean(processes, span, args.read_every)
             sample = {"t_s": round(t_mid, 1), "rss_mb": {k: m["total"] for k, m in means.items()},
-                      "rss_parts_mb": means, "threads": threads(processes), "copy_children_mb": copy_children_mb(driver)}
+                      "rss_parts_mb": means, "threads": threads(processes),
+                      "stacks_mb": stacks_mb(processes), "copy_children_mb": copy_children_mb(driver)}
             result["allocator_env"].update(allocator_settings(processes))
             result["samples"].append(sample)
             result["slopes_mb_per_hour"] = summarise(result["samples"], result["warmup_s"])

@@ -84,3 +84,31 @@ def test_a_sample_is_the_mean_of_its_interval_readings():
     assert before - 1 <= m["min"] <= m["total"] <= m["max"] <= after + 1
     assert m["max"] - m["min"] >= 12  # it saw the growth, not one reading
     assert m["anon"] + m["file"] + m["shmem"] == pytest.approx(m["total"], abs=0.5)
+
+
+def _deep(n: int) -> int:
+    # Each level passes through C (sorted's key call), so it uses the thread's C stack.
+    return 0 if n == 0 else sorted([n], key=lambda _: _deep(n - 1))[0]
+
+
+def test_stack_rss_counts_what_a_thread_ran_deep_on_and_keeps_it():
+    me = {"me": psutil.Process()}
+    ran, release = threading.Event(), threading.Event()
+
+    def work() -> None:
+        _deep(300)
+        ran.set()
+        release.wait()
+
+    before = soak.stacks_mb(me)["me"]
+    thread = threading.Thread(target=work)
+    thread.start()
+    try:
+        assert ran.wait(10)
+        after = soak.stacks_mb(me)["me"]
+    finally:
+        release.set()
+        thread.join()
+    # ~5 KB per level: the 300 levels' pages stay resident after the calls returned.
+    assert after - before > 0.5
+    assert after < psutil.Process().memory_full_info().rss / 2**20
