@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import re
 import resource
 import signal
@@ -153,20 +154,25 @@ def rss_parts_mb(processes: dict[str, psutil.Process]) -> dict[str, dict[str, fl
 
 
 def interval_mean(processes: dict[str, psutil.Process], seconds: float, every: float) -> dict[str, dict[str, float]]:
-    """`rss_parts_mb` read every ``every`` seconds for ``seconds``, averaged per process, with the
-    range of ``total`` (``min``, ``max``) and the number of ``reads``. A sample is the mean over
-    its interval, not one reading: an actor's RSS swings by up to 20 MB within seconds, and single
-    readings 30 s apart alias that swing into slow waves that a line fitted over an hour reads as
-    a trend."""
+    """`rss_parts_mb` read about every ``every`` seconds for ``seconds``, averaged per process,
+    with the range of ``total`` (``min``, ``max``) and the number of ``reads``.
+
+    A sample is the mean over its interval, not one reading: an actor's RSS swings by up to 20 MB
+    within seconds. Each reading falls at a random moment of its own ``every``-second slot
+    (stratified sampling): the source pool's RSS cycles with the paced streams' 2 s window
+    period, and readings at a fixed step lock onto a phase of that cycle which drifts with the
+    readings' own cost, so their means wander by a few MB over minutes, a slow wave a line fitted
+    over an hour reads as a trend. Random moments give a mean whose error is independent from
+    one sample to the next.
+    """
+    slots = max(1, round(seconds / every))
+    start = time.monotonic()
     reads: dict[str, list[dict[str, float]]] = {}
-    end = time.monotonic() + seconds
-    while True:
+    for k in range(slots):
+        time.sleep(max(0.0, start + (k + random.random()) * seconds / slots - time.monotonic()))
         for key, parts in rss_parts_mb(processes).items():
             reads.setdefault(key, []).append(parts)
-        left = end - time.monotonic()
-        if left <= 0:
-            break
-        time.sleep(min(every, left))
+    time.sleep(max(0.0, start + seconds - time.monotonic()))
     out = {}
     for key, rows in reads.items():
         totals = [r["total"] for r in rows]
@@ -266,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--minutes", type=float, default=60.0)
     ap.add_argument("--streams", type=int, default=8)
     ap.add_argument("--interval", type=float, default=30.0, help="seconds between RSS samples")
-    ap.add_argument("--read-every", type=float, default=1.0, help="seconds between the RSS readings a sample averages")
+    ap.add_argument("--read-every", type=float, default=0.25,
+                    help="the RSS readings a sample averages: one at a random moment of each slot of this many seconds")
     ap.add_argument("--warmup-minutes", type=float, default=5.0, help="left out of the slopes")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "soak.json")
     ap.add_argument("--analyse", type=Path, metavar="JSON", help="only (re)compute the slopes of a saved soak, into it")

@@ -86,6 +86,25 @@ def test_a_sample_is_the_mean_of_its_interval_readings():
     assert m["anon"] + m["file"] + m["shmem"] == pytest.approx(m["total"], abs=0.5)
 
 
+def test_each_reading_falls_at_a_random_moment_of_its_own_slot(monkeypatch):
+    # A fixed step would lock onto one phase of a periodic RSS cycle (the paced windows').
+    moments: list[float] = []
+
+    def read(processes):
+        moments.append(time.monotonic())
+        return {"me": {"total": 1.0, "anon": 1.0, "file": 0.0, "shmem": 0.0}}
+
+    monkeypatch.setattr(soak, "rss_parts_mb", read)
+    start = time.monotonic()
+    (m,) = soak.interval_mean({"me": psutil.Process()}, 2.0, 0.02).values()
+    assert m["reads"] == len(moments) == 100
+    assert time.monotonic() - start >= 2.0
+    slot = np.floor((np.asarray(moments) - start) / 0.02)
+    phase = (np.asarray(moments) - start) / 0.02 - slot
+    assert np.mean(slot == np.arange(100)) > 0.9  # each in its own slot (a loaded machine may wake one late)
+    assert 0.2 < phase.std() < 0.37  # uniform: 0.29; a fixed step: about 0
+
+
 def _deep(n: int) -> int:
     # Each level passes through C (sorted's key call), so it uses the thread's C stack.
     return 0 if n == 0 else sorted([n], key=lambda _: _deep(n - 1))[0]
