@@ -19,7 +19,10 @@ result.
 A machine whose load changes during the soak moves the queues between stages (bounded by
 ``runtime.max_in_flight``) and the allocators to new high-water marks: a step in RSS, not a
 leak, which an OLS line over the whole run reads as a slope. ``--analyse`` also gives the slope
-over the second half. Each sample also records every process's thread count and the RSS of its
+over the second half, and over the samples taken while the run kept up with its streams (the
+lag of its status lines at most `KEPT_UP_LAG_S`): a run that falls behind real time fills its
+queues and its model's batches, and the model's and the driver's RSS step up by tens of MB until
+it has caught up. Each sample also records every process's thread count and the RSS of its
 threads' stacks (`stacks_mb`), and the JSON each
 process's allocator settings (``MALLOC_*``, ``LD_PRELOAD``, ``ARROW_DEFAULT_MEMORY_POOL``; see
 `actors.memory.allocator_env`), and the RSS of any child process running one of the sink's large
@@ -234,23 +237,54 @@ def allocator_settings(processes: dict[str, psutil.Process]) -> dict[str, dict[s
     return out
 
 
-def summarise(samples: list[dict], warmup_s: float) -> dict[str, dict | None]:
-    """Each process's slope over the samples from ``warmup_s`` on."""
+def summarise(samples: list[dict], warmup_s: float, max_lag_s: float | None = None) -> dict[str, dict | None]:
+    """Each process's slope over the samples from ``warmup_s`` on; with ``max_lag_s``, over those
+    of them taken while the run kept up (``lag_s`` at most that)."""
     keys = sorted({k for s in samples for k in s["rss_mb"]})
     out = {}
     for key in keys:
-        pts = [(s["t_s"], s["rss_mb"][key]) for s in samples if key in s["rss_mb"] and s["t_s"] >= warmup_s]
+        pts = [(s["t_s"], s["rss_mb"][key]) for s in samples if key in s["rss_mb"] and s["t_s"] >= warmup_s
+               and (max_lag_s is None or (s.get("lag_s") is not None and s["lag_s"] <= max_lag_s))]
         out[key] = slope_per_hour([p[0] for p in pts], [p[1] for p in pts])
     return out
 
 
+_STATUS = re.compile(r"^(\S+) INFO perceiver_stream: status: .*?, lag ([0-9.]+) s", re.M)
+# A run keeps up while its worst stream lags by at most this (a paced stream's lag is about a hop).
+KEPT_UP_LAG_S = 1.0
+
+
+def add_lag(samples: list[dict], started: str, run_log: Path) -> None:
+    """Give each sample ``lag_s``: the worst lag the run's status lines (one every 30 s,
+    `actors.status`) reported within 15 s of the sample's middle; None without one."""
+    start = datetime.fromisoformat(started).timestamp()
+    lines = [(datetime.fromisoformat(t).timestamp() - start, float(lag)) for t, lag in _STATUS.findall(run_log.read_text())]
+    for sample in samples:
+        near = [lag for t, lag in lines if abs(t - sample["t_s"]) <= 15.0]
+        sample["lag_s"] = max(near) if near else None
+
+
 def analyse(path: Path, warmup_s: float) -> dict:
-    """A saved soak's slopes from ``warmup_s`` on, and over its second half (after the high-water
-    marks that a busy machine pushes the queues and allocators to)."""
+    """A saved soak's slopes from ``warmup_s`` on, over its second half (after the high-water
+    marks that a busy machine pushes the queues and allocators to), and over the samples taken
+    while the run kept up with its paced streams.
+
+    A run that falls behind real time (a machine that slows down) fills every in-flight slot and
+    the model's batches: the model's and the driver's RSS step up by tens of MB while it is
+    behind and come back when it has caught up, a bounded swing that a line read as a slope. The
+    lags come from the run's log (`add_lag`) while the soak's work folder still holds it; the
+    JSON keeps them."""
     result = json.loads(path.read_text())
     samples = result["samples"]
+    run_log = Path(result.get("work_dir", "")) / "run.log"
+    if samples and "lag_s" not in samples[0] and run_log.is_file():
+        add_lag(samples, result["started"], run_log)
     half = samples[-1]["t_s"] / 2 if samples else 0.0
-    return {"slopes_mb_per_hour": summarise(samples, warmup_s), "second_half_mb_per_hour": summarise(samples, half)}
+    return {"samples": samples, "slopes_mb_per_hour": summarise(samples, warmup_s),
+            "second_half_mb_per_hour": summarise(samples, half),
+            "kept_up_mb_per_hour": summarise(samples, warmup_s, KEPT_UP_LAG_S),
+            "kept_up_samples": sum(1 for s in samples if s["t_s"] >= warmup_s and s.get("lag_s") is not None
+                                   and s["lag_s"] <= KEPT_UP_LAG_S)}
 
 
 def table(slopes: dict[str, dict | None]) -> str:
@@ -284,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         args.analyse.write_text(json.dumps({**saved, **slopes, "warmup_s": args.warmup_minutes * 60}, indent=1))
         print(f"after the first {args.warmup_minutes:g} minutes:\n{table(slopes['slopes_mb_per_hour'])}")
         print(f"second half:\n{table(slopes['second_half_mb_per_hour'])}")
+        print(f"while the run kept up (lag at most {KEPT_UP_LAG_S:g} s; {slopes['kept_up_samples']} samples after the"
+              f" first {args.warmup_minutes:g} minutes):\n{table(slopes['kept_up_mb_per_hour'])}")
         return 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="pstream-soak-"))
@@ -329,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         result.update(analyse(args.out, result["warmup_s"]))
         args.out.write_text(json.dumps(result, indent=1))
     print(table(result["slopes_mb_per_hour"]))
+    print(f"while the run kept up ({result['kept_up_samples']} samples):\n{table(result['kept_up_mb_per_hour'])}")
     print(f"exit code {result['exit_code']}; JSON: {args.out}; run log: {work / 'run.log'}")
     return 0 if result["exit_code"] == 0 else 1
 

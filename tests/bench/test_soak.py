@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import mmap
 import threading
 import time
@@ -131,3 +132,26 @@ def test_stack_rss_counts_what_a_thread_ran_deep_on_and_keeps_it():
     # ~5 KB per level: the 300 levels' pages stay resident after the calls returned.
     assert after - before > 0.5
     assert after < psutil.Process().memory_full_info().rss / 2**20
+
+
+def test_samples_taken_while_the_run_fell_behind_are_left_out_of_the_kept_up_slope(tmp_path):
+    # A flat actor that steps up by 20 MB while the run lags (its queues full), then comes back.
+    started = "2026-12-07T10:00:00+00:00"
+    behind = range(40, 60)
+    lines = [f"2026-12-07T10:{30 * i // 60:02d}:{30 * i % 60:02d}.000+00:00 INFO perceiver_stream: status: "
+             f"{i} windows, 16.0/s, lag {12.5 if i in behind else 0.4} s, restarts 0, in flight 32; s0 running"
+             for i in range(1, 120)]
+    (tmp_path / "run.log").write_text("\n".join(["2026-12-07T10:00:01.000+00:00 INFO ray: started", *lines]) + "\n")
+    rng = np.random.default_rng(1)
+    samples = [{"t_s": 30.0 * i, "rss_mb": {"ModelActor:1": 400 + (20 if i in behind else 0) + rng.normal(0, 0.3)}}
+               for i in range(1, 120)]
+    saved = tmp_path / "soak.json"
+    saved.write_text(json.dumps({"started": started, "work_dir": str(tmp_path), "samples": samples}))
+    out = soak.analyse(saved, 300)
+    assert [s["lag_s"] for s in out["samples"][38:42]] == [0.4, 12.5, 12.5, 12.5]
+    assert out["kept_up_samples"] == 110 - len(behind)  # samples 10..119 are past the warm-up
+    whole = out["slopes_mb_per_hour"]["ModelActor:1"]
+    kept = out["kept_up_mb_per_hour"]["ModelActor:1"]
+    assert whole["n"] == 110 and kept["n"] == 90
+    assert kept["nw_lo"] < 0 < kept["nw_hi"] and abs(kept["slope_mb_h"]) < 1
+    assert abs(whole["slope_mb_h"] - kept["slope_mb_h"]) > 1  # the step moves the whole-run line
