@@ -3,7 +3,8 @@
 Runs ``run_pipeline.py`` (``--realtime``, 8 synthetic streams by default, the default
 checkpoint) for ``--minutes``, samples the RSS of the driver and of every Ray actor process it
 started (found among the driver's descendants by their ``ray::Class`` process titles), each
-sample the mean of readings every ``--read-every`` second over ``--interval`` seconds, then
+sample the mean of readings over ``--interval`` seconds, one at a random moment of each
+``--read-every``-second slot (`interval_mean`), then
 drains the run with SIGINT. For each process it reports the RSS slope after the first
 ``--warmup-minutes`` in MB per hour (ordinary least squares) with two 95% intervals: the
 textbook t interval and the Newey-West one, which allows for the autocorrelation of RSS samples
