@@ -44,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -140,17 +141,22 @@ def copy_children_mb(driver: psutil.Process) -> list[float]:
     return out
 
 
+def proc_files(processes: dict[str, psutil.Process], name: str) -> Iterator[tuple[str, str]]:
+    """``(key, text)`` of each process's ``/proc/PID/<name>``, leaving out processes that ended."""
+    for key, p in processes.items():
+        try:
+            yield key, Path(f"/proc/{p.pid}/{name}").read_text()
+        except OSError:
+            continue
+
+
 def rss_parts_mb(processes: dict[str, psutil.Process]) -> dict[str, dict[str, float]]:
     """Each process's RSS in MB as Linux counts it (``/proc/PID/status``): ``total``, and its
     parts ``anon`` (its heaps), ``file`` (mapped files: libraries), ``shmem`` (shared memory it
     has touched: Ray's object store, whose pages a process counts once it has written or read an
     object there)."""
     out = {}
-    for key, p in processes.items():
-        try:
-            status = Path(f"/proc/{p.pid}/status").read_text()
-        except OSError:
-            continue
+    for key, status in proc_files(processes, "status"):
         kb = {line.split(":")[0]: int(line.split()[1]) for line in status.splitlines() if line.startswith(("Rss", "VmRSS"))}
         out[key] = {"total": kb.get("VmRSS", 0) / 1024,
                     **{part: kb.get(f"Rss{part.capitalize()}", 0) / 1024 for part in ("anon", "file", "shmem")}}
@@ -193,11 +199,7 @@ def stacks_mb(processes: dict[str, psutil.Process]) -> dict[str, float]:
     from the heap (``anon`` less this)."""
     size_kb = resource.getrlimit(resource.RLIMIT_STACK)[0] // 1024
     out = {}
-    for key, p in processes.items():
-        try:
-            text = Path(f"/proc/{p.pid}/smaps").read_text()
-        except OSError:
-            continue
+    for key, text in proc_files(processes, "smaps"):
         total_kb, guard = 0, False
         for block in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", text):
             head = block.split("\n", 1)[0].split()
