@@ -169,7 +169,7 @@ def interval_mean(processes: dict[str, psutil.Process], seconds: float, every: f
 
     A sample is the mean over its interval, not one reading: an actor's RSS swings by up to 20 MB
     within seconds. Each reading falls at a random moment of its own ``every``-second slot
-    (stratified sampling): the source pool's RSS cycles with the paced streams' 2 s window
+    (stratified sampling): in a paced run the source pool's RSS cycles with a 2 s
     period, and readings at a fixed step lock onto a phase of that cycle which drifts with the
     readings' own cost, so their means wander by a few MB over minutes, a slow wave a line fitted
     over an hour reads as a trend. Random moments give a mean whose error is independent from
